@@ -1,0 +1,197 @@
+"""HF model → bundle (DESIGN §3): every graph, the tokenizer, the manifest, parity, atomically."""
+
+from __future__ import annotations
+
+import datetime as dt
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+import zspa
+from zspa.errors import InvalidInputError
+from zspa.export.graphs import DecoderGraph, EmbedGraph, kv_names
+from zspa.export.loading import LoadedModel, load_model
+from zspa.export.onnx_io import describe_graph, export_graph, node_count
+from zspa.integrity import sha256_file
+from zspa.export.parity import check_parity
+from zspa.export.staging import staged_directory
+from zspa.manifest import MANIFEST_NAME, SCHEMA_VERSION, Manifest, PrunerSpec
+from zspa.pruning.budget import token_budget, validate_keep
+from zspa.pruning.graph import PrunerGraph
+from zspa.pruning.zspa_prune import ZSPASelector
+
+DTYPES = {"fp32": (torch.float32, "float32"), "fp16": (torch.float16, "float16")}
+DEFAULT_OPSET = 18
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+
+
+@dataclass
+class ExportOptions:
+    model: str
+    output: Path
+    keeps: list[float] = field(default_factory=lambda: [0.1])
+    keep_tokens: list[int] = field(default_factory=list)
+    relevance_ratio: float = 0.5
+    pooling: str = "mean"
+    dtype: str = "fp32"
+    opset: int = DEFAULT_OPSET
+    force: bool = False
+    revision: str | None = None
+    progress: bool = True
+
+
+@dataclass
+class ExportReport:
+    manifest: Manifest
+    path: Path
+    node_counts: dict[str, int]
+    sizes: dict[str, int]
+
+
+def export_bundle(options: ExportOptions) -> ExportReport:
+    _validate(options)
+    steps = 6 + len(options.keeps) + len(options.keep_tokens)
+    with tqdm(total=steps, desc="loading model", unit="step", disable=not options.progress) as bar:
+        loaded = load_model(options.model, options.revision)
+        torch_dtype, dtype_name = DTYPES[options.dtype]
+        loaded.model.to(torch_dtype)
+        bar.update()
+        with staged_directory(options.output, force=options.force) as staging:
+            manifest, counts = _write_bundle(loaded, options, staging, torch_dtype, dtype_name, bar)
+            sizes = {name: (staging / g.file).stat().st_size for name, g in manifest.graphs.items()}
+    return ExportReport(manifest, options.output.resolve(), counts, sizes)
+
+
+def _validate(options: ExportOptions) -> None:
+    for keep in options.keeps:
+        validate_keep(keep)
+    for k in options.keep_tokens:
+        if k < 1:
+            raise InvalidInputError(f"--keep-tokens must be ≥ 1, got {k}")
+    if not options.keeps and not options.keep_tokens:
+        raise InvalidInputError("give at least one --keep ratio or --keep-tokens budget")
+    if options.dtype not in DTYPES:
+        raise InvalidInputError(f"--dtype must be one of {sorted(DTYPES)}, got {options.dtype!r}")
+    if not 14 <= options.opset <= 23:
+        raise InvalidInputError(f"--opset must be between 14 and 23, got {options.opset}")
+    ZSPASelector(options.relevance_ratio, options.pooling)  # validates α and pooling
+
+
+def _write_bundle(loaded: LoadedModel, options: ExportOptions, out: Path, torch_dtype, dtype_name: str, bar):
+    model, family, processor = loaded.model, loaded.family, loaded.processor
+    generator = torch.Generator().manual_seed(0)
+    height, width = family.image_size(processor)
+    pixel_values = torch.randn(2, 3, height, width, generator=generator).to(torch_dtype)
+    vision = family.vision_graph(model).eval()
+    with torch.no_grad():
+        num_tokens, hidden = vision(pixel_values).shape[1:]
+    decoder_spec = family.decoder_spec(model, kv_dtype=dtype_name)
+    batch, seq = "batch_size", "sequence_length"
+
+    def step(description: str) -> None:
+        bar.set_description(description)
+
+    step("exporting vision")
+    export_graph(vision, (pixel_values,), out / "vision.onnx", input_names=["pixel_values"],
+                 output_names=["image_features"], dynamic_axes={"pixel_values": {0: batch},
+                 "image_features": {0: batch}}, opset=options.opset)
+    bar.update()
+
+    step("exporting embed")
+    embed = EmbedGraph(family.embedding(model)).eval()
+    input_ids = torch.randint(0, decoder_spec.vocab_size, (2, 5), generator=generator)
+    export_graph(embed, (input_ids,), out / "embed.onnx", input_names=["input_ids"], output_names=["inputs_embeds"],
+                 dynamic_axes={"input_ids": {0: batch, 1: seq}, "inputs_embeds": {0: batch, 1: seq}},
+                 opset=options.opset)
+    bar.update()
+
+    step("exporting decoder")
+    decoder = DecoderGraph(*family.language_model(model)).eval()
+    _export_decoder(decoder, decoder_spec, hidden, torch_dtype, out / "decoder.onnx", options.opset)
+    bar.update()
+
+    pruners = []
+    budgets = [(keep, token_budget(keep, num_tokens)) for keep in options.keeps]
+    budgets += [(min(1.0, k / num_tokens), min(k, num_tokens)) for k in options.keep_tokens]
+    selector = ZSPASelector(options.relevance_ratio, options.pooling)
+    for keep, k in budgets:
+        step(f"exporting pruner K={k}")
+        name = f"pruner-zspa-k{k}"
+        if keep < 1.0 and all(p.graph != name for p in pruners):
+            features = torch.randn(2, num_tokens, hidden, generator=generator).to(torch_dtype)
+            prompt = torch.randn(2, 7, hidden, generator=generator).to(torch_dtype)
+            mask = torch.ones(2, 7, dtype=torch.int64)
+            export_graph(PrunerGraph(selector, k), (features, prompt, mask), out / f"{name}.onnx",
+                         input_names=["image_features", "prompt_embeds", "prompt_mask"],
+                         output_names=["kept_features", "kept_indices"],
+                         dynamic_axes={"image_features": {0: batch}, "prompt_embeds": {0: batch, 1: "prompt_length"},
+                                       "prompt_mask": {0: batch, 1: "prompt_length"}, "kept_features": {0: batch},
+                                       "kept_indices": {0: batch}}, opset=options.opset)
+            params = {"relevance_ratio": options.relevance_ratio, "pooling": options.pooling}
+            pruners.append(PrunerSpec("zspa", keep, k, params, name))
+        bar.update()
+
+    step("checking parity with transformers")
+    parity = check_parity(out, vision, decoder, embed, pixel_values=pixel_values[:1], input_ids=input_ids[:1],
+                          num_kv_heads=decoder_spec.num_kv_heads, head_dim=decoder_spec.head_dim,
+                          num_layers=decoder_spec.num_layers, dtype=dtype_name)
+    bar.update()
+
+    step("writing tokenizer and manifest")
+    files = _save_tokenizer(processor, out)
+    graph_files = ["vision", "embed", "decoder", *(p.graph for p in pruners)]
+    manifest = Manifest(
+        schema_version=SCHEMA_VERSION,
+        zspa_version=zspa.__version__,
+        family=family.NAME,
+        created_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        opset=options.opset,
+        dtype=dtype_name,
+        source=loaded.source,
+        graphs={name: describe_graph(out / f"{name}.onnx") for name in graph_files},
+        vision=family.vision_spec(model, processor, int(num_tokens)),
+        text=family.text_spec(model, processor),
+        decoder=decoder_spec,
+        pruners=sorted(pruners, key=lambda p: p.k),
+        files=files,
+        parity=parity,
+    )
+    (out / MANIFEST_NAME).write_text(manifest.to_json(), encoding="utf-8")
+    bar.update()
+    return manifest, {name: node_count(out / f"{name}.onnx") for name in graph_files}
+
+
+def _export_decoder(decoder: DecoderGraph, spec, hidden: int, torch_dtype, path: Path, opset: int) -> None:
+    batch, seq, past_len = 2, 3, 4  # past ≥ 2 so neither axis is specialised
+    past = [torch.randn(batch, spec.num_kv_heads, past_len, spec.head_dim).to(torch_dtype)
+            for _ in range(2 * spec.num_layers)]
+    args = (
+        torch.randn(batch, seq, hidden).to(torch_dtype),
+        torch.ones(batch, past_len + seq, dtype=torch.int64),
+        torch.arange(past_len, past_len + seq).expand(batch, seq).contiguous(),
+        *past,
+    )
+    past_names = kv_names(spec.num_layers, "past_key_values")
+    present_names = kv_names(spec.num_layers, "present")
+    axes = {
+        "inputs_embeds": {0: "batch_size", 1: "sequence_length"},
+        "attention_mask": {0: "batch_size", 1: "total_sequence_length"},
+        "position_ids": {0: "batch_size", 1: "sequence_length"},
+        "logits": {0: "batch_size"},
+        **{name: {0: "batch_size", 2: "past_sequence_length"} for name in past_names},
+        **{name: {0: "batch_size", 2: "total_sequence_length"} for name in present_names},
+    }
+    export_graph(decoder, args, path, input_names=["inputs_embeds", "attention_mask", "position_ids", *past_names],
+                 output_names=["logits", *present_names], dynamic_axes=axes, opset=opset)
+
+
+def _save_tokenizer(processor, out: Path) -> dict[str, str]:
+    with tempfile.TemporaryDirectory() as tmp:
+        processor.tokenizer.save_pretrained(tmp)
+        for name in TOKENIZER_FILES:
+            shutil.copy(Path(tmp) / name, out / name)
+    return {name: sha256_file(out / name) for name in TOKENIZER_FILES}

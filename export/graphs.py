@@ -1,0 +1,57 @@
+"""torch modules with the exact input/output contract of each bundle graph (DESIGN §4)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def kv_names(num_layers: int, prefix: str) -> list[str]:
+    """`past_key_values.{i}.key|value` / `present.{i}.key|value`, the optimum / ORT-genai names."""
+    return [f"{prefix}.{i}.{kind}" for i in range(num_layers) for kind in ("key", "value")]
+
+
+class DecoderGraph(nn.Module):
+    """One graph for prefill and decode: embeddings, mask, positions and past KV in; logits of the
+    last position only (prefill never materialises S×V logits) and the updated KV out."""
+
+    def __init__(self, language_model: nn.Module, lm_head: nn.Module):
+        super().__init__()
+        self.language_model = language_model
+        self.lm_head = lm_head
+
+    def forward(
+        self,
+        inputs_embeds: torch.Tensor,
+        attention_mask: torch.Tensor,
+        position_ids: torch.Tensor,
+        *past_key_values: torch.Tensor,
+    ) -> tuple[torch.Tensor, ...]:
+        from transformers import DynamicCache
+
+        cache = DynamicCache()
+        for layer, (key, value) in enumerate(zip(past_key_values[0::2], past_key_values[1::2])):
+            cache.update(key, value, layer)
+        output = self.language_model(
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            use_cache=True,
+        )
+        logits = self.lm_head(output.last_hidden_state[:, -1:, :])
+        present = []
+        for layer in output.cache.layers:
+            present += [layer.keys, layer.values]
+        return (logits, *present)
+
+
+class EmbedGraph(nn.Module):
+    """`input_ids → inputs_embeds`."""
+
+    def __init__(self, embedding: nn.Module):
+        super().__init__()
+        self.embedding = embedding
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.embedding(input_ids)

@@ -1,0 +1,142 @@
+"""`tiny-random-llava`: a seeded, few-MB LLaVA-1.5-shaped model built from configs, no download.
+
+Same structure as llava-1.5 (CLIP tower at 336 px with 14 px patches → 576 visual tokens,
+feature layer −2 without CLS, GELU projector, Llama decoder with grouped KV heads, the llava-hf
+chat template) at toy widths. Its answers are gibberish; it exists so every command runs offline.
+"""
+
+from __future__ import annotations
+
+import torch
+
+TINY_MODEL_NAME = "tiny-random-llava"
+IMAGE_TOKEN = "<image>"
+SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>", IMAGE_TOKEN]
+
+# The chat template llava-hf ships with llava-1.5 (including transformers' `generation` tag).
+LLAVA_CHAT_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] != 'system' %}{{ message['role'].upper() + ': '}}"
+    "{% endif %}{# Render all images first #}{% for content in message['content'] | selectattr('type', "
+    "'equalto', 'image') %}{{ '<image>\n' }}{% endfor %}{# Render all text next #}{% if message['role'] != "
+    "'assistant' %}{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
+    "{{ content['text'] + ' '}}{% endfor %}{% else %}{% for content in message['content'] | selectattr('type',"
+    " 'equalto', 'text') %}{% generation %}{{ content['text'] + ' '}}{% endgeneration %}{% endfor %}{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
+)
+
+_CORPUS = """\
+USER: What is in the image? ASSISTANT: A cat sits on a red sofa next to a window.
+USER: How many people are there? ASSISTANT: There are two people walking a dog in the park.
+USER: Describe the scene in detail. ASSISTANT: A street at night with cars, lights and tall buildings.
+USER: What colour is the car on the left? ASSISTANT: The car on the left is blue and the truck is white.
+USER: Is there a tree behind the house? ASSISTANT: Yes, a large green tree stands behind the small house.
+USER: Where is the ball? ASSISTANT: The ball is under the table, near the chair on the right side.
+"""
+
+
+def build_tokenizer():
+    """A byte-level BPE tokenizer trained on a small fixed corpus (deterministic, any text encodes)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=512,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(_CORPUS.splitlines() * 4, trainer=trainer)
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", tok.token_to_id("<s>"))]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        pad_token="<pad>",
+        extra_special_tokens={"image_token": IMAGE_TOKEN},
+    )
+
+
+def build_processor(image_size: int = 336, patch_size: int = 14):
+    from transformers import CLIPImageProcessorPil, LlavaProcessor
+
+    image_processor = CLIPImageProcessorPil(
+        size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
+    )
+    return LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=build_tokenizer(),
+        patch_size=patch_size,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,  # CLIP's CLS, dropped again by the "default" strategy
+        chat_template=LLAVA_CHAT_TEMPLATE,
+    )
+
+
+def build_model(
+    processor,
+    *,
+    image_size: int = 336,
+    patch_size: int = 14,
+    vision_hidden: int = 64,
+    text_hidden: int = 64,
+    text_layers: int = 2,
+    seed: int = 0,
+):
+    """A random-weight `LlavaForConditionalGeneration`, identical for identical arguments.
+
+    Weights are drawn wider than transformers' default (std 0.02) so that logits have clear
+    top-1 margins: greedy decoding then compares backends token for token without coin flips.
+    """
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    tokenizer = processor.tokenizer
+    vision = CLIPVisionConfig(
+        hidden_size=vision_hidden,
+        intermediate_size=vision_hidden * 2,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        image_size=image_size,
+        patch_size=patch_size,
+        projection_dim=vision_hidden,
+    )
+    text = LlamaConfig(
+        hidden_size=text_hidden,
+        intermediate_size=text_hidden * 2 if text_hidden < 512 else text_hidden * 8 // 3,
+        num_hidden_layers=text_layers,
+        num_attention_heads=max(4, text_hidden // 64),
+        num_key_value_heads=max(2, text_hidden // 128),
+        vocab_size=len(tokenizer),
+        max_position_embeddings=2048,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+        initializer_range=0.2,
+    )
+    config = LlavaConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+        projector_hidden_act="gelu",
+        initializer_range=0.2,
+    )
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(config)
+    model.config._attn_implementation = "eager"
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model.eval()
+
+
+def build_tiny_llava():
+    """The built-in model and processor for `--model tiny-random-llava`."""
+    processor = build_processor()
+    return build_model(processor), processor

@@ -1,0 +1,119 @@
+"""Graph execution behind one small interface; this module holds the onnxruntime backend.
+
+The pipeline asks a backend for two things: a plain graph runner (vision, embed, pruner) and a
+decoder session that owns the KV cache. The onnxruntime decoder keeps the cache as OrtValues
+bound through IO binding: each step's `present` outputs become the next step's `past` inputs
+without a round trip through numpy (on CUDA they stay in device memory).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import onnxruntime as ort
+
+from zspa.errors import BundleError
+from zspa.manifest import DecoderSpec
+
+_NUMPY_DTYPES = {"float32": np.float32, "float16": np.float16, "int64": np.int64, "int32": np.int32}
+
+
+class GraphRunner(Protocol):
+    input_names: list[str]
+
+    def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]: ...
+
+
+class DecoderSession(Protocol):
+    past_length: int
+
+    def reset(self) -> None: ...
+
+    def step(self, inputs_embeds: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray) -> np.ndarray:
+        """Runs one prefill or decode step; returns last-position logits [B, V] as float32."""
+        ...
+
+
+class OrtGraph:
+    def __init__(self, session: ort.InferenceSession):
+        self.session = session
+        self.input_names = [i.name for i in session.get_inputs()]
+        self.input_dtypes = {i.name: _numpy_dtype(i.type) for i in session.get_inputs()}
+
+    def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        return self.session.run(None, {k: np.asarray(v, dtype=self.input_dtypes[k]) for k, v in feeds.items()})
+
+
+class OrtDecoder:
+    """The decoder graph with its KV cache bound across steps."""
+
+    def __init__(self, session: ort.InferenceSession, spec: DecoderSpec, device: str):
+        self.session = session
+        self.spec = spec
+        self.device = device
+        self.embeds_dtype = _numpy_dtype(session.get_inputs()[0].type)
+        self.past_names = [f"past_key_values.{i}.{kind}" for i in range(spec.num_layers) for kind in ("key", "value")]
+        self.present_names = [n.replace("past_key_values", "present") for n in self.past_names]
+        self.binding = session.io_binding()
+        self.past: list[ort.OrtValue] = []
+        self.past_length = 0
+        self.reset()
+
+    def reset(self) -> None:
+        empty = np.zeros((1, self.spec.num_kv_heads, 0, self.spec.head_dim), dtype=self.embeds_dtype)
+        self.past = [ort.OrtValue.ortvalue_from_numpy(empty, self.device, 0) for _ in self.past_names]
+        self.past_length = 0
+
+    def step(self, inputs_embeds: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray) -> np.ndarray:
+        binding = self.binding
+        binding.clear_binding_inputs()
+        binding.clear_binding_outputs()
+        binding.bind_cpu_input("inputs_embeds", np.ascontiguousarray(inputs_embeds, dtype=self.embeds_dtype))
+        binding.bind_cpu_input("attention_mask", np.ascontiguousarray(attention_mask, dtype=np.int64))
+        binding.bind_cpu_input("position_ids", np.ascontiguousarray(position_ids, dtype=np.int64))
+        for name, value in zip(self.past_names, self.past):
+            binding.bind_ortvalue_input(name, value)
+        binding.bind_output("logits", "cpu")
+        for name in self.present_names:
+            binding.bind_output(name, self.device)
+        self.session.run_with_iobinding(binding)
+        outputs = binding.get_outputs()
+        self.past = list(outputs[1:])
+        self.past_length += inputs_embeds.shape[1]
+        return outputs[0].numpy()[:, -1, :].astype(np.float32, copy=False)
+
+
+class OrtBackend:
+    """onnxruntime with the given execution providers (CPU by default)."""
+
+    def __init__(self, providers: list[str] | None = None, threads: int | None = None):
+        available = ort.get_available_providers()
+        self.providers = providers or ["CPUExecutionProvider"]
+        missing = [p for p in self.providers if p not in available]
+        if missing:
+            raise BundleError(f"onnxruntime here lacks {', '.join(missing)} (available: {', '.join(available)})")
+        self.options = ort.SessionOptions()
+        self.options.log_severity_level = 3
+        if threads:
+            self.options.intra_op_num_threads = threads
+        self.device = "cuda" if self.providers[0] in ("CUDAExecutionProvider", "TensorrtExecutionProvider") else "cpu"
+
+    def session(self, path: Path) -> ort.InferenceSession:
+        try:
+            return ort.InferenceSession(os.fspath(path), self.options, providers=self.providers)
+        except Exception as exc:  # onnxruntime raises its own untyped errors for bad graphs
+            raise BundleError(f"{path}: onnxruntime cannot load this graph ({exc})") from None
+
+    def graph(self, path: Path) -> GraphRunner:
+        return OrtGraph(self.session(path))
+
+    def decoder(self, path: Path, spec: DecoderSpec) -> DecoderSession:
+        return OrtDecoder(self.session(path), spec, self.device)
+
+
+def _numpy_dtype(onnx_type: str) -> type:
+    name = onnx_type.removeprefix("tensor(").removesuffix(")")
+    return _NUMPY_DTYPES.get({"float": "float32", "float16": "float16"}.get(name, name), np.float32)

@@ -1,0 +1,73 @@
+"""Opening a bundle: manifest schema, file presence and sha256 of every graph and asset."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from zspa.errors import BundleError, InvalidInputError
+from zspa.integrity import sha256_file
+from zspa.manifest import MANIFEST_NAME, Manifest, PrunerSpec
+from zspa.pruning.budget import token_budget
+
+
+@dataclass(frozen=True)
+class Bundle:
+    path: Path
+    manifest: Manifest
+
+    @classmethod
+    def open(cls, path: str | Path, *, verify: bool = True) -> Bundle:
+        """Reads the manifest and, unless `verify` is False, refuses any missing or altered file."""
+        root = Path(path).expanduser()
+        if not root.is_dir():
+            raise BundleError(f"{root}: not a directory (expected a zspa bundle)")
+        manifest = Manifest.read(root / MANIFEST_NAME)
+        bundle = cls(root, manifest)
+        if verify:
+            bundle.verify()
+        return bundle
+
+    def verify(self) -> None:
+        expected = dict(self.manifest.files)
+        for graph in self.manifest.graphs.values():
+            expected[graph.file] = graph.sha256
+            expected.update(graph.data_files)
+        for name, digest in expected.items():
+            file = self.path / name
+            if not file.is_file():
+                raise BundleError(f"{file}: missing from the bundle (listed in manifest.json)")
+            if sha256_file(file) != digest:
+                raise BundleError(f"{file}: sha256 does not match manifest.json; the file was modified or corrupted")
+
+    def file(self, name: str) -> Path:
+        return self.path / name
+
+    def graph_file(self, graph: str) -> Path:
+        try:
+            return self.path / self.manifest.graphs[graph].file
+        except KeyError:
+            raise BundleError(f"{self.path}: manifest.json lists no {graph!r} graph") from None
+
+    @property
+    def keeps(self) -> list[float]:
+        """The keep ratios this bundle can run: its pruners' and 1.0 (no pruning)."""
+        return [p.keep for p in self.manifest.pruners] + [1.0]
+
+    @property
+    def default_keep(self) -> float:
+        return self.manifest.pruners[0].keep if self.manifest.pruners else 1.0
+
+    def pruner_for(self, keep: float) -> PrunerSpec | None:
+        """The pruner whose budget K matches `keep` (None for 1.0), or an error listing the choices."""
+        k = token_budget(keep, self.manifest.vision.num_tokens)
+        if k == self.manifest.vision.num_tokens:
+            return None
+        for pruner in self.manifest.pruners:
+            if pruner.k == k:
+                return pruner
+        available = ", ".join(f"{p.keep:g} (K={p.k})" for p in self.manifest.pruners) or "none"
+        raise InvalidInputError(
+            f"keep {keep:g} (K={k}) is not in this bundle; available: {available}, or 1.0 for no pruning. "
+            f"Re-export with --keep {keep:g} to add it"
+        )

@@ -1,0 +1,215 @@
+"""The generation pipeline: image + prompt → vision → embed → prune → splice → prefill → decode.
+
+Everything model-specific comes from the manifest; this loop has no per-family branches.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Generator, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from zspa.errors import InvalidInputError
+from zspa.pruning.budget import validate_keep
+from zspa.runtime.backends import OrtBackend
+from zspa.runtime.bundle import Bundle
+from zspa.runtime.images import DEFAULT_MAX_PIXELS, ImageSource, load_image, preprocess
+from zspa.runtime.positions import SCHEMES, prefill_positions
+from zspa.runtime.prompting import PromptBuilder
+from zspa.runtime.sampling import SamplingParams, next_token
+
+STAGES = ("preprocess", "vision", "embed", "prune", "prefill", "decode")
+
+
+@dataclass
+class GenerationStats:
+    visual_tokens_total: int
+    visual_tokens_kept: int
+    prompt_tokens: int  # what the decoder prefilled: text plus kept visual tokens
+    tokens_generated: int = 0
+    timings_ms: dict[str, float] = field(default_factory=lambda: dict.fromkeys(STAGES, 0.0))
+    time_to_first_token_ms: float = 0.0
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        """Tokens after the first (which prefill produces) over the decode loop's time."""
+        steps = self.tokens_generated - 1
+        seconds = self.timings_ms["decode"] / 1000.0
+        return steps / seconds if steps > 0 and seconds > 0 else 0.0
+
+
+@dataclass
+class GenerationResult:
+    text: str
+    token_ids: list[int]
+    kept_indices: np.ndarray  # int64 [K], ascending: which visual tokens the decoder saw
+    finish_reason: str  # "stop" (EOS or stop string) or "length"
+    stats: GenerationStats
+
+
+class GenerationStream:
+    """Iterates over text deltas as they are decoded; `result` is set once iteration ends."""
+
+    def __init__(self, steps: Generator[str, None, GenerationResult]):
+        self._steps = steps
+        self.result: GenerationResult | None = None
+
+    def __iter__(self) -> Iterator[str]:
+        self.result = yield from self._steps
+
+
+class _Timer:
+    def __init__(self, timings: dict[str, float], stage: str):
+        self.timings, self.stage = timings, stage
+
+    def __enter__(self) -> None:
+        self.start = time.perf_counter()
+
+    def __exit__(self, *exc) -> None:
+        self.timings[self.stage] += (time.perf_counter() - self.start) * 1000.0
+
+
+class Pipeline:
+    def __init__(self, bundle: Bundle, backend: OrtBackend, *, positions: str | None = None,
+                 max_image_pixels: int = DEFAULT_MAX_PIXELS):
+        manifest = bundle.manifest
+        self.bundle = bundle
+        self.positions = positions or manifest.decoder.positions
+        if self.positions not in SCHEMES:
+            raise InvalidInputError(f"positions must be one of {SCHEMES}, got {self.positions!r}")
+        self.max_image_pixels = max_image_pixels
+        self.vision = backend.graph(bundle.graph_file("vision"))
+        self.embed = backend.graph(bundle.graph_file("embed"))
+        self.pruners = {p.k: backend.graph(bundle.graph_file(p.graph)) for p in manifest.pruners}
+        self.decoder = backend.decoder(bundle.graph_file("decoder"), manifest.decoder)
+        self.prompts = PromptBuilder.from_file(bundle.file("tokenizer.json"), manifest.text)
+
+    @classmethod
+    def load(cls, path: str | Path, *, providers: list[str] | None = None, threads: int | None = None,
+             positions: str | None = None, max_image_pixels: int = DEFAULT_MAX_PIXELS) -> Pipeline:
+        """Opens a bundle (schema and sha256 checked) and creates a session per graph."""
+        return cls(Bundle.open(path), OrtBackend(providers, threads), positions=positions,
+                   max_image_pixels=max_image_pixels)
+
+    def generate(
+        self,
+        image: ImageSource,
+        prompt: str,
+        *,
+        keep: float | None = None,
+        max_new_tokens: int = 128,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        seed: int | None = None,
+        stop: list[str] | None = None,
+        stream: bool = False,
+    ) -> GenerationResult | GenerationStream:
+        """Answers `prompt` about `image`. keep=None uses the bundle's default pruner; 1.0 disables
+        pruning. With stream=True returns a `GenerationStream` of text deltas."""
+        keep = self.bundle.default_keep if keep is None else validate_keep(keep)
+        pruner = self.bundle.pruner_for(keep)
+        params = SamplingParams(temperature, top_p, top_k, seed)
+        if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise InvalidInputError(f"max_new_tokens must be an integer ≥ 1, got {max_new_tokens!r}")
+        built = self.prompts.build(prompt)
+        num_tokens = self.bundle.manifest.vision.num_tokens
+        kept_count = pruner.k if pruner else num_tokens
+        text_before = built.image_position
+        text_after = len(built.input_ids) - built.image_position - 1
+        extent = text_before + text_after + (num_tokens if self.positions == "original" else kept_count)
+        max_context = self.bundle.manifest.text.max_context
+        if extent >= max_context:
+            raise InvalidInputError(
+                f"prompt needs {extent} positions with the image, over the context of {max_context}; shorten it"
+            )
+        steps = self._generate(image, built, pruner.k if pruner else None, params, max_new_tokens,
+                               list(stop or []), extent, max_context)
+        stream_ = GenerationStream(steps)
+        if stream:
+            return stream_
+        for _ in stream_:
+            pass
+        return stream_.result
+
+    def _generate(self, image, built, k, params, max_new_tokens, stop, extent, max_context):
+        manifest = self.bundle.manifest
+        num_tokens = manifest.vision.num_tokens
+        stats = GenerationStats(num_tokens, k or num_tokens, 0)
+        timings = stats.timings_ms
+        started = time.perf_counter()
+
+        with _Timer(timings, "preprocess"):
+            pixel_values = preprocess(load_image(image, max_pixels=self.max_image_pixels), manifest.vision)
+        with _Timer(timings, "vision"):
+            features = self.vision.run({"pixel_values": pixel_values})[0]
+        with _Timer(timings, "embed"):
+            prompt_embeds = self.embed.run({"input_ids": built.input_ids[None]})[0]
+        with _Timer(timings, "prune"):
+            if k is None:
+                kept, kept_indices = features, np.arange(num_tokens, dtype=np.int64)
+            else:
+                kept, kept_indices = self.pruners[k].run(
+                    {"image_features": features, "prompt_embeds": prompt_embeds,
+                     "prompt_mask": built.question_mask[None]}
+                )
+                kept_indices = kept_indices[0]
+        with _Timer(timings, "prefill"):
+            at = built.image_position
+            sequence = np.concatenate([prompt_embeds[:, :at], kept.astype(prompt_embeds.dtype),
+                                       prompt_embeds[:, at + 1 :]], axis=1)
+            positions = prefill_positions(at, kept_indices, num_tokens, len(built.input_ids) - at - 1, self.positions)
+            stats.prompt_tokens = sequence.shape[1]
+            self.decoder.reset()
+            logits = self.decoder.step(sequence, np.ones((1, sequence.shape[1]), np.int64), positions[None])
+
+        rng = np.random.default_rng(params.seed)
+        eos = set(manifest.text.eos_token_ids)
+        tokens: list[int] = []
+        text, emitted, finish = "", 0, "length"
+        next_position = int(positions[-1]) + 1
+        decode_start = time.perf_counter()
+        while True:
+            token = next_token(logits[0], params, rng)
+            if not tokens:
+                stats.time_to_first_token_ms = (time.perf_counter() - started) * 1000.0
+                decode_start = time.perf_counter()
+            if token in eos:
+                finish = "stop"
+                break
+            tokens.append(token)
+            text = self.prompts.decode(tokens)
+            cut = _stop_at(text, stop)
+            if cut is not None:
+                text, finish = text[:cut], "stop"
+                break
+            safe = len(text) - _held_back(text, stop)
+            if safe > emitted:
+                yield text[emitted:safe]
+                emitted = safe
+            if len(tokens) >= max_new_tokens or next_position >= max_context:
+                break
+            embeds = self.embed.run({"input_ids": np.array([[token]], dtype=np.int64)})[0]
+            mask = np.ones((1, self.decoder.past_length + 1), np.int64)
+            logits = self.decoder.step(embeds, mask, np.array([[next_position]], dtype=np.int64))
+            next_position += 1
+        timings["decode"] = (time.perf_counter() - decode_start) * 1000.0
+        if len(text) > emitted:
+            yield text[emitted:]
+        stats.tokens_generated = len(tokens)
+        return GenerationResult(text, tokens, kept_indices, finish, stats)
+
+
+def _stop_at(text: str, stop: list[str]) -> int | None:
+    hits = [text.find(s) for s in stop if s and s in text]
+    return min(hits) if hits else None
+
+
+def _held_back(text: str, stop: list[str]) -> int:
+    """Characters to hold back: a partial multi-byte character, or a possible start of a stop string."""
+    if text.endswith("\ufffd"):
+        return len(text) - len(text.rstrip("\ufffd"))
+    return max((n for s in stop for n in range(1, len(s)) if text.endswith(s[:n])), default=0)

@@ -1,0 +1,31 @@
+"""Model families: one declarative module per architecture (optimum's model_configs pattern).
+
+A family says how to load its transformers model and processor, which torch modules make the
+vision, embed and decoder graphs, and what the runtime needs in the manifest. The exporter stays
+generic. Importing this package is light; family modules import torch and transformers.
+"""
+
+from __future__ import annotations
+
+from zspa.errors import ModelLoadError
+
+# Short names for the models people deploy most; any Hugging Face id or local directory works too.
+MODEL_ALIASES = {
+    "llava": "llava-hf/llava-1.5-7b-hf",
+    "llava-7b": "llava-hf/llava-1.5-7b-hf",
+    "llava-13b": "llava-hf/llava-1.5-13b-hf",
+}
+
+# transformers `model_type` → family module name
+FAMILY_BY_MODEL_TYPE = {"llava": "llava"}
+
+
+def family_for_model_type(model_type: str):
+    """Returns the family module for a transformers `model_type`, or a clear error."""
+    name = FAMILY_BY_MODEL_TYPE.get(model_type)
+    if name is None:
+        supported = ", ".join(sorted(FAMILY_BY_MODEL_TYPE))
+        raise ModelLoadError(f"model type {model_type!r} is not supported yet (supported: {supported})")
+    import importlib
+
+    return importlib.import_module(f"zspa.families.{name}")

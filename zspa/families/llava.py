@@ -1,0 +1,126 @@
+"""LLaVA-1.5 (`LlavaForConditionalGeneration`): CLIP ViT-L/14 tower, MLP projector, Llama decoder.
+
+Declares what the generic exporter needs: how to load, the torch modules behind each graph, and
+the manifest fields (preprocessing, chat template, KV-cache geometry, default position scheme).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from zspa.errors import ModelLoadError
+from zspa.manifest import DecoderSpec, TextSpec, VisionSpec
+
+NAME = "llava"
+
+# Kept visual tokens keep their unpruned position ids by default, as TensorRT Edge-LLM's pruner
+# does: GAP (arXiv 2506.21873) traces LLaVA's grounding collapse under pruning (RefCOCO 56.1 →
+# 15.3) to renumbered positions, and recovers it (51.4) by preserving them. `--positions` overrides.
+DEFAULT_POSITIONS = "original"
+
+
+def load(source: str | Path, *, revision: str | None, local_files_only: bool):
+    """Loads the model in fp32 with eager attention (what exports cleanly) and its processor."""
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    model = LlavaForConditionalGeneration.from_pretrained(
+        source,
+        revision=revision,
+        local_files_only=local_files_only,
+        dtype=torch.float32,
+        attn_implementation="eager",
+    )
+    processor = AutoProcessor.from_pretrained(source, revision=revision, local_files_only=local_files_only)
+    return model.eval(), processor
+
+
+class VisionGraph(nn.Module):
+    """`pixel_values → image_features`: tower, feature-layer selection, CLS drop and projector,
+    the steps of transformers' `LlavaModel.get_image_features` minus its per-image list split
+    (which would pin the batch size in the exported graph)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.vision_tower = model.model.vision_tower
+        self.projector = model.model.multi_modal_projector
+        layers = model.config.vision_feature_layer
+        self.feature_layers = [layers] if isinstance(layers, int) else list(layers)
+        self.drop_cls = model.config.vision_feature_select_strategy == "default"
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        hidden_states = self.vision_tower(pixel_values, output_hidden_states=True, return_dict=True).hidden_states
+        selected = [hidden_states[layer] for layer in self.feature_layers]
+        if self.drop_cls:
+            selected = [h[:, 1:] for h in selected]
+        return self.projector(torch.cat(selected, dim=-1))
+
+
+def vision_graph(model: nn.Module) -> nn.Module:
+    return VisionGraph(model)
+
+
+def embedding(model: nn.Module) -> nn.Module:
+    return model.get_input_embeddings()
+
+
+def language_model(model: nn.Module) -> tuple[nn.Module, nn.Module]:
+    """The decoder stack (takes `inputs_embeds`, `cache`) and the LM head."""
+    return model.model.language_model, model.lm_head
+
+
+def image_size(processor) -> tuple[int, int]:
+    crop = processor.image_processor.crop_size
+    return int(crop["height"]), int(crop["width"])
+
+
+def vision_spec(model: nn.Module, processor, num_tokens: int) -> VisionSpec:
+    ip = processor.image_processor
+    if getattr(ip, "do_pad", False):
+        raise ModelLoadError("LLaVA image processors with do_pad=True (pad to square) are not supported yet")
+    if not ip.do_resize or "shortest_edge" not in ip.size:
+        raise ModelLoadError(f"unsupported LLaVA resize settings: do_resize={ip.do_resize}, size={dict(ip.size)}")
+    return VisionSpec(
+        image_size=list(image_size(processor)),
+        resize_shortest_edge=int(ip.size["shortest_edge"]),
+        center_crop=bool(ip.do_center_crop),
+        resample=int(ip.resample),
+        rescale_factor=float(ip.rescale_factor) if ip.do_rescale else 1.0,
+        mean=[float(x) for x in ip.image_mean] if ip.do_normalize else [0.0, 0.0, 0.0],
+        std=[float(x) for x in ip.image_std] if ip.do_normalize else [1.0, 1.0, 1.0],
+        num_tokens=num_tokens,
+        hidden_size=int(model.config.text_config.hidden_size),
+    )
+
+
+def text_spec(model: nn.Module, processor) -> TextSpec:
+    tokenizer = processor.tokenizer
+    template = processor.chat_template or getattr(tokenizer, "chat_template", None)
+    if not template:
+        raise ModelLoadError("the processor has no chat template; save one with the model (processor.chat_template)")
+    eos = model.generation_config.eos_token_id if model.generation_config is not None else None
+    eos_ids = eos if isinstance(eos, list) else [eos if eos is not None else tokenizer.eos_token_id]
+    return TextSpec(
+        image_token=processor.image_token,
+        image_token_id=int(model.config.image_token_id),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_ids=[int(i) for i in eos_ids if i is not None],
+        pad_token_id=tokenizer.pad_token_id,
+        chat_template=template,
+        max_context=int(model.config.text_config.max_position_embeddings),
+    )
+
+
+def decoder_spec(model: nn.Module, kv_dtype: str) -> DecoderSpec:
+    cfg = model.config.text_config
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    return DecoderSpec(
+        num_layers=int(cfg.num_hidden_layers),
+        num_kv_heads=int(cfg.num_key_value_heads),
+        head_dim=int(head_dim),
+        vocab_size=int(cfg.vocab_size),
+        kv_dtype=kv_dtype,
+        positions=DEFAULT_POSITIONS,
+    )

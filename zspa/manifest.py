@@ -1,0 +1,188 @@
+"""The bundle manifest (DESIGN §3): the only thing the runtime knows about a model.
+
+Plain dataclasses and json, no third-party imports, so the device runtime can read it. Every
+field the generation loop needs lives here; a family branch in the runtime means a field is
+missing from this file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from zspa.errors import BundleError
+
+SCHEMA_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    dtype: str
+    shape: list[int | str]
+
+
+@dataclass(frozen=True)
+class GraphSpec:
+    file: str
+    sha256: str
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+    # External-data files (graphs over 2 GB) and their hashes, checked like the graph itself.
+    data_files: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class VisionSpec:
+    """Image preprocessing (the family's transformers processor, PIL path) and the token grid."""
+
+    image_size: list[int]  # [height, width] fed to the vision graph
+    resize_shortest_edge: int | None
+    center_crop: bool
+    resample: int  # PIL resampling filter id
+    rescale_factor: float
+    mean: list[float]
+    std: list[float]
+    num_tokens: int
+    hidden_size: int
+
+
+@dataclass(frozen=True)
+class TextSpec:
+    image_token: str
+    image_token_id: int
+    bos_token_id: int | None
+    eos_token_ids: list[int]
+    pad_token_id: int | None
+    chat_template: str
+    max_context: int
+    add_special_tokens: bool = True
+
+
+@dataclass(frozen=True)
+class DecoderSpec:
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    vocab_size: int
+    kv_dtype: str
+    positions: str  # family default: "contiguous" | "original"
+
+
+@dataclass(frozen=True)
+class PrunerSpec:
+    method: str
+    keep: float
+    k: int
+    params: dict[str, Any]
+    graph: str
+
+
+@dataclass(frozen=True)
+class SourceSpec:
+    model_id: str
+    revision: str | None
+    random_weights: bool  # True for built-in test models: their answers are gibberish
+
+
+@dataclass(frozen=True)
+class Manifest:
+    schema_version: int
+    zspa_version: str
+    family: str
+    created_at: str
+    opset: int
+    dtype: str
+    source: SourceSpec
+    graphs: dict[str, GraphSpec]
+    vision: VisionSpec
+    text: TextSpec
+    decoder: DecoderSpec
+    pruners: list[PrunerSpec]
+    files: dict[str, str] = field(default_factory=dict)  # tokenizer and other assets → sha256
+    parity: dict[str, float] = field(default_factory=dict)
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=False) + "\n"
+
+    @classmethod
+    def from_dict(cls, data: Any) -> Manifest:
+        if not isinstance(data, dict):
+            raise BundleError("manifest.json: expected a JSON object")
+        version = data.get("schema_version")
+        if not isinstance(version, int):
+            raise BundleError("manifest.json: missing or non-integer schema_version")
+        if version > SCHEMA_VERSION:
+            raise BundleError(
+                f"manifest.json: bundle schema_version {version} is newer than this zspa supports "
+                f"({SCHEMA_VERSION}); upgrade zspa or re-export the bundle"
+            )
+        if version < SCHEMA_VERSION:
+            raise BundleError(f"manifest.json: schema_version {version} is no longer supported; re-export the bundle")
+        return _build(cls, data, "manifest")
+
+    @classmethod
+    def read(cls, path: Path) -> Manifest:
+        try:
+            text = path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise BundleError(f"{path}: no manifest.json; is this a zspa bundle directory?") from None
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise BundleError(f"{path}: not valid JSON ({exc})") from None
+        return cls.from_dict(data)
+
+
+def _build(cls: type, data: Any, where: str) -> Any:
+    """Builds a dataclass from JSON, naming the exact field that is missing or mistyped."""
+    if not isinstance(data, dict):
+        raise BundleError(f"manifest.json: {where} should be an object")
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in data:
+            if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING:
+                continue
+            raise BundleError(f"manifest.json: missing field {where}.{f.name}")
+        kwargs[f.name] = _convert(hints[f.name], data[f.name], f"{where}.{f.name}")
+    return cls(**kwargs)
+
+
+def _convert(hint: Any, value: Any, where: str) -> Any:
+    origin = typing.get_origin(hint)
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, where)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in typing.get_args(hint):
+            return None
+        options = [a for a in typing.get_args(hint) if a is not type(None)]
+        for option in options:
+            try:
+                return _convert(option, value, where)
+            except BundleError:
+                continue
+        raise BundleError(f"manifest.json: {where} has an unexpected value {value!r}")
+    if origin is list:
+        if not isinstance(value, list):
+            raise BundleError(f"manifest.json: {where} should be a list")
+        (item,) = typing.get_args(hint)
+        return [_convert(item, v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise BundleError(f"manifest.json: {where} should be an object")
+        _, item = typing.get_args(hint)
+        return {k: _convert(item, v, f"{where}.{k}") for k, v in value.items()}
+    if hint is Any:
+        return value
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
+        raise BundleError(f"manifest.json: {where} should be {hint.__name__}, got {type(value).__name__}")
+    return value
