@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import logging
 import warnings
 from pathlib import Path
 from typing import Any
@@ -47,7 +48,9 @@ def export_graph(
     shapes = [{axis: dynamic for axis in dynamic_axes.get(name, {})} or None for name in input_names]
     n_fixed = _positional_count(module)
     dynamic_shapes = (*shapes[:n_fixed], tuple(shapes[n_fixed:])) if n_fixed < len(shapes) else tuple(shapes)
-    # The exporter narrates every step on stdout; the caller shows its own progress instead.
+    # The exporter narrates every step on stdout and logs optional-op warnings (torchvision);
+    # the caller shows its own progress instead.
+    logging.getLogger("torch.onnx").setLevel(logging.ERROR)
     with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         program = torch.onnx.export(

@@ -1,0 +1,64 @@
+"""Shared fixtures: the tiny model and its bundle are built once per test session."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+KEEPS = (0.1, 0.25)
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach a model hub
+
+
+@pytest.fixture(scope="session")
+def tiny_hf():
+    """(model, processor) of tiny-random-llava, as transformers objects."""
+    from zspa.export.tiny import build_tiny_llava
+
+    return build_tiny_llava()
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tmp_path_factory) -> Path:
+    """tiny-random-llava exported at keep 0.1 and 0.25 (read-only: copy it before changing it)."""
+    from zspa.export.exporter import ExportOptions, export_bundle
+
+    out = tmp_path_factory.mktemp("bundles") / "tiny"
+    export_bundle(ExportOptions("tiny-random-llava", out, keeps=list(KEEPS), progress=False))
+    return out
+
+
+@pytest.fixture
+def bundle_copy(tiny_bundle, tmp_path) -> Path:
+    """A private copy of the tiny bundle that a test may damage."""
+    copy = tmp_path / "bundle"
+    shutil.copytree(tiny_bundle, copy)
+    return copy
+
+
+@pytest.fixture(scope="session")
+def pipeline(tiny_bundle):
+    from zspa.runtime.pipeline import Pipeline
+
+    return Pipeline.load(tiny_bundle)
+
+
+def _sample(name: str) -> Path:
+    import matplotlib.cbook
+
+    return Path(matplotlib.cbook.get_sample_data(name, asfileobj=False))
+
+
+@pytest.fixture(scope="session")
+def photo_path() -> Path:
+    """A real photograph (Grace Hopper, public domain, shipped with matplotlib), 512x600 JPEG."""
+    return _sample("grace_hopper.jpg")
+
+
+@pytest.fixture(scope="session")
+def rgba_png_path() -> Path:
+    """A real PNG with an alpha channel, shipped with matplotlib."""
+    return _sample("Minduka_Present_Blue_Pack.png")

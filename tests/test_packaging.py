@@ -1,0 +1,58 @@
+"""Layout (DESIGN §2): one namespace over the card's folders; the runtime never needs torch."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _imported_after(code: str) -> set[str]:
+    script = f"{code}\nimport sys, json\nprint(json.dumps(sorted(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True, cwd=ROOT)
+    return set(json.loads(out.stdout.strip().splitlines()[-1]))
+
+
+def test_namespace_maps_card_folders():
+    import zspa.calibration
+    import zspa.export
+    import zspa.runtime
+
+    assert Path(zspa.runtime.__file__).resolve().parent == ROOT / "runtime"
+    assert Path(zspa.export.__file__).resolve().parent == ROOT / "export"
+    assert Path(zspa.calibration.__file__).resolve().parent == ROOT / "calibration"
+
+
+def test_import_zspa_is_light():
+    modules = _imported_after("import zspa, zspa.manifest, zspa.errors, zspa.pruning")
+    assert not {"torch", "onnxruntime", "transformers", "onnx"} & modules
+
+
+@pytest.mark.parametrize(
+    "code",
+    [
+        "import zspa.runtime",
+        "import zspa.runtime.pipeline, zspa.runtime.bundle, zspa.runtime.images",
+        "import zspa.cli.run",
+    ],
+)
+def test_runtime_never_imports_torch_or_transformers(code):
+    modules = _imported_after(code)
+    assert "torch" not in modules and "transformers" not in modules
+
+
+def test_zspa_run_end_to_end_imports_no_torch(tiny_bundle, photo_path):
+    """The CLI itself, answering a prompt, in a fresh interpreter."""
+    code = (
+        "import sys\nfrom zspa.cli.run import main\n"
+        f"rc = main([{str(tiny_bundle)!r}, '--image', {str(photo_path)!r}, '--prompt', 'hi', '--max-new-tokens', '2',"
+        " '--json'])\nassert rc == 0"
+    )
+    modules = _imported_after(code)
+    assert "torch" not in modules and "transformers" not in modules
+    assert "onnxruntime" in modules  # it really ran the graphs

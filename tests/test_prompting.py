@@ -1,0 +1,37 @@
+"""Chat template rendering and question marking without transformers."""
+
+from __future__ import annotations
+
+import pytest
+
+from zspa.errors import InvalidInputError
+from zspa.runtime.chat_template import render
+
+
+def test_template_renders_like_transformers(tiny_hf, pipeline):
+    _, processor = tiny_hf
+    for question in ["What is this?", "  spaces  around ", "ünïcödé — and \"quotes\"\nnew line"]:
+        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+        assert pipeline.prompts.render(question) == processor.apply_chat_template(messages, add_generation_prompt=True)
+
+
+def test_question_mask_covers_exactly_the_question(pipeline):
+    question = "Which colour is the umbrella?"
+    prompt = pipeline.prompts.build(question)
+    marked = prompt.input_ids[prompt.question_mask == 1].tolist()
+    assert pipeline.prompts.decode(marked).strip() == question
+    assert prompt.question_mask[: prompt.image_position + 1].sum() == 0  # template and image are not question
+    assert prompt.input_ids[prompt.image_position] == pipeline.bundle.manifest.text.image_token_id
+
+
+def test_generation_tag_and_raise_exception_are_supported():
+    template = "{% generation %}{{ messages[0]['content'] }}{% endgeneration %}"
+    assert render(template, [{"content": "hi"}]) == "hi"
+    with pytest.raises(InvalidInputError, match="no system role"):
+        render("{{ raise_exception('no system role') }}", [])
+
+
+@pytest.mark.parametrize("bad", ["", "   ", "look: <image> twice"])
+def test_bad_prompts_are_refused(pipeline, bad):
+    with pytest.raises(InvalidInputError):
+        pipeline.prompts.build(bad)

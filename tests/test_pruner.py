@@ -1,0 +1,166 @@
+"""ZSPAPrune (DESIGN §5): the exported graph against the numpy oracle, and properties of the method."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from oracles import zspa_oracle
+from zspa.export.onnx_io import export_graph, node_count
+from zspa.pruning.budget import core_size, token_budget
+from zspa.pruning.graph import PrunerGraph
+from zspa.pruning.zspa_prune import ZSPASelector
+
+N, D, K = 576, 64, 58
+AXES = {"image_features": {0: "batch_size"}, "prompt_embeds": {0: "batch_size", 1: "prompt_length"},
+        "prompt_mask": {0: "batch_size", 1: "prompt_length"}}
+
+
+def export_pruner(path, k=K, alpha=0.5, pooling="mean", n=N, d=D):
+    g = torch.Generator().manual_seed(0)
+    args = (torch.randn(2, n, d, generator=g), torch.randn(2, 5, d, generator=g), torch.ones(2, 5, dtype=torch.int64))
+    export_graph(PrunerGraph(ZSPASelector(alpha, pooling), k), args, path,
+                 input_names=["image_features", "prompt_embeds", "prompt_mask"],
+                 output_names=["kept_features", "kept_indices"], dynamic_axes=AXES, opset=18)
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+
+def random_inputs(seed, batch=2, n=N, d=D, t=9):
+    rng = np.random.default_rng(seed)
+    features = rng.standard_normal((batch, n, d)).astype(np.float32)
+    prompt = rng.standard_normal((batch, t, d)).astype(np.float32)
+    mask = (rng.random((batch, t)) < 0.6).astype(np.int64)
+    mask[:, 0] = 1  # at least one question token
+    return features, prompt, mask
+
+
+def run(session, features, prompt, mask):
+    return session.run(None, {"image_features": features, "prompt_embeds": prompt, "prompt_mask": mask})
+
+
+@pytest.fixture(scope="module", params=["mean", "max"])
+def pruner_session(request, tmp_path_factory):
+    path = tmp_path_factory.mktemp("pruner") / f"zspa-{request.param}.onnx"
+    return request.param, export_pruner(path, pooling=request.param), path
+
+
+def test_token_budget_rounds_half_up():
+    assert token_budget(0.1, 576) == 58
+    assert token_budget(0.25, 576) == 144
+    assert token_budget(0.0001, 576) == 1
+    assert token_budget(1.0, 576) == 576
+    assert core_size(58, 0.5) == 29 and core_size(5, 0.5) == 3 and core_size(58, 0.0) == 1
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_graph_matches_oracle_batch2(pruner_session, seed):
+    pooling, session, _ = pruner_session
+    features, prompt, mask = random_inputs(seed)
+    kept, indices = run(session, features, prompt, mask)
+    expected = zspa_oracle(features, prompt, mask, K, 0.5, pooling)
+    np.testing.assert_array_equal(indices, expected)
+    np.testing.assert_array_equal(kept, np.take_along_axis(features, expected[..., None], axis=1))
+
+
+def test_graph_breaks_ties_towards_lower_index(pruner_session):
+    """Duplicated tokens tie exactly, in relevance and in distance; both sides pick the lower index.
+
+    96 distinct vectors with 6 copies each: the core takes whole groups of copies (relevance
+    ties), and each diversity step picks among the copies of the farthest group (distance ties).
+    """
+    pooling, session, _ = pruner_session
+    rng = np.random.default_rng(7)
+    distinct = rng.standard_normal((2, 96, D)).astype(np.float32)
+    features = np.repeat(distinct, N // 96, axis=1)
+    prompt = rng.standard_normal((2, 4, D)).astype(np.float32)
+    mask = np.ones((2, 4), np.int64)
+    _, indices = run(session, features, prompt, mask)
+    np.testing.assert_array_equal(indices, zspa_oracle(features, prompt, mask, K, 0.5, pooling))
+
+
+def test_graph_handles_other_prompt_lengths_and_batch_one(pruner_session):
+    pooling, session, _ = pruner_session
+    features, prompt, mask = random_inputs(11, batch=1, t=40)
+    _, indices = run(session, features, prompt, mask)
+    np.testing.assert_array_equal(indices, zspa_oracle(features, prompt, mask, K, 0.5, pooling))
+
+
+def test_graph_is_small(pruner_session):
+    """No per-token blow-up: a handful of nodes per greedy step, and well under a megabyte."""
+    _, _, path = pruner_session
+    nodes = node_count(path)
+    size = path.stat().st_size
+    print(f"\nZSPAPrune graph N={N} K={K}: {nodes} nodes, {size / 1024:.1f} KiB")
+    assert nodes <= 10 * K + 50
+    assert size < 200_000
+
+
+selector_cases = st.tuples(
+    st.integers(1, 64),  # n
+    st.integers(2, 16),  # d
+    st.integers(1, 6),  # t
+    st.floats(0.0, 1.0),  # alpha
+    st.sampled_from(["mean", "max"]),
+    st.integers(0, 2**31 - 1),  # seed
+)
+
+
+@settings(max_examples=60, deadline=None)
+@given(selector_cases, st.floats(0.01, 1.0))
+def test_kept_indices_are_unique_ascending_in_range(case, keep):
+    n, d, t, alpha, pooling, seed = case
+    features, prompt, mask = random_inputs(seed, batch=2, n=n, d=d, t=t)
+    k = token_budget(keep, n)
+    kept, indices = PrunerGraph(ZSPASelector(alpha, pooling), k)(
+        torch.from_numpy(features), torch.from_numpy(prompt), torch.from_numpy(mask))
+    indices = indices.numpy()
+    assert indices.shape == (2, k)
+    assert (np.diff(indices, axis=1) > 0).all()  # unique and ascending
+    assert indices.min() >= 0 and indices.max() < n
+    np.testing.assert_array_equal(kept.numpy(), np.take_along_axis(features, indices[..., None], axis=1))
+    np.testing.assert_array_equal(indices, zspa_oracle(features, prompt, mask, k, alpha, pooling))
+
+
+@settings(max_examples=30, deadline=None)
+@given(selector_cases)
+def test_full_budget_keeps_every_token(case):
+    n, d, t, alpha, pooling, seed = case
+    features, prompt, mask = random_inputs(seed, batch=1, n=n, d=d, t=t)
+    _, indices = PrunerGraph(ZSPASelector(alpha, pooling), n)(
+        torch.from_numpy(features), torch.from_numpy(prompt), torch.from_numpy(mask))
+    np.testing.assert_array_equal(indices.numpy()[0], np.arange(n))
+
+
+def _relevance(features, prompt, mask, pooling):
+    tokens = torch.nn.functional.normalize(torch.from_numpy(features), dim=-1)
+    return ZSPASelector(0.5, pooling).relevance(tokens, torch.from_numpy(prompt), torch.from_numpy(mask)).numpy()
+
+
+@settings(max_examples=40, deadline=None)
+@given(selector_cases, st.floats(0.05, 1.0))
+def test_alpha_one_is_relevance_top_k(case, keep):
+    n, d, t, _, pooling, seed = case
+    features, prompt, mask = random_inputs(seed, batch=1, n=n, d=d, t=t)
+    k = token_budget(keep, n)
+    indices = ZSPASelector(1.0, pooling)(torch.from_numpy(features), torch.from_numpy(prompt),
+                                         torch.from_numpy(mask), k).numpy()[0]
+    relevance = _relevance(features, prompt, mask, pooling)[0]
+    expected = np.argsort(-relevance, kind="stable")[:k]
+    np.testing.assert_array_equal(indices, expected)
+
+
+@settings(max_examples=40, deadline=None)
+@given(selector_cases, st.floats(0.05, 1.0))
+def test_core_is_contained_in_kept(case, keep):
+    n, d, t, alpha, pooling, seed = case
+    features, prompt, mask = random_inputs(seed, batch=1, n=n, d=d, t=t)
+    k = token_budget(keep, n)
+    _, kept = PrunerGraph(ZSPASelector(alpha, pooling), k)(
+        torch.from_numpy(features), torch.from_numpy(prompt), torch.from_numpy(mask))
+    relevance = _relevance(features, prompt, mask, pooling)[0]
+    core = np.argsort(-relevance, kind="stable")[: core_size(k, alpha)]
+    assert set(core) <= set(kept.numpy()[0].tolist())

@@ -1,0 +1,1 @@
+"""Console entry points: thin argument parsing over library functions."""

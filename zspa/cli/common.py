@@ -1,0 +1,51 @@
+"""What every zspa command shares: argument types, `--debug`, and errors → one line + exit code."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+
+from zspa.errors import ZspaError
+
+
+def ratio_list(text: str) -> list[float]:
+    """`0.1,0.25` → [0.1, 0.25]; range checks happen in the library, which names the bad value."""
+    try:
+        return [float(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def int_list(text: str) -> list[int]:
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def add_debug_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--debug", action="store_true", help="show the full traceback on errors")
+
+
+def run_command(parser: argparse.ArgumentParser, command: Callable[[argparse.Namespace], None],
+                argv: list[str] | None = None) -> int:
+    """Parses `argv`, runs `command`, and turns expected failures into `prog: error: message`."""
+    args = parser.parse_args(argv)
+    try:
+        command(args)
+    except ZspaError as exc:
+        if args.debug:
+            raise
+        print(f"{parser.prog}: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print(f"{parser.prog}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        if args.debug:
+            raise
+        print(f"{parser.prog}: unexpected error: {type(exc).__name__}: {exc} (rerun with --debug for the traceback)",
+              file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,75 @@
+"""`zspa-export`: Hugging Face VLM → zspa bundle."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from zspa.cli.common import add_debug_flag, int_list, ratio_list, run_command
+from zspa.families import MODEL_ALIASES
+
+
+def build_parser() -> argparse.ArgumentParser:
+    aliases = ", ".join(f"{k} → {v}" for k, v in MODEL_ALIASES.items())
+    parser = argparse.ArgumentParser(
+        prog="zspa-export",
+        description="Export a vision-language model to a zspa bundle: vision, embed, ZSPAPrune pruner and "
+        "decoder ONNX graphs, tokenizer, preprocessing and a manifest, checked against transformers.",
+    )
+    parser.add_argument("--model", required=True,
+                        help=f"Hugging Face id, local save_pretrained directory, alias ({aliases}), "
+                        "or tiny-random-llava (built in, offline, random weights)")
+    parser.add_argument("-o", "--output", type=Path, help="bundle directory (default: bundles/<model name>)")
+    parser.add_argument("--keep", type=ratio_list, default=None,
+                        help="fraction(s) of visual tokens to keep, comma-separated (default: 0.1)")
+    parser.add_argument("--keep-tokens", type=int_list, default=[], metavar="N",
+                        help="absolute visual-token budget(s), comma-separated, instead of or besides --keep")
+    parser.add_argument("--relevance-ratio", type=float, default=0.5, metavar="ALPHA",
+                        help="share of the budget chosen for prompt relevance, the rest for diversity (default: 0.5)")
+    parser.add_argument("--pooling", choices=["mean", "max"], default="mean",
+                        help="how question-token embeddings are pooled for relevance (default: mean)")
+    parser.add_argument("--dtype", choices=["fp32", "fp16"], default="fp32", help="graph precision (default: fp32)")
+    parser.add_argument("--opset", type=int, default=18, help="ONNX opset for every graph (default: 18)")
+    parser.add_argument("--revision", help="hub revision (branch, tag or commit) to export")
+    parser.add_argument("--force", action="store_true", help="replace an existing bundle at the output path")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_debug_flag(parser)
+    return parser
+
+
+def _default_output(model: str) -> Path:
+    return Path("bundles") / Path(model.rstrip("/")).name
+
+
+def _export(args: argparse.Namespace) -> None:
+    from zspa.export.exporter import ExportOptions, export_bundle
+
+    keeps = args.keep if args.keep is not None else ([] if args.keep_tokens else [0.1])
+    options = ExportOptions(
+        model=args.model, output=args.output or _default_output(args.model), keeps=keeps,
+        keep_tokens=args.keep_tokens, relevance_ratio=args.relevance_ratio, pooling=args.pooling,
+        dtype=args.dtype, opset=args.opset, force=args.force, revision=args.revision, progress=not args.quiet,
+    )
+    started = time.perf_counter()
+    report = export_bundle(options)
+    manifest = report.manifest
+    print(f"bundle: {report.path}  ({time.perf_counter() - started:.1f} s)")
+    print(f"{'graph':<22}{'nodes':>8}{'size':>12}")
+    for name in manifest.graphs:
+        print(f"{name:<22}{report.node_counts[name]:>8}{report.sizes[name] / 1e6:>10.2f} MB")
+    for pruner in manifest.pruners:
+        print(f"pruner {pruner.method}: keep {pruner.keep:g} → K={pruner.k} of N={manifest.vision.num_tokens}")
+    print("parity vs transformers (max abs diff): "
+          + ", ".join(f"{k.removesuffix('_max_abs_diff')} {v:.2e}" for k, v in manifest.parity.items()))
+    if manifest.source.random_weights:
+        print(f"note: {manifest.source.model_id} has random weights; its answers are gibberish")
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_command(build_parser(), _export, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
