@@ -1,0 +1,106 @@
+"""Bundle integrity (DESIGN §3): schema, hashes, missing files, atomic and guarded writes."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from zspa.errors import BundleError, InvalidInputError
+from zspa.runtime.bundle import Bundle
+
+
+def _edit_manifest(bundle, change):
+    path = bundle / "manifest.json"
+    data = json.loads(path.read_text())
+    change(data)
+    path.write_text(json.dumps(data))
+
+
+def test_valid_bundle_opens(tiny_bundle):
+    bundle = Bundle.open(tiny_bundle)
+    assert sorted(bundle.manifest.graphs) == ["decoder", "embed", "pruner-zspa-k144", "pruner-zspa-k58", "vision"]
+    assert bundle.keeps == [0.1, 0.25, 1.0]
+
+
+def test_tampered_graph_is_named(bundle_copy):
+    with open(bundle_copy / "decoder.onnx", "r+b") as fh:
+        fh.seek(200)
+        byte = fh.read(1)
+        fh.seek(200)
+        fh.write(bytes([byte[0] ^ 0xFF]))
+    with pytest.raises(BundleError, match=r"decoder\.onnx: sha256 does not match"):
+        Bundle.open(bundle_copy)
+
+
+def test_missing_graph_is_named(bundle_copy):
+    (bundle_copy / "pruner-zspa-k58.onnx").unlink()
+    with pytest.raises(BundleError, match=r"pruner-zspa-k58\.onnx: missing"):
+        Bundle.open(bundle_copy)
+
+
+def test_tampered_tokenizer_is_named(bundle_copy):
+    with open(bundle_copy / "tokenizer.json", "a") as fh:
+        fh.write(" ")
+    with pytest.raises(BundleError, match=r"tokenizer\.json: sha256"):
+        Bundle.open(bundle_copy)
+
+
+def test_newer_schema_is_refused(bundle_copy):
+    _edit_manifest(bundle_copy, lambda d: d.update(schema_version=99))
+    with pytest.raises(BundleError, match="schema_version 99 is newer"):
+        Bundle.open(bundle_copy)
+
+
+def test_missing_manifest_field_is_named(bundle_copy):
+    _edit_manifest(bundle_copy, lambda d: d["decoder"].pop("head_dim"))
+    with pytest.raises(BundleError, match=r"missing field manifest\.decoder\.head_dim"):
+        Bundle.open(bundle_copy)
+
+
+def test_mistyped_manifest_field_is_named(bundle_copy):
+    _edit_manifest(bundle_copy, lambda d: d["vision"].update(num_tokens="many"))
+    with pytest.raises(BundleError, match=r"manifest\.vision\.num_tokens should be int"):
+        Bundle.open(bundle_copy)
+
+
+def test_not_a_bundle(tmp_path):
+    with pytest.raises(BundleError, match="no manifest.json"):
+        Bundle.open(tmp_path)
+    with pytest.raises(BundleError, match="not a directory"):
+        Bundle.open(tmp_path / "absent")
+
+
+def test_staging_keeps_target_intact_on_failure(tmp_path):
+    from zspa.export.staging import staged_directory
+
+    target = tmp_path / "bundle"
+    target.mkdir()
+    (target / "manifest.json").write_text("{}")
+    with pytest.raises(RuntimeError):
+        with staged_directory(target, force=True) as staging:
+            (staging / "half-written.onnx").write_text("x")
+            raise RuntimeError("export failed midway")
+    assert sorted(p.name for p in target.iterdir()) == ["manifest.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle"]  # no leftovers
+
+
+def test_staging_refuses_to_overwrite_without_force_or_non_bundles(tmp_path):
+    from zspa.export.staging import staged_directory
+
+    target = tmp_path / "bundle"
+    target.mkdir()
+    (target / "manifest.json").write_text("{}")
+    with pytest.raises(InvalidInputError, match="--force"):
+        with staged_directory(target, force=False):
+            pass
+    other = tmp_path / "photos"
+    other.mkdir()
+    (other / "holiday.jpg").write_text("x")
+    with pytest.raises(InvalidInputError, match="not a zspa bundle"):
+        with staged_directory(other, force=True):
+            pass
+    assert (other / "holiday.jpg").exists()
+    with staged_directory(target, force=True) as staging:
+        (staging / "manifest.json").write_text("new")
+    assert (target / "manifest.json").read_text() == "new"

@@ -1,0 +1,64 @@
+"""Export entry points: local save_pretrained directories and the offline hub path."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from zspa.manifest import Manifest
+
+
+def test_export_from_local_directory(tiny_hf, tmp_path, photo_path):
+    """The real loading path: a directory written by save_pretrained, with options recorded."""
+    from zspa.export.exporter import ExportOptions, export_bundle
+    from zspa.runtime.pipeline import Pipeline
+
+    model, processor = tiny_hf
+    source = tmp_path / "saved"
+    model.save_pretrained(source)
+    processor.save_pretrained(source)
+    out = tmp_path / "bundle"
+    export_bundle(ExportOptions(str(source), out, keeps=[], keep_tokens=[30], relevance_ratio=1.0, pooling="max",
+                                progress=False))
+    manifest = Manifest.read(out / "manifest.json")
+    assert manifest.source.model_id == str(source.resolve()) and not manifest.source.random_weights
+    (pruner,) = manifest.pruners
+    assert (pruner.k, pruner.params) == (30, {"relevance_ratio": 1.0, "pooling": "max"})
+    result = Pipeline.load(out).generate(photo_path, "What is it?", keep=pruner.keep, max_new_tokens=3)
+    assert result.stats.visual_tokens_kept == 30
+
+
+def _export_hub_id(env_changes, tmp_path):
+    env = {**os.environ, **env_changes}
+    started = time.perf_counter()
+    out = subprocess.run([sys.executable, "-m", "zspa.cli.export", "--model", "llava", "-o", str(tmp_path / "b")],
+                         capture_output=True, text=True, env=env, timeout=120)
+    return out, time.perf_counter() - started
+
+
+@pytest.mark.parametrize("env", [
+    {"HF_HUB_OFFLINE": "1"},
+    # an endpoint that refuses connections: the network-failure path, without touching the network
+    {"HF_HUB_OFFLINE": "0", "HF_ENDPOINT": "http://127.0.0.1:9", "HF_HOME": "/nonexistent-zspa-hf-home"},
+])
+def test_hub_id_offline_fails_fast_with_a_way_out(tmp_path, env):
+    out, seconds = _export_hub_id(env, tmp_path)
+    assert out.returncode == 4, out.stderr
+    assert "llava-hf/llava-1.5-7b-hf" in out.stderr and "--model DIR" in out.stderr
+    assert "Traceback" not in out.stderr
+    assert seconds < 30
+    assert not (tmp_path / "b").exists()
+
+
+def test_unknown_model_names_are_explained(tmp_path):
+    from zspa.errors import ModelLoadError
+    from zspa.export.loading import load_model
+
+    with pytest.raises(ModelLoadError, match="unknown model 'lava'"):
+        load_model("lava")
+    with pytest.raises(ModelLoadError, match="no such directory"):
+        load_model(str(tmp_path / "missing-dir"))

@@ -1,0 +1,72 @@
+"""Pipeline behaviour: streaming, stops, budgets, stats and refusal of bad requests."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from zspa.errors import InvalidInputError
+
+Q = "What is in the picture?"
+
+
+def test_stream_deltas_concatenate_to_the_result(pipeline, photo_path):
+    stream = pipeline.generate(photo_path, Q, max_new_tokens=10, stream=True)
+    deltas = list(stream)
+    assert "".join(deltas) == stream.result.text
+    plain = pipeline.generate(photo_path, Q, max_new_tokens=10)
+    assert plain.token_ids == stream.result.token_ids
+
+
+def test_max_new_tokens_and_stats(pipeline, photo_path):
+    result = pipeline.generate(photo_path, Q, keep=0.1, max_new_tokens=5)
+    stats = result.stats
+    assert result.finish_reason == "length" and len(result.token_ids) == 5 == stats.tokens_generated
+    assert (stats.visual_tokens_total, stats.visual_tokens_kept) == (576, 58)
+    assert stats.prompt_tokens == len(pipeline.prompts.build(Q).input_ids) - 1 + 58
+    assert all(stats.timings_ms[s] > 0 for s in ("preprocess", "vision", "prune", "prefill", "decode"))
+    assert stats.time_to_first_token_ms >= sum(stats.timings_ms[s] for s in ("vision", "prune", "prefill"))
+    assert stats.decode_tokens_per_s > 0
+
+
+def test_default_keep_is_the_bundles_first_pruner(pipeline, photo_path):
+    assert pipeline.generate(photo_path, Q, max_new_tokens=1).stats.visual_tokens_kept == 58
+
+
+def test_stop_string_truncates_the_answer(pipeline, photo_path):
+    full = pipeline.generate(photo_path, Q, max_new_tokens=12).text
+    stop = full[3:5]
+    assert stop.strip(), "the tiny model's answer should have text to stop on"
+    result = pipeline.generate(photo_path, Q, max_new_tokens=12, stop=[stop])
+    assert result.finish_reason == "stop"
+    assert result.text == full[: full.find(stop)]
+    streamed = pipeline.generate(photo_path, Q, max_new_tokens=12, stop=[stop], stream=True)
+    assert "".join(streamed) == result.text
+
+
+def test_seeded_sampling_is_reproducible(pipeline, photo_path):
+    runs = [pipeline.generate(photo_path, Q, max_new_tokens=8, temperature=1.0, seed=3).token_ids for _ in range(2)]
+    assert runs[0] == runs[1]
+
+
+def test_kept_indices_are_ascending_and_budgeted(pipeline, photo_path):
+    idx = pipeline.generate(photo_path, Q, keep=0.25, max_new_tokens=1).kept_indices
+    assert len(idx) == 144 and (np.diff(idx) > 0).all()
+
+
+@pytest.mark.parametrize("keep, message", [(0.0, r"keep must be in \(0, 1\]"), (-0.1, "keep must be"),
+                                           (1.5, "keep must be"), (0.3, "not in this bundle")])
+def test_bad_keep_is_refused(pipeline, photo_path, keep, message):
+    with pytest.raises(InvalidInputError, match=message):
+        pipeline.generate(photo_path, Q, keep=keep)
+
+
+def test_prompt_beyond_context_is_refused(pipeline, photo_path):
+    with pytest.raises(InvalidInputError, match="over the context of 2048"):
+        pipeline.generate(photo_path, "word " * 3000, keep=0.1)
+
+
+def test_pipeline_stays_healthy_after_errors(pipeline, photo_path):
+    with pytest.raises(InvalidInputError):
+        pipeline.generate(b"garbage", Q)
+    assert pipeline.generate(photo_path, Q, max_new_tokens=2).stats.tokens_generated == 2
