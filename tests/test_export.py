@@ -62,3 +62,17 @@ def test_unknown_model_names_are_explained(tmp_path):
         load_model("lava")
     with pytest.raises(ModelLoadError, match="no such directory"):
         load_model(str(tmp_path / "missing-dir"))
+
+
+def test_fp16_export_runs(tmp_path, photo_path):
+    from zspa.export.exporter import ExportOptions, export_bundle
+    from zspa.runtime.pipeline import Pipeline
+
+    out = tmp_path / "fp16"
+    report = export_bundle(ExportOptions("tiny-random-llava", out, keeps=[0.1], dtype="fp16", progress=False))
+    manifest = report.manifest
+    assert manifest.dtype == manifest.decoder.kv_dtype == "float16"
+    assert manifest.graphs["decoder"].inputs[0].dtype == "float16"
+    assert manifest.parity["logits_max_abs_diff"] > 0  # measured, not assumed
+    result = Pipeline.load(out).generate(photo_path, "What is it?", max_new_tokens=4)
+    assert result.stats.tokens_generated == 4

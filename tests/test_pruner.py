@@ -38,6 +38,12 @@ def random_inputs(seed, batch=2, n=N, d=D, t=9):
     return features, prompt, mask
 
 
+def torch_prune(features, prompt, mask, k, alpha, pooling):
+    """The eager torch module the graph is exported from → numpy (kept, indices)."""
+    kept, indices = PrunerGraph(ZSPASelector(alpha, pooling), k)(*map(torch.from_numpy, (features, prompt, mask)))
+    return kept.numpy(), indices.numpy()
+
+
 def run(session, features, prompt, mask):
     return session.run(None, {"image_features": features, "prompt_embeds": prompt, "prompt_mask": mask})
 
@@ -115,13 +121,11 @@ def test_kept_indices_are_unique_ascending_in_range(case, keep):
     n, d, t, alpha, pooling, seed = case
     features, prompt, mask = random_inputs(seed, batch=2, n=n, d=d, t=t)
     k = token_budget(keep, n)
-    kept, indices = PrunerGraph(ZSPASelector(alpha, pooling), k)(
-        torch.from_numpy(features), torch.from_numpy(prompt), torch.from_numpy(mask))
-    indices = indices.numpy()
+    kept, indices = torch_prune(features, prompt, mask, k, alpha, pooling)
     assert indices.shape == (2, k)
     assert (np.diff(indices, axis=1) > 0).all()  # unique and ascending
     assert indices.min() >= 0 and indices.max() < n
-    np.testing.assert_array_equal(kept.numpy(), np.take_along_axis(features, indices[..., None], axis=1))
+    np.testing.assert_array_equal(kept, np.take_along_axis(features, indices[..., None], axis=1))
     np.testing.assert_array_equal(indices, zspa_oracle(features, prompt, mask, k, alpha, pooling))
 
 
@@ -130,9 +134,8 @@ def test_kept_indices_are_unique_ascending_in_range(case, keep):
 def test_full_budget_keeps_every_token(case):
     n, d, t, alpha, pooling, seed = case
     features, prompt, mask = random_inputs(seed, batch=1, n=n, d=d, t=t)
-    _, indices = PrunerGraph(ZSPASelector(alpha, pooling), n)(
-        torch.from_numpy(features), torch.from_numpy(prompt), torch.from_numpy(mask))
-    np.testing.assert_array_equal(indices.numpy()[0], np.arange(n))
+    _, indices = torch_prune(features, prompt, mask, n, alpha, pooling)
+    np.testing.assert_array_equal(indices[0], np.arange(n))
 
 
 def _relevance(features, prompt, mask, pooling):
@@ -159,8 +162,7 @@ def test_core_is_contained_in_kept(case, keep):
     n, d, t, alpha, pooling, seed = case
     features, prompt, mask = random_inputs(seed, batch=1, n=n, d=d, t=t)
     k = token_budget(keep, n)
-    _, kept = PrunerGraph(ZSPASelector(alpha, pooling), k)(
-        torch.from_numpy(features), torch.from_numpy(prompt), torch.from_numpy(mask))
+    _, kept = torch_prune(features, prompt, mask, k, alpha, pooling)
     relevance = _relevance(features, prompt, mask, pooling)[0]
     core = np.argsort(-relevance, kind="stable")[: core_size(k, alpha)]
-    assert set(core) <= set(kept.numpy()[0].tolist())
+    assert set(core) <= set(kept[0].tolist())
