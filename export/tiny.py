@@ -36,8 +36,7 @@ USER: Where is the ball? ASSISTANT: The ball is under the table, near the chair 
 
 def build_tokenizer():
     """A byte-level BPE tokenizer trained on a small fixed corpus (deterministic, any text encodes)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -49,6 +48,14 @@ def build_tokenizer():
         show_progress=False,
     )
     tok.train_from_iterator(_CORPUS.splitlines() * 4, trainer=trainer)
+    return as_llama_style_tokenizer(tok)
+
+
+def as_llama_style_tokenizer(tok):
+    """Adds Llama's `<s> …` post-processor and wraps a `tokenizers.Tokenizer` for transformers."""
+    from tokenizers import processors
+    from transformers import PreTrainedTokenizerFast
+
     tok.post_processor = processors.TemplateProcessing(
         single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", tok.token_to_id("<s>"))]
     )
@@ -62,7 +69,7 @@ def build_tokenizer():
     )
 
 
-def build_processor(image_size: int = 336, patch_size: int = 14):
+def build_processor(image_size: int = 336, patch_size: int = 14, tokenizer=None):
     from transformers import CLIPImageProcessorPil, LlavaProcessor
 
     image_processor = CLIPImageProcessorPil(
@@ -70,7 +77,7 @@ def build_processor(image_size: int = 336, patch_size: int = 14):
     )
     return LlavaProcessor(
         image_processor=image_processor,
-        tokenizer=build_tokenizer(),
+        tokenizer=tokenizer or build_tokenizer(),
         patch_size=patch_size,
         vision_feature_select_strategy="default",
         num_additional_image_tokens=1,  # CLIP's CLS, dropped again by the "default" strategy
@@ -84,14 +91,17 @@ def build_model(
     image_size: int = 336,
     patch_size: int = 14,
     vision_hidden: int = 64,
+    vision_layers: int = 2,
     text_hidden: int = 64,
     text_layers: int = 2,
+    initializer_range: float = 0.2,
     seed: int = 0,
 ):
     """A random-weight `LlavaForConditionalGeneration`, identical for identical arguments.
 
-    Weights are drawn wider than transformers' default (std 0.02) so that logits have clear
+    By default weights are drawn wider than transformers' std of 0.02 so that logits have clear
     top-1 margins: greedy decoding then compares backends token for token without coin flips.
+    Models meant for training pass the usual 0.02.
     """
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
@@ -99,7 +109,7 @@ def build_model(
     vision = CLIPVisionConfig(
         hidden_size=vision_hidden,
         intermediate_size=vision_hidden * 2,
-        num_hidden_layers=2,
+        num_hidden_layers=vision_layers,
         num_attention_heads=4,
         image_size=image_size,
         patch_size=patch_size,
@@ -117,7 +127,7 @@ def build_model(
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
         tie_word_embeddings=False,
-        initializer_range=0.2,
+        initializer_range=initializer_range,
     )
     config = LlavaConfig(
         vision_config=vision,
@@ -126,7 +136,7 @@ def build_model(
         vision_feature_layer=-2,
         vision_feature_select_strategy="default",
         projector_hidden_act="gelu",
-        initializer_range=0.2,
+        initializer_range=initializer_range,
     )
     torch.manual_seed(seed)
     model = LlavaForConditionalGeneration(config)

@@ -13,7 +13,7 @@ from oracles import zspa_oracle
 from zspa.export.onnx_io import export_graph, node_count
 from zspa.pruning.budget import core_size, token_budget
 from zspa.pruning.graph import PrunerGraph
-from zspa.pruning.zspa_prune import ZSPASelector
+from zspa.pruning.zspa_prune import ZSPASelector, question_relevance
 
 N, D, K = 576, 64, 58
 AXES = {"image_features": {0: "batch_size"}, "prompt_embeds": {0: "batch_size", 1: "prompt_length"},
@@ -140,7 +140,7 @@ def test_full_budget_keeps_every_token(case):
 
 def _relevance(features, prompt, mask, pooling):
     tokens = torch.nn.functional.normalize(torch.from_numpy(features), dim=-1)
-    return ZSPASelector(0.5, pooling).relevance(tokens, torch.from_numpy(prompt), torch.from_numpy(mask)).numpy()
+    return question_relevance(tokens, torch.from_numpy(prompt), torch.from_numpy(mask), pooling).numpy()
 
 
 @settings(max_examples=40, deadline=None)

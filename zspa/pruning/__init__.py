@@ -7,4 +7,15 @@ pruner base class. Importing this package does not import torch; `zspa.pruning.g
 
 from zspa.pruning.budget import core_size, token_budget
 
-__all__ = ["core_size", "token_budget"]
+# Every method and its default parameters (zspa.pruning.methods builds the torch selectors).
+METHOD_DEFAULTS: dict[str, dict] = {
+    "zspa": {"relevance_ratio": 0.5, "pooling": "mean"},
+    "random": {"seed": 0},
+    "uniform": {},
+    "divprune": {},
+    "dart": {"pivots": 8},
+    "cdpruner": {},
+}
+METHODS = tuple(METHOD_DEFAULTS)
+
+__all__ = ["METHODS", "METHOD_DEFAULTS", "core_size", "token_budget"]

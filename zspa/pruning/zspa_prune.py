@@ -33,19 +33,25 @@ class ZSPASelector:
         self, image_features: torch.Tensor, prompt_embeds: torch.Tensor, prompt_mask: torch.Tensor, k: int
     ) -> torch.Tensor:
         tokens = F.normalize(image_features.float(), dim=-1)
-        relevance = self.relevance(tokens, prompt_embeds.float(), prompt_mask)
+        relevance = question_relevance(tokens, prompt_embeds.float(), prompt_mask, self.pooling)
         n_core = core_size(k, self.relevance_ratio)
         core, chosen = greedy_top(relevance, n_core)
         return farthest_point_fill(tokens, core, chosen, k)
 
-    def relevance(self, tokens: torch.Tensor, prompt_embeds: torch.Tensor, prompt_mask: torch.Tensor) -> torch.Tensor:
-        """r_i = cos(v_i, mean question embedding), or max over question tokens of cos(v_i, e_t)."""
-        mask = prompt_mask.to(prompt_embeds.dtype).unsqueeze(-1)
-        if self.pooling == "mean":
-            pooled = (prompt_embeds * mask).sum(1) / mask.sum(1).clamp_min(1.0)
-            return torch.matmul(tokens, F.normalize(pooled, dim=-1).unsqueeze(-1)).squeeze(-1)
-        cosines = torch.matmul(tokens, F.normalize(prompt_embeds, dim=-1).transpose(1, 2))
-        return cosines.masked_fill(mask.transpose(1, 2) == 0, float("-inf")).amax(-1)
+
+
+def question_relevance(tokens: torch.Tensor, prompt_embeds: torch.Tensor, prompt_mask: torch.Tensor,
+                       pooling: str) -> torch.Tensor:
+    """r_i = cos(v_i, mean question embedding), or the max over question tokens of cos(v_i, e_t).
+
+    `tokens` are L2-normalised visual tokens [B,N,D]; `prompt_mask` marks the question [B,T].
+    """
+    mask = prompt_mask.to(prompt_embeds.dtype).unsqueeze(-1)
+    if pooling == "mean":
+        pooled = (prompt_embeds * mask).sum(1) / mask.sum(1).clamp_min(1.0)
+        return torch.matmul(tokens, F.normalize(pooled, dim=-1).unsqueeze(-1)).squeeze(-1)
+    cosines = torch.matmul(tokens, F.normalize(prompt_embeds, dim=-1).transpose(1, 2))
+    return cosines.masked_fill(mask.transpose(1, 2) == 0, float("-inf")).amax(-1)
 
 
 def greedy_top(scores: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,0 +1,1 @@
+"""Small, deterministic evaluation data sets that need no download."""

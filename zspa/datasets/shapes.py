@@ -1,0 +1,130 @@
+"""Shapes: images of coloured shapes in distinct quadrants, with questions about one object.
+
+Each image holds three objects, each with its own colour, shape and quadrant (one quadrant stays
+empty), on a lightly textured background. Every question is answered by one word and depends on
+one object: its colour, its shape, where it is, or whether a given object is present. Examples
+are a pure function of (split, index), so train and test never overlap and any example can be
+regenerated anywhere. numpy + pillow only.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+COLOURS = {
+    "red": (220, 40, 40),
+    "green": (40, 170, 60),
+    "blue": (40, 80, 220),
+    "yellow": (235, 210, 40),
+    "purple": (140, 60, 180),
+    "orange": (245, 140, 30),
+}
+SHAPES = ("circle", "square", "triangle", "diamond")
+QUADRANTS = ("top-left", "top-right", "bottom-left", "bottom-right")
+QUESTION_KINDS = ("colour", "shape", "where", "exists")
+SPLIT_SEEDS = {"train": 1, "test": 2}
+IMAGE_SIZE = 224
+
+
+@dataclass(frozen=True)
+class ShapeObject:
+    colour: str
+    shape: str
+    quadrant: str
+    box: tuple[int, int, int, int]
+
+
+@dataclass(frozen=True)
+class Example:
+    question: str
+    answer: str
+    kind: str
+    objects: tuple[ShapeObject, ...]
+
+
+def vocabulary() -> list[str]:
+    """Every word a prompt or answer can hold, for a word-level tokenizer."""
+    words = {"USER", ":", "ASSISTANT", "?", "what", "colour", "is", "the", "shape", "of", "object", "where",
+             "there", "a", "yes", "no"}
+    return sorted(words | set(COLOURS) | set(SHAPES) | set(QUADRANTS))
+
+
+def example(split: str, index: int) -> Example:
+    rng = np.random.default_rng([SPLIT_SEEDS[split], index])
+    colours = rng.choice(list(COLOURS), size=3, replace=False)
+    shapes = rng.choice(SHAPES, size=3, replace=False)
+    quadrants = rng.choice(QUADRANTS, size=3, replace=False)
+    objects = tuple(
+        ShapeObject(str(c), str(s), str(q), _box(str(q), rng)) for c, s, q in zip(colours, shapes, quadrants)
+    )
+    kind = QUESTION_KINDS[index % len(QUESTION_KINDS)]
+    target = objects[int(rng.integers(3))]
+    if kind == "colour":
+        question, answer = f"what colour is the {target.shape} ?", target.colour
+    elif kind == "shape":
+        question, answer = f"what is the shape of the {target.colour} object ?", target.shape
+    elif kind == "where":
+        question, answer = f"where is the {target.colour} {target.shape} ?", target.quadrant
+    else:
+        present = bool(rng.integers(2))
+        if present:
+            colour, shape = target.colour, target.shape
+        else:  # a plausible absent object: a real colour on another object's shape, or unused pairs
+            while True:
+                colour, shape = str(rng.choice(list(COLOURS))), str(rng.choice(SHAPES))
+                if all((o.colour, o.shape) != (colour, shape) for o in objects):
+                    break
+        question, answer = f"is there a {colour} {shape} ?", "yes" if present else "no"
+    return Example(question, answer, kind, objects)
+
+
+def _box(quadrant: str, rng: np.random.Generator) -> tuple[int, int, int, int]:
+    half = IMAGE_SIZE // 2
+    size = int(rng.integers(44, 76))
+    x0 = (half if quadrant.endswith("right") else 0) + int(rng.integers(6, half - size - 6))
+    y0 = (half if quadrant.startswith("bottom") else 0) + int(rng.integers(6, half - size - 6))
+    return x0, y0, x0 + size, y0 + size
+
+
+def render(example_: Example, seed: int = 0) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    background = 200 + rng.integers(0, 30, size=(IMAGE_SIZE, IMAGE_SIZE, 1)) + rng.integers(0, 8, (1, 1, 3))
+    image = Image.fromarray(background.astype(np.uint8), "RGB")
+    draw = ImageDraw.Draw(image)
+    for obj in example_.objects:
+        x0, y0, x1, y1 = obj.box
+        fill = COLOURS[obj.colour]
+        if obj.shape == "circle":
+            draw.ellipse(obj.box, fill=fill)
+        elif obj.shape == "square":
+            draw.rectangle(obj.box, fill=fill)
+        elif obj.shape == "triangle":
+            draw.polygon([((x0 + x1) // 2, y0), (x1, y1), (x0, y1)], fill=fill)
+        else:
+            draw.polygon([((x0 + x1) // 2, y0), (x1, (y0 + y1) // 2), ((x0 + x1) // 2, y1), (x0, (y0 + y1) // 2)],
+                         fill=fill)
+    return image
+
+
+def image_for(split: str, index: int) -> Image.Image:
+    return render(example(split, index), seed=SPLIT_SEEDS[split] * 1_000_003 + index)
+
+
+def write_jsonl(directory: Path, split: str, count: int) -> Path:
+    """Writes `count` examples as PNGs plus a `zspa-eval` data file; returns the .jsonl path."""
+    directory.mkdir(parents=True, exist_ok=True)
+    lines = []
+    for index in range(count):
+        ex = example(split, index)
+        name = f"{split}-{index:05d}.png"
+        image_for(split, index).save(directory / name)
+        lines.append(json.dumps({"image": name, "question": ex.question, "answer": ex.answer, "kind": ex.kind}))
+    path = directory / f"{split}.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+

@@ -1,0 +1,146 @@
+"""Peer pruning methods with ZSPAPrune's signature, each written as a static, exportable graph.
+
+Every selector takes `image_features [B,N,D], prompt_embeds [B,T,D], prompt_mask [B,T], k` and
+returns K distinct indices; `PrunerGraph` sorts and gathers. All of them run before the
+decoder on the projected visual tokens, which is where a compiled pipeline can prune. Ties go to
+the lower index (first argmax) throughout.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from zspa.pruning.zspa_prune import farthest_point_fill, greedy_top, question_relevance
+
+
+def _constant_indices(indices: np.ndarray, batch_like: torch.Tensor) -> torch.Tensor:
+    return torch.from_numpy(indices.astype(np.int64)).unsqueeze(0).expand(batch_like.shape[0], -1)
+
+
+@dataclass(frozen=True)
+class RandomSelector:
+    """Random pruning, the usual floor baseline: a seeded uniform sample of K tokens.
+
+    Deviation: the sample is drawn once per graph (from `seed`, N and K) and is the same for
+    every image, so that the graph is deterministic on every backend.
+    """
+
+    seed: int = 0
+
+    def __call__(self, image_features, prompt_embeds, prompt_mask, k):
+        n = image_features.shape[1]
+        return _constant_indices(random_indices(n, k, self.seed), image_features)
+
+
+def random_indices(n: int, k: int, seed: int) -> np.ndarray:
+    return np.sort(np.random.default_rng(seed).permutation(n)[:k])
+
+
+@dataclass(frozen=True)
+class UniformSelector:
+    """Uniform spatial stride: token floor((i + ½)·N/K) for i < K, in raster order.
+
+    Deviation from a 2-D lattice: K is rarely a product of grid divisors, so the stride runs
+    over the flattened grid; rows are still covered evenly.
+    """
+
+    def __call__(self, image_features, prompt_embeds, prompt_mask, k):
+        n = image_features.shape[1]
+        return _constant_indices(uniform_indices(n, k), image_features)
+
+
+def uniform_indices(n: int, k: int) -> np.ndarray:
+    return ((np.arange(k) + 0.5) * n / k).astype(np.int64)
+
+
+@dataclass(frozen=True)
+class DivPruneSelector:
+    """DivPrune (Alvar, Singh, Akbari, Zhang, CVPR 2025): max–min diversity by greedy farthest point.
+
+    As in the paper's code, the first token is the most isolated one (largest cosine distance to
+    its nearest neighbour); each next token maximises its minimum distance to those chosen.
+    Prompt-agnostic.
+    """
+
+    def __call__(self, image_features, prompt_embeds, prompt_mask, k):
+        tokens = F.normalize(image_features.float(), dim=-1)
+        n = tokens.shape[1]
+        distance = 1.0 - torch.matmul(tokens, tokens.transpose(1, 2))
+        eye = torch.eye(n, dtype=torch.bool, device=tokens.device).unsqueeze(0)
+        isolation = distance.masked_fill(eye, float("inf")).amin(-1)
+        seed, chosen = greedy_top(isolation, 1)
+        return farthest_point_fill(tokens, seed, chosen, k)
+
+
+@dataclass(frozen=True)
+class DartSelector:
+    """DART (Wen et al., "Stop Looking for Important Tokens in Multimodal Language Models:
+    Duplication Matters More", 2025): keep pivot tokens, drop the tokens that duplicate them.
+
+    Deviations: DART picks pivots by key norms inside the LLM's second layer and splits the
+    budget per pivot; before the decoder there are no keys, so pivots are the `pivots` tokens of
+    largest feature norm, and the other K − pivots slots go to the tokens whose highest cosine
+    similarity to any pivot is lowest.
+    """
+
+    pivots: int = 8
+
+    def __call__(self, image_features, prompt_embeds, prompt_mask, k):
+        features = image_features.float()
+        n_pivots = min(self.pivots, k)
+        pivots, chosen = greedy_top(features.norm(dim=-1), n_pivots)
+        tokens = F.normalize(features, dim=-1)
+        pivot_vectors = torch.gather(tokens, 1, pivots.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))
+        duplication = torch.matmul(pivot_vectors, tokens.transpose(1, 2)).amax(1)
+        rest, _ = greedy_top((-duplication).masked_fill(chosen, float("-inf")), k - n_pivots)
+        return torch.cat([pivots, rest], dim=1)
+
+
+@dataclass(frozen=True)
+class CDPrunerSelector:
+    """CDPruner (Zhang et al., "Beyond Attention or Similarity: Maximizing Conditional Diversity
+    for Token Pruning in MLLMs", NeurIPS 2025): a conditional DPP, greedy MAP inference.
+
+    Kernel L = diag(r)·S·diag(r), with S the cosine similarity of visual tokens and r the
+    min–max-normalised relevance of each token to the question; the greedy MAP of Chen et al.
+    (NeurIPS 2018) adds, K times, the token with the largest residual variance d², updating the
+    Cholesky factors incrementally. Deviation: relevance is the cosine to the question's mean
+    embedding in the LLM space (as ZSPAPrune), not CLIP text–image similarity.
+    """
+
+    def __call__(self, image_features, prompt_embeds, prompt_mask, k):
+        tokens = F.normalize(image_features.float(), dim=-1)
+        relevance = question_relevance(tokens, prompt_embeds.float(), prompt_mask, "mean")
+        low = relevance.amin(-1, keepdim=True)
+        high = relevance.amax(-1, keepdim=True)
+        relevance = (relevance - low) / (high - low).clamp_min(1e-6)
+        kernel = relevance.unsqueeze(-1) * torch.matmul(tokens, tokens.transpose(1, 2)) * relevance.unsqueeze(1)
+        return greedy_dpp_map(kernel, k)
+
+
+def greedy_dpp_map(kernel: torch.Tensor, k: int) -> torch.Tensor:
+    """Fast greedy MAP of a DPP (Chen, Zhang, Zhou, NeurIPS 2018), unrolled K times. `kernel` [B,N,N]."""
+    n = kernel.shape[1]
+    positions = torch.arange(n, device=kernel.device).view(1, n)
+    residual = torch.diagonal(kernel, dim1=1, dim2=2).clone()  # d_i²
+    chosen = torch.zeros_like(residual, dtype=torch.bool)
+    factors: list[torch.Tensor] = []  # rows c_t [B,N] of the incremental Cholesky factor
+    picks = []
+    for _ in range(k):
+        pick = residual.masked_fill(chosen, float("-inf")).argmax(-1, keepdim=True)
+        chosen = chosen | (positions == pick)
+        row = torch.gather(kernel, 1, pick.unsqueeze(-1).expand(-1, 1, n)).squeeze(1)
+        if factors:
+            stacked = torch.stack(factors, dim=1)  # [B,t,N]
+            at_pick = torch.gather(stacked, 2, pick.unsqueeze(1).expand(-1, len(factors), 1))  # [B,t,1]
+            row = row - (at_pick * stacked).sum(1)
+        scale = torch.gather(residual, 1, pick).clamp_min(1e-10).sqrt()
+        factor = row / scale
+        factors.append(factor)
+        residual = residual - factor * factor
+        picks.append(pick)
+    return torch.cat(picks, dim=1)
