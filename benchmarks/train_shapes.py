@@ -1,6 +1,7 @@
 """Trains `shapes-llava` on the shapes benchmark, on CPU, seeded.
 
-Teacher forcing on one-word answers (the loss covers the answer and EOS only), AdamW with warm-up
+Teacher forcing on one-word answers, four questions per image in one sequence (the loss covers
+answers and EOS only), AdamW with warm-up
 and cosine decay, fresh examples every step (the generator never repeats a training image), then
 accuracy on the held-out test split. Saves a `save_pretrained` directory (model in fp16 +
 processor) that `zspa-export --model DIR` reads, by default the one shipped as `shapes-llava`.
@@ -18,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from zspa.datasets.shapes import example, image_for
+from zspa.datasets.shapes import QUESTION_KINDS, example, image_for, training_turns
 from zspa.export.shapes import SHAPES_MODEL_DIR, build_untrained
 
 
@@ -27,17 +28,26 @@ def prompt_text(processor, question: str) -> str:
     return processor.apply_chat_template(messages, add_generation_prompt=True)
 
 
-def batch(processor, split: str, indices: list[int]) -> dict[str, torch.Tensor]:
-    """Prompt + answer + EOS per example, right-padded; labels only on the answer and EOS."""
+def batch(processor, split: str, indices: list[int], turns: int = 1) -> dict[str, torch.Tensor]:
+    """Per image, `turns` question–answer pairs in one sequence (the first in exactly the
+    single-question format that inference uses), right-padded; labels on answers and EOS only."""
     tokenizer = processor.tokenizer
-    examples = [example(split, i) for i in indices]
+    dialogues = [training_turns(split, i)[:turns] for i in indices]
     encoded = processor(images=[image_for(split, i) for i in indices],
-                        text=[prompt_text(processor, e.question) for e in examples], return_tensors="np")
+                        text=[prompt_text(processor, d[0][0]) for d in dialogues], return_tensors="np")
     rows, labels = [], []
-    for ids, ex in zip(encoded["input_ids"], examples):
-        answer = tokenizer.encode(ex.answer, add_special_tokens=False) + [tokenizer.eos_token_id]
-        rows.append(list(ids) + answer)
-        labels.append([-100] * len(ids) + answer)
+    for ids, dialogue in zip(encoded["input_ids"], dialogues):
+        row, label = list(ids), [-100] * len(ids)
+        for turn, (question, answer) in enumerate(dialogue):
+            if turn:
+                follow_up = tokenizer.encode(f"USER: {question} ASSISTANT:", add_special_tokens=False)
+                row += follow_up
+                label += [-100] * len(follow_up)
+            target = tokenizer.encode(answer, add_special_tokens=False) + [tokenizer.eos_token_id]
+            row += target
+            label += target
+        rows.append(row)
+        labels.append(label)
     width = max(map(len, rows))
     pad = tokenizer.pad_token_id
     return {
@@ -68,9 +78,14 @@ def accuracy(model, processor, split: str, count: int, batch_size: int = 50) -> 
     return {kind: float(np.mean(v)) for kind, v in hits.items()}
 
 
-def train(minutes: float, batch_size: int, lr: float, seed: int, log_every: int, out: Path) -> dict[str, float]:
+def train(minutes: float, batch_size: int, lr: float, seed: int, log_every: int, out: Path,
+          init: Path | None = None, first_example: int = 0) -> dict[str, float]:
     torch.manual_seed(seed)
     model, processor = build_untrained(seed)
+    if init is not None:  # continue a run: its weights, fresh examples after the ones it saw
+        from transformers import LlavaForConditionalGeneration
+
+        model = LlavaForConditionalGeneration.from_pretrained(init, dtype=torch.float32)
     model.train()
     optimiser = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
     budget_s = minutes * 60
@@ -85,7 +100,8 @@ def train(minutes: float, batch_size: int, lr: float, seed: int, log_every: int,
         scale = min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * progress))
         for group in optimiser.param_groups:
             group["lr"] = lr * max(scale, 0.02)
-        inputs = batch(processor, "train", list(range(step * batch_size, (step + 1) * batch_size)))
+        start = first_example + step * batch_size
+        inputs = batch(processor, "train", list(range(start, start + batch_size)), turns=len(QUESTION_KINDS))
         loss = model(**inputs).loss
         optimiser.zero_grad()
         loss.backward()
@@ -95,7 +111,7 @@ def train(minutes: float, batch_size: int, lr: float, seed: int, log_every: int,
         if step % log_every == 0:
             print(f"step {step:5d}  {elapsed / 60:5.1f} min  loss {loss.item():.4f}", flush=True)
     result = accuracy(model, processor, "test", 1000)
-    print(f"trained {step} steps ({step * batch_size} examples) in {(time.perf_counter() - started) / 60:.1f} min")
+    print(f"trained {step} steps (examples {first_example}..{first_example + step * batch_size}) in {(time.perf_counter() - started) / 60:.1f} min")
     print("test accuracy: " + ", ".join(f"{k} {v:.3f}" for k, v in sorted(result.items())))
     out.mkdir(parents=True, exist_ok=True)
     model.to(torch.float16).save_pretrained(out)
@@ -111,9 +127,11 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--log-every", type=int, default=50)
     parser.add_argument("--out", type=Path, default=SHAPES_MODEL_DIR)
+    parser.add_argument("--init", type=Path, default=None, help="continue from a saved run's directory")
+    parser.add_argument("--first-example", type=int, default=0, help="index of the first training example")
     args = parser.parse_args()
-    torch.set_num_threads(max(1, torch.get_num_threads()))
-    train(args.minutes, args.batch_size, args.lr, args.seed, args.log_every, args.out)
+    train(args.minutes, args.batch_size, args.lr, args.seed, args.log_every, args.out, args.init,
+          args.first_example)
 
 
 if __name__ == "__main__":

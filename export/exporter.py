@@ -20,9 +20,10 @@ from zspa.integrity import sha256_file
 from zspa.export.parity import check_parity
 from zspa.export.staging import staged_directory
 from zspa.manifest import MANIFEST_NAME, SCHEMA_VERSION, Manifest, PrunerSpec
+from zspa.pruning import METHOD_DEFAULTS
 from zspa.pruning.budget import token_budget, validate_keep
 from zspa.pruning.graph import PrunerGraph
-from zspa.pruning.zspa_prune import ZSPASelector
+from zspa.pruning.methods import make_selector
 
 DTYPES = {"fp32": (torch.float32, "float32"), "fp16": (torch.float16, "float16")}
 DEFAULT_OPSET = 18
@@ -35,6 +36,7 @@ class ExportOptions:
     output: Path
     keeps: list[float] = field(default_factory=lambda: [0.1])
     keep_tokens: list[int] = field(default_factory=list)
+    methods: list[str] = field(default_factory=lambda: ["zspa"])
     relevance_ratio: float = 0.5
     pooling: str = "mean"
     dtype: str = "fp32"
@@ -54,7 +56,7 @@ class ExportReport:
 
 def export_bundle(options: ExportOptions) -> ExportReport:
     _validate(options)
-    steps = 6 + len(options.keeps) + len(options.keep_tokens)
+    steps = 6 + len(options.methods) * (len(options.keeps) + len(options.keep_tokens))
     with tqdm(total=steps, desc="loading model", unit="step", disable=not options.progress) as bar:
         loaded = load_model(options.model, options.revision)
         torch_dtype, dtype_name = DTYPES[options.dtype]
@@ -78,7 +80,16 @@ def _validate(options: ExportOptions) -> None:
         raise InvalidInputError(f"--dtype must be one of {sorted(DTYPES)}, got {options.dtype!r}")
     if not 14 <= options.opset <= 23:
         raise InvalidInputError(f"--opset must be between 14 and 23, got {options.opset}")
-    ZSPASelector(options.relevance_ratio, options.pooling)  # validates α and pooling
+    if not options.methods:
+        raise InvalidInputError("give at least one pruning --method")
+    for method in options.methods:
+        make_selector(method, _method_params(options, method))  # validates names and parameters
+
+
+def _method_params(options: ExportOptions, method: str) -> dict:
+    if method == "zspa":
+        return {"relevance_ratio": options.relevance_ratio, "pooling": options.pooling}
+    return dict(METHOD_DEFAULTS[method])
 
 
 def _write_bundle(loaded: LoadedModel, options: ExportOptions, out: Path, torch_dtype, dtype_name: str, bar):
@@ -117,23 +128,16 @@ def _write_bundle(loaded: LoadedModel, options: ExportOptions, out: Path, torch_
     pruners = []
     budgets = [(keep, token_budget(keep, num_tokens)) for keep in options.keeps]
     budgets += [(min(1.0, k / num_tokens), min(k, num_tokens)) for k in options.keep_tokens]
-    selector = ZSPASelector(options.relevance_ratio, options.pooling)
-    for keep, k in budgets:
-        step(f"exporting pruner K={k}")
-        name = f"pruner-zspa-k{k}"
-        if keep < 1.0 and all(p.graph != name for p in pruners):
-            features = torch.randn(2, num_tokens, hidden, generator=generator).to(torch_dtype)
-            prompt = torch.randn(2, 7, hidden, generator=generator).to(torch_dtype)
-            mask = torch.ones(2, 7, dtype=torch.int64)
-            export_graph(PrunerGraph(selector, k), (features, prompt, mask), out / f"{name}.onnx",
-                         input_names=["image_features", "prompt_embeds", "prompt_mask"],
-                         output_names=["kept_features", "kept_indices"],
-                         dynamic_axes={"image_features": {0: batch}, "prompt_embeds": {0: batch, 1: "prompt_length"},
-                                       "prompt_mask": {0: batch, 1: "prompt_length"}, "kept_features": {0: batch},
-                                       "kept_indices": {0: batch}}, opset=options.opset)
-            params = {"relevance_ratio": options.relevance_ratio, "pooling": options.pooling}
-            pruners.append(PrunerSpec("zspa", keep, k, params, name))
-        bar.update()
+    for method in options.methods:
+        params = _method_params(options, method)
+        for keep, k in budgets:
+            step(f"exporting pruner {method} K={k}")
+            name = f"pruner-{method}-k{k}"
+            if k < num_tokens and all(p.graph != name for p in pruners):
+                _export_pruner(PrunerGraph(make_selector(method, params), k), num_tokens, hidden, torch_dtype,
+                               generator, out / f"{name}.onnx", options.opset)
+                pruners.append(PrunerSpec(method, keep, k, params, name))
+            bar.update()
 
     step("checking parity with transformers")
     parity = check_parity(out, vision, decoder, embed, pixel_values=pixel_values[:1], input_ids=input_ids[:1],
@@ -156,13 +160,27 @@ def _write_bundle(loaded: LoadedModel, options: ExportOptions, out: Path, torch_
         vision=family.vision_spec(model, processor, int(num_tokens)),
         text=family.text_spec(model, processor),
         decoder=decoder_spec,
-        pruners=sorted(pruners, key=lambda p: p.k),
+        pruners=pruners,
         files=files,
         parity=parity,
     )
     (out / MANIFEST_NAME).write_text(manifest.to_json(), encoding="utf-8")
     bar.update()
     return manifest, {name: node_count(out / f"{name}.onnx") for name in graph_files}
+
+
+def _export_pruner(pruner: PrunerGraph, num_tokens: int, hidden: int, torch_dtype, generator, path: Path,
+                   opset: int) -> None:
+    features = torch.randn(2, num_tokens, hidden, generator=generator).to(torch_dtype)
+    prompt = torch.randn(2, 7, hidden, generator=generator).to(torch_dtype)
+    mask = torch.ones(2, 7, dtype=torch.int64)
+    batch = "batch_size"
+    export_graph(pruner, (features, prompt, mask), path,
+                 input_names=["image_features", "prompt_embeds", "prompt_mask"],
+                 output_names=["kept_features", "kept_indices"],
+                 dynamic_axes={"image_features": {0: batch}, "prompt_embeds": {0: batch, 1: "prompt_length"},
+                               "prompt_mask": {0: batch, 1: "prompt_length"}, "kept_features": {0: batch},
+                               "kept_indices": {0: batch}}, opset=opset)
 
 
 def _export_decoder(decoder: DecoderGraph, spec, hidden: int, torch_dtype, path: Path, opset: int) -> None:

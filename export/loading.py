@@ -30,8 +30,15 @@ class LoadedModel:
 
 
 def load_model(name: str, revision: str | None = None) -> LoadedModel:
+    from zspa.export.shapes import SHAPES_MODEL_DIR, SHAPES_MODEL_NAME
     from zspa.export.tiny import TINY_MODEL_NAME, build_tiny_llava
 
+    if name == SHAPES_MODEL_NAME:
+        if not (SHAPES_MODEL_DIR / "config.json").is_file():
+            raise ModelLoadError(f"{SHAPES_MODEL_NAME} is not trained yet: run `python benchmarks/train_shapes.py`")
+        family = family_for_model_type(_local_model_type(SHAPES_MODEL_DIR))
+        model, processor = _load(family, str(SHAPES_MODEL_DIR), revision=None, local_files_only=True)
+        return LoadedModel(model, processor, family, SourceSpec(SHAPES_MODEL_NAME, None, random_weights=False))
     if name == TINY_MODEL_NAME:
         model, processor = build_tiny_llava()
         family = family_for_model_type(model.config.model_type)
@@ -50,7 +57,7 @@ def load_model(name: str, revision: str | None = None) -> LoadedModel:
         aliases = ", ".join(sorted(MODEL_ALIASES))
         raise ModelLoadError(
             f"unknown model {name!r}: give a Hugging Face id (org/name), a local directory, "
-            f"an alias ({aliases}) or {TINY_MODEL_NAME}"
+            f"an alias ({aliases}), {SHAPES_MODEL_NAME} or {TINY_MODEL_NAME}"
         )
     return _load_from_hub(model_id, revision)
 

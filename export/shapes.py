@@ -1,6 +1,6 @@
 """`shapes-llava`: a small LLaVA trained on the shapes benchmark (zspa.datasets.shapes).
 
-LLaVA-1.5's structure at toy widths (CLIP tower at 224 px with 14 px patches → 256 visual
+LLaVA-1.5's structure at toy widths (CLIP tower at 224 px with 28 px patches → 64 visual
 tokens, feature layer −2 without CLS, GELU projector, Llama decoder) and a word-level tokenizer
 over the benchmark's vocabulary. `benchmarks/train_shapes.py` trains it; the trained weights
 ship in `export/models/shapes-llava/` (fp16, about 2 MB).
@@ -15,7 +15,7 @@ from zspa.export.tiny import IMAGE_TOKEN, SPECIAL_TOKENS, as_llama_style_tokeniz
 
 SHAPES_MODEL_NAME = "shapes-llava"
 SHAPES_MODEL_DIR = Path(__file__).resolve().parent / "models" / SHAPES_MODEL_NAME
-PATCH_SIZE = 14
+PATCH_SIZE = 28
 
 
 def build_word_tokenizer():

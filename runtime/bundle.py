@@ -50,24 +50,39 @@ class Bundle:
             raise BundleError(f"{self.path}: manifest.json lists no {graph!r} graph") from None
 
     @property
-    def keeps(self) -> list[float]:
-        """The keep ratios this bundle can run: its pruners' and 1.0 (no pruning)."""
-        return [p.keep for p in self.manifest.pruners] + [1.0]
+    def methods(self) -> list[str]:
+        """Pruning methods in the bundle, the default (the first exported) first."""
+        return list(dict.fromkeys(p.method for p in self.manifest.pruners))
+
+    def require_method(self, method: str) -> None:
+        if method not in self.methods:
+            raise InvalidInputError(
+                f"pruning method {method!r} is not in this bundle; available: {', '.join(self.methods) or 'none'}"
+            )
+
+    def keeps(self, method: str | None = None) -> list[float]:
+        """The keep ratios a method can run: its pruners' and 1.0 (no pruning)."""
+        method = method or self.default_method
+        return sorted(p.keep for p in self.manifest.pruners if p.method == method) + [1.0]
 
     @property
-    def default_keep(self) -> float:
-        return self.manifest.pruners[0].keep if self.manifest.pruners else 1.0
+    def default_method(self) -> str | None:
+        return self.manifest.pruners[0].method if self.manifest.pruners else None
 
-    def pruner_for(self, keep: float) -> PrunerSpec | None:
-        """The pruner whose budget K matches `keep` (None for 1.0), or an error listing the choices."""
+    def pruner_for(self, keep: float, method: str | None = None) -> PrunerSpec | None:
+        """The pruner whose method and budget K match (None for keep 1.0), or an error listing the choices."""
+        method = method or self.default_method
+        if method is not None:
+            self.require_method(method)
         k = token_budget(keep, self.manifest.vision.num_tokens)
         if k == self.manifest.vision.num_tokens:
             return None
-        for pruner in self.manifest.pruners:
+        candidates = [p for p in self.manifest.pruners if p.method == method]
+        for pruner in candidates:
             if pruner.k == k:
                 return pruner
-        available = ", ".join(f"{p.keep:g} (K={p.k})" for p in self.manifest.pruners) or "none"
+        available = ", ".join(f"{p.keep:g} (K={p.k})" for p in candidates) or "none"
         raise InvalidInputError(
-            f"keep {keep:g} (K={k}) is not in this bundle; available: {available}, or 1.0 for no pruning. "
-            f"Re-export with --keep {keep:g} to add it"
+            f"keep {keep:g} (K={k}) is not in this bundle for {method}; available: {available}, or 1.0 for no "
+            f"pruning. Re-export with --keep {keep:g} to add it"
         )

@@ -48,6 +48,7 @@ class GenerationResult:
     kept_indices: np.ndarray  # int64 [K], ascending: which visual tokens the decoder saw
     finish_reason: str  # "stop" (EOS or stop string) or "length"
     stats: GenerationStats
+    first_token_logits: np.ndarray  # float32 [V]: what prefill predicted, for agreement metrics
 
 
 class GenerationStream:
@@ -83,7 +84,7 @@ class Pipeline:
         self.max_image_pixels = max_image_pixels
         self.vision = backend.graph(bundle.graph_file("vision"))
         self.embed = backend.graph(bundle.graph_file("embed"))
-        self.pruners = {p.k: backend.graph(bundle.graph_file(p.graph)) for p in manifest.pruners}
+        self.pruners = {p.graph: backend.graph(bundle.graph_file(p.graph)) for p in manifest.pruners}
         self.decoder = backend.decoder(bundle.graph_file("decoder"), manifest.decoder)
         self.prompts = PromptBuilder.from_file(bundle.file("tokenizer.json"), manifest.text)
 
@@ -100,6 +101,7 @@ class Pipeline:
         prompt: str,
         *,
         keep: float | None = None,
+        method: str | None = None,
         max_new_tokens: int = 128,
         temperature: float = 0.0,
         top_p: float = 1.0,
@@ -108,10 +110,11 @@ class Pipeline:
         stop: list[str] | None = None,
         stream: bool = False,
     ) -> GenerationResult | GenerationStream:
-        """Answers `prompt` about `image`. keep=None uses the bundle's default pruner; 1.0 disables
-        pruning. With stream=True returns a `GenerationStream` of text deltas."""
-        keep = self.bundle.default_keep if keep is None else validate_keep(keep)
-        pruner = self.bundle.pruner_for(keep)
+        """Answers `prompt` about `image`. keep/method None use the bundle's defaults (its first
+        method, smallest keep); keep 1.0 disables pruning. With stream=True returns a
+        `GenerationStream` of text deltas."""
+        keep = self.bundle.keeps(method)[0] if keep is None else validate_keep(keep)
+        pruner = self.bundle.pruner_for(keep, method)
         params = SamplingParams(temperature, top_p, top_k, seed)
         if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise InvalidInputError(f"max_new_tokens must be an integer ≥ 1, got {max_new_tokens!r}")
@@ -126,8 +129,11 @@ class Pipeline:
             raise InvalidInputError(
                 f"prompt needs {extent} positions with the image, over the context of {max_context}; shorten it"
             )
-        steps = self._generate(image, built, pruner.k if pruner else None, params, max_new_tokens,
-                               list(stop or []), extent, max_context)
+        # Decode the image now, so that a bad one fails the call rather than the stream's first step.
+        started = time.perf_counter()
+        pixel_values = preprocess(load_image(image, max_pixels=self.max_image_pixels), self.bundle.manifest.vision)
+        steps = self._generate(pixel_values, built, pruner, params, max_new_tokens, list(stop or []), max_context,
+                               started)
         stream_ = GenerationStream(steps)
         if stream:
             return stream_
@@ -135,24 +141,21 @@ class Pipeline:
             pass
         return stream_.result
 
-    def _generate(self, image, built, k, params, max_new_tokens, stop, extent, max_context):
+    def _generate(self, pixel_values, built, pruner, params, max_new_tokens, stop, max_context, started):
         manifest = self.bundle.manifest
         num_tokens = manifest.vision.num_tokens
-        stats = GenerationStats(num_tokens, k or num_tokens, 0)
+        stats = GenerationStats(num_tokens, pruner.k if pruner else num_tokens, 0)
         timings = stats.timings_ms
-        started = time.perf_counter()
-
-        with _Timer(timings, "preprocess"):
-            pixel_values = preprocess(load_image(image, max_pixels=self.max_image_pixels), manifest.vision)
+        timings["preprocess"] = (time.perf_counter() - started) * 1000.0
         with _Timer(timings, "vision"):
             features = self.vision.run({"pixel_values": pixel_values})[0]
         with _Timer(timings, "embed"):
             prompt_embeds = self.embed.run({"input_ids": built.input_ids[None]})[0]
         with _Timer(timings, "prune"):
-            if k is None:
+            if pruner is None:
                 kept, kept_indices = features, np.arange(num_tokens, dtype=np.int64)
             else:
-                kept, kept_indices = self.pruners[k].run(
+                kept, kept_indices = self.pruners[pruner.graph].run(
                     {"image_features": features, "prompt_embeds": prompt_embeds,
                      "prompt_mask": built.question_mask[None]}
                 )
@@ -166,6 +169,7 @@ class Pipeline:
             self.decoder.reset()
             logits = self.decoder.step(sequence, np.ones((1, sequence.shape[1]), np.int64), positions[None])
 
+        first_token_logits = logits[0].copy()
         rng = np.random.default_rng(params.seed)
         eos = set(manifest.text.eos_token_ids)
         tokens: list[int] = []
@@ -200,7 +204,7 @@ class Pipeline:
         if len(text) > emitted:
             yield text[emitted:]
         stats.tokens_generated = len(tokens)
-        return GenerationResult(text, tokens, kept_indices, finish, stats)
+        return GenerationResult(text, tokens, kept_indices, finish, stats, first_token_logits)
 
 
 def _stop_at(text: str, stop: list[str]) -> int | None:

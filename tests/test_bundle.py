@@ -20,7 +20,7 @@ def _edit_manifest(bundle, change):
 def test_valid_bundle_opens(tiny_bundle):
     bundle = Bundle.open(tiny_bundle)
     assert sorted(bundle.manifest.graphs) == ["decoder", "embed", "pruner-zspa-k144", "pruner-zspa-k58", "vision"]
-    assert bundle.keeps == [0.1, 0.25, 1.0]
+    assert bundle.keeps() == [0.1, 0.25, 1.0] and bundle.methods == ["zspa"]
 
 
 def test_tampered_graph_is_named(bundle_copy):

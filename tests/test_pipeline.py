@@ -70,3 +70,8 @@ def test_pipeline_stays_healthy_after_errors(pipeline, photo_path):
     with pytest.raises(InvalidInputError):
         pipeline.generate(b"garbage", Q)
     assert pipeline.generate(photo_path, Q, max_new_tokens=2).stats.tokens_generated == 2
+
+
+def test_bad_image_fails_the_call_even_when_streaming(pipeline):
+    with pytest.raises(InvalidInputError, match="not a readable image"):
+        pipeline.generate(b"garbage", Q, stream=True)

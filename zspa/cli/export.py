@@ -7,8 +7,9 @@ import sys
 import time
 from pathlib import Path
 
-from zspa.cli.common import add_debug_flag, int_list, ratio_list, run_command
+from zspa.cli.common import add_debug_flag, int_list, method_list, ratio_list, run_command
 from zspa.families import MODEL_ALIASES
+from zspa.pruning import METHODS
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -26,6 +27,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="fraction(s) of visual tokens to keep, comma-separated (default: 0.1)")
     parser.add_argument("--keep-tokens", type=int_list, default=[], metavar="N",
                         help="absolute visual-token budget(s), comma-separated, instead of or besides --keep")
+    parser.add_argument("--method", type=method_list, default=["zspa"], metavar="NAMES",
+                        help=f"pruning method(s), comma-separated, one graph each per keep: {', '.join(METHODS)} "
+                        "(default: zspa)")
     parser.add_argument("--relevance-ratio", type=float, default=0.5, metavar="ALPHA",
                         help="share of the budget chosen for prompt relevance, the rest for diversity (default: 0.5)")
     parser.add_argument("--pooling", choices=["mean", "max"], default="mean",
@@ -49,7 +53,7 @@ def _export(args: argparse.Namespace) -> None:
     keeps = args.keep if args.keep is not None else ([] if args.keep_tokens else [0.1])
     options = ExportOptions(
         model=args.model, output=args.output or _default_output(args.model), keeps=keeps,
-        keep_tokens=args.keep_tokens, relevance_ratio=args.relevance_ratio, pooling=args.pooling,
+        keep_tokens=args.keep_tokens, methods=args.method, relevance_ratio=args.relevance_ratio, pooling=args.pooling,
         dtype=args.dtype, opset=args.opset, force=args.force, revision=args.revision, progress=not args.quiet,
     )
     started = time.perf_counter()

@@ -16,6 +16,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--prompt", required=True, help="the question about the image")
     parser.add_argument("--keep", type=float, default=None,
                         help="keep ratio: one of the bundle's pruners, or 1.0 for no pruning (default: the bundle's)")
+    parser.add_argument("--method", default=None,
+                        help="pruning method among the bundle's (default: the first it was exported with)")
     parser.add_argument("--max-new-tokens", type=int, default=128, help="default: 128")
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     parser.add_argument("--top-p", type=float, default=1.0)
@@ -34,7 +36,7 @@ def _run(args: argparse.Namespace) -> None:
 
     pipeline = Pipeline.load(args.bundle, threads=args.threads, positions=args.positions)
     stream = pipeline.generate(
-        args.image, args.prompt, keep=args.keep, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+        args.image, args.prompt, keep=args.keep, method=args.method, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
         top_p=args.top_p, top_k=args.top_k, seed=args.seed, stream=True,
     )
     for delta in stream:

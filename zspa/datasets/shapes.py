@@ -55,6 +55,23 @@ def vocabulary() -> list[str]:
 
 
 def example(split: str, index: int) -> Example:
+    """The benchmark's example `index`: its scene and one question, kinds in rotation."""
+    objects, rng = _scene(split, index)
+    kind = QUESTION_KINDS[index % len(QUESTION_KINDS)]
+    return Example(*ask(objects, kind, rng), kind, objects)
+
+
+def training_turns(split: str, index: int) -> list[tuple[str, str]]:
+    """Example `index`'s question first, then one question of every other kind about the same
+    scene: several supervised answers per image for the cost of one vision pass."""
+    first = example(split, index)
+    objects, _ = _scene(split, index)
+    rng = np.random.default_rng([SPLIT_SEEDS[split], index, 1])
+    others = [ask(objects, kind, rng) for kind in QUESTION_KINDS if kind != first.kind]
+    return [(first.question, first.answer), *others]
+
+
+def _scene(split: str, index: int) -> tuple[tuple[ShapeObject, ...], np.random.Generator]:
     rng = np.random.default_rng([SPLIT_SEEDS[split], index])
     colours = rng.choice(list(COLOURS), size=3, replace=False)
     shapes = rng.choice(SHAPES, size=3, replace=False)
@@ -62,25 +79,24 @@ def example(split: str, index: int) -> Example:
     objects = tuple(
         ShapeObject(str(c), str(s), str(q), _box(str(q), rng)) for c, s, q in zip(colours, shapes, quadrants)
     )
-    kind = QUESTION_KINDS[index % len(QUESTION_KINDS)]
-    target = objects[int(rng.integers(3))]
+    return objects, rng
+
+
+def ask(objects: tuple[ShapeObject, ...], kind: str, rng: np.random.Generator) -> tuple[str, str]:
+    """A question of `kind` about one of `objects`, and its one-word answer."""
+    target = objects[int(rng.integers(len(objects)))]
     if kind == "colour":
-        question, answer = f"what colour is the {target.shape} ?", target.colour
-    elif kind == "shape":
-        question, answer = f"what is the shape of the {target.colour} object ?", target.shape
-    elif kind == "where":
-        question, answer = f"where is the {target.colour} {target.shape} ?", target.quadrant
-    else:
-        present = bool(rng.integers(2))
-        if present:
-            colour, shape = target.colour, target.shape
-        else:  # a plausible absent object: a real colour on another object's shape, or unused pairs
-            while True:
-                colour, shape = str(rng.choice(list(COLOURS))), str(rng.choice(SHAPES))
-                if all((o.colour, o.shape) != (colour, shape) for o in objects):
-                    break
-        question, answer = f"is there a {colour} {shape} ?", "yes" if present else "no"
-    return Example(question, answer, kind, objects)
+        return f"what colour is the {target.shape} ?", target.colour
+    if kind == "shape":
+        return f"what is the shape of the {target.colour} object ?", target.shape
+    if kind == "where":
+        return f"where is the {target.colour} {target.shape} ?", target.quadrant
+    if rng.integers(2):
+        return f"is there a {target.colour} {target.shape} ?", "yes"
+    while True:  # an absent object: a colour and shape that no object in the scene combines
+        colour, shape = str(rng.choice(list(COLOURS))), str(rng.choice(SHAPES))
+        if all((o.colour, o.shape) != (colour, shape) for o in objects):
+            return f"is there a {colour} {shape} ?", "no"
 
 
 def _box(quadrant: str, rng: np.random.Generator) -> tuple[int, int, int, int]:

@@ -1,0 +1,233 @@
+"""`zspa-eval`: accuracy and agreement with the unpruned model across pruning methods and keeps.
+
+Each data line is `{"image": path, "question": str, "answer": str, "choices": [str, …]?}`
+(image paths relative to the data file). For every line the bundle answers once unpruned
+(keep 1.0) and once per method × keep; each pruned answer is scored against the reference
+answer and against the unpruned run: first-token top-1 agreement, exact match of the greedy
+answers, and KL(unpruned ‖ pruned) of the first-token distributions. Records are appended to
+`records.jsonl` as they are made, so an interrupted run resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import string
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from zspa.errors import InvalidInputError, ZspaError
+from zspa.runtime.pipeline import Pipeline
+
+BASELINE = ("none", 1.0)
+LETTERS = string.ascii_uppercase
+_ARTICLES = {"a", "an", "the"}
+
+
+@dataclass(frozen=True)
+class EvalItem:
+    line: int
+    image: Path
+    question: str
+    answer: str
+    choices: tuple[str, ...] = ()
+
+    def prompt(self) -> str:
+        if not self.choices:
+            return self.question
+        options = "\n".join(f"{LETTERS[i]}. {c}" for i, c in enumerate(self.choices))
+        return f"{self.question}\n{options}\nAnswer with the option's letter from the given choices directly."
+
+    def expected(self) -> str:
+        """The reference, as a choice letter for multiple choice, else the normalised answer."""
+        if not self.choices:
+            return normalise(self.answer)
+        if self.answer.strip().upper() in LETTERS[: len(self.choices)]:
+            return self.answer.strip().upper()
+        matches = [i for i, c in enumerate(self.choices) if normalise(c) == normalise(self.answer)]
+        return LETTERS[matches[0]] if matches else ""
+
+
+def normalise(text: str) -> str:
+    """VQA-style answer normalisation: lower case, no punctuation (hyphens kept), no articles."""
+    text = re.sub(r"[^\w\s-]", " ", text.lower())
+    return " ".join(w for w in text.split() if w not in _ARTICLES)
+
+
+def predicted(item: EvalItem, text: str) -> str:
+    if not item.choices:
+        return normalise(text)
+    match = re.match(r"\s*\(?([A-Z])\b", text.strip().upper())
+    return match.group(1) if match else ""
+
+
+def read_dataset(path: Path) -> tuple[list[EvalItem], list[str]]:
+    """Parses every line it can; returns the items and one message per bad line (with its number)."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except OSError as exc:
+        raise InvalidInputError(f"{path}: cannot read the data file ({exc.strerror})") from None
+    items, problems = [], []
+    for number, raw in enumerate(lines, start=1):
+        if not raw.strip():
+            continue
+        try:
+            row = json.loads(raw)
+            if not isinstance(row, dict):
+                raise ValueError("not a JSON object")
+            missing = [k for k in ("image", "question", "answer") if not isinstance(row.get(k), str) or not row[k]]
+            if missing:
+                raise ValueError(f"missing or non-text field(s): {', '.join(missing)}")
+            choices = row.get("choices") or ()
+            if not isinstance(choices, (list, tuple)) or not all(isinstance(c, str) for c in choices):
+                raise ValueError("choices must be a list of strings")
+            if len(choices) > len(LETTERS):
+                raise ValueError(f"at most {len(LETTERS)} choices")
+            item = EvalItem(number, path.parent / row["image"], row["question"], row["answer"], tuple(choices))
+            if item.choices and not item.expected():
+                raise ValueError("answer is neither a choice letter nor one of the choices")
+            items.append(item)
+        except (json.JSONDecodeError, ValueError) as exc:
+            problems.append(f"{path}:{number}: {exc}")
+    return items, problems
+
+
+def kl_divergence(reference_logits: np.ndarray, logits: np.ndarray) -> float:
+    """KL(P‖Q) in nats between the softmax distributions of two logit vectors."""
+    log_p = _log_softmax(reference_logits.astype(np.float64))
+    log_q = _log_softmax(logits.astype(np.float64))
+    return float(np.sum(np.exp(log_p) * (log_p - log_q)))
+
+
+def _log_softmax(x: np.ndarray) -> np.ndarray:
+    shifted = x - x.max()
+    return shifted - np.log(np.exp(shifted).sum())
+
+
+class Evaluation:
+    """Runs and records the sweep; `summary()` aggregates whatever `records.jsonl` holds."""
+
+    def __init__(self, pipeline: Pipeline, out: Path, settings: list[tuple[str, float]], max_new_tokens: int):
+        self.pipeline = pipeline
+        self.out = out
+        self.settings = settings
+        self.max_new_tokens = max_new_tokens
+        self.records_path = out / "records.jsonl"
+
+    def done(self) -> set[tuple[int, str, float]]:
+        if not self.records_path.exists():
+            return set()
+        rows = [json.loads(line) for line in self.records_path.read_text().splitlines() if line.strip()]
+        return {(r["line"], r["method"], r["keep"]) for r in rows}
+
+    def run(self, items: list[EvalItem], progress: bool = True) -> list[str]:
+        """Evaluates what is not recorded yet; returns messages for lines that failed at run time."""
+        from tqdm.auto import tqdm
+
+        self.out.mkdir(parents=True, exist_ok=True)
+        done = self.done()
+        todo = [(item, [s for s in [BASELINE, *self.settings] if (item.line, *s) not in done]) for item in items]
+        todo = [(item, settings) for item, settings in todo if settings]
+        problems = []
+        with open(self.records_path, "a", encoding="utf-8") as records, tqdm(
+            total=sum(len(s) for _, s in todo), desc="evaluating", unit="run", disable=not progress
+        ) as bar:
+            for item, settings in todo:
+                try:
+                    rows = list(self._evaluate(item, settings))
+                except ZspaError as exc:
+                    problems.append(f"line {item.line}: {exc}")
+                    bar.update(len(settings))
+                    continue
+                for row in rows:  # an item's records land together, so resuming never mixes baselines
+                    records.write(json.dumps(row) + "\n")
+                records.flush()
+                bar.update(len(settings))
+        return problems
+
+    def _evaluate(self, item: EvalItem, settings: list[tuple[str, float]]) -> Iterable[dict]:
+        baseline = self._answer(item, *BASELINE)
+        expected = item.expected()
+        for method, keep in settings:
+            result = baseline if (method, keep) == BASELINE else self._answer(item, method, keep)
+            yield {
+                "line": item.line,
+                "method": method,
+                "keep": keep,
+                "answer": result.text,
+                "correct": predicted(item, result.text) == expected,
+                "first_token_agrees": int(np.argmax(result.first_token_logits))
+                == int(np.argmax(baseline.first_token_logits)),
+                "answer_agrees": result.token_ids == baseline.token_ids,
+                "kl": kl_divergence(baseline.first_token_logits, result.first_token_logits),
+                "visual_tokens_kept": result.stats.visual_tokens_kept,
+                "time_to_first_token_ms": result.stats.time_to_first_token_ms,
+            }
+
+    def _answer(self, item: EvalItem, method: str, keep: float):
+        return self.pipeline.generate(item.image, item.prompt(), keep=keep,
+                                      method=None if method == "none" else method,
+                                      max_new_tokens=self.max_new_tokens)
+
+    def summary(self) -> list[dict]:
+        """One row per (method, keep): n, accuracy, agreements, mean KL, kept tokens, TTFT."""
+        rows = [json.loads(line) for line in self.records_path.read_text().splitlines() if line.strip()]
+        groups: dict[tuple[str, float], list[dict]] = {}
+        for row in rows:
+            groups.setdefault((row["method"], row["keep"]), []).append(row)
+        baseline_accuracy = np.mean([r["correct"] for r in groups.get(BASELINE, [])] or [np.nan])
+        table = []
+        for (method, keep), group in sorted(groups.items(), key=lambda kv: (kv[0] != BASELINE, kv[0][0], -kv[0][1])):
+            accuracy = float(np.mean([r["correct"] for r in group]))
+            table.append({
+                "method": method,
+                "keep": keep,
+                "n": len(group),
+                "visual_tokens_kept": float(np.mean([r["visual_tokens_kept"] for r in group])),
+                "accuracy": accuracy,
+                "retained_accuracy": accuracy / baseline_accuracy if baseline_accuracy else float("nan"),
+                "first_token_agreement": float(np.mean([r["first_token_agrees"] for r in group])),
+                "answer_agreement": float(np.mean([r["answer_agrees"] for r in group])),
+                "mean_kl": float(np.mean([r["kl"] for r in group])),
+                "time_to_first_token_ms": float(np.median([r["time_to_first_token_ms"] for r in group])),
+            })
+        return table
+
+
+def markdown_table(table: list[dict]) -> str:
+    header = ("| method | keep | tokens kept | n | accuracy | retained | first-token agreement | answer agreement "
+              "| mean KL | TTFT ms |\n|---|---|---|---|---|---|---|---|---|---|\n")
+    return header + "".join(
+        f"| {r['method']} | {r['keep']:g} | {r['visual_tokens_kept']:.0f} | {r['n']} | {r['accuracy']:.3f} | "
+        f"{r['retained_accuracy']:.3f} | {r['first_token_agreement']:.3f} | {r['answer_agreement']:.3f} | "
+        f"{r['mean_kl']:.4f} | {r['time_to_first_token_ms']:.1f} |\n"
+        for r in table
+    )
+
+
+def plot_accuracy(table: list[dict], path: Path, title: str) -> None:
+    """Accuracy against keep, one line per method, the unpruned accuracy as a dashed line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
+    for method in dict.fromkeys(r["method"] for r in table if r["method"] != "none"):
+        rows = sorted((r for r in table if r["method"] == method), key=lambda r: r["keep"])
+        ax.plot([r["keep"] for r in rows], [r["accuracy"] for r in rows], marker="o", label=method)
+    baseline = [r["accuracy"] for r in table if r["method"] == "none"]
+    if baseline:
+        ax.axhline(baseline[0], color="black", linestyle="--", linewidth=1, label="unpruned")
+    ax.set_xscale("log")
+    ax.set_xlabel("keep (fraction of visual tokens)")
+    ax.set_ylabel("accuracy")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)

@@ -1,0 +1,101 @@
+"""`zspa-eval` end to end on the tiny bundle, and the scoring functions it rests on."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from zspa.runtime.evaluation import EvalItem, kl_divergence, normalise, predicted, read_dataset
+
+
+def test_normalise_and_choice_extraction(tmp_path):
+    assert normalise("  The Red, circle! ") == "red circle"
+    assert normalise("top-left.") == "top-left"
+    item = EvalItem(1, tmp_path / "x.png", "q", "blue", ("red", "blue"))
+    assert item.expected() == "B"
+    assert predicted(item, " B. blue") == "B" and predicted(item, "(a)") == "A" and predicted(item, "blue") == ""
+
+
+def test_kl_divergence():
+    logits = np.array([1.0, 2.0, 0.5])
+    assert kl_divergence(logits, logits) == pytest.approx(0.0, abs=1e-12)
+    p = np.exp(logits) / np.exp(logits).sum()
+    q_logits = np.array([0.0, 0.0, 3.0])
+    q = np.exp(q_logits) / np.exp(q_logits).sum()
+    assert kl_divergence(logits, q_logits) == pytest.approx(float(np.sum(p * np.log(p / q))))
+
+
+def test_bad_lines_are_reported_with_their_numbers(tmp_path):
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"image": "a.png", "question": "q", "answer": "x"}\nnot json\n\n{"image": "a.png"}\n'
+                    '{"image": "a.png", "question": "q", "answer": "C", "choices": ["u", "v"]}\n')
+    items, problems = read_dataset(data)
+    assert [i.line for i in items] == [1]
+    assert [p.split(":")[1] for p in problems] == ["2", "4", "5"]
+    assert "missing or non-text field(s): question, answer" in problems[1]
+
+
+@pytest.fixture
+def dataset(pipeline, photo_path, rgba_png_path, tmp_path):
+    """Five questions whose reference answers are the unpruned model's own (so accuracy is known),
+    one with choices, plus an unreadable image and a malformed line."""
+    lines = []
+    for i, question in enumerate(["What is this?", "Where is it?", "Who is there?", "Why?"]):
+        image = [photo_path, rgba_png_path][i % 2]
+        answer = pipeline.generate(image, question, keep=1.0, max_new_tokens=4).text
+        lines.append({"image": str(image), "question": question, "answer": answer})
+    lines.append({"image": str(photo_path), "question": "Pick one.", "answer": "A", "choices": ["cat", "dog"]})
+    (tmp_path / "broken.png").write_bytes(b"no image here")
+    lines.append({"image": "broken.png", "question": "What?", "answer": "x"})
+    data = tmp_path / "set.jsonl"
+    data.write_text("\n".join(json.dumps(line) for line in lines) + "\n{oops\n")
+    return data
+
+
+def eval_cli(*args):
+    return subprocess.run([sys.executable, "-m", "zspa.cli.eval", *map(str, args), "--quiet",
+                           "--max-new-tokens", "4"], capture_output=True, text=True, timeout=600)
+
+
+def test_eval_end_to_end_and_resume(tiny_bundle, dataset, tmp_path):
+    out = tmp_path / "eval"
+    run = eval_cli(tiny_bundle, "--data", dataset, "--out", out)
+    assert run.returncode == 0, run.stderr
+    assert "set.jsonl:7" in run.stderr and "line 6" in run.stderr  # malformed line, unreadable image
+    report = json.loads((out / "results.json").read_text())
+    rows = {(r["method"], r["keep"]): r for r in report["results"]}
+    assert set(rows) == {("none", 1.0), ("zspa", 0.1), ("zspa", 0.25)}
+    baseline = rows[("none", 1.0)]
+    assert baseline["n"] == 5
+    assert baseline["first_token_agreement"] == baseline["answer_agreement"] == 1.0
+    assert baseline["mean_kl"] == pytest.approx(0.0, abs=1e-9)
+    assert baseline["accuracy"] >= 0.8  # the four free-form answers are the model's own
+    assert rows[("zspa", 0.1)]["visual_tokens_kept"] == 58 and rows[("zspa", 0.1)]["mean_kl"] > 0
+    assert "| zspa | 0.1 | 58 |" in (out / "results.md").read_text()
+    assert (out / "accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    records = (out / "records.jsonl").read_text().splitlines()
+    assert len(records) == 5 * 3
+    again = eval_cli(tiny_bundle, "--data", dataset, "--out", out)
+    assert again.returncode == 0 and len((out / "records.jsonl").read_text().splitlines()) == 15
+    # lose the last item's records, as after an interruption: only those are redone
+    (out / "records.jsonl").write_text("\n".join(records[:12]) + "\n")
+    resumed = eval_cli(tiny_bundle, "--data", dataset, "--out", out, "--keeps", "0.1,0.25")
+    assert resumed.returncode == 0
+
+    def without_timing(lines):
+        return sorted(json.dumps({k: v for k, v in json.loads(line).items() if k != "time_to_first_token_ms"})
+                      for line in lines)
+
+    assert without_timing((out / "records.jsonl").read_text().splitlines()) == without_timing(records)
+
+
+def test_eval_refuses_settings_the_bundle_lacks(tiny_bundle, dataset, tmp_path):
+    run = eval_cli(tiny_bundle, "--data", dataset, "--out", tmp_path / "e", "--keeps", "0.3")
+    assert run.returncode == 2 and "not in this bundle" in run.stderr
+    run = eval_cli(tiny_bundle, "--data", dataset, "--out", tmp_path / "e", "--methods", "divprune")
+    assert run.returncode == 2 and "'divprune' is not in this bundle" in run.stderr

@@ -1,0 +1,79 @@
+"""`zspa-eval`: accuracy and agreement with the unpruned model across methods and keeps."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from zspa.cli.common import add_debug_flag, method_list, ratio_list, run_command
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="zspa-eval",
+        description="Score a bundle's pruners on a JSONL data set (image, question, answer, optional choices): "
+        "accuracy, and agreement with the same bundle unpruned. Resumable: rerun to continue.",
+    )
+    parser.add_argument("bundle", help="bundle directory written by zspa-export")
+    parser.add_argument("--data", type=Path, required=True, help="JSONL file, image paths relative to it")
+    parser.add_argument("--out", type=Path, required=True, help="output directory (records, results.json/md, plot)")
+    parser.add_argument("--methods", type=method_list, default=None, help="default: every method in the bundle")
+    parser.add_argument("--keeps", type=ratio_list, default=None,
+                        help="default: every keep the bundle has for each method")
+    parser.add_argument("--max-new-tokens", type=int, default=16, help="default: 16")
+    parser.add_argument("--limit", type=int, default=None, help="evaluate only the first N lines")
+    parser.add_argument("--positions", choices=["contiguous", "original"], default=None)
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_debug_flag(parser)
+    return parser
+
+
+def _settings(bundle, methods, keeps) -> list[tuple[str, float]]:
+    from zspa.errors import InvalidInputError
+
+    methods = methods or bundle.methods
+    if not methods:
+        raise InvalidInputError("the bundle has no pruners; export it with --keep below 1")
+    settings = []
+    for method in methods:
+        bundle.require_method(method)
+        for keep in keeps or bundle.keeps(method)[:-1]:
+            if keep < 1.0:
+                bundle.pruner_for(keep, method)  # refuses what the bundle cannot run, before any work
+                settings.append((method, keep))
+    return settings
+
+
+def _eval(args: argparse.Namespace) -> None:
+    from zspa.runtime.evaluation import Evaluation, markdown_table, plot_accuracy, read_dataset
+    from zspa.runtime.pipeline import Pipeline
+
+    pipeline = Pipeline.load(args.bundle, threads=args.threads, positions=args.positions)
+    settings = _settings(pipeline.bundle, args.methods, args.keeps)
+    items, problems = read_dataset(args.data)
+    for problem in problems:
+        print(f"zspa-eval: skipping {problem}", file=sys.stderr)
+    items = items[: args.limit] if args.limit else items
+    evaluation = Evaluation(pipeline, args.out, settings, args.max_new_tokens)
+    for problem in evaluation.run(items, progress=not args.quiet):
+        print(f"zspa-eval: skipping {problem}", file=sys.stderr)
+    table = evaluation.summary()
+    report = {"bundle": str(Path(args.bundle).resolve()), "data": str(args.data.resolve()),
+              "positions": pipeline.positions, "skipped_lines": problems, "results": table}
+    (args.out / "results.json").write_text(json.dumps(report, indent=2) + "\n")
+    markdown = markdown_table(table)
+    (args.out / "results.md").write_text(markdown)
+    plot_accuracy(table, args.out / "accuracy.png", f"{pipeline.bundle.manifest.source.model_id}: accuracy vs keep")
+    print(markdown, end="")
+    print(f"wrote {args.out / 'results.json'}, results.md, accuracy.png")
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_command(build_parser(), _eval, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
