@@ -82,6 +82,7 @@ class Pipeline:
         if self.positions not in SCHEMES:
             raise InvalidInputError(f"positions must be one of {SCHEMES}, got {self.positions!r}")
         self.max_image_pixels = max_image_pixels
+        self.providers = backend.providers
         self.vision = backend.graph(bundle.graph_file("vision"))
         self.embed = backend.graph(bundle.graph_file("embed"))
         self.pruners = {p.graph: backend.graph(bundle.graph_file(p.graph)) for p in manifest.pruners}
@@ -108,11 +109,12 @@ class Pipeline:
         top_k: int = 0,
         seed: int | None = None,
         stop: list[str] | None = None,
+        ignore_eos: bool = False,
         stream: bool = False,
     ) -> GenerationResult | GenerationStream:
         """Answers `prompt` about `image`. keep/method None use the bundle's defaults (its first
         method, smallest keep); keep 1.0 disables pruning. With stream=True returns a
-        `GenerationStream` of text deltas."""
+        `GenerationStream` of text deltas. ignore_eos generates exactly max_new_tokens (profiling)."""
         keep = self.bundle.keeps(method)[0] if keep is None else validate_keep(keep)
         pruner = self.bundle.pruner_for(keep, method)
         params = SamplingParams(temperature, top_p, top_k, seed)
@@ -132,8 +134,9 @@ class Pipeline:
         # Decode the image now, so that a bad one fails the call rather than the stream's first step.
         started = time.perf_counter()
         pixel_values = preprocess(load_image(image, max_pixels=self.max_image_pixels), self.bundle.manifest.vision)
-        steps = self._generate(pixel_values, built, pruner, params, max_new_tokens, list(stop or []), max_context,
-                               started)
+        eos = set() if ignore_eos else set(self.bundle.manifest.text.eos_token_ids)
+        steps = self._generate(pixel_values, built, pruner, params, max_new_tokens, list(stop or []), eos,
+                               max_context, started)
         stream_ = GenerationStream(steps)
         if stream:
             return stream_
@@ -141,7 +144,7 @@ class Pipeline:
             pass
         return stream_.result
 
-    def _generate(self, pixel_values, built, pruner, params, max_new_tokens, stop, max_context, started):
+    def _generate(self, pixel_values, built, pruner, params, max_new_tokens, stop, eos, max_context, started):
         manifest = self.bundle.manifest
         num_tokens = manifest.vision.num_tokens
         stats = GenerationStats(num_tokens, pruner.k if pruner else num_tokens, 0)
@@ -171,7 +174,6 @@ class Pipeline:
 
         first_token_logits = logits[0].copy()
         rng = np.random.default_rng(params.seed)
-        eos = set(manifest.text.eos_token_ids)
         tokens: list[int] = []
         text, emitted, finish = "", 0, "length"
         next_position = int(positions[-1]) + 1
