@@ -101,7 +101,8 @@ def train(minutes: float, batch_size: int, lr: float, seed: int, log_every: int,
         for group in optimiser.param_groups:
             group["lr"] = lr * max(scale, 0.02)
         start = first_example + step * batch_size
-        inputs = batch(processor, "train", list(range(start, start + batch_size)), turns=len(QUESTION_KINDS))
+        indices = list(range(start, start + batch_size))
+        inputs = batch(processor, "train", indices, turns=len(QUESTION_KINDS))
         loss = model(**inputs).loss
         optimiser.zero_grad()
         loss.backward()
@@ -111,7 +112,8 @@ def train(minutes: float, batch_size: int, lr: float, seed: int, log_every: int,
         if step % log_every == 0:
             print(f"step {step:5d}  {elapsed / 60:5.1f} min  loss {loss.item():.4f}", flush=True)
     result = accuracy(model, processor, "test", 1000)
-    print(f"trained {step} steps (examples {first_example}..{first_example + step * batch_size}) in {(time.perf_counter() - started) / 60:.1f} min")
+    minutes = (time.perf_counter() - started) / 60
+    print(f"trained {step} steps (examples {first_example}..{first_example + step * batch_size}) in {minutes:.1f} min")
     print("test accuracy: " + ", ".join(f"{k} {v:.3f}" for k, v in sorted(result.items())))
     out.mkdir(parents=True, exist_ok=True)
     model.to(torch.float16).save_pretrained(out)

@@ -16,9 +16,9 @@ from zspa.errors import InvalidInputError
 from zspa.export.graphs import DecoderGraph, EmbedGraph, kv_names
 from zspa.export.loading import LoadedModel, load_model
 from zspa.export.onnx_io import describe_graph, export_graph, node_count
-from zspa.integrity import sha256_file
 from zspa.export.parity import check_parity
 from zspa.export.staging import staged_directory
+from zspa.integrity import sha256_file
 from zspa.manifest import MANIFEST_NAME, SCHEMA_VERSION, Manifest, PrunerSpec
 from zspa.pruning import METHOD_DEFAULTS
 from zspa.pruning.budget import token_budget, validate_keep

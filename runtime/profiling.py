@@ -154,17 +154,17 @@ def markdown_report(report: dict) -> str:
         "| peak RSS MB |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+    def cell(row: dict, stage: str) -> str:
+        latency = row["latency_ms"][stage]
+        return f"{latency['p50']:.2f} ({latency['p90']:.2f})"
+
     for row in report["settings"]:
-        lat = row["latency_ms"]
-
-        def cell(stage):
-            return f"{lat[stage]['p50']:.2f} ({lat[stage]['p90']:.2f})"
-
         lines.append(
             f"| {row['method']} | {row['keep']:g} | {row['visual_tokens']['total']}→{row['visual_tokens']['kept']} | "
-            f"{cell('vision')} | {cell('prune')} | {cell('prefill')} | {cell('time_to_first_token')} | "
-            f"{cell('decode_per_token')} | {row['decode_tokens_per_s']['p50']:.1f} | "
-            f"{row['kv_cache_bytes'] / 1e6:.2f} | {row['peak_rss_bytes'] / 1e6:.0f} |"
+            f"{cell(row, 'vision')} | {cell(row, 'prune')} | {cell(row, 'prefill')} | "
+            f"{cell(row, 'time_to_first_token')} | {cell(row, 'decode_per_token')} | "
+            f"{row['decode_tokens_per_s']['p50']:.1f} | {row['kv_cache_bytes'] / 1e6:.2f} | "
+            f"{row['peak_rss_bytes'] / 1e6:.0f} |"
         )
     jetson = report.get("jetson")
     if jetson is not None and not jetson["clocks_locked"]:

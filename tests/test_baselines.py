@@ -7,13 +7,14 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from oracles import cdpruner_oracle, dart_oracle, divprune_oracle, random_oracle, uniform_oracle, zspa_oracle
-from test_pruner import AXES, random_inputs
 from zspa.errors import InvalidInputError
 from zspa.export.onnx_io import export_graph
 from zspa.pruning import METHODS
 from zspa.pruning.graph import PrunerGraph
 from zspa.pruning.methods import make_selector
+
+from oracles import cdpruner_oracle, dart_oracle, divprune_oracle, random_oracle, uniform_oracle, zspa_oracle
+from test_pruner import AXES, random_inputs
 
 
 def exported(method, params, k, n, d, path):

@@ -9,11 +9,12 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from oracles import zspa_oracle
 from zspa.export.onnx_io import export_graph, node_count
 from zspa.pruning.budget import core_size, token_budget
 from zspa.pruning.graph import PrunerGraph
 from zspa.pruning.zspa_prune import ZSPASelector, question_relevance
+
+from oracles import zspa_oracle
 
 N, D, K = 576, 64, 58
 AXES = {"image_features": {0: "batch_size"}, "prompt_embeds": {0: "batch_size", 1: "prompt_length"},

@@ -30,7 +30,8 @@ def method_list(text: str) -> list[str]:
     names = [part.strip() for part in text.split(",") if part.strip()]
     unknown = [n for n in names if n not in METHODS]
     if unknown or not names:
-        raise argparse.ArgumentTypeError(f"unknown method(s) {', '.join(unknown) or text!r}; choose from {', '.join(METHODS)}")
+        given = ", ".join(unknown) or repr(text)
+        raise argparse.ArgumentTypeError(f"unknown method(s) {given}; choose from {', '.join(METHODS)}")
     return names
 
 

@@ -36,8 +36,8 @@ def _run(args: argparse.Namespace) -> None:
 
     pipeline = Pipeline.load(args.bundle, threads=args.threads, positions=args.positions)
     stream = pipeline.generate(
-        args.image, args.prompt, keep=args.keep, method=args.method, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-        top_p=args.top_p, top_k=args.top_k, seed=args.seed, stream=True,
+        args.image, args.prompt, keep=args.keep, method=args.method, max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed, stream=True,
     )
     for delta in stream:
         if not args.json:

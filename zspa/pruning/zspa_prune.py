@@ -2,7 +2,7 @@
 
 DESIGN §5: a core of the tokens most relevant to the question (cosine similarity to the pooled
 question embedding), then diversity tokens chosen greedily by max–min cosine distance (farthest
-point, as DivPrune), seeded with the core. Written as a fixed, unrolled loop of K − |core| steps
+point, as DivPrune), seeded with the core. Written as a fixed, unrolled loop of K argmax steps
 with one-hot masks instead of scatters, so the dynamo exporter yields a small static graph that
 onnxruntime and TensorRT both run; ties go to the lower index (first argmax).
 """
@@ -37,7 +37,6 @@ class ZSPASelector:
         n_core = core_size(k, self.relevance_ratio)
         core, chosen = greedy_top(relevance, n_core)
         return farthest_point_fill(tokens, core, chosen, k)
-
 
 
 def question_relevance(tokens: torch.Tensor, prompt_embeds: torch.Tensor, prompt_mask: torch.Tensor,
