@@ -37,8 +37,8 @@ class ExportOptions:
     keeps: list[float] = field(default_factory=lambda: [0.1])
     keep_tokens: list[int] = field(default_factory=list)
     methods: list[str] = field(default_factory=lambda: ["zspa"])
-    relevance_ratio: float = 0.5
-    pooling: str = "mean"
+    relevance_ratio: float = METHOD_DEFAULTS["zspa"]["relevance_ratio"]
+    pooling: str = METHOD_DEFAULTS["zspa"]["pooling"]
     dtype: str = "fp32"
     opset: int = DEFAULT_OPSET
     force: bool = False

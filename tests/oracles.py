@@ -15,7 +15,7 @@ def _round_half_up(x: float) -> int:
     return int(math.floor(x + 0.5))
 
 
-def zspa_oracle(features, prompt_embeds, prompt_mask, k: int, alpha: float, pooling: str) -> np.ndarray:
+def zspa_oracle(features, prompt_embeds, prompt_mask, k: int, relevance_ratio: float, pooling: str) -> np.ndarray:
     """ZSPAPrune kept indices [B, K], ascending, in float64."""
     out = []
     for v, e, m in zip(features.astype(np.float64), prompt_embeds.astype(np.float64), prompt_mask):
@@ -27,7 +27,7 @@ def zspa_oracle(features, prompt_embeds, prompt_mask, k: int, alpha: float, pool
         else:
             q = question / np.maximum(np.linalg.norm(question, axis=-1, keepdims=True), 1e-12)
             relevance = (v @ q.T).max(axis=1)
-        n_core = min(k, max(1, _round_half_up(alpha * k)))
+        n_core = min(k, max(1, _round_half_up(relevance_ratio * k)))
         selected = list(np.argsort(-relevance, kind="stable")[:n_core])
         min_distance = np.min(1.0 - v[selected] @ v.T, axis=0)
         while len(selected) < k:

@@ -9,7 +9,7 @@ import torch
 
 from zspa.errors import InvalidInputError
 from zspa.export.onnx_io import export_graph
-from zspa.pruning import METHODS
+from zspa.pruning import METHOD_DEFAULTS, METHODS
 from zspa.pruning.graph import PrunerGraph
 from zspa.pruning.methods import make_selector
 
@@ -33,7 +33,7 @@ def run(session, features, prompt, mask):
 
 
 ORACLES = {
-    "zspa": lambda f, p, m, k: zspa_oracle(f, p, m, k, 0.5, "mean"),
+    "zspa": lambda f, p, m, k: zspa_oracle(f, p, m, k, **METHOD_DEFAULTS["zspa"]),
     "random": lambda f, p, m, k: random_oracle(f.shape[1], k, 0, len(f)),
     "uniform": lambda f, p, m, k: uniform_oracle(f.shape[1], k, len(f)),
     "divprune": lambda f, p, m, k: divprune_oracle(f, k),
@@ -53,6 +53,14 @@ def test_method_graph_matches_oracle_at_llava_scale(method, tmp_path):
     for seed in range(2):
         features, prompt, mask = random_inputs(seed)
         np.testing.assert_array_equal(run(session, features, prompt, mask), ORACLES[method](features, prompt, mask, 58))
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_budgets_smaller_than_method_parameters(method):
+    """K = 3 of 64 (keep 0.05 on shapes-llava): below DART's 8 pivots, α·K rounding to the core."""
+    features, prompt, mask = random_inputs(5, batch=2, n=64, d=32)
+    indices = make_selector(method, {})(*map(torch.from_numpy, (features, prompt, mask)), 3).sort(-1).values.numpy()
+    np.testing.assert_array_equal(indices, ORACLES[method](features, prompt, mask, 3))
 
 
 def test_cdpruner_graph_matches_determinant_oracle(tmp_path):

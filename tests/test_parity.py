@@ -8,6 +8,7 @@ import torch
 from PIL import Image
 
 from zspa.manifest import Manifest
+from zspa.pruning import METHOD_DEFAULTS
 from zspa.pruning.graph import PrunerGraph
 from zspa.pruning.zspa_prune import ZSPASelector
 from zspa.runtime.positions import prefill_positions
@@ -49,7 +50,8 @@ def test_runtime_prompt_ids_match_hf_processor(tiny_hf, pipeline, photo_path):
 
 
 @torch.no_grad()
-def torch_reference(model, processor, image_path, keep_k, positions_scheme, alpha=0.5, pooling="mean"):
+def torch_reference(model, processor, image_path, keep_k, positions_scheme,
+                    alpha=METHOD_DEFAULTS["zspa"]["relevance_ratio"], pooling=METHOD_DEFAULTS["zspa"]["pooling"]):
     """LLaVA in PyTorch, pruned the ZSPAPrune way before the decoder, decoded greedily.
 
     Shares only the eager pruning module with the exporter; everything else is transformers.

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from zspa.cli.common import add_debug_flag, int_list, method_list, ratio_list, run_command
 from zspa.families import MODEL_ALIASES
-from zspa.pruning import METHODS
+from zspa.pruning import METHOD_DEFAULTS, METHODS
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -30,9 +30,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--method", type=method_list, default=["zspa"], metavar="NAMES",
                         help=f"pruning method(s), comma-separated, one graph each per keep: {', '.join(METHODS)} "
                         "(default: zspa)")
-    parser.add_argument("--relevance-ratio", type=float, default=0.5, metavar="ALPHA",
-                        help="share of the budget chosen for prompt relevance, the rest for diversity (default: 0.5)")
-    parser.add_argument("--pooling", choices=["mean", "max"], default="mean",
+    zspa_defaults = METHOD_DEFAULTS["zspa"]
+    parser.add_argument("--relevance-ratio", type=float, default=zspa_defaults["relevance_ratio"], metavar="ALPHA",
+                        help="share of the budget chosen for prompt relevance, the rest for diversity "
+                        f"(default: {zspa_defaults['relevance_ratio']})")
+    parser.add_argument("--pooling", choices=["mean", "max"], default=zspa_defaults["pooling"],
                         help="how question-token embeddings are pooled for relevance (default: mean)")
     parser.add_argument("--dtype", choices=["fp32", "fp16"], default="fp32", help="graph precision (default: fp32)")
     parser.add_argument("--opset", type=int, default=18, help="ONNX opset for every graph (default: 18)")

@@ -59,7 +59,7 @@ def _run(args: argparse.Namespace) -> None:
             "random_weights": source.random_weights,
         }))
         return
-    print()
+    print(flush=True)
     t = stats.timings_ms
     print(
         f"[visual tokens {stats.visual_tokens_total}→{stats.visual_tokens_kept} | preprocess {t['preprocess']:.1f} ms, "

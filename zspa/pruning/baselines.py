@@ -93,6 +93,8 @@ class DartSelector:
         features = image_features.float()
         n_pivots = min(self.pivots, k)
         pivots, chosen = greedy_top(features.norm(dim=-1), n_pivots)
+        if n_pivots == k:
+            return pivots
         tokens = F.normalize(features, dim=-1)
         pivot_vectors = torch.gather(tokens, 1, pivots.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))
         duplication = torch.matmul(pivot_vectors, tokens.transpose(1, 2)).amax(1)

@@ -21,8 +21,8 @@ POOLINGS = ("mean", "max")
 
 @dataclass(frozen=True)
 class ZSPASelector:
-    relevance_ratio: float = 0.5
-    pooling: str = "mean"
+    relevance_ratio: float
+    pooling: str
 
     def __post_init__(self) -> None:
         if self.pooling not in POOLINGS:
