@@ -34,7 +34,7 @@ def build(workdir: Path, name: str, image_size: int, text_hidden: int, text_laye
 
     processor = build_processor(image_size=image_size)
     model = build_model(processor, image_size=image_size, vision_hidden=128, text_hidden=text_hidden,
-                        text_layers=text_layers)
+                        text_layers=text_layers, max_context=4096)
     source = workdir / f"{name}-model"
     model.save_pretrained(source)
     processor.save_pretrained(source)

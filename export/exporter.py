@@ -134,8 +134,8 @@ def _write_bundle(loaded: LoadedModel, options: ExportOptions, out: Path, torch_
             step(f"exporting pruner {method} K={k}")
             name = f"pruner-{method}-k{k}"
             if k < num_tokens and all(p.graph != name for p in pruners):
-                _export_pruner(PrunerGraph(make_selector(method, params), k), num_tokens, hidden, torch_dtype,
-                               generator, out / f"{name}.onnx", options.opset)
+                export_pruner(PrunerGraph(make_selector(method, params), k), num_tokens, hidden,
+                              out / f"{name}.onnx", options.opset, torch_dtype, generator)
                 pruners.append(PrunerSpec(method, keep, k, params, name))
             bar.update()
 
@@ -169,8 +169,10 @@ def _write_bundle(loaded: LoadedModel, options: ExportOptions, out: Path, torch_
     return manifest, {name: node_count(out / f"{name}.onnx") for name in graph_files}
 
 
-def _export_pruner(pruner: PrunerGraph, num_tokens: int, hidden: int, torch_dtype, generator, path: Path,
-                   opset: int) -> None:
+def export_pruner(pruner: PrunerGraph, num_tokens: int, hidden: int, path: Path, opset: int = DEFAULT_OPSET,
+                  torch_dtype=torch.float32, generator: torch.Generator | None = None) -> None:
+    """A pruner graph with static N (and K), dynamic batch and prompt length (DESIGN §4)."""
+    generator = generator or torch.Generator().manual_seed(0)
     features = torch.randn(2, num_tokens, hidden, generator=generator).to(torch_dtype)
     prompt = torch.randn(2, 7, hidden, generator=generator).to(torch_dtype)
     mask = torch.ones(2, 7, dtype=torch.int64)

@@ -95,6 +95,7 @@ def build_model(
     text_hidden: int = 64,
     text_layers: int = 2,
     initializer_range: float = 0.2,
+    max_context: int = 2048,
     seed: int = 0,
 ):
     """A random-weight `LlavaForConditionalGeneration`, identical for identical arguments.
@@ -122,7 +123,7 @@ def build_model(
         num_attention_heads=max(4, text_hidden // 64),
         num_key_value_heads=max(2, text_hidden // 128),
         vocab_size=len(tokenizer),
-        max_position_embeddings=2048,
+        max_position_embeddings=max_context,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,

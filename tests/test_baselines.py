@@ -3,27 +3,19 @@
 from __future__ import annotations
 
 import numpy as np
-import onnxruntime as ort
 import pytest
 import torch
 
 from zspa.errors import InvalidInputError
-from zspa.export.onnx_io import export_graph
 from zspa.pruning import METHOD_DEFAULTS, METHODS
-from zspa.pruning.graph import PrunerGraph
 from zspa.pruning.methods import make_selector
 
 from oracles import cdpruner_oracle, dart_oracle, divprune_oracle, random_oracle, uniform_oracle, zspa_oracle
-from test_pruner import AXES, random_inputs
+from test_pruner import exported_session, random_inputs
 
 
 def exported(method, params, k, n, d, path):
-    g = torch.Generator().manual_seed(0)
-    args = (torch.randn(2, n, d, generator=g), torch.randn(2, 5, d, generator=g), torch.ones(2, 5, dtype=torch.int64))
-    export_graph(PrunerGraph(make_selector(method, params), k), args, path,
-                 input_names=["image_features", "prompt_embeds", "prompt_mask"],
-                 output_names=["kept_features", "kept_indices"], dynamic_axes=AXES, opset=18)
-    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return exported_session(make_selector(method, params), path, k, n, d)
 
 
 def run(session, features, prompt, mask):

@@ -25,8 +25,8 @@ def test_run_streams_answer_and_summary(tiny_bundle, photo_path):
 
 
 def test_run_json_has_the_documented_fields(tiny_bundle, photo_path):
-    out = zspa("zspa-run", tiny_bundle, "--image", photo_path, "--prompt", "What is here?", "--json",
-               "--keep", "0.25", "--max-new-tokens", "4", "--temperature", "0.7", "--seed", "1")
+    out = zspa("zspa-run", tiny_bundle, "--image", photo_path, "--prompt", "What is here?", "--json", "--method",
+               "zspa", "--keep", "0.25", "--max-new-tokens", "4", "--temperature", "0.7", "--seed", "1")
     assert out.returncode == 0, out.stderr
     report = json.loads(out.stdout)
     assert report["visual_tokens"] == {"total": 576, "kept": 144}

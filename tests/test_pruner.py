@@ -9,7 +9,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from zspa.export.onnx_io import export_graph, node_count
+from zspa.export.exporter import export_pruner
+from zspa.export.onnx_io import node_count
 from zspa.pruning.budget import core_size, token_budget
 from zspa.pruning.graph import PrunerGraph
 from zspa.pruning.zspa_prune import ZSPASelector, question_relevance
@@ -17,16 +18,9 @@ from zspa.pruning.zspa_prune import ZSPASelector, question_relevance
 from oracles import zspa_oracle
 
 N, D, K = 576, 64, 58
-AXES = {"image_features": {0: "batch_size"}, "prompt_embeds": {0: "batch_size", 1: "prompt_length"},
-        "prompt_mask": {0: "batch_size", 1: "prompt_length"}}
-
-
-def export_pruner(path, k=K, alpha=0.5, pooling="mean", n=N, d=D):
-    g = torch.Generator().manual_seed(0)
-    args = (torch.randn(2, n, d, generator=g), torch.randn(2, 5, d, generator=g), torch.ones(2, 5, dtype=torch.int64))
-    export_graph(PrunerGraph(ZSPASelector(alpha, pooling), k), args, path,
-                 input_names=["image_features", "prompt_embeds", "prompt_mask"],
-                 output_names=["kept_features", "kept_indices"], dynamic_axes=AXES, opset=18)
+def exported_session(selector, path, k=K, n=N, d=D) -> ort.InferenceSession:
+    """The selector exported exactly as zspa-export does, loaded in onnxruntime."""
+    export_pruner(PrunerGraph(selector, k), n, d, path)
     return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
 
 
@@ -52,7 +46,7 @@ def run(session, features, prompt, mask):
 @pytest.fixture(scope="module", params=["mean", "max"])
 def pruner_session(request, tmp_path_factory):
     path = tmp_path_factory.mktemp("pruner") / f"zspa-{request.param}.onnx"
-    return request.param, export_pruner(path, pooling=request.param), path
+    return request.param, exported_session(ZSPASelector(0.5, request.param), path), path
 
 
 def test_token_budget_rounds_half_up():

@@ -6,9 +6,12 @@ import json
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from zspa.datasets.shapes import COLOURS, QUESTION_KINDS, example, image_for, training_turns, write_jsonl
 from zspa.export.shapes import SHAPES_MODEL_DIR
+
+SHAPES_EXAMPLE = SHAPES_MODEL_DIR.parents[2] / "zspa" / "assets" / "shapes-example.png"
 
 
 def answer_from_scene(question: str, objects) -> str:
@@ -21,6 +24,12 @@ def answer_from_scene(question: str, objects) -> str:
     if question.startswith("where"):
         return next(o.quadrant for o in objects if (o.colour, o.shape) == (words[-2], words[-1]))
     return "yes" if any((o.colour, o.shape) == (words[-2], words[-1]) for o in objects) else "no"
+
+
+def test_bundled_demo_image_is_test_example_2():
+    bundled = np.asarray(Image.open(SHAPES_EXAMPLE).convert("RGB"))
+    assert np.array_equal(np.asarray(image_for("test", 2)), bundled)
+    assert example("test", 2).question == "where is the blue triangle ?"
 
 
 def test_examples_are_deterministic_and_splits_differ():
@@ -70,8 +79,11 @@ def test_shapes_llava_answers_well_above_chance(tmp_path):
     from zspa.runtime.evaluation import normalise
     from zspa.runtime.pipeline import Pipeline
 
-    export_bundle(ExportOptions("shapes-llava", tmp_path / "b", keeps=[0.25], progress=False))
+    export_bundle(ExportOptions("shapes-llava", tmp_path / "b", keeps=[0.1], progress=False))
     pipeline = Pipeline.load(tmp_path / "b")
+    # the README's first command: the bundled image, keep 0.1
+    demo = pipeline.generate(SHAPES_EXAMPLE, "where is the blue triangle ?", keep=0.1, max_new_tokens=3)
+    assert (demo.text.strip(), demo.stats.visual_tokens_kept) == ("bottom-left", 6)
     hits = {}
     for i in range(120):
         ex = example("test", i)
