@@ -9,7 +9,10 @@ dominates, saved with save_pretrained and exported through the library:
    same embed + decoder calls in a bare loop), as a share of the step (target < 2 %);
 3. time to first token and decode tokens/s against Hugging Face transformers `generate` on the
    same weights (targets: TTFT 1.2x faster at keep 1.0, 5x at keep 0.1);
-4. KV-cache bytes and peak memory at keep 0.1 over keep 1.0.
+4. KV-cache bytes and peak memory at keep 0.1 over keep 1.0;
+5. decode tokens/s against onnxruntime-genai on the same decoder weights (its model builder on a
+   LlamaForCausalLM directory holding them; fp32, CPU, default threads), at the pruned and the
+   unpruned context length (target ≥ 1.1x, never below 1.0x). Needs `pip install onnxruntime-genai`.
 
     python benchmarks/performance.py [--text-hidden 1024 --text-layers 8 --runs 5]
 """
@@ -95,12 +98,60 @@ def hf_generate(model, processor, runs: int, max_new_tokens: int) -> tuple[float
     return first, (max_new_tokens - 1) / ((full - first) / 1000)
 
 
+def genai_decode_comparison(model, processor, workdir: Path, pipeline, tokens: int) -> None:
+    """Our decode loop against onnxruntime-genai's, same weights, same context lengths."""
+    import subprocess
+    import sys
+
+    try:
+        import onnxruntime_genai as og
+    except ImportError:
+        print("5. onnxruntime-genai comparison skipped: pip install onnxruntime-genai")
+        return
+    from transformers import LlamaForCausalLM
+
+    llama = LlamaForCausalLM(model.config.text_config)
+    llama.model.load_state_dict(model.model.language_model.state_dict())
+    llama.lm_head.load_state_dict(model.lm_head.state_dict())
+    llama.save_pretrained(workdir / "llama")
+    processor.tokenizer.save_pretrained(workdir / "llama")  # the builder copies it into the genai folder
+    built = subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(workdir / "llama"),
+                            "-o", str(workdir / "genai"), "-p", "fp32", "-e", "cpu"], capture_output=True, text=True)
+    if built.returncode != 0:
+        print(f"5. onnxruntime-genai model builder failed:\n{built.stderr[-2000:]}")
+        return
+    genai = og.Model(str(workdir / "genai"))
+
+    def genai_tokens_per_s(context: int) -> float:
+        params = og.GeneratorParams(genai)
+        params.set_search_options(max_length=context + tokens, min_length=context + tokens, do_sample=False)
+        generator = og.Generator(genai, params)
+        generator.append_tokens(np.random.default_rng(0).integers(10, 400, size=(1, context)).astype(np.int32))
+        generator.generate_next_token()  # prefill, not timed (as in our decode_tokens_per_s)
+        start, steps = time.perf_counter(), 0
+        while not generator.is_done():
+            generator.generate_next_token()
+            steps += 1
+        return steps / (time.perf_counter() - start)
+
+    for keep in (0.1, 1.0):
+        runs = [pipeline.generate(IMAGE, QUESTION, keep=keep, max_new_tokens=tokens, ignore_eos=True).stats
+                for _ in range(4)]
+        ours = statistics.median(r.decode_tokens_per_s for r in runs[1:])
+        context = runs[0].prompt_tokens
+        genai_tokens_per_s(context)
+        theirs = statistics.median(genai_tokens_per_s(context) for _ in range(3))
+        print(f"5. decode at context {context} (keep {keep:g}): zspa {ours:.1f} tokens/s, onnxruntime-genai "
+              f"{theirs:.1f} tokens/s = {ours / theirs:.2f}x (target >= 1.1x, never < 1.0x)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--text-hidden", type=int, default=1024)
     parser.add_argument("--text-layers", type=int, default=8)
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--decode-tokens", type=int, default=32)
+    parser.add_argument("--decode-compare-tokens", type=int, default=64, help="tokens per genai comparison run")
     parser.add_argument("--skip-large-n", action="store_true", help="skip the N = 2916 model")
     args = parser.parse_args()
 
@@ -143,6 +194,8 @@ def main() -> None:
         kv_pruned = kv_cache_bytes(pipeline, pruned.prompt_tokens + pruned.tokens_generated)
         print(f"4. KV cache at keep 0.1 / keep 1.0: {kv_pruned / 1e6:.2f} MB / {kv_full / 1e6:.2f} MB = "
               f"{kv_pruned / kv_full:.3f}; process peak RSS {peak_rss_bytes() / 1e6:.0f} MB (whole run)")
+
+        genai_decode_comparison(model, processor, work, pipeline, args.decode_compare_tokens)
 
         if not args.skip_large_n:
             del model, pipeline
