@@ -27,23 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-IMAGE = Path(__file__).resolve().parent.parent / "zspa" / "assets" / "example.png"
-QUESTION = "What colour is the ball next to the house?"
-
-
-def build(workdir: Path, name: str, image_size: int, text_hidden: int, text_layers: int):
-    from zspa.export.exporter import ExportOptions, export_bundle
-    from zspa.export.tiny import build_model, build_processor
-
-    processor = build_processor(image_size=image_size)
-    model = build_model(processor, image_size=image_size, vision_hidden=128, text_hidden=text_hidden,
-                        text_layers=text_layers, max_context=4096)
-    source = workdir / f"{name}-model"
-    model.save_pretrained(source)
-    processor.save_pretrained(source)
-    bundle = workdir / name
-    export_bundle(ExportOptions(str(source), bundle, keeps=[0.1], progress=False))
-    return model.eval(), processor, bundle
+from llava_shaped import IMAGE, QUESTION, add_model_arguments, build_llava_shaped
 
 
 def median_stats(pipeline, keep: float, runs: int, max_new_tokens: int = 1):
@@ -147,9 +131,7 @@ def genai_decode_comparison(model, processor, workdir: Path, pipeline, tokens: i
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--text-hidden", type=int, default=1024)
-    parser.add_argument("--text-layers", type=int, default=8)
-    parser.add_argument("--runs", type=int, default=5)
+    add_model_arguments(parser)
     parser.add_argument("--decode-tokens", type=int, default=32)
     parser.add_argument("--decode-compare-tokens", type=int, default=64, help="tokens per genai comparison run")
     parser.add_argument("--skip-large-n", action="store_true", help="skip the N = 2916 model")
@@ -163,10 +145,10 @@ def main() -> None:
     torch.set_num_threads(max(1, torch.get_num_threads()))
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        model, processor, bundle = build(work, "n576", 336, args.text_hidden, args.text_layers)
+        size = {"text_hidden": args.text_hidden, "text_layers": args.text_layers, "keeps": [0.1]}
+        model, processor, bundle = build_llava_shaped(work, "n576", **size)
         pipeline = Pipeline.load(bundle)
-        print(f"model: 576 visual tokens, decoder {args.text_hidden} x {args.text_layers} layers; "
-              f"onnxruntime CPU, {torch.get_num_threads()} torch threads")
+        print(f"onnxruntime CPU; transformers on {torch.get_num_threads()} torch threads")
 
         prune, ttft, share = pruner_share(pipeline, args.runs)
         print(f"\n1. pruner share of TTFT at keep 0.1, N=576: {prune:.2f} ms / {ttft:.1f} ms = {share:.2%}"
@@ -199,7 +181,7 @@ def main() -> None:
 
         if not args.skip_large_n:
             del model, pipeline
-            _, _, big = build(work, "n2916", 14 * 54, args.text_hidden, args.text_layers)
+            _, _, big = build_llava_shaped(work, "n2916", image_size=14 * 54, **size)
             prune, ttft, share = pruner_share(Pipeline.load(big), args.runs)
             print(f"1b. pruner share of TTFT at keep 0.1, N=2916: {prune:.2f} ms / {ttft:.1f} ms = {share:.2%}"
                   f" (target < 2%)")

@@ -16,24 +16,9 @@ import statistics
 import tempfile
 from pathlib import Path
 
+from llava_shaped import IMAGE, QUESTION, add_model_arguments, build_llava_shaped
+
 KEEPS = (1.0, 0.25, 0.1)
-QUESTION = "What colour is the ball next to the house?"
-
-
-def build_bundle(workdir: Path, text_hidden: int, text_layers: int) -> Path:
-    from zspa.export.exporter import ExportOptions, export_bundle
-    from zspa.export.tiny import build_model, build_processor
-
-    processor = build_processor()
-    model = build_model(processor, vision_hidden=128, text_hidden=text_hidden, text_layers=text_layers)
-    source = workdir / "model"
-    model.save_pretrained(source)
-    processor.save_pretrained(source)
-    params = sum(p.numel() for p in model.model.language_model.parameters()) / 1e6
-    print(f"model: LLaVA-1.5 geometry, decoder hidden {text_hidden} x {text_layers} layers ({params:.0f} M params)")
-    bundle = workdir / "bundle"
-    export_bundle(ExportOptions(str(source), bundle, keeps=[k for k in KEEPS if k < 1.0]))
-    return bundle
 
 
 def measure(bundle: Path, image: Path, runs: int, threads: int | None) -> dict[float, dict[str, float]]:
@@ -73,15 +58,13 @@ def report(results: dict[float, dict[str, float]]) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--text-hidden", type=int, default=1024)
-    parser.add_argument("--text-layers", type=int, default=8)
-    parser.add_argument("--runs", type=int, default=5)
+    add_model_arguments(parser)
     parser.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads")
     args = parser.parse_args()
-    image = Path(__file__).resolve().parent.parent / "zspa" / "assets" / "example.png"
     with tempfile.TemporaryDirectory() as tmp:
-        bundle = build_bundle(Path(tmp), args.text_hidden, args.text_layers)
-        report(measure(bundle, image, args.runs, args.threads))
+        _, _, bundle = build_llava_shaped(Path(tmp), "n576", text_hidden=args.text_hidden,
+                                          text_layers=args.text_layers, keeps=[k for k in KEEPS if k < 1.0])
+        report(measure(bundle, IMAGE, args.runs, args.threads))
 
 
 if __name__ == "__main__":
