@@ -72,8 +72,7 @@ class DivPruneSelector:
         distance = 1.0 - torch.matmul(tokens, tokens.transpose(1, 2))
         eye = torch.eye(n, dtype=torch.bool, device=tokens.device).unsqueeze(0)
         isolation = distance.masked_fill(eye, float("inf")).amin(-1)
-        seed, chosen = greedy_top(isolation, 1)
-        return farthest_point_fill(tokens, seed, chosen, k)
+        return farthest_point_fill(tokens, greedy_top(isolation, 1), k)
 
 
 @dataclass(frozen=True)
@@ -92,13 +91,13 @@ class DartSelector:
     def __call__(self, image_features, prompt_embeds, prompt_mask, k):
         features = image_features.float()
         n_pivots = min(self.pivots, k)
-        pivots, chosen = greedy_top(features.norm(dim=-1), n_pivots)
+        pivots = greedy_top(features.norm(dim=-1), n_pivots)
         if n_pivots == k:
             return pivots
         tokens = F.normalize(features, dim=-1)
         pivot_vectors = torch.gather(tokens, 1, pivots.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))
         duplication = torch.matmul(pivot_vectors, tokens.transpose(1, 2)).amax(1)
-        rest, _ = greedy_top((-duplication).masked_fill(chosen, float("-inf")), k - n_pivots)
+        rest = greedy_top((-duplication).scatter(1, pivots, float("-inf")), k - n_pivots)
         return torch.cat([pivots, rest], dim=1)
 
 

@@ -3,7 +3,7 @@
 DESIGN §5: a core of the tokens most relevant to the question (cosine similarity to the pooled
 question embedding), then diversity tokens chosen greedily by max–min cosine distance (farthest
 point, as DivPrune), seeded with the core. Written as a fixed, unrolled loop of K argmax steps
-with one-hot masks instead of scatters, so the dynamo exporter yields a small static graph that
+that strike out each pick with a scatter, so the dynamo exporter yields a small static graph that
 onnxruntime and TensorRT both run; ties go to the lower index (first argmax).
 """
 
@@ -35,8 +35,7 @@ class ZSPASelector:
         tokens = F.normalize(image_features.float(), dim=-1)
         relevance = question_relevance(tokens, prompt_embeds.float(), prompt_mask, self.pooling)
         n_core = core_size(k, self.relevance_ratio)
-        core, chosen = greedy_top(relevance, n_core)
-        return farthest_point_fill(tokens, core, chosen, k)
+        return farthest_point_fill(tokens, greedy_top(relevance, n_core), k)
 
 
 def question_relevance(tokens: torch.Tensor, prompt_embeds: torch.Tensor, prompt_mask: torch.Tensor,
@@ -53,35 +52,42 @@ def question_relevance(tokens: torch.Tensor, prompt_embeds: torch.Tensor, prompt
     return cosines.masked_fill(mask.transpose(1, 2) == 0, float("-inf")).amax(-1)
 
 
-def greedy_top(scores: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-`count` indices of `scores` [B,N], ties to the lower index, and the one-hot mask of them.
+def greedy_top(scores: torch.Tensor, count: int) -> torch.Tensor:
+    """Top-`count` indices of `scores` [B,N], ties to the lower index.
 
     An unrolled argmax loop rather than TopK: argmax picks the first maximum in torch and ONNX
-    alike, while torch.topk leaves the order of ties unspecified.
+    alike, while torch.topk leaves the order of ties unspecified. Each pick is struck out with
+    one scatter (two nodes a step), not a one-hot mask.
     """
-    positions = torch.arange(scores.shape[1], device=scores.device).view(1, -1)
-    chosen = torch.zeros_like(scores, dtype=torch.bool)
+    struck = torch.full_like(scores[:, :1], float("-inf"))
     picks = []
     for _ in range(count):
-        pick = scores.masked_fill(chosen, float("-inf")).argmax(-1, keepdim=True)
-        chosen = chosen | (positions == pick)
+        pick = scores.argmax(-1, keepdim=True)
+        scores = scores.scatter(1, pick, struck)
         picks.append(pick)
-    return torch.cat(picks, dim=1), chosen
+    return torch.cat(picks, dim=1)
 
 
-def farthest_point_fill(tokens: torch.Tensor, seeds: torch.Tensor, chosen: torch.Tensor, k: int) -> torch.Tensor:
-    """Extends `seeds` [B,S] (one-hot `chosen` [B,N]) to K indices, each step taking the token
-    farthest, in minimum cosine distance, from all chosen so far. `tokens`: L2-normalised [B,N,D]."""
-    n, hidden = tokens.shape[1], tokens.shape[2]
-    positions = torch.arange(n, device=tokens.device).view(1, n)
-    seed_vectors = torch.gather(tokens, 1, seeds.unsqueeze(-1).expand(-1, -1, hidden))
-    min_distance = 1.0 - torch.matmul(seed_vectors, tokens.transpose(1, 2)).amax(1)
+def farthest_point_fill(tokens: torch.Tensor, seeds: torch.Tensor, k: int) -> torch.Tensor:
+    """Extends `seeds` [B,S] to K indices, each step taking the token farthest, in minimum cosine
+    distance, from all chosen so far. `tokens`: L2-normalised [B,N,D].
+
+    Largest minimum distance 1 − cos is smallest maximum similarity, so the loop tracks each
+    token's closeness (its highest cosine to the chosen set) and takes the argmin; chosen tokens
+    are struck out with +inf by scatter, and each step's vector is one Gather from the flattened
+    tokens: seven graph nodes a step, since at K≈N/10 the graph is launch-bound.
+    """
+    batch, n, hidden = tokens.shape
+    flat = tokens.reshape(-1, hidden)
+    row_offsets = (torch.arange(batch, device=tokens.device) * n).view(batch, 1)
+    tokens_t = tokens.transpose(1, 2)
+    closeness = torch.matmul(F.embedding(seeds + row_offsets, flat), tokens_t).amax(1)
+    closeness = closeness.scatter(1, seeds, torch.full_like(seeds, 0, dtype=tokens.dtype) + torch.inf)
+    struck = torch.full_like(closeness[:, :1], float("inf"))
     picks = [seeds]
     for _ in range(k - seeds.shape[1]):
-        pick = min_distance.masked_fill(chosen, float("-inf")).argmax(-1, keepdim=True)
-        chosen = chosen | (positions == pick)
-        vector = torch.gather(tokens, 1, pick.unsqueeze(-1).expand(-1, -1, hidden))
-        distance = 1.0 - torch.matmul(vector, tokens.transpose(1, 2)).squeeze(1)
-        min_distance = torch.minimum(min_distance, distance)
+        pick = closeness.argmin(-1, keepdim=True)
+        similarity = torch.matmul(F.embedding(pick + row_offsets, flat), tokens_t).squeeze(1)
+        closeness = torch.maximum(closeness, similarity).scatter(1, pick, struck)
         picks.append(pick)
     return torch.cat(picks, dim=1)
