@@ -18,7 +18,7 @@ from zspa.runtime.backends import OrtBackend
 from zspa.runtime.bundle import Bundle
 from zspa.runtime.images import DEFAULT_MAX_PIXELS, ImageSource, load_image, preprocess
 from zspa.runtime.positions import SCHEMES, prefill_positions
-from zspa.runtime.prompting import PromptBuilder
+from zspa.runtime.prompting import Prompt, PromptBuilder
 from zspa.runtime.sampling import SamplingParams, next_token
 
 STAGES = ("preprocess", "vision", "embed", "prune", "prefill", "decode")
@@ -99,7 +99,7 @@ class Pipeline:
     def generate(
         self,
         image: ImageSource,
-        prompt: str,
+        prompt: str | Prompt,
         *,
         keep: float | None = None,
         method: str | None = None,
@@ -112,15 +112,16 @@ class Pipeline:
         ignore_eos: bool = False,
         stream: bool = False,
     ) -> GenerationResult | GenerationStream:
-        """Answers `prompt` about `image`. keep/method None use the bundle's defaults (its first
-        method, smallest keep); keep 1.0 disables pruning. With stream=True returns a
+        """Answers `prompt` (a question, or a conversation built by `self.prompts.build_chat`) about
+        `image`. keep/method None use the bundle's defaults (its first method, smallest keep); keep
+        1.0 disables pruning. With stream=True returns a
         `GenerationStream` of text deltas. ignore_eos generates exactly max_new_tokens (profiling)."""
         keep = self.bundle.keeps(method)[0] if keep is None else validate_keep(keep)
         pruner = self.bundle.pruner_for(keep, method)
         params = SamplingParams(temperature, top_p, top_k, seed)
         if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise InvalidInputError(f"max_new_tokens must be an integer ≥ 1, got {max_new_tokens!r}")
-        built = self.prompts.build(prompt)
+        built = prompt if isinstance(prompt, Prompt) else self.prompts.build(prompt)
         num_tokens = self.bundle.manifest.vision.num_tokens
         kept_count = pruner.k if pruner else num_tokens
         text_before = built.image_position

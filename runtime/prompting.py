@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from tokenizers import Tokenizer
@@ -17,7 +18,10 @@ from zspa.errors import BundleError, InvalidInputError
 from zspa.manifest import TextSpec
 from zspa.runtime.chat_template import render
 
-_SENTINEL = "\x00zspa-question\x00"
+
+def _sentinel(index: int) -> str:
+    """A marker no tokenizer or template produces, standing in for the question's index-th text part."""
+    return f"\x00zspa-question-{index}\x00"
 
 
 @dataclass(frozen=True)
@@ -39,8 +43,7 @@ class PromptBuilder:
         except Exception as exc:  # tokenizers raises plain Exception on a bad file
             raise BundleError(f"{path}: cannot load tokenizer ({exc})") from None
 
-    def render(self, question: str) -> str:
-        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+    def render(self, messages: list[dict[str, Any]]) -> str:
         return render(self.spec.chat_template, messages, add_generation_prompt=True,
                       bos_token=self._token(self.spec.bos_token_id), eos_token=self._token(self.spec.eos_token_ids[0]))
 
@@ -48,13 +51,24 @@ class PromptBuilder:
         return (self.tokenizer.id_to_token(token_id) or "") if token_id is not None else ""
 
     def build(self, question: str) -> Prompt:
+        """One user turn: the image, then the question."""
         if not isinstance(question, str) or not question.strip():
             raise InvalidInputError("prompt is empty")
-        text = self.render(question)
-        start = self.render(_SENTINEL).find(_SENTINEL)
-        if start < 0 or text[start : start + len(question)] != question:
+        return self.build_chat([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}])
+
+    def build_chat(self, messages: list[dict[str, Any]]) -> Prompt:
+        """A conversation in transformers' format (content: a list of {"type": "image"} and
+        {"type": "text", "text": ...} parts) holding one image; the question is the text of the
+        last message, which must be the user's."""
+        if not messages or messages[-1].get("role") != "user":
+            raise InvalidInputError("the conversation must end with a user message")
+        texts = [part["text"] for part in messages[-1]["content"] if part.get("type") == "text"]
+        if not any(text.strip() for text in texts):
+            raise InvalidInputError("the last user message has no text: nothing to ask about the image")
+        text = self.render(messages)
+        spans = self._question_spans(messages, texts)
+        if any(text[start:end] != question for (start, end), question in zip(spans, texts)):
             raise BundleError("chat template does not place the user's text verbatim; cannot mark the question")
-        end = start + len(question)
         encoding = self.tokenizer.encode(text, add_special_tokens=self.spec.add_special_tokens)
         ids = np.asarray(encoding.ids, dtype=np.int64)
         image_positions = np.flatnonzero(ids == self.spec.image_token_id)
@@ -65,8 +79,29 @@ class PromptBuilder:
             )
         offsets = np.asarray(encoding.offsets, dtype=np.int64).reshape(-1, 2)
         special = np.asarray(encoding.special_tokens_mask, dtype=bool)
-        in_question = (offsets[:, 1] > start) & (offsets[:, 0] < end) & ~special
-        return Prompt(ids, in_question.astype(np.int64), int(image_positions[0]))
+        in_question = np.zeros(len(ids), dtype=bool)
+        for start, end in spans:
+            in_question |= (offsets[:, 1] > start) & (offsets[:, 0] < end)
+        return Prompt(ids, (in_question & ~special).astype(np.int64), int(image_positions[0]))
+
+    def _question_spans(self, messages: list[dict[str, Any]], texts: list[str]) -> list[tuple[int, int]]:
+        """Character spans of the last message's text parts in the rendered prompt, found by
+        rendering numbered sentinels in their place."""
+        sentinels = map(_sentinel, range(len(texts)))
+        last = {**messages[-1], "content": [
+            {**part, "text": next(sentinels)} if part.get("type") == "text" else part for part in messages[-1]["content"]
+        ]}
+        marked = self.render([*messages[:-1], last])
+        spans, shift, search_from = [], 0, 0
+        for i, question in enumerate(texts):
+            sentinel = _sentinel(i)
+            found = marked.find(sentinel, search_from)
+            if found < 0:
+                raise BundleError("chat template does not render the user's text; cannot mark the question")
+            spans.append((found + shift, found + shift + len(question)))
+            shift += len(question) - len(sentinel)
+            search_from = found + len(sentinel)
+        return spans
 
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)

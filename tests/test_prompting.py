@@ -12,7 +12,34 @@ def test_template_renders_like_transformers(tiny_hf, pipeline):
     _, processor = tiny_hf
     for question in ["What is this?", "  spaces  around ", "ünïcödé — and \"quotes\"\nnew line"]:
         messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
-        assert pipeline.prompts.render(question) == processor.apply_chat_template(messages, add_generation_prompt=True)
+        assert pipeline.prompts.render(messages) == processor.apply_chat_template(messages, add_generation_prompt=True)
+
+
+def test_conversation_marks_only_the_last_user_text(tiny_hf, pipeline):
+    """System prompt, an earlier turn with the image, an answer, then the question in two parts."""
+    _, processor = tiny_hf
+    messages = [
+        {"role": "system", "content": [{"type": "text", "text": "You describe photos."}]},
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is this?"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "A kitchen."}]},
+        {"role": "user", "content": [{"type": "text", "text": "Which colour"}, {"type": "text", "text": "is the kettle?"}]},
+    ]
+    prompt = pipeline.prompts.build_chat(messages)
+    text = processor.apply_chat_template(messages, add_generation_prompt=True)
+    assert pipeline.prompts.render(messages) == text
+    assert prompt.input_ids.tolist() == processor.tokenizer(text)["input_ids"]
+    marked = pipeline.prompts.decode(prompt.input_ids[prompt.question_mask == 1].tolist())
+    assert marked.split() == "Which colour is the kettle?".split()
+
+
+@pytest.mark.parametrize("messages, problem", [
+    ([{"role": "assistant", "content": [{"type": "image"}, {"type": "text", "text": "hi"}]}], "end with a user"),
+    ([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "  "}]}], "no text"),
+    ([{"role": "user", "content": [{"type": "text", "text": "no image here"}]}], "exactly one image"),
+])
+def test_bad_conversations_are_refused(pipeline, messages, problem):
+    with pytest.raises(InvalidInputError, match=problem):
+        pipeline.prompts.build_chat(messages)
 
 
 def test_question_mask_covers_exactly_the_question(pipeline):

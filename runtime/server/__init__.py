@@ -1,0 +1,1 @@
+"""`zspa-serve`: the bundle behind OpenAI's chat-completions API (FastAPI + uvicorn, no torch)."""

@@ -1,0 +1,249 @@
+"""The HTTP surface of `zspa-serve`: OpenAI chat completions, models, health, readiness, metrics.
+
+Bodies are read and validated by hand rather than by FastAPI's parameter injection, so that
+size limits apply before parsing and every refusal is a 400 in OpenAI's error shape, not a 422.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from datetime import datetime
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
+
+from zspa.runtime.pipeline import Pipeline
+from zspa.runtime.server.conversation import prepare
+from zspa.runtime.server.errors import INTERNAL, APIError, invalid, timed_out
+from zspa.runtime.server.metrics import ServerMetrics
+from zspa.runtime.server.protocol import chunk_body, completion_body, completion_id, parse_request, usage_body
+from zspa.runtime.server.scheduler import Job, QueueFull, Scheduler
+from zspa.runtime.server.settings import ServerSettings
+
+log = logging.getLogger("zspa.serve")
+ROUTES = ("/v1/chat/completions", "/v1/models", "/health", "/ready", "/metrics")
+_DISCONNECT_POLL_S = 0.25
+
+
+class StatusCounter:
+    """ASGI middleware counting responses by route and status, streaming ones included."""
+
+    def __init__(self, app, metrics: ServerMetrics):
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        status = 500
+
+        async def recording_send(message):
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, recording_send)
+        finally:
+            route = scope["path"] if scope["path"] in ROUTES else "other"
+            self.metrics.requests.labels(route, str(status)).inc()
+
+
+def create_app(pipeline: Pipeline, settings: ServerSettings) -> FastAPI:
+    metrics = ServerMetrics()
+    scheduler = Scheduler(pipeline, settings.max_queue, metrics)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        scheduler.start(settings.warmup)
+        yield
+        scheduler.stop()
+
+    app = FastAPI(title="zspa-serve", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.draining = False
+    app.state.scheduler = scheduler
+    app.add_middleware(StatusCounter, metrics=metrics)
+
+    @app.exception_handler(APIError)
+    async def api_error(request: Request, exc: APIError):
+        return exc.response()
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, exc: HTTPException):
+        kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+        return APIError(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}", type=kind).response()
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, exc: Exception):
+        log.error("unhandled error on %s", request.url.path, exc_info=exc)
+        return INTERNAL.response()
+
+    @app.get("/health")
+    async def health():
+        if scheduler.failure:
+            return JSONResponse({"status": "error", "error": scheduler.failure}, status_code=503)
+        return {"status": "ok"}
+
+    @app.get("/ready")
+    async def ready():
+        state = ("error" if scheduler.failure else "draining" if app.state.draining
+                 else "ready" if scheduler.ready.is_set() else "loading")
+        return JSONResponse({"status": state}, status_code=200 if state == "ready" else 503)
+
+    @app.get("/metrics")
+    async def metrics_endpoint():
+        metrics.queue_depth.set(scheduler.depth)
+        return Response(metrics.render(), media_type=metrics.content_type)
+
+    @app.get("/v1/models")
+    async def models(request: Request):
+        _authorize(request, settings)
+        manifest = pipeline.bundle.manifest
+        return {"object": "list", "data": [{
+            "id": settings.model_name, "object": "model", "created": _epoch(manifest.created_at), "owned_by": "zspa",
+            "source": manifest.source.model_id, "visual_tokens": manifest.vision.num_tokens,
+            "pruning": {method: pipeline.bundle.keeps(method) for method in pipeline.bundle.methods},
+        }]}
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        arrived = time.monotonic()
+        _authorize(request, settings)
+        _require_serving(app, scheduler)
+        body = parse_request(await _read_json(request, settings.max_body_bytes))
+        if body.model != settings.model_name:
+            raise APIError(404, f"model {body.model!r} is not served here; this server serves "
+                           f"{settings.model_name!r} (GET /v1/models)", param="model", code="model_not_found")
+        prepared = await run_in_threadpool(prepare, body, pipeline, settings)
+        job = Job(prepared.image, prepared.prompt, prepared.options, prepared.keep, prepared.method,
+                  asyncio.get_running_loop(), arrived=arrived)
+        try:
+            scheduler.submit(job)
+        except QueueFull as full:
+            raise APIError(429, f"the server is busy ({settings.max_queue} requests queued); retry after "
+                           f"{full.retry_after_s} s", type="rate_limit_error", code="queue_full",
+                           headers={"Retry-After": str(full.retry_after_s)}) from None
+        deadline = arrived + settings.request_timeout_s
+        request_id, created = completion_id(), int(time.time())
+        try:
+            kind, value = await _next_event(job, deadline, settings, request)  # started, or refused
+            if kind == "error":
+                raise value
+            if body.stream:
+                events = _sse(job, deadline, settings, request_id, created, body.include_usage_in_stream)
+                return StreamingResponse(events, media_type="text/event-stream",
+                                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+            while (event := await _next_event(job, deadline, settings, request))[0] == "delta":
+                pass
+        except BaseException:
+            job.cancel("disconnect")  # no effect when a timeout already cancelled it
+            raise
+        kind, value = event
+        if kind == "error":
+            raise value
+        return completion_body(request_id, settings.model_name, created, value)
+
+    return app
+
+
+def _authorize(request: Request, settings: ServerSettings) -> None:
+    if settings.api_key is None:
+        return
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), settings.api_key.encode()):
+        raise APIError(401, "missing or wrong API key: send the header 'Authorization: Bearer <key>'",
+                       code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+
+
+def _require_serving(app: FastAPI, scheduler: Scheduler) -> None:
+    if app.state.draining:
+        raise APIError(503, "the server is shutting down", type="server_error", code="draining")
+    if scheduler.failure:
+        raise APIError(503, f"the model cannot run: {scheduler.failure}", type="server_error", code="not_ready")
+    if not scheduler.ready.is_set():
+        raise APIError(503, "the model is still warming up; poll GET /ready", type="server_error", code="not_ready",
+                       headers={"Retry-After": "1"})
+
+
+async def _read_json(request: Request, limit: int):
+    """The body, refused past `limit` bytes whatever Content-Length claims, then parsed."""
+    declared = request.headers.get("content-length", "")
+    too_large = APIError(413, f"request body is over the {limit:,}-byte limit (server --max-body-bytes)",
+                         code="body_too_large")
+    if declared.isdigit() and int(declared) > limit:
+        raise too_large
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise too_large
+    try:
+        return json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise invalid(f"request body is not valid JSON ({exc})", code="invalid_json") from None
+
+
+async def _next_event(job: Job, deadline: float, settings: ServerSettings, request: Request | None = None):
+    """The worker's next event for `job`; cancels the job on timeout, or on a disconnect when
+    `request` is given (a streaming response learns of disconnects by being cancelled instead)."""
+    while True:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            job.cancel("timeout")
+            raise timed_out(settings.request_timeout_s)
+        wait = min(remaining, _DISCONNECT_POLL_S) if request is not None else remaining
+        try:
+            return await asyncio.wait_for(job.events.get(), wait)
+        except TimeoutError:
+            if request is not None and await request.is_disconnected():
+                job.cancel("disconnect")
+                raise APIError(499, "client closed the request", code="client_closed") from None
+
+
+async def _sse(job: Job, deadline: float, settings: ServerSettings, request_id: str, created: int,
+               include_usage: bool) -> AsyncIterator[str]:
+    """OpenAI's chunk stream: a role chunk, content deltas, a finish chunk, usage if asked, [DONE].
+    An error after the headers went out is sent as an `{"error": ...}` event, as OpenAI does."""
+
+    def event(payload) -> str:
+        return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
+
+    def chunk(delta, finish_reason=None, usage=None) -> str:
+        return event(chunk_body(request_id, settings.model_name, created, delta, finish_reason, usage))
+
+    try:
+        yield chunk({"role": "assistant", "content": ""})
+        while True:
+            try:
+                kind, value = await _next_event(job, deadline, settings)
+            except APIError as error:
+                yield event(error.body())
+                return
+            if kind == "delta":
+                yield chunk({"content": value})
+            elif kind == "error":
+                yield event(value.body())
+                return
+            else:
+                yield chunk({}, value.finish_reason)
+                if include_usage:
+                    yield chunk(None, usage=usage_body(value.stats))
+                yield "data: [DONE]\n\n"
+                return
+    finally:
+        job.cancel("disconnect")  # no effect once the job has finished
+
+
+def _epoch(iso: str) -> int:
+    try:
+        return int(datetime.fromisoformat(iso).timestamp())
+    except ValueError:
+        return 0

@@ -1,0 +1,92 @@
+"""A validated chat request → what the pipeline takes: one decoded image, a templated prompt, options.
+
+Everything here can fail on the client's input, so every error names the request field it came
+from; it runs in a worker thread of the event loop (image decoding is CPU work).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from PIL import Image
+
+from zspa.errors import InvalidInputError
+from zspa.pruning.budget import validate_keep
+from zspa.runtime.images import load_image
+from zspa.runtime.pipeline import Pipeline
+from zspa.runtime.prompting import Prompt
+from zspa.runtime.server.errors import invalid
+from zspa.runtime.server.image_urls import image_bytes
+from zspa.runtime.server.protocol import ChatCompletionRequest, Message
+from zspa.runtime.server.settings import ServerSettings
+
+
+@dataclass(frozen=True)
+class PreparedRequest:
+    image: Image.Image
+    prompt: Prompt
+    options: dict[str, Any]  # Pipeline.generate keywords
+    keep: float
+    method: str  # "none" when keep is 1.0
+
+
+def prepare(request: ChatCompletionRequest, pipeline: Pipeline, settings: ServerSettings) -> PreparedRequest:
+    messages, (param, url) = _transformers_messages(request.messages)
+    data = image_bytes(url, param, max_bytes=settings.max_image_bytes, allow_remote=settings.allow_remote_images,
+                       timeout_s=settings.remote_image_timeout_s)
+    try:
+        image = load_image(data, max_pixels=settings.max_image_pixels)
+    except InvalidInputError as exc:
+        raise invalid(str(exc).removeprefix("image bytes: "), param, "invalid_image") from None
+    try:
+        prompt = pipeline.prompts.build_chat(messages)
+    except InvalidInputError as exc:
+        raise invalid(str(exc), "messages") from None
+    limit = settings.max_prompt_tokens
+    if limit is not None and len(prompt.input_ids) > limit:
+        raise invalid(f"the prompt is {len(prompt.input_ids)} tokens, over this server's limit of {limit} "
+                      "(--max-prompt-tokens)", "messages", "prompt_too_long")
+    keep, method = _pruning(request, pipeline)
+    options = {
+        "keep": keep, "method": request.pruning_method,
+        "max_new_tokens": request.completion_limit or settings.default_max_tokens,
+        "temperature": request.temperature, "top_p": request.top_p, "top_k": request.top_k, "seed": request.seed,
+        "stop": request.stop, "ignore_eos": request.ignore_eos,
+    }
+    return PreparedRequest(image, prompt, options, keep, method)
+
+
+def _transformers_messages(messages: list[Message]) -> tuple[list[dict[str, Any]], tuple[str, str]]:
+    """OpenAI messages → transformers chat messages, and (field, URL) of the one image among them."""
+    converted, images = [], []
+    for i, message in enumerate(messages):
+        content = [{"type": "text", "text": message.content}] if isinstance(message.content, str) else []
+        for j, part in enumerate([] if isinstance(message.content, str) else message.content):
+            if part.type == "text":
+                content.append({"type": "text", "text": part.text})
+            else:
+                content.append({"type": "image"})
+                images.append((f"messages[{i}].content[{j}].image_url.url", part.image_url.url))
+        role = "system" if message.role == "developer" else message.role
+        converted.append({"role": role, "content": content})
+    if len(images) != 1:
+        raise invalid(f"this model takes exactly one image per request (an image_url content part); "
+                      f"found {len(images)}", "messages", "image_count")
+    return converted, images[0]
+
+
+def _pruning(request: ChatCompletionRequest, pipeline: Pipeline) -> tuple[float, str]:
+    """The keep ratio and method the request runs at, checked against the bundle's pruners."""
+    bundle = pipeline.bundle
+    if request.pruning_method is not None:
+        try:
+            bundle.require_method(request.pruning_method)
+        except InvalidInputError as exc:
+            raise invalid(str(exc), "pruning_method") from None
+    try:
+        keep = bundle.keeps(request.pruning_method)[0] if request.keep is None else validate_keep(request.keep)
+        pruner = bundle.pruner_for(keep, request.pruning_method)
+    except InvalidInputError as exc:
+        raise invalid(str(exc), "keep") from None
+    return keep, pruner.method if pruner else "none"

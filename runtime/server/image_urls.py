@@ -1,0 +1,65 @@
+"""`image_url` → image bytes: `data:` URLs always, `http(s)` URLs only when the operator allows them.
+
+A device service must not become a proxy that fetches whatever a client names, so remote images
+are off by default; when on, the download is bounded in bytes and in time.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import re
+import urllib.error
+import urllib.request
+
+from zspa.runtime.server.errors import invalid
+
+IMAGE_TYPES = ("image/png", "image/jpeg", "image/jpg", "image/webp")
+_DATA_URL = re.compile(r"data:(?P<mime>[^;,]*)(?P<params>(?:;[^;,]*)*),(?P<data>.*)", re.DOTALL)
+
+
+def image_bytes(url: str, param: str, *, max_bytes: int, allow_remote: bool, timeout_s: float) -> bytes:
+    if url.startswith("data:"):
+        return _from_data_url(url, param, max_bytes)
+    if url.startswith(("http://", "https://")):
+        if not allow_remote:
+            raise invalid("remote image URLs are disabled on this server; send the image as a data: URL "
+                          "(or start zspa-serve with --allow-remote-images)", param, "remote_images_disabled")
+        return _download(url, param, max_bytes, timeout_s)
+    raise invalid("image_url must be a data: URL (data:image/png;base64,...) or an http(s) URL", param)
+
+
+def _from_data_url(url: str, param: str, max_bytes: int) -> bytes:
+    match = _DATA_URL.fullmatch(url)
+    if not match or ";base64" not in match["params"]:
+        raise invalid("malformed data URL: expected data:image/<type>;base64,<data>", param)
+    mime = match["mime"].lower()
+    if mime not in IMAGE_TYPES:
+        raise invalid(f"unsupported image type {mime or 'none'!r}; send PNG, JPEG or WebP", param)
+    data = match["data"]
+    if len(data) * 3 // 4 > max_bytes:
+        raise _too_large(param, max_bytes)
+    try:
+        return base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise invalid(f"image data is not valid base64 ({exc})", param) from None
+
+
+def _download(url: str, param: str, max_bytes: int, timeout_s: float) -> bytes:
+    request = urllib.request.Request(url, headers={"User-Agent": "zspa-serve"})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout_s) as response:  # noqa: S310 (scheme checked above)
+            declared = response.headers.get("Content-Length")
+            if declared and declared.isdigit() and int(declared) > max_bytes:
+                raise _too_large(param, max_bytes)
+            data = response.read(max_bytes + 1)
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise invalid(f"cannot fetch image from {url}: {reason}", param, "image_fetch_failed") from None
+    if len(data) > max_bytes:
+        raise _too_large(param, max_bytes)
+    return data
+
+
+def _too_large(param: str, max_bytes: int):
+    return invalid(f"image is over the {max_bytes:,}-byte limit (server --max-image-bytes)", param, "image_too_large")

@@ -1,0 +1,160 @@
+"""The OpenAI chat-completions wire format: request validation and response bodies.
+
+Requests are validated by pydantic with unknown fields refused (a silently ignored `tools` or
+`response_format` would surprise); `keep` and `pruning_method` are zspa's own fields, `top_k`
+and `ignore_eos` follow vLLM's extensions. Sampling defaults are OpenAI's (temperature 1).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from zspa.runtime.server.errors import invalid
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class TextPart(_Strict):
+    type: Literal["text"]
+    text: str
+
+
+class ImageURL(_Strict):
+    url: str
+    detail: Literal["auto", "low", "high"] = "auto"
+
+
+class ImagePart(_Strict):
+    type: Literal["image_url"]
+    image_url: ImageURL
+
+
+ContentPart = Annotated[TextPart | ImagePart, Field(discriminator="type")]
+
+
+class Message(_Strict):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[ContentPart]
+    name: str | None = None
+
+
+class StreamOptions(_Strict):
+    include_usage: bool = False
+
+
+class ChatCompletionRequest(_Strict):
+    model: str
+    messages: list[Message] = Field(min_length=1)
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    temperature: float = Field(1.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_k: int = Field(0, ge=0)
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    n: Literal[1] = 1
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    user: str | None = None
+    ignore_eos: bool = False
+    keep: float | None = Field(None, description="visual tokens kept, a keep ratio of the bundle or 1.0")
+    pruning_method: str | None = None
+
+    @field_validator("stop")
+    @classmethod
+    def _at_most_four_stops(cls, stop: str | list[str] | None) -> list[str]:
+        stops = [stop] if isinstance(stop, str) else list(stop or [])
+        if len(stops) > 4:
+            raise ValueError("at most 4 stop sequences")
+        return stops
+
+    @field_validator("presence_penalty", "frequency_penalty")
+    @classmethod
+    def _no_penalties(cls, value: float) -> float:
+        if value != 0:
+            raise ValueError("penalties are not supported; leave them at 0")
+        return value
+
+    @property
+    def completion_limit(self) -> int | None:
+        return self.max_completion_tokens or self.max_tokens
+
+    @property
+    def include_usage_in_stream(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+
+def parse_request(payload: Any) -> ChatCompletionRequest:
+    """Validates a decoded JSON body; the first problem becomes a 400 naming the field."""
+    if not isinstance(payload, dict):
+        raise invalid("the request body must be a JSON object")
+    try:
+        return ChatCompletionRequest.model_validate(payload)
+    except ValidationError as exc:
+        param, message = _first_problem(exc)
+        raise invalid(f"{param}: {message}" if param else message, param) from None
+
+
+def _first_problem(exc: ValidationError) -> tuple[str, str]:
+    """The deepest error location as `messages[0].content[1].image_url.url`, without pydantic's
+    union-branch labels, and its messages (several when each union branch failed there)."""
+    located: dict[str, list[str]] = {}
+    for error in exc.errors():
+        parts: list[str | int] = []
+        for item in error["loc"]:
+            if isinstance(item, str) and ("[" in item or item in {"str", "int", "float", "bool"}):
+                continue
+            if parts and item == parts[-1]:  # a tagged union repeats the tag before the field of that name
+                continue
+            parts.append(item)
+        param = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in parts).lstrip(".")
+        message = "unknown field" if error["type"] == "extra_forbidden" else error["msg"]
+        located.setdefault(param, []).append(message.removeprefix("Value error, "))
+    param = max(located, key=lambda name: name.count(".") + name.count("["))
+    return param, "; or ".join(dict.fromkeys(located[param]))
+
+
+def completion_id() -> str:
+    return f"chatcmpl-{time.time_ns():x}"
+
+
+def usage_body(stats) -> dict[str, int]:
+    """OpenAI's usage block plus the visual tokens the image produced and the decoder saw.
+
+    prompt_tokens counts what the decoder prefilled: the text and the kept visual tokens."""
+    return {
+        "prompt_tokens": stats.prompt_tokens,
+        "completion_tokens": stats.tokens_generated,
+        "total_tokens": stats.prompt_tokens + stats.tokens_generated,
+        "visual_tokens_total": stats.visual_tokens_total,
+        "visual_tokens_kept": stats.visual_tokens_kept,
+    }
+
+
+def completion_body(request_id: str, model: str, created: int, result) -> dict[str, Any]:
+    return {
+        "id": request_id, "object": "chat.completion", "created": created, "model": model,
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": result.text},
+                     "finish_reason": result.finish_reason, "logprobs": None}],
+        "usage": usage_body(result.stats),
+    }
+
+
+def chunk_body(request_id: str, model: str, created: int, delta: dict[str, str] | None,
+               finish_reason: str | None = None, usage: dict[str, int] | None = None) -> dict[str, Any]:
+    """One `chat.completion.chunk`; the usage chunk (delta None) has no choices, as OpenAI sends it."""
+    choices = [] if delta is None else [{"index": 0, "delta": delta, "finish_reason": finish_reason,
+                                         "logprobs": None}]
+    body = {"id": request_id, "object": "chat.completion.chunk", "created": created, "model": model,
+            "choices": choices}
+    if usage is not None:
+        body["usage"] = usage
+    return body
+

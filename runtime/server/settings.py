@@ -1,0 +1,35 @@
+"""The service's limits and switches, in one place, with the defaults `zspa-serve --help` shows."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from zspa.runtime.images import DEFAULT_MAX_PIXELS
+
+MiB = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    model_name: str
+    api_key: str | None = None
+    max_queue: int = 64  # requests waiting for the pipeline; past it, 429
+    request_timeout_s: float = 300.0  # queueing plus generation
+    max_body_bytes: int = 32 * MiB
+    max_image_bytes: int = 20 * MiB
+    max_image_pixels: int = DEFAULT_MAX_PIXELS
+    max_prompt_tokens: int | None = None  # None: the model's context is the only limit
+    default_max_tokens: int = 256  # when a request sets neither max_tokens nor max_completion_tokens
+    allow_remote_images: bool = False
+    remote_image_timeout_s: float = 10.0
+    warmup: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("max_queue", "max_body_bytes", "max_image_bytes", "max_image_pixels", "default_max_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be ≥ 1, got {getattr(self, name)}")
+        if self.max_prompt_tokens is not None and self.max_prompt_tokens < 1:
+            raise ValueError(f"max_prompt_tokens must be ≥ 1, got {self.max_prompt_tokens}")
+        for name in ("request_timeout_s", "remote_image_timeout_s"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")

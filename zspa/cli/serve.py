@@ -1,0 +1,113 @@
+"""`zspa-serve`: an OpenAI-compatible chat-completions service for one bundle. Imports no torch.
+
+Binds 127.0.0.1 unless told otherwise; SIGTERM (systemd stop, docker stop) stops accepting
+connections, lets queued and running requests finish within --drain-timeout, then exits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+from zspa.cli.common import add_debug_flag, run_command
+from zspa.errors import ZspaError
+
+API_KEY_ENV = "ZSPA_API_KEY"
+_LOOPBACK = {"127.0.0.1", "::1", "localhost"}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from zspa.runtime.server.settings import ServerSettings
+
+    defaults = ServerSettings(model_name="")
+    parser = argparse.ArgumentParser(
+        prog="zspa-serve", description="Serve a zspa bundle over OpenAI's chat-completions API.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("bundle", help="bundle directory written by zspa-export")
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind; 0.0.0.0 exposes it to the network")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--served-model-name", default=None,
+                        help="the `model` clients must send (default: the bundle directory's name)")
+    parser.add_argument("--api-key", default=None,
+                        help=f"require 'Authorization: Bearer KEY' on /v1 (prefer the {API_KEY_ENV} environment "
+                             "variable: arguments show in `ps`)")
+    limits = parser.add_argument_group("load and limits")
+    limits.add_argument("--max-queue", type=int, default=defaults.max_queue,
+                        help="requests that may wait for the pipeline; past it, 429 with Retry-After")
+    limits.add_argument("--request-timeout", type=float, default=defaults.request_timeout_s,
+                        help="seconds a request may take, queueing included; past it, 504")
+    limits.add_argument("--max-body-bytes", type=int, default=defaults.max_body_bytes)
+    limits.add_argument("--max-image-bytes", type=int, default=defaults.max_image_bytes)
+    limits.add_argument("--max-image-pixels", type=int, default=defaults.max_image_pixels)
+    limits.add_argument("--max-prompt-tokens", type=int, default=None,
+                        help="refuse longer prompts (default: only the model's context limits them)")
+    limits.add_argument("--default-max-tokens", type=int, default=defaults.default_max_tokens,
+                        help="completion length when a request sets neither max_tokens nor max_completion_tokens")
+    limits.add_argument("--allow-remote-images", action="store_true",
+                        help="fetch http(s) image URLs (the server then reaches any address clients name)")
+    limits.add_argument("--remote-image-timeout", type=float, default=defaults.remote_image_timeout_s)
+    limits.add_argument("--drain-timeout", type=float, default=30.0,
+                        help="seconds SIGTERM waits for in-flight requests before cancelling them")
+    runtime = parser.add_argument_group("runtime")
+    runtime.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads")
+    runtime.add_argument("--positions", choices=["contiguous", "original"], default=None,
+                         help="position ids of kept visual tokens (default: the bundle's)")
+    runtime.add_argument("--no-warmup", action="store_true", help="report ready without a warm-up generation")
+    runtime.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    add_debug_flag(parser)
+    return parser
+
+
+def _serve(args: argparse.Namespace) -> None:
+    try:
+        import uvicorn
+
+        from zspa.runtime.server.app import create_app
+    except ImportError as exc:
+        raise ZspaError(f"zspa-serve needs the serve extra ({exc.name} is missing): pip install 'zspa[serve]'") from None
+    from zspa.runtime.pipeline import Pipeline
+    from zspa.runtime.server.settings import ServerSettings
+
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        settings = ServerSettings(
+            model_name=args.served_model_name or Path(args.bundle).resolve().name,
+            api_key=args.api_key or os.environ.get(API_KEY_ENV) or None,
+            max_queue=args.max_queue, request_timeout_s=args.request_timeout, max_body_bytes=args.max_body_bytes,
+            max_image_bytes=args.max_image_bytes, max_image_pixels=args.max_image_pixels,
+            max_prompt_tokens=args.max_prompt_tokens, default_max_tokens=args.default_max_tokens,
+            allow_remote_images=args.allow_remote_images, remote_image_timeout_s=args.remote_image_timeout,
+            warmup=not args.no_warmup,
+        )
+    except ValueError as exc:
+        raise ZspaError(str(exc)) from None
+    pipeline = Pipeline.load(args.bundle, threads=args.threads, positions=args.positions,
+                             max_image_pixels=args.max_image_pixels)
+    if args.host not in _LOOPBACK and settings.api_key is None:
+        logging.getLogger("zspa.serve").warning(
+            "listening on %s without an API key: anyone who can reach this port can use the model "
+            "(set %s or --api-key)", args.host, API_KEY_ENV)
+    app = create_app(pipeline, settings)
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
+                            timeout_graceful_shutdown=args.drain_timeout)
+
+    class DrainingServer(uvicorn.Server):
+        """Marks the app as draining the moment a shutdown signal arrives, so /ready turns 503."""
+
+        def handle_exit(self, sig, frame) -> None:
+            app.state.draining = True
+            super().handle_exit(sig, frame)
+
+    DrainingServer(config).run()
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_command(build_parser(), _serve, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
