@@ -88,8 +88,9 @@ class PromptBuilder:
         """Character spans of the last message's text parts in the rendered prompt, found by
         rendering numbered sentinels in their place."""
         sentinels = map(_sentinel, range(len(texts)))
+        content = messages[-1]["content"]
         last = {**messages[-1], "content": [
-            {**part, "text": next(sentinels)} if part.get("type") == "text" else part for part in messages[-1]["content"]
+            {**part, "text": next(sentinels)} if part.get("type") == "text" else part for part in content
         ]}
         marked = self.render([*messages[:-1], last])
         spans, shift, search_from = [], 0, 0

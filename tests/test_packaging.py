@@ -39,6 +39,7 @@ def test_import_zspa_is_light():
         "import zspa.runtime",
         "import zspa.runtime.pipeline, zspa.runtime.bundle, zspa.runtime.images",
         "import zspa.cli.run",
+        "import zspa.cli.serve, zspa.runtime.server.app",
     ],
 )
 def test_runtime_never_imports_torch_or_transformers(code):

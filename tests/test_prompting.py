@@ -22,7 +22,8 @@ def test_conversation_marks_only_the_last_user_text(tiny_hf, pipeline):
         {"role": "system", "content": [{"type": "text", "text": "You describe photos."}]},
         {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is this?"}]},
         {"role": "assistant", "content": [{"type": "text", "text": "A kitchen."}]},
-        {"role": "user", "content": [{"type": "text", "text": "Which colour"}, {"type": "text", "text": "is the kettle?"}]},
+        {"role": "user", "content": [{"type": "text", "text": "Which colour"},
+                                     {"type": "text", "text": "is the kettle?"}]},
     ]
     prompt = pipeline.prompts.build_chat(messages)
     text = processor.apply_chat_template(messages, add_generation_prompt=True)

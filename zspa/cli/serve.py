@@ -68,7 +68,8 @@ def _serve(args: argparse.Namespace) -> None:
 
         from zspa.runtime.server.app import create_app
     except ImportError as exc:
-        raise ZspaError(f"zspa-serve needs the serve extra ({exc.name} is missing): pip install 'zspa[serve]'") from None
+        raise ZspaError(f"zspa-serve needs the serve extra ({exc.name} is missing): "
+                        "pip install 'zspa[serve]'") from None
     from zspa.runtime.pipeline import Pipeline
     from zspa.runtime.server.settings import ServerSettings
 

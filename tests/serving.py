@@ -1,0 +1,82 @@
+"""Helpers for the service tests: a real `zspa-serve` process on a free loopback port, and request bodies."""
+
+from __future__ import annotations
+
+import base64
+import os
+import socket
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass
+class Server:
+    url: str
+    process: subprocess.Popen
+    log: Path
+
+    def metric(self, name: str) -> float:
+        """One sample of /metrics by its full name with labels, 0 when absent."""
+        for line in httpx.get(f"{self.url}/metrics").text.splitlines():
+            if line.startswith(name + " "):
+                return float(line.rsplit(" ", 1)[1])
+        return 0.0
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextmanager
+def running_server(bundle: Path, log: Path, *args: str, env: dict[str, str] | None = None):
+    """Starts `zspa-serve` and waits for /ready; stops it (SIGTERM, then SIGKILL) afterwards."""
+    port = free_port()
+    command = [sys.executable, "-m", "zspa.cli.serve", str(bundle), "--port", str(port), *args]
+    with open(log, "wb") as out:
+        process = subprocess.Popen(command, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
+                                   env={**os.environ, **(env or {})})
+    server = Server(f"http://127.0.0.1:{port}", process, log)
+    try:
+        _wait_ready(server, timeout_s=90)
+        yield server
+    finally:
+        if process.poll() is None:
+            process.terminate()
+            try:
+                process.wait(15)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+
+def _wait_ready(server: Server, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if server.process.poll() is not None:
+            raise RuntimeError(f"zspa-serve exited with {server.process.returncode}:\n{server.log.read_text()}")
+        try:
+            if httpx.get(f"{server.url}/ready", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    raise RuntimeError(f"zspa-serve not ready after {timeout_s} s:\n{server.log.read_text()}")
+
+
+def data_url(data: bytes, mime: str = "image/jpeg") -> str:
+    return f"data:{mime};base64,{base64.b64encode(data).decode()}"
+
+
+def chat_body(image_url: str, text: str = "What is in the picture?", model: str = "tiny", **fields) -> dict:
+    return {"model": model, "messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": image_url}}, {"type": "text", "text": text}]}], **fields}

@@ -1,0 +1,302 @@
+"""`zspa-serve` as clients meet it: a real uvicorn process, the official `openai` client, raw HTTP."""
+
+from __future__ import annotations
+
+import io
+import json
+import signal
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+import httpx
+import numpy as np
+import openai
+import pytest
+from PIL import Image
+
+from serving import chat_body, data_url, running_server
+
+API_KEY = "test-key"
+MODEL = "tiny"
+LONG = {"ignore_eos": True, "max_tokens": 12000}  # a generation of seconds on the long-context bundle
+
+
+@pytest.fixture(scope="module")
+def server(tiny_bundle, tmp_path_factory):
+    """The tiny bundle behind an API key, with small limits the tests can cross cheaply."""
+    log = tmp_path_factory.mktemp("serve") / "server.log"
+    with running_server(tiny_bundle, log, "--served-model-name", MODEL, "--max-image-bytes", "300000",
+                        "--max-image-pixels", "4000000", "--max-body-bytes", "1000000", "--max-prompt-tokens", "200",
+                        env={"ZSPA_API_KEY": API_KEY}) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def long_bundle(tmp_path_factory):
+    """A tiny model with a 16k context and 64 visual tokens, so that one generation lasts seconds."""
+    from zspa.export.exporter import ExportOptions, export_bundle
+    from zspa.export.tiny import build_model, build_processor
+
+    workdir = tmp_path_factory.mktemp("long")
+    processor = build_processor(image_size=112)
+    build_model(processor, image_size=112, max_context=16384).save_pretrained(workdir / "model")
+    processor.save_pretrained(workdir / "model")
+    export_bundle(ExportOptions(str(workdir / "model"), workdir / "bundle", keeps=[0.25], progress=False))
+    return workdir / "bundle"
+
+
+@pytest.fixture(scope="module")
+def busy_server(long_bundle, tmp_path_factory):
+    """One waiting slot, a 2-second timeout, remote images allowed."""
+    log = tmp_path_factory.mktemp("serve-busy") / "server.log"
+    with running_server(long_bundle, log, "--served-model-name", MODEL, "--max-queue", "1", "--request-timeout", "2",
+                        "--allow-remote-images") as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key=API_KEY, max_retries=0, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def photo_url(photo_path):
+    return data_url(photo_path.read_bytes())
+
+
+def _post(server, body, *, key: str | None = API_KEY, **kwargs) -> httpx.Response:
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    return httpx.post(f"{server.url}/v1/chat/completions", json=body, headers=headers, timeout=60, **kwargs)
+
+
+def _messages(photo_url, text):
+    return chat_body(photo_url, text)["messages"]
+
+
+def test_openai_client_answers_like_the_pipeline(client, pipeline, photo_path, photo_url):
+    response = client.chat.completions.create(model=MODEL, messages=_messages(photo_url, "Describe it."),
+                                              temperature=0, max_tokens=12)
+    expected = pipeline.generate(photo_path, "Describe it.", max_new_tokens=12)
+    assert response.choices[0].message.content == expected.text
+    assert response.choices[0].finish_reason == expected.finish_reason
+    usage = response.usage
+    assert (usage.prompt_tokens, usage.completion_tokens) == (expected.stats.prompt_tokens, len(expected.token_ids))
+    assert usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
+    assert usage.model_extra == {"visual_tokens_total": 576, "visual_tokens_kept": 58}
+
+
+def test_streaming_matches_the_plain_answer_and_reports_usage(client, photo_url):
+    messages = _messages(photo_url, "What colour is it?")
+    plain = client.chat.completions.create(model=MODEL, messages=messages, temperature=0, max_tokens=10)
+    chunks = list(client.chat.completions.create(model=MODEL, messages=messages, temperature=0, max_tokens=10,
+                                                 stream=True, stream_options={"include_usage": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == plain.choices[0].message.content
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finishes == [plain.choices[0].finish_reason]
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == plain.usage.completion_tokens
+
+
+def test_keep_and_pruning_method_select_the_pruner(client, photo_url):
+    def kept(**extra):
+        response = client.chat.completions.create(model=MODEL, messages=_messages(photo_url, "hi"), max_tokens=2,
+                                                  extra_body=extra)
+        return response.usage.model_extra["visual_tokens_kept"]
+
+    assert (kept(keep=1.0), kept(keep=0.25, pruning_method="zspa"), kept()) == (576, 144, 58)
+
+
+def test_models_lists_the_bundle(client):
+    (model,) = client.models.list().data
+    assert model.id == MODEL and model.model_extra["pruning"] == {"zspa": [0.1, 0.25, 1.0]}
+
+
+def _png(image: Image.Image) -> bytes:
+    out = io.BytesIO()
+    image.save(out, format="PNG")
+    return out.getvalue()
+
+
+def _with_image(url):
+    return lambda body: {**body, "messages": _messages(url, "hi")}
+
+
+IMAGE_PARAM = "messages[0].content[0].image_url.url"
+NOISE = np.random.default_rng(0).integers(0, 256, (400, 400, 3), dtype=np.uint8)  # ~480 KB as PNG
+BAD_REQUESTS = {
+    "wrong type": (lambda b: {**b, "temperature": "hot"}, "temperature", "valid number"),
+    "out of range": (lambda b: {**b, "top_p": 0}, "top_p", "greater than 0"),
+    "unknown field": (lambda b: {**b, "tools": []}, "tools", "unknown field"),
+    "missing messages": (lambda b: {k: v for k, v in b.items() if k != "messages"}, "messages", "required"),
+    "unknown keep": (lambda b: {**b, "keep": 0.5}, "keep", "keep 0.5"),
+    "keep out of range": (lambda b: {**b, "keep": 1.5}, "keep", "(0, 1]"),
+    "unknown method": (lambda b: {**b, "pruning_method": "fastv"}, "pruning_method", "'fastv'"),
+    "bad base64": (_with_image("data:image/png;base64,not*base64"), IMAGE_PARAM, "base64"),
+    "not an image type": (_with_image("data:text/plain;base64,aGk="), IMAGE_PARAM, "text/plain"),
+    "corrupt image": (_with_image(data_url(_png(Image.new("RGB", (64, 64)))[:60], "image/png")), IMAGE_PARAM,
+                      "image"),
+    "oversized image": (_with_image(data_url(_png(Image.fromarray(NOISE)), "image/png")), IMAGE_PARAM,
+                        "300,000-byte limit"),
+    "too many pixels": (_with_image(data_url(_png(Image.new("L", (2100, 2100))), "image/png")), IMAGE_PARAM,
+                        "4,000,000-pixel limit"),
+    "remote image": (_with_image("http://127.0.0.1:9/cat.png"), IMAGE_PARAM, "--allow-remote-images"),
+    "no image": (lambda b: {**b, "messages": [{"role": "user", "content": "hi"}]}, "messages", "found 0"),
+    "two images": (lambda b: {**b, "messages": [{"role": "user", "content": [*b["messages"][0]["content"]] * 2}]},
+                   "messages", "found 2"),
+    "overlong prompt": (lambda b: {**b, "messages": _messages(b["messages"][0]["content"][0]["image_url"]["url"],
+                                                              "word " * 300)}, "messages", "--max-prompt-tokens"),
+    "ends with the assistant": (lambda b: {**b, "messages": [*b["messages"], {"role": "assistant", "content": "x"}]},
+                                "messages", "end with a user message"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_REQUESTS, ids=list(BAD_REQUESTS))
+def test_bad_requests_get_400_naming_the_field(server, photo_url, case):
+    change, param, words = BAD_REQUESTS[case]
+    response = _post(server, change(chat_body(photo_url, max_tokens=2)))
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["param"] == param and words in error["message"] and error["type"] == "invalid_request_error"
+
+
+def test_malformed_and_oversized_bodies(server, photo_url):
+    headers = {"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"}
+    url = f"{server.url}/v1/chat/completions"
+    malformed = httpx.post(url, content=b'{"model": "tiny", "messages": [', headers=headers)
+    assert malformed.status_code == 400 and "not valid JSON" in malformed.json()["error"]["message"]
+    not_object = httpx.post(url, content=b"[1, 2]", headers=headers)
+    assert not_object.status_code == 400 and "JSON object" in not_object.json()["error"]["message"]
+    huge = _post(server, chat_body(photo_url, text="x" * 1_100_000))
+    assert huge.status_code == 413 and huge.json()["error"]["code"] == "body_too_large"
+    wrong_model = _post(server, chat_body(photo_url, model="gpt-4o"))
+    assert wrong_model.status_code == 404 and wrong_model.json()["error"]["param"] == "model"
+    unknown_route = httpx.get(f"{server.url}/v1/engines")
+    assert unknown_route.status_code == 404 and "error" in unknown_route.json()
+
+
+@pytest.mark.parametrize("key", [None, "wrong-key"])
+def test_missing_or_wrong_key_is_401(server, photo_url, key):
+    response = _post(server, chat_body(photo_url, max_tokens=2), key=key)
+    assert response.status_code == 401 and response.json()["error"]["code"] == "invalid_api_key"
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=f"{server.url}/v1", api_key=key or "none", max_retries=0).models.list()
+
+
+def test_probes_and_metrics_need_no_key(server, client, photo_url):
+    client.chat.completions.create(model=MODEL, messages=_messages(photo_url, "hi"), max_tokens=3)
+    assert httpx.get(f"{server.url}/health").json() == {"status": "ok"}
+    assert httpx.get(f"{server.url}/ready").json() == {"status": "ready"}
+    assert server.metric('zspa_keep_ratio_requests_total{keep="0.1",method="zspa"}') >= 1
+    assert server.metric('zspa_stage_seconds_count{stage="prune"}') >= 1
+    assert server.metric("zspa_time_to_first_token_seconds_count") >= 1
+    assert server.metric('zspa_visual_tokens_total{kind="total"}') >= 576
+
+
+def test_concurrent_streams_complete_without_mixing(client, pipeline, photo_path, photo_url):
+    """32 streams at once over 4 prompts: each stream's text is its own prompt's greedy answer."""
+    prompts = ["What is this?", "Who is it?", "Where was it taken?", "Describe the colours."]
+    expected = {p: pipeline.generate(photo_path, p, max_new_tokens=8).text for p in prompts}
+
+    def stream(prompt: str) -> tuple[str, str, str | None, float]:
+        started = time.perf_counter()
+        first, text, finish = None, "", None
+        for chunk in client.chat.completions.create(model=MODEL, messages=_messages(photo_url, prompt), stream=True,
+                                                    temperature=0, max_tokens=8):
+            if chunk.choices and chunk.choices[0].delta.content:
+                first = first or time.perf_counter() - started
+                text += chunk.choices[0].delta.content
+            if chunk.choices and chunk.choices[0].finish_reason:
+                finish = chunk.choices[0].finish_reason
+        return prompt, text, finish, first or time.perf_counter() - started
+
+    with ThreadPoolExecutor(32) as pool:
+        results = [f.result(timeout=120) for f in [pool.submit(stream, prompts[i % 4]) for i in range(32)]]
+    for prompt, text, finish, _ in results:
+        assert text == expected[prompt] and finish in ("stop", "length")
+    ttft = np.array([r[3] for r in results]) * 1000
+    print(f"\n32 concurrent streams: time to first token p50 {np.percentile(ttft, 50):.0f} ms, "
+          f"p99 {np.percentile(ttft, 99):.0f} ms")
+
+
+def test_full_queue_answers_429_with_retry_after(busy_server, photo_url):
+    body = chat_body(photo_url, **LONG)
+    with ThreadPoolExecutor(4) as pool:
+        responses = list(pool.map(lambda _: _post(busy_server, body, key=None), range(4)))
+    statuses = sorted(r.status_code for r in responses)
+    assert 429 in statuses and set(statuses) <= {200, 429, 504}, statuses
+    refused = next(r for r in responses if r.status_code == 429)
+    assert int(refused.headers["Retry-After"]) >= 1 and refused.json()["error"]["code"] == "queue_full"
+    assert httpx.get(f"{busy_server.url}/ready").status_code == 200
+
+
+def test_timeout_gives_504_or_a_stream_error(busy_server, photo_url):
+    response = _post(busy_server, chat_body(photo_url, **LONG), key=None)
+    assert response.status_code == 504 and response.json()["error"]["type"] == "timeout"
+    client = openai.OpenAI(base_url=f"{busy_server.url}/v1", api_key="none", max_retries=0)
+    with pytest.raises(openai.APIError, match="timed out"):
+        for _ in client.chat.completions.create(model=MODEL, messages=_messages(photo_url, "hi"), stream=True,
+                                                extra_body=LONG):
+            pass
+
+
+def test_disconnect_mid_stream_frees_the_slot(busy_server, photo_url):
+    cancelled = 'zspa_generations_cancelled_total{reason="disconnect"}'
+    before = busy_server.metric(cancelled)
+    with httpx.stream("POST", f"{busy_server.url}/v1/chat/completions", timeout=30,
+                      json=chat_body(photo_url, stream=True, **LONG)) as response:
+        lines = response.iter_lines()
+        while '"content": ""' in next(line for line in lines if line.startswith("data:")):
+            pass  # the role chunk; leave after the first generated text
+    deadline = time.monotonic() + 10
+    while busy_server.metric(cancelled) == before and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert busy_server.metric(cancelled) == before + 1
+    assert busy_server.metric("zspa_requests_running") == 0
+    assert httpx.get(f"{busy_server.url}/ready").status_code == 200
+    assert _post(busy_server, chat_body(photo_url, max_tokens=2), key=None).status_code == 200
+
+
+class _QuietHandler(SimpleHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+
+def test_remote_images_when_allowed(busy_server, photo_path):
+    http = ThreadingHTTPServer(("127.0.0.1", 0), partial(_QuietHandler, directory=str(photo_path.parent)))
+    threading.Thread(target=http.serve_forever, daemon=True).start()
+    try:
+        base = f"http://127.0.0.1:{http.server_address[1]}"
+        fetched = _post(busy_server, chat_body(f"{base}/{photo_path.name}", max_tokens=2), key=None)
+        assert fetched.status_code == 200, fetched.text
+        missing = _post(busy_server, chat_body(f"{base}/missing.png", max_tokens=2), key=None)
+        assert missing.status_code == 400 and missing.json()["error"]["code"] == "image_fetch_failed"
+    finally:
+        http.shutdown()
+
+
+def test_sigterm_drains_the_running_stream_then_exits(long_bundle, photo_url, tmp_path):
+    with running_server(long_bundle, tmp_path / "server.log", "--served-model-name", MODEL) as server:
+        body = chat_body(photo_url, stream=True, ignore_eos=True, max_tokens=3000)
+        with httpx.stream("POST", f"{server.url}/v1/chat/completions", json=body, timeout=60) as response:
+            lines = (line for line in response.iter_lines() if line.startswith("data:"))
+            events = [next(lines), next(lines)]  # the role chunk and the first text: generation is under way
+            server.process.send_signal(signal.SIGTERM)
+            events += list(lines)
+        assert events[-1] == "data: [DONE]"
+        finish = json.loads(events[-2].removeprefix("data: "))["choices"][0]["finish_reason"]
+        assert finish == "length"
+        assert server.process.wait(20) in (0, -signal.SIGTERM)
+        with pytest.raises(httpx.TransportError):
+            httpx.get(f"{server.url}/health", timeout=2)
+
+
+def test_serve_refuses_a_bad_bundle_fast(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "zspa.cli.serve", str(tmp_path / "nope")], capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 3 and "not a directory" in result.stderr
