@@ -245,18 +245,27 @@ def test_timeout_gives_504_or_a_stream_error(busy_server, photo_url):
             pass
 
 
-def test_disconnect_mid_stream_frees_the_slot(busy_server, photo_url):
-    cancelled = 'zspa_generations_cancelled_total{reason="disconnect"}'
-    before = busy_server.metric(cancelled)
-    with httpx.stream("POST", f"{busy_server.url}/v1/chat/completions", timeout=30,
-                      json=chat_body(photo_url, stream=True, **LONG)) as response:
-        lines = response.iter_lines()
+def _leave_mid_stream(server, body) -> None:
+    with httpx.stream("POST", f"{server.url}/v1/chat/completions", timeout=30, json={**body, "stream": True}) as r:
+        lines = r.iter_lines()
         while '"content": ""' in next(line for line in lines if line.startswith("data:")):
             pass  # the role chunk; leave after the first generated text
+
+
+def _give_up_waiting(server, body) -> None:
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{server.url}/v1/chat/completions", json=body, timeout=httpx.Timeout(30, read=0.5))
+
+
+@pytest.mark.parametrize("leave", [_leave_mid_stream, _give_up_waiting], ids=["stream", "plain"])
+def test_disconnect_stops_the_generation_and_frees_the_slot(busy_server, photo_url, leave):
+    cancelled = 'zspa_generations_cancelled_total{reason="disconnect"}'
+    before = busy_server.metric(cancelled)
+    leave(busy_server, chat_body(photo_url, **LONG))
     deadline = time.monotonic() + 10
     while busy_server.metric(cancelled) == before and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert busy_server.metric(cancelled) == before + 1
+    assert busy_server.metric(cancelled) == before + 1  # stopped by the disconnect, before the 2 s timeout
     assert busy_server.metric("zspa_requests_running") == 0
     assert httpx.get(f"{busy_server.url}/ready").status_code == 200
     assert _post(busy_server, chat_body(photo_url, max_tokens=2), key=None).status_code == 200

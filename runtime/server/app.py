@@ -123,7 +123,7 @@ def create_app(pipeline: Pipeline, settings: ServerSettings) -> FastAPI:
             raise APIError(404, f"model {body.model!r} is not served here; this server serves "
                            f"{settings.model_name!r} (GET /v1/models)", param="model", code="model_not_found")
         prepared = await run_in_threadpool(prepare, body, pipeline, settings)
-        job = Job(prepared.image, prepared.prompt, prepared.options, prepared.keep, prepared.method,
+        job = Job(prepared.image, prepared.prompt, prepared.options, prepared.keep, prepared.method, body.stream,
                   asyncio.get_running_loop(), arrived=arrived)
         try:
             scheduler.submit(job)
@@ -141,8 +141,7 @@ def create_app(pipeline: Pipeline, settings: ServerSettings) -> FastAPI:
                 events = _sse(job, deadline, settings, request_id, created, body.include_usage_in_stream)
                 return StreamingResponse(events, media_type="text/event-stream",
                                          headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-            while (event := await _next_event(job, deadline, settings, request))[0] == "delta":
-                pass
+            event = await _next_event(job, deadline, settings, request)
         except BaseException:
             job.cancel("disconnect")  # no effect when a timeout already cancelled it
             raise

@@ -41,6 +41,7 @@ class Job:
     options: dict[str, Any]  # Pipeline.generate keywords
     keep: float
     method: str
+    stream: bool  # send text deltas; a plain request waits for the result only
     loop: asyncio.AbstractEventLoop
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
@@ -123,7 +124,8 @@ class Scheduler:
             stream = self.pipeline.generate(job.image, job.prompt, stream=True, **job.options)
             job.emit("started")
             for delta in stream:
-                job.emit("delta", delta)
+                if job.stream:
+                    job.emit("delta", delta)
                 if job.cancelled.is_set():
                     self.metrics.cancelled.labels(job.cancel_reason).inc()
                     return
