@@ -36,6 +36,8 @@ class GraphSpec:
     outputs: list[TensorSpec]
     # External-data files (graphs over 2 GB) and their hashes, checked like the graph itself.
     data_files: dict[str, str] = field(default_factory=dict)
+    # How a calibrated graph was quantized ({} for the exported precision): precision, method, settings.
+    quantization: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -107,6 +109,8 @@ class Manifest:
     pruners: list[PrunerSpec]
     files: dict[str, str] = field(default_factory=dict)  # tokenizer and other assets → sha256
     parity: dict[str, float] = field(default_factory=dict)
+    # zspa-calibrate: the calibration set (digest, size, keep) and the measured fidelity to the source bundle.
+    calibration: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=False) + "\n"

@@ -1,0 +1,90 @@
+"""Quantizing one bundle graph: each function writes `target` and returns its manifest record.
+
+- INT8 static Q/DQ (onnxruntime): symmetric int8 activations and per-channel int8 weights on
+  Conv/MatMul/Gemm, ranges by MinMax over the calibration feeds. Symmetric because ARM cores
+  (Jetson) and TensorRT both want it; only the matrix products, because LayerNorm and softmax
+  lose more accuracy in int8 than they save.
+- INT4 weight-only (onnxruntime MatMulNBits): block-wise symmetric round-to-nearest weights,
+  activations kept in float; the decoder's memory traffic per token drops about 8x from fp32.
+- ModelOpt ONNX PTQ (INT8 / FP8): explicit Q/DQ graphs for TensorRT, calibrated on the same feeds.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+from onnxruntime.quantization import (
+    CalibrationDataReader,
+    CalibrationMethod,
+    QuantFormat,
+    QuantType,
+    quantize_static,
+)
+from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+from zspa.errors import ZspaError
+
+# The module configures the root logger at INFO on import and then logs every node; keep it to warnings.
+logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.WARNING)
+
+Feeds = dict[str, np.ndarray]
+MODELOPT_PRECISIONS = ("int8", "fp8")
+
+
+class _FeedReader(CalibrationDataReader):
+    def __init__(self, feeds: list[Feeds]):
+        self._feeds: Iterator[Feeds] = iter(feeds)
+
+    def get_next(self) -> Feeds | None:
+        return next(self._feeds, None)
+
+
+def quantize_int8_static(source: Path, target: Path, feeds: list[Feeds], external_data: bool = False) -> dict[str, Any]:
+    quantize_static(
+        str(source), str(target), _FeedReader(feeds), quant_format=QuantFormat.QDQ,
+        op_types_to_quantize=["Conv", "MatMul", "Gemm"], per_channel=True, activation_type=QuantType.QInt8,
+        weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax,
+        use_external_data_format=external_data,
+        extra_options={"ActivationSymmetric": True, "WeightSymmetric": True},
+    )
+    return {"precision": "int8", "method": "onnxruntime static QDQ", "activations": "int8 symmetric, MinMax",
+            "weights": "int8 symmetric per-channel", "ops": ["Conv", "MatMul", "Gemm"], "samples": len(feeds)}
+
+
+def quantize_int4_weights(source: Path, target: Path, block_size: int = 32,
+                          external_data: bool = False) -> dict[str, Any]:
+    """`accuracy_level` 4 lets the CPU kernel run the products in int8, as onnxruntime-genai does for int4."""
+    quantizer = MatMulNBitsQuantizer(onnx.load(str(source)), bits=4, block_size=block_size, is_symmetric=True,
+                                     accuracy_level=4)
+    quantizer.process()
+    quantizer.model.save_model_to_file(str(target), use_external_data_format=external_data)
+    return {"precision": "int4", "method": "onnxruntime MatMulNBits (weight-only, round to nearest)",
+            "weights": f"int4 symmetric, blocks of {block_size}", "activations": "float", "accuracy_level": 4}
+
+
+def quantize_modelopt(source: Path, target: Path, feeds: list[Feeds], precision: str,
+                      external_data: bool = False) -> dict[str, Any]:
+    """NVIDIA ModelOpt's ONNX PTQ: Q/DQ placed for TensorRT's explicit quantization. ModelOpt takes one
+    array per input, so feeds of different lengths are cut to their common prefix (a causal decoder's
+    prefix of a real sequence is itself a real input)."""
+    if precision not in MODELOPT_PRECISIONS:
+        raise ZspaError(f"ModelOpt precision must be one of {MODELOPT_PRECISIONS}, got {precision!r}")
+    try:
+        from modelopt.onnx.quantization import quantize
+    except ImportError:
+        raise ZspaError("TensorRT quantization needs NVIDIA ModelOpt: pip install 'nvidia-modelopt[onnx]'") from None
+    calibration = {name: np.concatenate(_common_prefix([f[name] for f in feeds])) for name in feeds[0]}
+    quantize(onnx_path=str(source), quantize_mode=precision, calibration_data=calibration,
+             calibration_method="max", output_path=str(target), use_external_data_format=external_data)
+    return {"precision": precision, "method": "NVIDIA ModelOpt ONNX PTQ (max calibration)", "samples": len(feeds),
+            "target": "TensorRT explicit quantization"}
+
+
+def _common_prefix(arrays: list[np.ndarray]) -> list[np.ndarray]:
+    shape = np.min([a.shape for a in arrays], axis=0)
+    return [a[tuple(slice(0, n) for n in shape)] for a in arrays]

@@ -1,0 +1,63 @@
+"""An onnxruntime backend that also records what each graph was fed: calibration inputs taken
+from the real pipeline, so the decoder is calibrated on pruned sequences at the bundle's keep —
+what it will see in use — rather than on unpruned ones."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+from zspa.manifest import DecoderSpec
+from zspa.runtime.backends import DecoderSession, GraphRunner, OrtBackend
+
+Feeds = dict[str, np.ndarray]
+
+
+class _RecordingGraph:
+    def __init__(self, runner: GraphRunner, records: list[Feeds]):
+        self.runner, self.records = runner, records
+        self.input_names = runner.input_names
+
+    def run(self, feeds: Feeds) -> list[np.ndarray]:
+        self.records.append({name: np.array(value) for name, value in feeds.items()})
+        return self.runner.run(feeds)
+
+
+class _RecordingDecoder:
+    """Records prefill steps only (empty past), the inputs a prefill-calibrated decoder needs."""
+
+    def __init__(self, decoder: DecoderSession, spec: DecoderSpec, dtype: type, records: list[Feeds]):
+        self.decoder, self.records = decoder, records
+        empty = np.zeros((1, spec.num_kv_heads, 0, spec.head_dim), dtype=dtype)
+        self.empty_past = {f"past_key_values.{i}.{kind}": empty for i in range(spec.num_layers)
+                           for kind in ("key", "value")}
+
+    @property
+    def past_length(self) -> int:
+        return self.decoder.past_length
+
+    def reset(self) -> None:
+        self.decoder.reset()
+
+    def step(self, inputs_embeds: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray) -> np.ndarray:
+        if self.decoder.past_length == 0:
+            self.records.append({"inputs_embeds": np.array(inputs_embeds), "attention_mask": np.array(attention_mask),
+                                 "position_ids": np.array(position_ids), **self.empty_past})
+        return self.decoder.step(inputs_embeds, attention_mask, position_ids)
+
+
+class RecordingBackend(OrtBackend):
+    """`records[graph file stem]`: the feeds of every run, in order."""
+
+    def __init__(self, providers: list[str] | None = None, threads: int | None = None):
+        super().__init__(providers, threads)
+        self.records: dict[str, list[Feeds]] = defaultdict(list)
+
+    def graph(self, path: Path) -> GraphRunner:
+        return _RecordingGraph(super().graph(path), self.records[path.stem])
+
+    def decoder(self, path: Path, spec: DecoderSpec) -> DecoderSession:
+        inner = super().decoder(path, spec)
+        return _RecordingDecoder(inner, spec, inner.embeds_dtype, self.records[path.stem])
