@@ -15,9 +15,11 @@ from typing import Protocol
 import numpy as np
 import onnxruntime as ort
 
-from zspa.errors import BundleError
+from zspa.errors import BundleError, InvalidInputError, ZspaError
 from zspa.manifest import DecoderSpec
 
+BACKENDS = ("ort-cpu", "ort-cuda", "ort-trt")
+Provider = str | tuple[str, dict[str, str]]
 _NUMPY_DTYPES = {"float32": np.float32, "float16": np.float16, "int64": np.int64, "int32": np.int32}
 
 
@@ -86,15 +88,35 @@ class OrtDecoder:
         return outputs[0].numpy()[:, -1, :].astype(np.float32, copy=False)
 
 
+def execution_providers(backend: str, engine_cache: Path, fp16: bool) -> list[Provider]:
+    """onnxruntime's providers for a backend name, best first; nodes a provider cannot run fall
+    back to the next. `ort-trt` caches its engines and timing cache in `engine_cache`, so only the
+    first session on a device pays for the TensorRT build."""
+    if backend == "ort-cpu":
+        return ["CPUExecutionProvider"]
+    if backend == "ort-cuda":
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    if backend == "ort-trt":
+        cache = str(engine_cache)
+        options = {"trt_engine_cache_enable": "True", "trt_engine_cache_path": cache, "trt_timing_cache_enable": "True",
+                   "trt_timing_cache_path": cache, "trt_fp16_enable": str(fp16)}
+        return [("TensorrtExecutionProvider", options), "CUDAExecutionProvider", "CPUExecutionProvider"]
+    raise InvalidInputError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+
+
 class OrtBackend:
     """onnxruntime with the given execution providers (CPU by default)."""
 
-    def __init__(self, providers: list[str] | None = None, threads: int | None = None):
+    def __init__(self, providers: list[Provider] | None = None, threads: int | None = None):
         available = ort.get_available_providers()
-        self.providers = providers or ["CPUExecutionProvider"]
+        self.provider_list = providers or ["CPUExecutionProvider"]
+        self.providers = [p if isinstance(p, str) else p[0] for p in self.provider_list]
         missing = [p for p in self.providers if p not in available]
         if missing:
-            raise BundleError(f"onnxruntime here lacks {', '.join(missing)} (available: {', '.join(available)})")
+            raise ZspaError(
+                f"this onnxruntime lacks {', '.join(missing)} (available: {', '.join(available)}); GPU backends need "
+                "onnxruntime-gpu on a desktop (pip install 'zspa[gpu]') or NVIDIA's onnxruntime build for Jetson"
+            )
         self.options = ort.SessionOptions()
         self.options.log_severity_level = 3
         # Several sessions run one after another; spinning worker threads of an idle session
@@ -106,7 +128,7 @@ class OrtBackend:
 
     def session(self, path: Path) -> ort.InferenceSession:
         try:
-            return ort.InferenceSession(os.fspath(path), self.options, providers=self.providers)
+            return ort.InferenceSession(os.fspath(path), self.options, providers=self.provider_list)
         except Exception as exc:  # onnxruntime raises its own untyped errors for bad graphs
             raise BundleError(f"{path}: onnxruntime cannot load this graph ({exc})") from None
 

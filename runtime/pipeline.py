@@ -14,7 +14,7 @@ import numpy as np
 
 from zspa.errors import InvalidInputError
 from zspa.pruning.budget import validate_keep
-from zspa.runtime.backends import OrtBackend
+from zspa.runtime.backends import OrtBackend, execution_providers
 from zspa.runtime.bundle import Bundle
 from zspa.runtime.images import DEFAULT_MAX_PIXELS, ImageSource, load_image, preprocess
 from zspa.runtime.positions import SCHEMES, prefill_positions
@@ -90,11 +90,14 @@ class Pipeline:
         self.prompts = PromptBuilder.from_file(bundle.file("tokenizer.json"), manifest.text)
 
     @classmethod
-    def load(cls, path: str | Path, *, providers: list[str] | None = None, threads: int | None = None,
+    def load(cls, path: str | Path, *, backend: str = "ort-cpu", threads: int | None = None,
              positions: str | None = None, max_image_pixels: int = DEFAULT_MAX_PIXELS) -> Pipeline:
-        """Opens a bundle (schema and sha256 checked) and creates a session per graph."""
-        return cls(Bundle.open(path), OrtBackend(providers, threads), positions=positions,
-                   max_image_pixels=max_image_pixels)
+        """Opens a bundle (schema and sha256 checked) and creates a session per graph on `backend`
+        (one of `BACKENDS`: onnxruntime on CPU, CUDA or TensorRT)."""
+        bundle = Bundle.open(path)
+        providers = execution_providers(backend, bundle.path / "engines" / "ort-trt",
+                                        fp16=bundle.manifest.dtype == "float16")
+        return cls(bundle, OrtBackend(providers, threads), positions=positions, max_image_pixels=max_image_pixels)
 
     def generate(
         self,

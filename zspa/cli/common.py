@@ -35,6 +35,15 @@ def method_list(text: str) -> list[str]:
     return names
 
 
+def add_backend_flags(parser) -> None:
+    """--backend and --threads, for every command that runs a bundle (a parser or an argument group)."""
+    from zspa.runtime.backends import BACKENDS
+
+    parser.add_argument("--backend", choices=BACKENDS, default="ort-cpu",
+                        help="onnxruntime on CPU, CUDA, or TensorRT (engines cached in BUNDLE/engines/ort-trt)")
+    parser.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads")
+
+
 def add_debug_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--debug", action="store_true", help="show the full traceback on errors")
 

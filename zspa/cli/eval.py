@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from zspa.cli.common import add_debug_flag, method_list, ratio_list, run_command
+from zspa.cli.common import add_backend_flags, add_debug_flag, method_list, ratio_list, run_command
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -25,7 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-new-tokens", type=int, default=16, help="default: 16")
     parser.add_argument("--limit", type=int, default=None, help="evaluate only the first N lines")
     parser.add_argument("--positions", choices=["contiguous", "original"], default=None)
-    parser.add_argument("--threads", type=int, default=None)
+    add_backend_flags(parser)
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     add_debug_flag(parser)
     return parser
@@ -51,7 +51,7 @@ def _eval(args: argparse.Namespace) -> None:
     from zspa.runtime.evaluation import Evaluation, markdown_table, plot_accuracy, read_dataset
     from zspa.runtime.pipeline import Pipeline
 
-    pipeline = Pipeline.load(args.bundle, threads=args.threads, positions=args.positions)
+    pipeline = Pipeline.load(args.bundle, backend=args.backend, threads=args.threads, positions=args.positions)
     settings = _settings(pipeline.bundle, args.methods, args.keeps)
     items, problems = read_dataset(args.data)
     for problem in problems:

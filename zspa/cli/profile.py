@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from zspa.cli.common import add_debug_flag, method_list, ratio_list, run_command
+from zspa.cli.common import add_backend_flags, add_debug_flag, method_list, ratio_list, run_command
 
 DEFAULT_IMAGE = Path(__file__).resolve().parent.parent / "assets" / "example.png"
 
@@ -27,7 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--runs", type=int, default=10, help="timed runs per setting (default: 10)")
     parser.add_argument("--max-new-tokens", type=int, default=32, help="tokens per run, EOS ignored (default: 32)")
     parser.add_argument("--out", type=Path, default=Path("profile"), help="output directory (default: profile/)")
-    parser.add_argument("--threads", type=int, default=None)
+    add_backend_flags(parser)
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     add_debug_flag(parser)
     return parser
@@ -57,7 +57,7 @@ def _profile(args: argparse.Namespace) -> None:
     if args.warmup < 0 or args.runs < 1 or args.max_new_tokens < 1:
         raise InvalidInputError("--warmup must be ≥ 0, --runs and --max-new-tokens ≥ 1")
     load_image(args.image)  # a bad image fails now, not after loading every graph
-    pipeline = Pipeline.load(args.bundle, threads=args.threads)
+    pipeline = Pipeline.load(args.bundle, backend=args.backend, threads=args.threads)
     config = ProfileConfig(args.image, args.prompt, _settings(pipeline.bundle, args.methods, args.keeps),
                            args.warmup, args.runs, args.max_new_tokens)
     report = run_profile(pipeline, config, progress=not args.quiet)

@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from zspa.cli.common import add_debug_flag, run_command
+from zspa.cli.common import add_backend_flags, add_debug_flag, run_command
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -25,7 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=None, help="sampling seed, for reproducible samples")
     parser.add_argument("--positions", choices=["contiguous", "original"], default=None,
                         help="position ids of kept visual tokens (default: the bundle's)")
-    parser.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads")
+    add_backend_flags(parser)
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of streaming")
     add_debug_flag(parser)
     return parser
@@ -34,7 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _run(args: argparse.Namespace) -> None:
     from zspa.runtime.pipeline import Pipeline
 
-    pipeline = Pipeline.load(args.bundle, threads=args.threads, positions=args.positions)
+    pipeline = Pipeline.load(args.bundle, backend=args.backend, threads=args.threads, positions=args.positions)
     stream = pipeline.generate(
         args.image, args.prompt, keep=args.keep, method=args.method, max_new_tokens=args.max_new_tokens,
         temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed, stream=True,

@@ -12,7 +12,7 @@ import os
 import sys
 from pathlib import Path
 
-from zspa.cli.common import add_debug_flag, run_command
+from zspa.cli.common import add_backend_flags, add_debug_flag, run_command
 from zspa.errors import ZspaError
 
 API_KEY_ENV = "ZSPA_API_KEY"
@@ -53,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     limits.add_argument("--drain-timeout", type=float, default=30.0,
                         help="seconds SIGTERM waits for in-flight requests before cancelling them")
     runtime = parser.add_argument_group("runtime")
-    runtime.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads")
+    add_backend_flags(runtime)
     runtime.add_argument("--positions", choices=["contiguous", "original"], default=None,
                          help="position ids of kept visual tokens (default: the bundle's)")
     runtime.add_argument("--no-warmup", action="store_true", help="report ready without a warm-up generation")
@@ -86,7 +86,7 @@ def _serve(args: argparse.Namespace) -> None:
         )
     except ValueError as exc:
         raise ZspaError(str(exc)) from None
-    pipeline = Pipeline.load(args.bundle, threads=args.threads, positions=args.positions,
+    pipeline = Pipeline.load(args.bundle, backend=args.backend, threads=args.threads, positions=args.positions,
                              max_image_pixels=args.max_image_pixels)
     if args.host not in _LOOPBACK and settings.api_key is None:
         logging.getLogger("zspa.serve").warning(

@@ -1,0 +1,44 @@
+"""Backend names → onnxruntime execution providers, and a clear error where a provider is missing."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import onnxruntime as ort
+import pytest
+
+from zspa.errors import InvalidInputError, ZspaError
+from zspa.runtime.backends import BACKENDS, OrtBackend, execution_providers
+
+HAS_CUDA = "CUDAExecutionProvider" in ort.get_available_providers()
+
+
+def test_each_backend_falls_back_to_cpu(tmp_path):
+    for backend in BACKENDS:
+        providers = execution_providers(backend, tmp_path, fp16=False)
+        assert providers[-1] == "CPUExecutionProvider"
+    assert execution_providers("ort-cuda", tmp_path, fp16=False)[0] == "CUDAExecutionProvider"
+
+
+@pytest.mark.parametrize("fp16", [True, False])
+def test_tensorrt_provider_caches_engines_in_the_bundle(tmp_path, fp16):
+    name, options = execution_providers("ort-trt", tmp_path / "engines" / "ort-trt", fp16=fp16)[0]
+    assert name == "TensorrtExecutionProvider"
+    assert options["trt_engine_cache_enable"] == "True" and options["trt_timing_cache_enable"] == "True"
+    assert Path(options["trt_engine_cache_path"]) == tmp_path / "engines" / "ort-trt"
+    assert options["trt_fp16_enable"] == str(fp16)
+
+
+def test_unknown_backend_is_refused(tmp_path):
+    with pytest.raises(InvalidInputError, match="ort-cpu, ort-cuda, ort-trt"):
+        execution_providers("tensorflow", tmp_path, fp16=False)
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="this onnxruntime has CUDA; tests/gpu covers the GPU backends")
+def test_missing_gpu_provider_says_what_to_install(tiny_bundle, photo_path, capsys):
+    with pytest.raises(ZspaError, match="onnxruntime-gpu"):
+        OrtBackend(execution_providers("ort-cuda", Path("unused"), fp16=False))
+    from zspa.cli.run import main
+
+    assert main([str(tiny_bundle), "--image", str(photo_path), "--prompt", "hi", "--backend", "ort-trt"]) == 1
+    assert "TensorrtExecutionProvider" in capsys.readouterr().err
