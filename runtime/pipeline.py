@@ -16,6 +16,7 @@ from zspa.errors import InvalidInputError
 from zspa.pruning.budget import validate_keep
 from zspa.runtime.backends import OrtBackend, execution_providers
 from zspa.runtime.bundle import Bundle
+from zspa.runtime.detokenize import IncrementalDetokenizer
 from zspa.runtime.images import DEFAULT_MAX_PIXELS, ImageSource, load_image, preprocess
 from zspa.runtime.positions import SCHEMES, prefill_positions
 from zspa.runtime.prompting import Prompt, PromptBuilder
@@ -178,7 +179,8 @@ class Pipeline:
 
         first_token_logits = logits[0].copy()
         rng = np.random.default_rng(params.seed)
-        tokens: list[int] = []
+        detokenizer = IncrementalDetokenizer(self.prompts.decode)
+        tokens = detokenizer.tokens
         text, emitted, finish = "", 0, "length"
         next_position = int(positions[-1]) + 1
         decode_start = time.perf_counter()
@@ -190,11 +192,10 @@ class Pipeline:
             if token in eos:
                 finish = "stop"
                 break
-            tokens.append(token)
-            text = self.prompts.decode(tokens)
+            text = detokenizer.add(token)
             cut = _stop_at(text, stop)
             if cut is not None:
-                text, finish = text[:cut], "stop"
+                finish = "stop"
                 break
             safe = len(text) - _held_back(text, stop)
             if safe > emitted:
@@ -207,6 +208,10 @@ class Pipeline:
             logits = self.decoder.step(embeds, mask, np.array([[next_position]], dtype=np.int64))
             next_position += 1
         timings["decode"] = (time.perf_counter() - decode_start) * 1000.0
+        text = detokenizer.flush()
+        cut = _stop_at(text, stop)
+        if cut is not None:
+            text, finish = text[:cut], "stop"
         if len(text) > emitted:
             yield text[emitted:]
         stats.tokens_generated = len(tokens)
@@ -219,7 +224,5 @@ def _stop_at(text: str, stop: list[str]) -> int | None:
 
 
 def _held_back(text: str, stop: list[str]) -> int:
-    """Characters to hold back: a partial multi-byte character, or a possible start of a stop string."""
-    if text.endswith("\ufffd"):
-        return len(text) - len(text.rstrip("\ufffd"))
+    """Characters to hold back: a possible start of a stop string."""
     return max((n for s in stop for n in range(1, len(s)) if text.endswith(s[:n])), default=0)
