@@ -1,0 +1,124 @@
+"""`zspa-build`: TensorRT engines for this GPU from a bundle's ONNX graphs (TensorRT 10 Python API).
+
+Each graph is parsed by TensorRT's ONNX parser and built with one optimisation profile from the
+manifest (`engines.optimisation_profile`), at the precision `engines.engine_sources` picks
+(pruners in fp32); graphs with Q/DQ nodes build strongly typed. One timing cache per bundle is
+reused across builds. Engines are written to a staging folder and renamed into
+`engines/<gpu>-sm<cc>-trt<version>/` with a build record.
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from tqdm import tqdm
+
+from zspa.errors import BundleError, ZspaError
+from zspa.export.engines import (
+    BuildRecord,
+    ShapeRanges,
+    check_precision,
+    engine_dir_name,
+    engine_sources,
+    optimisation_profile,
+    strongly_typed,
+)
+from zspa.runtime.bundle import Bundle
+
+TIMING_CACHE = "timing.cache"
+
+
+@dataclass(frozen=True)
+class BuildOptions:
+    bundle: Path
+    precision: str = "fp16"
+    max_context: int | None = None
+    workspace_gb: float = 4.0
+    force: bool = False
+    progress: bool = True
+
+
+def import_tensorrt():
+    try:
+        import tensorrt
+    except ImportError:
+        raise ZspaError("zspa-build needs TensorRT: pip install 'zspa[trt]' on a desktop GPU; on a Jetson it "
+                        "comes with JetPack (python3-libnvinfer)") from None
+    return tensorrt
+
+
+def cuda_device() -> tuple[str, tuple[int, int]]:
+    """Name and compute capability of CUDA device 0, through cuda-python."""
+    try:
+        from cuda.bindings import runtime as cudart
+    except ImportError:
+        try:
+            from cuda import cudart
+        except ImportError:
+            raise ZspaError("zspa-build needs cuda-python: pip install 'zspa[trt]'") from None
+    error, props = cudart.cudaGetDeviceProperties(0)
+    if int(error) != 0:
+        raise ZspaError(f"no usable CUDA device ({error})")
+    return props.name.decode().strip("\x00"), (props.major, props.minor)
+
+
+def build_engines(options: BuildOptions) -> Path:
+    trt = import_tensorrt()
+    bundle = Bundle.open(options.bundle)
+    gpu, capability = cuda_device()
+    check_precision(options.precision, capability)
+    ranges = ShapeRanges.for_manifest(bundle.manifest, options.max_context)
+    engines = bundle.path / "engines"
+    target = engines / engine_dir_name(gpu, capability, trt.__version__)
+    if target.exists() and not options.force:
+        raise ZspaError(f"{target} exists; pass --force to rebuild")
+    staging = engines / f".{target.name}.partial"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    logger = trt.Logger(trt.Logger.WARNING)
+    cache_path = engines / TIMING_CACHE
+    try:
+        sources = engine_sources(bundle.manifest, options.precision)
+        for name, (graph, precision) in tqdm(sources.items(), desc="building engines", unit="engine",
+                                             disable=not options.progress):
+            spec = bundle.manifest.graphs[graph]
+            plan = _build(trt, logger, bundle.graph_file(graph), optimisation_profile(spec, ranges), precision,
+                          strongly_typed(spec), int(options.workspace_gb * 2**30), cache_path)
+            (staging / f"{name}.plan").write_bytes(plan)
+        BuildRecord(trt.__version__, gpu, list(capability), options.precision, ranges.max_context,
+                    ranges.max_prefill, int(options.workspace_gb * 2**30),
+                    {graph: bundle.manifest.graphs[graph].sha256 for graph, _ in sources.values()}).write(staging)
+        if target.exists():
+            shutil.rmtree(target)
+        staging.rename(target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def _build(trt, logger, onnx_path: Path, profile_shapes, precision: str, typed: bool, workspace: int,
+           cache_path: Path) -> bytes:
+    builder = trt.Builder(logger)
+    flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED) if typed else 0
+    network = builder.create_network(flags)
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(onnx_path)):
+        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        raise BundleError(f"{onnx_path.name}: TensorRT's ONNX parser refused the graph ({errors})")
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace)
+    if not typed and precision in ("fp16", "bf16"):
+        config.set_flag(trt.BuilderFlag.FP16 if precision == "fp16" else trt.BuilderFlag.BF16)
+    profile = builder.create_optimization_profile()
+    for name, (low, opt, high) in profile_shapes.items():
+        profile.set_shape(name, low, opt, high)
+    config.add_optimization_profile(profile)
+    cache = config.create_timing_cache(cache_path.read_bytes() if cache_path.exists() else b"")
+    config.set_timing_cache(cache, ignore_mismatch=False)
+    plan = builder.build_serialized_network(network, config)
+    if plan is None:
+        raise BundleError(f"{onnx_path.name}: TensorRT could not build an engine (see the log above)")
+    cache_path.write_bytes(memoryview(config.get_timing_cache().serialize()))
+    return bytes(plan)

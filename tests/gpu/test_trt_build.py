@@ -1,0 +1,31 @@
+"""zspa-build on a real GPU with TensorRT; skipped, with the reason, elsewhere."""
+
+from __future__ import annotations
+
+import pytest
+
+
+def _gpu_or_skip():
+    tensorrt = pytest.importorskip("tensorrt", reason="needs the tensorrt Python package and a CUDA GPU")
+    from zspa.errors import ZspaError
+    from zspa.export.trt_build import cuda_device
+
+    try:
+        return tensorrt, cuda_device()
+    except ZspaError as exc:
+        pytest.skip(f"needs a CUDA GPU and cuda-python: {exc}")
+
+
+def test_build_writes_engines_and_a_record_that_checks(bundle_copy):
+    tensorrt, (gpu, capability) = _gpu_or_skip()
+    from zspa.export.engines import BuildRecord
+    from zspa.export.trt_build import BuildOptions, build_engines
+    from zspa.runtime.bundle import Bundle
+
+    target = build_engines(BuildOptions(bundle_copy, "fp16", max_context=1024, workspace_gb=1, progress=False))
+    manifest = Bundle.open(bundle_copy).manifest
+    assert {p.stem for p in target.glob("*.plan")} == set(manifest.graphs)
+    BuildRecord.read(target).check(manifest, gpu, capability, tensorrt.__version__)
+    runtime = tensorrt.Runtime(tensorrt.Logger(tensorrt.Logger.WARNING))
+    engine = runtime.deserialize_cuda_engine((target / "decoder.plan").read_bytes())
+    assert engine.get_tensor_profile_shape("past_key_values.0.key", 0)[2][2] == 1023

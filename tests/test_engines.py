@@ -1,0 +1,110 @@
+"""zspa-build's decisions, on real manifests, without a GPU: profiles, precisions, sources, records."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+
+import pytest
+
+from zspa.errors import BundleError, InvalidInputError, ZspaError
+from zspa.export.engines import (
+    BuildRecord,
+    ShapeRanges,
+    check_precision,
+    engine_dir_name,
+    engine_sources,
+    optimisation_profile,
+    strongly_typed,
+)
+from zspa.runtime.bundle import Bundle
+
+
+@pytest.fixture(scope="module")
+def manifest(tiny_bundle):
+    return Bundle.open(tiny_bundle).manifest
+
+
+def test_decoder_profile_spans_prefill_and_context(manifest):
+    ranges = ShapeRanges.for_manifest(manifest, max_context=1024)
+    profile = optimisation_profile(manifest.graphs["decoder"], ranges)
+    low, opt, high = profile["inputs_embeds"]
+    assert low == (1, 1, 64) and high == (1, ranges.max_prefill, 64) and low[1] <= opt[1] <= high[1]
+    assert profile["past_key_values.1.value"][0] == (1, 2, 0, 16)  # prefill starts from an empty cache
+    assert profile["past_key_values.1.value"][2] == (1, 2, 1023, 16)
+    assert profile["attention_mask"][2] == (1, 1024)
+    assert ranges.max_prefill == 1024  # 576 visual tokens + 512 of text, capped by the context
+
+
+def test_vision_and_pruners_are_static_but_the_prompt_length(manifest):
+    ranges = ShapeRanges.for_manifest(manifest)
+    vision = optimisation_profile(manifest.graphs["vision"], ranges)
+    assert vision["pixel_values"] == ((1, 3, 336, 336),) * 3
+    pruner = optimisation_profile(manifest.graphs["pruner-zspa-k58"], ranges)
+    assert pruner["image_features"] == ((1, 576, 64),) * 3
+    assert pruner["prompt_embeds"][0] == (1, 1, 64) and pruner["prompt_embeds"][2][1] == ranges.max_prefill
+
+
+def test_context_beyond_the_model_is_refused(manifest):
+    with pytest.raises(InvalidInputError, match="max-context"):
+        ShapeRanges.for_manifest(manifest, max_context=manifest.text.max_context + 1)
+
+
+@pytest.mark.parametrize("precision, capability, ok", [
+    ("fp16", (8, 7), True), ("bf16", (7, 2), False), ("bf16", (8, 7), True), ("fp8", (8, 7), False),
+    ("fp8", (9, 0), True), ("int8", (7, 2), True), ("int4", (7, 2), False), ("fp64", (9, 0), False),
+])
+def test_precisions_follow_the_gpu(precision, capability, ok):
+    if ok:
+        check_precision(precision, capability)
+    else:
+        with pytest.raises(InvalidInputError):
+            check_precision(precision, capability)
+
+
+def test_engine_sources_pick_precisions_and_trt_variants(manifest):
+    sources = engine_sources(manifest, "fp16")
+    assert sources["decoder"] == ("decoder", "fp16") and sources["pruner-zspa-k58"] == ("pruner-zspa-k58", "fp32")
+    assert engine_sources(manifest, "int8")["vision"] == ("vision", "fp16")  # no Q/DQ graph: fp16
+    graphs = dict(manifest.graphs)
+    graphs["vision-trt-int8"] = dataclasses.replace(graphs["vision"], file="vision-trt-int8.onnx",
+                                                    quantization={"precision": "int8", "method": "NVIDIA ModelOpt"})
+    graphs["vision"] = dataclasses.replace(graphs["vision"], quantization={"precision": "int8",
+                                                                           "method": "onnxruntime static QDQ"})
+    calibrated = dataclasses.replace(manifest, graphs=graphs)
+    sources = engine_sources(calibrated, "int8")
+    assert sources["vision"] == ("vision-trt-int8", "int8") and "vision-trt-int8" not in sources
+    assert strongly_typed(graphs["vision-trt-int8"]) and not strongly_typed(graphs["decoder"])
+    with pytest.raises(BundleError, match="quantized for onnxruntime"):
+        engine_sources(calibrated, "fp16")
+
+
+def test_engine_folder_names_the_device_and_version():
+    assert engine_dir_name("NVIDIA Jetson AGX Orin", (8, 7), "10.3.0") == "nvidia-jetson-agx-orin-sm87-trt10.3.0"
+
+
+def test_build_record_refuses_other_gpus_versions_and_graphs(manifest, tmp_path):
+    graphs = {name: spec.sha256 for name, spec in manifest.graphs.items()}
+    record = BuildRecord("10.3.0", "Orin", [8, 7], "fp16", 2048, 1088, 2**32, graphs)
+    record.write(tmp_path)
+    loaded = BuildRecord.read(tmp_path)
+    loaded.check(manifest, "Orin", (8, 7), "10.3.0")
+    for gpu, capability, version, expected in [("H100", (9, 0), "10.3.0", "built for Orin"),
+                                               ("Orin", (8, 7), "10.7.0", "TensorRT 10.3.0")]:
+        with pytest.raises(BundleError, match=expected):
+            loaded.check(manifest, gpu, capability, version)
+    stale = dataclasses.replace(loaded, graphs={**graphs, "decoder": "0" * 64})
+    with pytest.raises(BundleError, match="decoder"):
+        stale.check(manifest, "Orin", (8, 7), "10.3.0")
+    (tmp_path / "build.json").write_text("{", encoding="utf-8")
+    with pytest.raises(BundleError, match="rebuild"):
+        BuildRecord.read(tmp_path)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("tensorrt") is not None,
+                    reason="TensorRT is installed: this checks the message given without it")
+def test_zspa_build_without_tensorrt_says_what_to_install(tiny_bundle, capsys):
+    from zspa.cli.build import main
+
+    assert main([str(tiny_bundle)]) == ZspaError.exit_code
+    assert "needs TensorRT" in capsys.readouterr().err
