@@ -58,6 +58,6 @@ class RecordingBackend(OrtBackend):
     def graph(self, path: Path) -> GraphRunner:
         return _RecordingGraph(super().graph(path), self.records[path.stem])
 
-    def decoder(self, path: Path, spec: DecoderSpec) -> DecoderSession:
-        inner = super().decoder(path, spec)
+    def decoder(self, path: Path, spec: DecoderSpec, capacity: int) -> DecoderSession:
+        inner = super().decoder(path, spec, capacity)
         return _RecordingDecoder(inner, spec, inner.embeds_dtype, self.records[path.stem])

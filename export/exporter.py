@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import shutil
 import tempfile
@@ -17,6 +18,7 @@ from zspa.export.graphs import DecoderGraph, EmbedGraph, kv_names
 from zspa.export.loading import LoadedModel, load_model
 from zspa.export.onnx_io import describe_graph, export_graph, node_count
 from zspa.export.parity import check_parity
+from zspa.export.shared_kv import TRANSLATION_TABLE, SharedKVDecoderGraph, gqa_attention
 from zspa.export.staging import staged_directory
 from zspa.integrity import sha256_file
 from zspa.manifest import MANIFEST_NAME, SCHEMA_VERSION, Manifest, PrunerSpec
@@ -27,6 +29,7 @@ from zspa.pruning.methods import make_selector
 
 DTYPES = {"fp32": (torch.float32, "float32"), "fp16": (torch.float16, "float16")}
 DEFAULT_OPSET = 18
+KV_CACHES = ("concat", "shared")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 
 
@@ -40,6 +43,7 @@ class ExportOptions:
     relevance_ratio: float = METHOD_DEFAULTS["zspa"]["relevance_ratio"]
     pooling: str = METHOD_DEFAULTS["zspa"]["pooling"]
     dtype: str = "fp32"
+    kv_cache: str = "concat"  # or "shared": in-place KV buffers through onnxruntime's GroupQueryAttention
     opset: int = DEFAULT_OPSET
     force: bool = False
     revision: str | None = None
@@ -80,6 +84,8 @@ def _validate(options: ExportOptions) -> None:
         raise InvalidInputError(f"--dtype must be one of {sorted(DTYPES)}, got {options.dtype!r}")
     if not 14 <= options.opset <= 23:
         raise InvalidInputError(f"--opset must be between 14 and 23, got {options.opset}")
+    if options.kv_cache not in KV_CACHES:
+        raise InvalidInputError(f"--kv-cache must be one of {', '.join(KV_CACHES)}, got {options.kv_cache!r}")
     if not options.methods:
         raise InvalidInputError("give at least one pruning --method")
     for method in options.methods:
@@ -100,7 +106,7 @@ def _write_bundle(loaded: LoadedModel, options: ExportOptions, out: Path, torch_
     vision = family.vision_graph(model).eval()
     with torch.no_grad():
         num_tokens, hidden = vision(pixel_values).shape[1:]
-    decoder_spec = family.decoder_spec(model, kv_dtype=dtype_name)
+    decoder_spec = dataclasses.replace(family.decoder_spec(model, kv_dtype=dtype_name), kv_cache=options.kv_cache)
     batch, seq = "batch_size", "sequence_length"
 
     def step(description: str) -> None:
@@ -121,8 +127,14 @@ def _write_bundle(loaded: LoadedModel, options: ExportOptions, out: Path, torch_
     bar.update()
 
     step("exporting decoder")
-    decoder = DecoderGraph(*family.language_model(model)).eval()
-    _export_decoder(decoder, decoder_spec, hidden, torch_dtype, out / "decoder.onnx", options.opset)
+    decoder = DecoderGraph(*family.language_model(model)).eval()  # also the parity reference
+    if options.kv_cache == "shared":
+        language_model, lm_head = family.language_model(model)
+        with gqa_attention(language_model):
+            _export_decoder(SharedKVDecoderGraph(language_model, lm_head).eval(), decoder_spec, hidden, torch_dtype,
+                            out / "decoder.onnx", options.opset)
+    else:
+        _export_decoder(decoder, decoder_spec, hidden, torch_dtype, out / "decoder.onnx", options.opset)
     bar.update()
 
     pruners = []
@@ -141,8 +153,8 @@ def _write_bundle(loaded: LoadedModel, options: ExportOptions, out: Path, torch_
 
     step("checking parity with transformers")
     parity = check_parity(out, vision, decoder, embed, pixel_values=pixel_values[:1], input_ids=input_ids[:1],
-                          num_kv_heads=decoder_spec.num_kv_heads, head_dim=decoder_spec.head_dim,
-                          num_layers=decoder_spec.num_layers, dtype=dtype_name)
+                          decoder_spec=decoder_spec, max_context=family.text_spec(model, processor).max_context,
+                          dtype=dtype_name)
     bar.update()
 
     step("writing tokenizer and manifest")
@@ -185,9 +197,10 @@ def export_pruner(pruner: PrunerGraph, num_tokens: int, hidden: int, path: Path,
                                "kept_indices": {0: batch}}, opset=opset)
 
 
-def _export_decoder(decoder: DecoderGraph, spec, hidden: int, torch_dtype, path: Path, opset: int) -> None:
+def _export_decoder(decoder: torch.nn.Module, spec, hidden: int, torch_dtype, path: Path, opset: int) -> None:
     batch, seq, past_len = 2, 3, 4  # past ≥ 2 so neither axis is specialised
-    past = [torch.randn(batch, spec.num_kv_heads, past_len, spec.head_dim).to(torch_dtype)
+    capacity = past_len + seq + 5 if spec.kv_cache == "shared" else past_len
+    past = [torch.randn(batch, spec.num_kv_heads, capacity, spec.head_dim).to(torch_dtype)
             for _ in range(2 * spec.num_layers)]
     args = (
         torch.randn(batch, seq, hidden).to(torch_dtype),
@@ -197,16 +210,19 @@ def _export_decoder(decoder: DecoderGraph, spec, hidden: int, torch_dtype, path:
     )
     past_names = kv_names(spec.num_layers, "past_key_values")
     present_names = kv_names(spec.num_layers, "present")
+    shared = spec.kv_cache == "shared"  # past and present are one buffer: its capacity, not a length
+    past_axis, present_axis = ("max_cache_length",) * 2 if shared else ("past_sequence_length", "total_sequence_length")
     axes = {
         "inputs_embeds": {0: "batch_size", 1: "sequence_length"},
         "attention_mask": {0: "batch_size", 1: "total_sequence_length"},
         "position_ids": {0: "batch_size", 1: "sequence_length"},
         "logits": {0: "batch_size"},
-        **{name: {0: "batch_size", 2: "past_sequence_length"} for name in past_names},
-        **{name: {0: "batch_size", 2: "total_sequence_length"} for name in present_names},
+        **{name: {0: "batch_size", 2: past_axis} for name in past_names},
+        **{name: {0: "batch_size", 2: present_axis} for name in present_names},
     }
     export_graph(decoder, args, path, input_names=["inputs_embeds", "attention_mask", "position_ids", *past_names],
-                 output_names=["logits", *present_names], dynamic_axes=axes, opset=opset)
+                 output_names=["logits", *present_names], dynamic_axes=axes, opset=opset,
+                 custom_translation_table=TRANSLATION_TABLE if shared else None)
 
 
 def _save_tokenizer(processor, out: Path) -> dict[str, str]:

@@ -37,6 +37,7 @@ def export_graph(
     output_names: list[str],
     dynamic_axes: dict[str, dict[int, str]],
     opset: int,
+    custom_translation_table: dict | None = None,
 ) -> None:
     """Exports `module(*args)` to `path`.
 
@@ -62,6 +63,7 @@ def export_graph(
             dynamic_shapes=dynamic_shapes,
             opset_version=opset,
             verbose=False,
+            custom_translation_table=custom_translation_table,
         )
     weight_bytes = sum(p.numel() * p.element_size() for p in module.parameters())
     program.save(str(path), external_data=weight_bytes > EXTERNAL_DATA_THRESHOLD)

@@ -13,6 +13,8 @@ import onnxruntime as ort
 import torch
 
 from zspa.errors import ZspaError
+from zspa.manifest import DecoderSpec
+from zspa.runtime.backends import OrtBackend
 
 # fp32 graphs must agree to this relative tolerance (of the reference's largest magnitude).
 RELATIVE_TOLERANCE = {"float32": 1e-4, "float16": 2e-2}
@@ -34,10 +36,11 @@ def _check(what: str, ours: np.ndarray, reference: torch.Tensor, dtype: str) -> 
 @torch.no_grad()
 def check_parity(
     graphs_dir: Path, vision: torch.nn.Module, decoder: torch.nn.Module, embed: torch.nn.Module, *,
-    pixel_values: torch.Tensor, input_ids: torch.Tensor, num_kv_heads: int, head_dim: int, num_layers: int,
-    dtype: str,
+    pixel_values: torch.Tensor, input_ids: torch.Tensor, decoder_spec: DecoderSpec, max_context: int, dtype: str,
 ) -> dict[str, float]:
-    """Vision features, embeddings and decoder logits (prefill, then one decode step), ORT vs torch."""
+    """Vision features, embeddings and decoder logits (prefill, then one decode step), ORT vs
+    torch. The decoder graph runs through the runtime's own session for its KV-cache kind, so a
+    shared-buffer graph is checked exactly as it will run, against transformers' attention."""
     report = {}
     features = vision(pixel_values)
     ours = _session(graphs_dir / "vision.onnx").run(None, {"pixel_values": pixel_values.numpy()})[0]
@@ -49,22 +52,17 @@ def check_parity(
 
     # Prefill: the image features spliced after the text, from an empty cache; then one step.
     sequence = torch.cat([embeds, features], dim=1)
-    batch = sequence.shape[0]
-    empty = torch.zeros(batch, num_kv_heads, 0, head_dim, dtype=sequence.dtype)
-    session = _session(graphs_dir / "decoder.onnx")
-    names = [i.name for i in session.get_inputs()]
-    worst = 0.0
-    past = [empty] * (2 * num_layers)
-    step_inputs = sequence
-    position = 0
+    session = OrtBackend().decoder(graphs_dir / "decoder.onnx", decoder_spec, max_context)
+    empty = torch.zeros(1, decoder_spec.num_kv_heads, 0, decoder_spec.head_dim, dtype=sequence.dtype)
+    past = [empty] * (2 * decoder_spec.num_layers)
+    worst, step_inputs, position = 0.0, sequence, 0
     for _ in range(2):
         step = step_inputs.shape[1]
-        mask = torch.ones(batch, position + step, dtype=torch.int64)
-        positions = torch.arange(position, position + step).expand(batch, step).contiguous()
+        mask = torch.ones(1, position + step, dtype=torch.int64)
+        positions = torch.arange(position, position + step).view(1, step)
         reference = decoder(step_inputs, mask, positions, *past)
-        feeds = dict(zip(names, [t.numpy() for t in (step_inputs, mask, positions, *past)]))
-        ours = session.run(None, feeds)
-        worst = max(worst, _check("decoder logits", ours[0], reference[0], dtype))
+        ours = session.step(step_inputs.numpy(), mask.numpy(), positions.numpy())
+        worst = max(worst, _check("decoder logits", ours, reference[0][:, -1], dtype))
         past = list(reference[1:])
         position += step
         step_inputs = embed(reference[0].argmax(-1))

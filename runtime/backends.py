@@ -49,8 +49,9 @@ class OrtGraph:
         return self.session.run(None, {k: np.asarray(v, dtype=self.input_dtypes[k]) for k, v in feeds.items()})
 
 
-class OrtDecoder:
-    """The decoder graph with its KV cache bound across steps."""
+class _OrtDecoderBase:
+    """IO binding shared by both KV-cache kinds: the step's inputs bound from numpy. Subclasses bind
+    `logits` (to the host) before the present outputs: `get_outputs` follows binding order."""
 
     def __init__(self, session: ort.InferenceSession, spec: DecoderSpec, device: str):
         self.session = session
@@ -60,8 +61,28 @@ class OrtDecoder:
         self.past_names = [f"past_key_values.{i}.{kind}" for i in range(spec.num_layers) for kind in ("key", "value")]
         self.present_names = [n.replace("past_key_values", "present") for n in self.past_names]
         self.binding = session.io_binding()
-        self.past: list[ort.OrtValue] = []
         self.past_length = 0
+
+    def _run(self, inputs_embeds: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray) -> list:
+        binding = self.binding
+        binding.bind_cpu_input("inputs_embeds", np.ascontiguousarray(inputs_embeds, dtype=self.embeds_dtype))
+        binding.bind_cpu_input("attention_mask", np.ascontiguousarray(attention_mask, dtype=np.int64))
+        binding.bind_cpu_input("position_ids", np.ascontiguousarray(position_ids, dtype=np.int64))
+        self.session.run_with_iobinding(binding)
+        self.past_length += inputs_embeds.shape[1]
+        return binding.get_outputs()
+
+    @staticmethod
+    def _last_logits(logits: ort.OrtValue) -> np.ndarray:
+        return logits.numpy()[:, -1, :].astype(np.float32, copy=False)
+
+
+class OrtDecoder(_OrtDecoderBase):
+    """The portable decoder graph (past → past + new) with its KV cache bound across steps."""
+
+    def __init__(self, session: ort.InferenceSession, spec: DecoderSpec, device: str):
+        super().__init__(session, spec, device)
+        self.past: list[ort.OrtValue] = []
         self.reset()
 
     def reset(self) -> None:
@@ -70,22 +91,40 @@ class OrtDecoder:
         self.past_length = 0
 
     def step(self, inputs_embeds: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray) -> np.ndarray:
-        binding = self.binding
-        binding.clear_binding_inputs()
-        binding.clear_binding_outputs()
-        binding.bind_cpu_input("inputs_embeds", np.ascontiguousarray(inputs_embeds, dtype=self.embeds_dtype))
-        binding.bind_cpu_input("attention_mask", np.ascontiguousarray(attention_mask, dtype=np.int64))
-        binding.bind_cpu_input("position_ids", np.ascontiguousarray(position_ids, dtype=np.int64))
-        for name, value in zip(self.past_names, self.past):
-            binding.bind_ortvalue_input(name, value)
-        binding.bind_output("logits", "cpu")
+        self.binding.clear_binding_outputs()
+        self.binding.bind_output("logits", "cpu")
         for name in self.present_names:
-            binding.bind_output(name, self.device)
-        self.session.run_with_iobinding(binding)
-        outputs = binding.get_outputs()
+            self.binding.bind_output(name, self.device)
+        for name, value in zip(self.past_names, self.past):
+            self.binding.bind_ortvalue_input(name, value)
+        outputs = self._run(inputs_embeds, attention_mask, position_ids)
         self.past = list(outputs[1:])
-        self.past_length += inputs_embeds.shape[1]
-        return outputs[0].numpy()[:, -1, :].astype(np.float32, copy=False)
+        return self._last_logits(outputs[0])
+
+
+class OrtSharedKVDecoder(_OrtDecoderBase):
+    """The shared-buffer decoder graph (`kv_cache: shared`): one [1, Hkv, capacity, Dh] buffer per
+    layer, bound once as both past and present, so a step writes only its new positions."""
+
+    def __init__(self, session: ort.InferenceSession, spec: DecoderSpec, device: str, capacity: int):
+        super().__init__(session, spec, device)
+        self.capacity = capacity
+        shape = [1, spec.num_kv_heads, capacity, spec.head_dim]
+        self.buffers = [ort.OrtValue.ortvalue_from_shape_and_type(shape, self.embeds_dtype, device, 0)
+                        for _ in self.past_names]
+        self.binding.bind_output("logits", "cpu")
+        for past, present, buffer in zip(self.past_names, self.present_names, self.buffers):
+            self.binding.bind_ortvalue_input(past, buffer)
+            self.binding.bind_ortvalue_output(present, buffer)
+
+    def reset(self) -> None:
+        self.past_length = 0  # positions past the valid length are never read
+
+    def step(self, inputs_embeds: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray) -> np.ndarray:
+        if self.past_length + inputs_embeds.shape[1] > self.capacity:
+            raise InvalidInputError(f"the KV cache holds {self.capacity} positions; this step needs "
+                                    f"{self.past_length + inputs_embeds.shape[1]}")
+        return self._last_logits(self._run(inputs_embeds, attention_mask, position_ids)[0])
 
 
 def execution_providers(backend: str, engine_cache: Path, fp16: bool) -> list[Provider]:
@@ -135,7 +174,10 @@ class OrtBackend:
     def graph(self, path: Path) -> GraphRunner:
         return OrtGraph(self.session(path))
 
-    def decoder(self, path: Path, spec: DecoderSpec) -> DecoderSession:
+    def decoder(self, path: Path, spec: DecoderSpec, capacity: int) -> DecoderSession:
+        """A decoder session for the graph's KV-cache kind; `capacity` sizes a shared buffer."""
+        if spec.kv_cache == "shared":
+            return OrtSharedKVDecoder(self.session(path), spec, self.device, capacity)
         return OrtDecoder(self.session(path), spec, self.device)
 
 

@@ -87,7 +87,7 @@ class Pipeline:
         self.vision = backend.graph(bundle.graph_file("vision"))
         self.embed = backend.graph(bundle.graph_file("embed"))
         self.pruners = {p.graph: backend.graph(bundle.graph_file(p.graph)) for p in manifest.pruners}
-        self.decoder = backend.decoder(bundle.graph_file("decoder"), manifest.decoder)
+        self.decoder = backend.decoder(bundle.graph_file("decoder"), manifest.decoder, manifest.text.max_context)
         self.prompts = PromptBuilder.from_file(bundle.file("tokenizer.json"), manifest.text)
 
     @classmethod

@@ -75,6 +75,9 @@ class DecoderSpec:
     vocab_size: int
     kv_dtype: str
     positions: str  # family default: "contiguous" | "original"
+    # "concat": past → past+new, portable (TensorRT); "shared": one in-place buffer per layer through
+    # onnxruntime's GroupQueryAttention (export/shared_kv.py), onnxruntime only.
+    kv_cache: str = "concat"
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,157 @@
+"""A decoder graph whose KV cache is one preallocated buffer per layer, updated in place.
+
+The portable decoder (DESIGN §4) takes the past and returns past+new, so onnxruntime copies the
+whole cache every token. This variant puts onnxruntime's `com.microsoft.GroupQueryAttention` in
+each layer, as onnxruntime-genai's models do: past and present are the same [B, Hkv, capacity,
+Dh] buffer (bound once through IO binding), the new keys and values are written at the current
+length, and attention reads only the valid prefix. onnxruntime only: TensorRT cannot parse the op.
+
+How it is exported: transformers' attention interface gets a `zspa_gqa` implementation that calls
+a torch custom op (`zspa::group_query_attention`, with an eager reference used for tracing and
+tests), and the dynamo exporter translates that op into the contrib node. Rotary embeddings stay
+outside the op, so the position ids the runtime gives (original or contiguous) still apply.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from collections.abc import Iterator
+
+import torch
+from onnx.defs import OpSchema
+from onnxscript import values
+from onnxscript._internal.values import Op
+from torch import nn
+
+GQA_IMPLEMENTATION = "zspa_gqa"
+
+_P = OpSchema.FormalParameter
+# The contrib op's schema (onnxruntime ContribOperators.md), the inputs this graph uses.
+_GQA_SCHEMA = OpSchema(
+    "GroupQueryAttention", "com.microsoft", 1,
+    inputs=[_P("query", "T"), _P("key", "T"), _P("value", "T"), _P("past_key", "T"), _P("past_value", "T"),
+            _P("seqlens_k", "M"), _P("total_sequence_length", "M")],
+    outputs=[_P("output", "T"), _P("present_key", "T"), _P("present_value", "T")],
+    type_constraints=[("T", ["tensor(float)", "tensor(float16)", "tensor(bfloat16)"], ""),
+                      ("M", ["tensor(int32)"], "")],
+    attributes=[OpSchema.Attribute("num_heads", OpSchema.AttrType.INT, ""),
+                OpSchema.Attribute("kv_num_heads", OpSchema.AttrType.INT, ""),
+                OpSchema.Attribute("scale", OpSchema.AttrType.FLOAT, "")],
+)
+_GQA_OP = Op(values.Opset("com.microsoft", 1), "GroupQueryAttention", _GQA_SCHEMA)
+
+
+@torch.library.custom_op("zspa::group_query_attention", mutates_args=())
+def group_query_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, past_key: torch.Tensor,
+                          past_value: torch.Tensor, seqlens_k: torch.Tensor, total_length: torch.Tensor,
+                          num_heads: int, kv_num_heads: int, scale: float
+                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Eager reference of the contrib op (batch 1 semantics of its shared-buffer mode): q/k/v
+    [B, S, heads·Dh], buffers [B, Hkv, capacity, Dh], total_length = past + S."""
+    batch, steps, _ = query.shape
+    head_dim = past_key.shape[-1]
+    total = int(total_length[0])
+    past = total - steps
+    present_key, present_value = past_key.clone(), past_value.clone()
+    present_key[:, :, past:total] = key.view(batch, steps, kv_num_heads, head_dim).transpose(1, 2)
+    present_value[:, :, past:total] = value.view(batch, steps, kv_num_heads, head_dim).transpose(1, 2)
+    groups = num_heads // kv_num_heads
+    q = query.view(batch, steps, num_heads, head_dim).transpose(1, 2)
+    k = present_key[:, :, :total].repeat_interleave(groups, 1)
+    v = present_value[:, :, :total].repeat_interleave(groups, 1)
+    visible = torch.arange(total).view(1, total) <= (past + torch.arange(steps)).view(steps, 1)
+    scores = (q @ k.transpose(-1, -2) * scale).masked_fill(~visible, float("-inf"))
+    output = (scores.softmax(-1) @ v).transpose(1, 2).reshape(batch, steps, num_heads * head_dim)
+    return output, present_key, present_value
+
+
+@group_query_attention.register_fake
+def _(query, key, value, past_key, past_value, seqlens_k, total_length, num_heads, kv_num_heads, scale):
+    return torch.empty_like(query), torch.empty_like(past_key), torch.empty_like(past_value)
+
+
+def _group_query_attention_onnx(query, key, value, past_key, past_value, seqlens_k, total_length, num_heads: int,
+                                kv_num_heads: int, scale: float):
+    return _GQA_OP(query, key, value, past_key, past_value, seqlens_k, total_length, num_heads=num_heads,
+                   kv_num_heads=kv_num_heads, scale=scale)
+
+
+TRANSLATION_TABLE = {torch.ops.zspa.group_query_attention.default: _group_query_attention_onnx}
+
+
+class _SharedBufferCache:
+    """What transformers' attention layers see as the cache: `update` hands back the new keys and
+    values only; the attention implementation below finds the layer's buffers here."""
+
+    def __init__(self, buffers: list[tuple[torch.Tensor, torch.Tensor]], seqlens_k: torch.Tensor,
+                 total_length: torch.Tensor):
+        self.buffers, self.seqlens_k, self.total_length = buffers, seqlens_k, total_length
+        self.present: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args, **kwargs):
+        return key, value
+
+
+_ACTIVE_CACHE: contextvars.ContextVar[_SharedBufferCache] = contextvars.ContextVar("zspa_shared_kv_cache")
+
+
+def _attention(module: nn.Module, query, key, value, attention_mask, scaling=None, **kwargs):
+    """transformers attention interface: [B, H, S, Dh] tensors after rotary → [B, S, H, Dh]."""
+    cache = _ACTIVE_CACHE.get()
+    batch, heads, steps, head_dim = query.shape
+    kv_heads = key.shape[1]
+    past_key, past_value = cache.buffers[module.layer_idx]
+    flat = [t.transpose(1, 2).reshape(batch, steps, -1) for t in (query, key, value)]
+    output, present_key, present_value = torch.ops.zspa.group_query_attention(
+        *flat, past_key, past_value, cache.seqlens_k, cache.total_length, heads, kv_heads, float(scaling))
+    cache.present[module.layer_idx] = (present_key, present_value)
+    return output.view(batch, steps, heads, head_dim), None
+
+
+def _register() -> None:
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(GQA_IMPLEMENTATION, _attention)
+
+
+@contextlib.contextmanager
+def gqa_attention(language_model: nn.Module) -> Iterator[None]:
+    """Routes the language model's attention through the op while exporting, then restores it."""
+    _register()
+    config = language_model.config
+    previous = config._attn_implementation
+    config._attn_implementation = GQA_IMPLEMENTATION
+    try:
+        yield
+    finally:
+        config._attn_implementation = previous
+
+
+class SharedKVDecoderGraph(nn.Module):
+    """Same inputs and outputs as `DecoderGraph`, but `past_key_values.*` are the fixed-capacity
+    buffers and `present.*` the same buffers updated; `attention_mask` [B, past + S] gives the
+    valid length (GroupQueryAttention's seqlens_k and total_sequence_length are derived from it).
+    Export inside `gqa_attention(language_model)`."""
+
+    def __init__(self, language_model: nn.Module, lm_head: nn.Module):
+        super().__init__()
+        self.language_model = language_model
+        self.lm_head = lm_head
+
+    def forward(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
+                *past_key_values: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        seqlens_k = (attention_mask.sum(-1) - 1).to(torch.int32)
+        total_length = (attention_mask.new_ones(1) * attention_mask.shape[1]).to(torch.int32)
+        cache = _SharedBufferCache(list(zip(past_key_values[0::2], past_key_values[1::2])), seqlens_k, total_length)
+        token = _ACTIVE_CACHE.set(cache)
+        try:
+            output = self.language_model(inputs_embeds=inputs_embeds, position_ids=position_ids, cache=cache,
+                                         use_cache=True)
+        finally:
+            _ACTIVE_CACHE.reset(token)
+        logits = self.lm_head(output.last_hidden_state[:, -1:, :])
+        present = []
+        for layer in range(len(cache.present)):
+            present += cache.present[layer]
+        return (logits, *present)
