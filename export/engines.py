@@ -93,6 +93,9 @@ def engine_sources(manifest: Manifest, precision: str) -> dict[str, tuple[str, s
         variant = f"{name}-trt-{precision}"
         if variant in manifest.graphs:
             sources[name] = (variant, precision)
+        elif name == "decoder" and manifest.decoder.kv_cache == "shared":
+            raise BundleError("the decoder uses onnxruntime's GroupQueryAttention (exported with --kv-cache shared),"
+                              " which TensorRT cannot build; re-export with --kv-cache concat")
         elif spec.quantization.get("method", "").startswith("onnxruntime"):
             raise BundleError(
                 f"{name} is quantized for onnxruntime ({spec.quantization['precision']}), which TensorRT cannot build;"

@@ -37,6 +37,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--pooling", choices=["mean", "max"], default=zspa_defaults["pooling"],
                         help="how question-token embeddings are pooled for relevance (default: mean)")
     parser.add_argument("--dtype", choices=["fp32", "fp16"], default="fp32", help="graph precision (default: fp32)")
+    parser.add_argument("--kv-cache", choices=["concat", "shared"], default="concat",
+                        help="decoder KV cache: concat (past → past+new; portable, what zspa-build needs) or shared "
+                        "(one in-place buffer per layer through onnxruntime's GroupQueryAttention; faster decode on "
+                        "onnxruntime, not buildable by TensorRT) (default: concat)")
     parser.add_argument("--opset", type=int, default=18, help="ONNX opset for every graph (default: 18)")
     parser.add_argument("--revision", help="hub revision (branch, tag or commit) to export")
     parser.add_argument("--force", action="store_true", help="replace an existing bundle at the output path")
@@ -56,7 +60,8 @@ def _export(args: argparse.Namespace) -> None:
     options = ExportOptions(
         model=args.model, output=args.output or _default_output(args.model), keeps=keeps,
         keep_tokens=args.keep_tokens, methods=args.method, relevance_ratio=args.relevance_ratio, pooling=args.pooling,
-        dtype=args.dtype, opset=args.opset, force=args.force, revision=args.revision, progress=not args.quiet,
+        dtype=args.dtype, kv_cache=args.kv_cache, opset=args.opset, force=args.force, revision=args.revision,
+        progress=not args.quiet,
     )
     started = time.perf_counter()
     report = export_bundle(options)
