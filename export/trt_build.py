@@ -16,7 +16,9 @@ from pathlib import Path
 from tqdm import tqdm
 
 from zspa.errors import BundleError, ZspaError
-from zspa.export.engines import (
+from zspa.runtime.bundle import Bundle
+from zspa.runtime.cuda import cuda_device, import_tensorrt
+from zspa.runtime.engines import (
     BuildRecord,
     ShapeRanges,
     check_precision,
@@ -25,7 +27,6 @@ from zspa.export.engines import (
     optimisation_profile,
     strongly_typed,
 )
-from zspa.runtime.bundle import Bundle
 
 TIMING_CACHE = "timing.cache"
 
@@ -38,30 +39,6 @@ class BuildOptions:
     workspace_gb: float = 4.0
     force: bool = False
     progress: bool = True
-
-
-def import_tensorrt():
-    try:
-        import tensorrt
-    except ImportError:
-        raise ZspaError("zspa-build needs TensorRT: pip install 'zspa[trt]' on a desktop GPU; on a Jetson it "
-                        "comes with JetPack (python3-libnvinfer)") from None
-    return tensorrt
-
-
-def cuda_device() -> tuple[str, tuple[int, int]]:
-    """Name and compute capability of CUDA device 0, through cuda-python."""
-    try:
-        from cuda.bindings import runtime as cudart
-    except ImportError:
-        try:
-            from cuda import cudart
-        except ImportError:
-            raise ZspaError("zspa-build needs cuda-python: pip install 'zspa[trt]'") from None
-    error, props = cudart.cudaGetDeviceProperties(0)
-    if int(error) != 0:
-        raise ZspaError(f"no usable CUDA device ({error})")
-    return props.name.decode().strip("\x00"), (props.major, props.minor)
 
 
 def build_engines(options: BuildOptions) -> Path:

@@ -17,8 +17,10 @@ import onnxruntime as ort
 
 from zspa.errors import BundleError, InvalidInputError, ZspaError
 from zspa.manifest import DecoderSpec
+from zspa.runtime.bundle import Bundle
 
-BACKENDS = ("ort-cpu", "ort-cuda", "ort-trt")
+ORT_BACKENDS = ("ort-cpu", "ort-cuda", "ort-trt")
+BACKENDS = (*ORT_BACKENDS, "trt")
 Provider = str | tuple[str, dict[str, str]]
 _NUMPY_DTYPES = {"float32": np.float32, "float16": np.float16, "int64": np.int64, "int32": np.int32}
 
@@ -37,6 +39,26 @@ class DecoderSession(Protocol):
     def step(self, inputs_embeds: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray) -> np.ndarray:
         """Runs one prefill or decode step; returns last-position logits [B, V] as float32."""
         ...
+
+
+class Backend(Protocol):
+    """What the pipeline needs from a backend; it never knows which one runs."""
+
+    providers: list[str]
+
+    def graph(self, path: Path) -> GraphRunner: ...
+
+    def decoder(self, path: Path, spec: DecoderSpec, capacity: int) -> DecoderSession: ...
+
+
+def make_backend(name: str, bundle: Bundle, threads: int | None = None) -> Backend:
+    """`trt`: the bundle's zspa-build engines through TensorRT; `ort-*`: onnxruntime providers."""
+    if name == "trt":
+        from zspa.runtime.trt_backend import TrtBackend
+
+        return TrtBackend(bundle)
+    providers = execution_providers(name, bundle.path / "engines" / "ort-trt", fp16=bundle.manifest.dtype == "float16")
+    return OrtBackend(providers, threads)
 
 
 class OrtGraph:
@@ -140,7 +162,7 @@ def execution_providers(backend: str, engine_cache: Path, fp16: bool) -> list[Pr
         options = {"trt_engine_cache_enable": "True", "trt_engine_cache_path": cache, "trt_timing_cache_enable": "True",
                    "trt_timing_cache_path": cache, "trt_fp16_enable": str(fp16)}
         return [("TensorrtExecutionProvider", options), "CUDAExecutionProvider", "CPUExecutionProvider"]
-    raise InvalidInputError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    raise InvalidInputError(f"onnxruntime backend must be one of {', '.join(ORT_BACKENDS)}, got {backend!r}")
 
 
 class OrtBackend:

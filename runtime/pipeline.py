@@ -14,7 +14,7 @@ import numpy as np
 
 from zspa.errors import InvalidInputError
 from zspa.pruning.budget import validate_keep
-from zspa.runtime.backends import OrtBackend, execution_providers
+from zspa.runtime.backends import Backend, make_backend
 from zspa.runtime.bundle import Bundle
 from zspa.runtime.detokenize import IncrementalDetokenizer
 from zspa.runtime.images import DEFAULT_MAX_PIXELS, ImageSource, load_image, preprocess
@@ -75,7 +75,7 @@ class _Timer:
 
 
 class Pipeline:
-    def __init__(self, bundle: Bundle, backend: OrtBackend, *, positions: str | None = None,
+    def __init__(self, bundle: Bundle, backend: Backend, *, positions: str | None = None,
                  max_image_pixels: int = DEFAULT_MAX_PIXELS):
         manifest = bundle.manifest
         self.bundle = bundle
@@ -94,11 +94,10 @@ class Pipeline:
     def load(cls, path: str | Path, *, backend: str = "ort-cpu", threads: int | None = None,
              positions: str | None = None, max_image_pixels: int = DEFAULT_MAX_PIXELS) -> Pipeline:
         """Opens a bundle (schema and sha256 checked) and creates a session per graph on `backend`
-        (one of `BACKENDS`: onnxruntime on CPU, CUDA or TensorRT)."""
+        (one of `BACKENDS`: onnxruntime on CPU, CUDA or TensorRT, or zspa-build's TensorRT engines)."""
         bundle = Bundle.open(path)
-        providers = execution_providers(backend, bundle.path / "engines" / "ort-trt",
-                                        fp16=bundle.manifest.dtype == "float16")
-        return cls(bundle, OrtBackend(providers, threads), positions=positions, max_image_pixels=max_image_pixels)
+        return cls(bundle, make_backend(backend, bundle, threads), positions=positions,
+                   max_image_pixels=max_image_pixels)
 
     def generate(
         self,

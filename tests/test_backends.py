@@ -2,19 +2,20 @@
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 
 import onnxruntime as ort
 import pytest
 
 from zspa.errors import InvalidInputError, ZspaError
-from zspa.runtime.backends import BACKENDS, OrtBackend, execution_providers
+from zspa.runtime.backends import ORT_BACKENDS, OrtBackend, execution_providers
 
 HAS_CUDA = "CUDAExecutionProvider" in ort.get_available_providers()
 
 
 def test_each_backend_falls_back_to_cpu(tmp_path):
-    for backend in BACKENDS:
+    for backend in ORT_BACKENDS:
         providers = execution_providers(backend, tmp_path, fp16=False)
         assert providers[-1] == "CPUExecutionProvider"
     assert execution_providers("ort-cuda", tmp_path, fp16=False)[0] == "CUDAExecutionProvider"
@@ -42,3 +43,12 @@ def test_missing_gpu_provider_says_what_to_install(tiny_bundle, photo_path, caps
 
     assert main([str(tiny_bundle), "--image", str(photo_path), "--prompt", "hi", "--backend", "ort-trt"]) == 1
     assert "TensorrtExecutionProvider" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(importlib.util.find_spec("tensorrt") is not None,
+                    reason="TensorRT is installed: tests/gpu runs the trt backend")
+def test_trt_backend_without_tensorrt_says_what_to_install(tiny_bundle, photo_path, capsys):
+    from zspa.cli.run import main
+
+    assert main([str(tiny_bundle), "--image", str(photo_path), "--prompt", "hi", "--backend", "trt"]) == 1
+    assert "needs TensorRT" in capsys.readouterr().err

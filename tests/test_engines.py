@@ -8,7 +8,8 @@ import importlib.util
 import pytest
 
 from zspa.errors import BundleError, InvalidInputError, ZspaError
-from zspa.export.engines import (
+from zspa.runtime.bundle import Bundle
+from zspa.runtime.engines import (
     BuildRecord,
     ShapeRanges,
     check_precision,
@@ -17,7 +18,6 @@ from zspa.export.engines import (
     optimisation_profile,
     strongly_typed,
 )
-from zspa.runtime.bundle import Bundle
 
 
 @pytest.fixture(scope="module")
@@ -107,4 +107,4 @@ def test_zspa_build_without_tensorrt_says_what_to_install(tiny_bundle, capsys):
     from zspa.cli.build import main
 
     assert main([str(tiny_bundle)]) == ZspaError.exit_code
-    assert "needs TensorRT" in capsys.readouterr().err
+    assert "needs TensorRT" in capsys.readouterr().err  # and what to install

@@ -40,6 +40,7 @@ def test_import_zspa_is_light():
         "import zspa.runtime.pipeline, zspa.runtime.bundle, zspa.runtime.images",
         "import zspa.cli.run",
         "import zspa.cli.serve, zspa.runtime.server.app",
+        "import zspa.runtime.trt_backend, zspa.runtime.engines",
     ],
 )
 def test_runtime_never_imports_torch_or_transformers(code):

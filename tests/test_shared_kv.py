@@ -7,8 +7,8 @@ import onnx
 import pytest
 
 from zspa.errors import BundleError, InvalidInputError
-from zspa.export.engines import engine_sources
 from zspa.runtime.backends import OrtBackend
+from zspa.runtime.engines import engine_sources
 from zspa.runtime.pipeline import Pipeline
 
 

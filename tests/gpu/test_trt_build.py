@@ -8,7 +8,7 @@ import pytest
 def _gpu_or_skip():
     tensorrt = pytest.importorskip("tensorrt", reason="needs the tensorrt Python package and a CUDA GPU")
     from zspa.errors import ZspaError
-    from zspa.export.trt_build import cuda_device
+    from zspa.runtime.cuda import cuda_device
 
     try:
         return tensorrt, cuda_device()
@@ -18,9 +18,9 @@ def _gpu_or_skip():
 
 def test_build_writes_engines_and_a_record_that_checks(bundle_copy):
     tensorrt, (gpu, capability) = _gpu_or_skip()
-    from zspa.export.engines import BuildRecord
     from zspa.export.trt_build import BuildOptions, build_engines
     from zspa.runtime.bundle import Bundle
+    from zspa.runtime.engines import BuildRecord
 
     target = build_engines(BuildOptions(bundle_copy, "fp16", max_context=1024, workspace_gb=1, progress=False))
     manifest = Bundle.open(bundle_copy).manifest
@@ -29,3 +29,19 @@ def test_build_writes_engines_and_a_record_that_checks(bundle_copy):
     runtime = tensorrt.Runtime(tensorrt.Logger(tensorrt.Logger.WARNING))
     engine = runtime.deserialize_cuda_engine((target / "decoder.plan").read_bytes())
     assert engine.get_tensor_profile_shape("past_key_values.0.key", 0)[2][2] == 1023
+
+
+def test_trt_backend_answers_like_onnxruntime(bundle_copy, photo_path):
+    _gpu_or_skip()
+    import numpy as np
+
+    from zspa.export.trt_build import BuildOptions, build_engines
+    from zspa.runtime.pipeline import Pipeline
+
+    build_engines(BuildOptions(bundle_copy, "fp32", max_context=1024, workspace_gb=1, progress=False))
+    reference = Pipeline.load(bundle_copy).generate(photo_path, "What is this?", max_new_tokens=8)
+    trt_pipeline = Pipeline.load(bundle_copy, backend="trt")
+    result = trt_pipeline.generate(photo_path, "What is this?", max_new_tokens=8)
+    assert trt_pipeline.providers[0].startswith("TensorRT")
+    np.testing.assert_array_equal(result.kept_indices, reference.kept_indices)  # fp32 pruner engine
+    np.testing.assert_allclose(result.first_token_logits, reference.first_token_logits, atol=1e-3, rtol=1e-3)

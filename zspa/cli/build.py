@@ -10,7 +10,7 @@ from zspa.cli.common import add_debug_flag, run_command
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from zspa.export.engines import PRECISIONS
+    from zspa.runtime.engines import PRECISIONS
 
     parser = argparse.ArgumentParser(
         prog="zspa-build", formatter_class=argparse.ArgumentDefaultsHelpFormatter,

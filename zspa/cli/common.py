@@ -40,7 +40,8 @@ def add_backend_flags(parser) -> None:
     from zspa.runtime.backends import BACKENDS
 
     parser.add_argument("--backend", choices=BACKENDS, default="ort-cpu",
-                        help="onnxruntime on CPU, CUDA, or TensorRT (engines cached in BUNDLE/engines/ort-trt)")
+                        help="onnxruntime on CPU, CUDA or TensorRT (engines cached in BUNDLE/engines/ort-trt), or "
+                             "trt: the engines zspa-build wrote, run by TensorRT itself")
     parser.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads")
 
 
