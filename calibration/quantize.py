@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 from onnxruntime.quantization import (
     CalibrationDataReader,
     CalibrationMethod,
@@ -79,8 +80,11 @@ def quantize_modelopt(source: Path, target: Path, feeds: list[Feeds], precision:
     except ImportError:
         raise ZspaError("TensorRT quantization needs NVIDIA ModelOpt: pip install 'nvidia-modelopt[onnx]'") from None
     calibration = {name: np.concatenate(_common_prefix([f[name] for f in feeds])) for name in feeds[0]}
+    # ModelOpt's default execution providers include CUDA and TensorRT; a workstation may have neither.
+    providers = ["cuda:0", "cpu"] if "CUDAExecutionProvider" in ort.get_available_providers() else ["cpu"]
     quantize(onnx_path=str(source), quantize_mode=precision, calibration_data=calibration,
-             calibration_method="max", output_path=str(target), use_external_data_format=external_data)
+             calibration_method="max", calibration_eps=providers, output_path=str(target),
+             use_external_data_format=external_data)
     return {"precision": precision, "method": "NVIDIA ModelOpt ONNX PTQ (max calibration)", "samples": len(feeds),
             "target": "TensorRT explicit quantization"}
 
