@@ -16,17 +16,9 @@ from pathlib import Path
 from tqdm import tqdm
 
 from zspa.errors import BundleError, ZspaError
+from zspa.runtime import engines
 from zspa.runtime.bundle import Bundle
 from zspa.runtime.cuda import cuda_device, import_tensorrt
-from zspa.runtime.engines import (
-    BuildRecord,
-    ShapeRanges,
-    check_precision,
-    engine_dir_name,
-    engine_sources,
-    optimisation_profile,
-    strongly_typed,
-)
 
 TIMING_CACHE = "timing.cache"
 
@@ -45,26 +37,26 @@ def build_engines(options: BuildOptions) -> Path:
     trt = import_tensorrt()
     bundle = Bundle.open(options.bundle)
     gpu, capability = cuda_device()
-    check_precision(options.precision, capability)
-    ranges = ShapeRanges.for_manifest(bundle.manifest, options.max_context)
-    engines = bundle.path / "engines"
-    target = engines / engine_dir_name(gpu, capability, trt.__version__)
+    engines.check_precision(options.precision, capability)
+    ranges = engines.ShapeRanges.for_manifest(bundle.manifest, options.max_context)
+    engine_root = bundle.path / "engines"
+    target = engine_root / engines.engine_dir_name(gpu, capability, trt.__version__)
     if target.exists() and not options.force:
         raise ZspaError(f"{target} exists; pass --force to rebuild")
-    staging = engines / f".{target.name}.partial"
+    staging = engine_root / f".{target.name}.partial"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     logger = trt.Logger(trt.Logger.WARNING)
-    cache_path = engines / TIMING_CACHE
+    cache_path = engine_root / TIMING_CACHE
     try:
-        sources = engine_sources(bundle.manifest, options.precision)
+        sources = engines.engine_sources(bundle.manifest, options.precision)
         for name, (graph, precision) in tqdm(sources.items(), desc="building engines", unit="engine",
                                              disable=not options.progress):
             spec = bundle.manifest.graphs[graph]
-            plan = _build(trt, logger, bundle.graph_file(graph), optimisation_profile(spec, ranges), precision,
-                          strongly_typed(spec), int(options.workspace_gb * 2**30), cache_path)
+            plan = _build(trt, logger, bundle.graph_file(graph), engines.optimisation_profile(spec, ranges), precision,
+                          engines.strongly_typed(spec), int(options.workspace_gb * 2**30), cache_path)
             (staging / f"{name}.plan").write_bytes(plan)
-        BuildRecord(trt.__version__, gpu, list(capability), options.precision, ranges.max_context,
+        engines.BuildRecord(trt.__version__, gpu, list(capability), options.precision, ranges.max_context,
                     ranges.max_prefill, int(options.workspace_gb * 2**30),
                     {graph: bundle.manifest.graphs[graph].sha256 for graph, _ in sources.values()}).write(staging)
         if target.exists():
