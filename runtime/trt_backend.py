@@ -80,7 +80,7 @@ class _EngineRunner:
         return host, pointer
 
     def execute(self) -> None:
-        if not self.context.execute_async_v3(self.device.stream):
+        if not self.context.execute_async_v3(int(self.device.stream)):  # TensorRT takes the raw handle
             raise BundleError("TensorRT failed to run an engine (see its log)")
 
 
