@@ -75,7 +75,11 @@ class Scheduler:
         self._thread.start()
 
     def stop(self, timeout_s: float = 5.0) -> None:
-        self._queue.put(None)
+        """Asks the worker to finish after the queued jobs; a daemon thread, so a stuck one never blocks exit."""
+        try:
+            self._queue.put(None, timeout=timeout_s)
+        except queue.Full:
+            return
         self._thread.join(timeout_s)
 
     @property
