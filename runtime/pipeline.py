@@ -76,9 +76,17 @@ class _Timer:
 
 class Pipeline:
     def __init__(self, bundle: Bundle, backend: Backend, *, positions: str | None = None,
-                 max_image_pixels: int = DEFAULT_MAX_PIXELS):
+                 max_image_pixels: int = DEFAULT_MAX_PIXELS, max_context: int | None = None):
+        """`max_context` caps the positions a request may use (prompt, image tokens, answer) below
+        the model's context; it also sizes the KV buffers that shared-KV and TensorRT decoders
+        allocate up front, so it is the memory knob on small devices."""
         manifest = bundle.manifest
         self.bundle = bundle
+        limit = manifest.text.max_context
+        self.max_context = limit if max_context is None else max_context
+        if not (isinstance(self.max_context, int) and 1 < self.max_context <= limit):
+            raise InvalidInputError(f"max_context must be an integer in (1, {limit}] (the model's context), "
+                                    f"got {max_context!r}")
         self.positions = positions or manifest.decoder.positions
         if self.positions not in SCHEMES:
             raise InvalidInputError(f"positions must be one of {SCHEMES}, got {self.positions!r}")
@@ -87,17 +95,18 @@ class Pipeline:
         self.vision = backend.graph(bundle.graph_file("vision"))
         self.embed = backend.graph(bundle.graph_file("embed"))
         self.pruners = {p.graph: backend.graph(bundle.graph_file(p.graph)) for p in manifest.pruners}
-        self.decoder = backend.decoder(bundle.graph_file("decoder"), manifest.decoder, manifest.text.max_context)
+        self.decoder = backend.decoder(bundle.graph_file("decoder"), manifest.decoder, self.max_context)
         self.prompts = PromptBuilder.from_file(bundle.file("tokenizer.json"), manifest.text)
 
     @classmethod
     def load(cls, path: str | Path, *, backend: str = "ort-cpu", threads: int | None = None,
-             positions: str | None = None, max_image_pixels: int = DEFAULT_MAX_PIXELS) -> Pipeline:
+             positions: str | None = None, max_image_pixels: int = DEFAULT_MAX_PIXELS,
+             max_context: int | None = None) -> Pipeline:
         """Opens a bundle (schema and sha256 checked) and creates a session per graph on `backend`
         (one of `BACKENDS`: onnxruntime on CPU, CUDA or TensorRT, or zspa-build's TensorRT engines)."""
         bundle = Bundle.open(path)
         return cls(bundle, make_backend(backend, bundle, threads), positions=positions,
-                   max_image_pixels=max_image_pixels)
+                   max_image_pixels=max_image_pixels, max_context=max_context)
 
     def generate(
         self,
@@ -130,7 +139,7 @@ class Pipeline:
         text_before = built.image_position
         text_after = len(built.input_ids) - built.image_position - 1
         extent = text_before + text_after + (num_tokens if self.positions == "original" else kept_count)
-        max_context = self.bundle.manifest.text.max_context
+        max_context = self.max_context
         if extent >= max_context:
             raise InvalidInputError(
                 f"prompt needs {extent} positions with the image, over the context of {max_context}; shorten it"

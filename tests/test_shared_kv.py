@@ -63,3 +63,16 @@ def test_buffers_are_written_in_place_and_bounded(shared_bundle, tiny_bundle):
 def test_tensorrt_build_refuses_the_shared_decoder(shared_bundle):
     with pytest.raises(BundleError, match="--kv-cache concat"):
         engine_sources(Pipeline.load(shared_bundle).bundle.manifest, "fp16")
+
+
+def test_max_context_sizes_the_cache_and_bounds_requests(shared_bundle, photo_path):
+    pipeline = Pipeline.load(shared_bundle, max_context=700)
+    assert pipeline.decoder.capacity == 700
+    result = pipeline.generate(photo_path, "Describe it.", keep=1.0, max_new_tokens=500, ignore_eos=True)
+    # positions 0..prompt-1 prefilled, each answer token but the last fed back: the cache ends full
+    assert result.finish_reason == "length" and result.stats.prompt_tokens + len(result.token_ids) - 1 == 700
+    with pytest.raises(InvalidInputError, match="over the context of 300"):
+        Pipeline.load(shared_bundle, max_context=300).generate(photo_path, "Describe it.", keep=1.0)
+    for bad in (1, 4096):
+        with pytest.raises(InvalidInputError, match="max_context"):
+            Pipeline.load(shared_bundle, max_context=bad)

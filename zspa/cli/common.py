@@ -43,6 +43,14 @@ def add_backend_flags(parser) -> None:
                         help="onnxruntime on CPU, CUDA or TensorRT (engines cached in BUNDLE/engines/ort-trt), or "
                              "trt: the engines zspa-build wrote, run by TensorRT itself")
     parser.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads")
+    parser.add_argument("--max-context", type=int, default=None,
+                        help="positions a request may use (prompt, image tokens, answer); also sizes the KV cache "
+                             "that shared-KV and TensorRT decoders preallocate (default: the model's context)")
+
+
+def backend_options(args: argparse.Namespace) -> dict:
+    """`Pipeline.load` keywords from the flags `add_backend_flags` defined."""
+    return {"backend": args.backend, "threads": args.threads, "max_context": args.max_context}
 
 
 def add_debug_flag(parser: argparse.ArgumentParser) -> None:

@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from zspa.cli.common import add_backend_flags, add_debug_flag, method_list, ratio_list, run_command
+from zspa.cli.common import add_backend_flags, add_debug_flag, backend_options, method_list, ratio_list, run_command
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -51,7 +51,7 @@ def _eval(args: argparse.Namespace) -> None:
     from zspa.runtime.evaluation import Evaluation, markdown_table, plot_accuracy, read_dataset
     from zspa.runtime.pipeline import Pipeline
 
-    pipeline = Pipeline.load(args.bundle, backend=args.backend, threads=args.threads, positions=args.positions)
+    pipeline = Pipeline.load(args.bundle, **backend_options(args), positions=args.positions)
     settings = _settings(pipeline.bundle, args.methods, args.keeps)
     items, problems = read_dataset(args.data)
     for problem in problems:

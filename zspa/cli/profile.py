@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from zspa.cli.common import add_backend_flags, add_debug_flag, method_list, ratio_list, run_command
+from zspa.cli.common import add_backend_flags, add_debug_flag, backend_options, method_list, ratio_list, run_command
 
 DEFAULT_IMAGE = Path(__file__).resolve().parent.parent / "assets" / "example.png"
 
@@ -57,7 +57,7 @@ def _profile(args: argparse.Namespace) -> None:
     if args.warmup < 0 or args.runs < 1 or args.max_new_tokens < 1:
         raise InvalidInputError("--warmup must be ≥ 0, --runs and --max-new-tokens ≥ 1")
     load_image(args.image)  # a bad image fails now, not after loading every graph
-    pipeline = Pipeline.load(args.bundle, backend=args.backend, threads=args.threads)
+    pipeline = Pipeline.load(args.bundle, **backend_options(args))
     config = ProfileConfig(args.image, args.prompt, _settings(pipeline.bundle, args.methods, args.keeps),
                            args.warmup, args.runs, args.max_new_tokens)
     report = run_profile(pipeline, config, progress=not args.quiet)

@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from zspa.cli.common import add_backend_flags, add_debug_flag, run_command
+from zspa.cli.common import add_backend_flags, add_debug_flag, backend_options, run_command
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -34,7 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _run(args: argparse.Namespace) -> None:
     from zspa.runtime.pipeline import Pipeline
 
-    pipeline = Pipeline.load(args.bundle, backend=args.backend, threads=args.threads, positions=args.positions)
+    pipeline = Pipeline.load(args.bundle, **backend_options(args), positions=args.positions)
     stream = pipeline.generate(
         args.image, args.prompt, keep=args.keep, method=args.method, max_new_tokens=args.max_new_tokens,
         temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed, stream=True,

@@ -12,7 +12,7 @@ import os
 import sys
 from pathlib import Path
 
-from zspa.cli.common import add_backend_flags, add_debug_flag, run_command
+from zspa.cli.common import add_backend_flags, add_debug_flag, backend_options, run_command
 from zspa.errors import ZspaError
 
 API_KEY_ENV = "ZSPA_API_KEY"
@@ -86,7 +86,7 @@ def _serve(args: argparse.Namespace) -> None:
         )
     except ValueError as exc:
         raise ZspaError(str(exc)) from None
-    pipeline = Pipeline.load(args.bundle, backend=args.backend, threads=args.threads, positions=args.positions,
+    pipeline = Pipeline.load(args.bundle, **backend_options(args), positions=args.positions,
                              max_image_pixels=args.max_image_pixels)
     if args.host not in _LOOPBACK and settings.api_key is None:
         logging.getLogger("zspa.serve").warning(
