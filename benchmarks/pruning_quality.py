@@ -15,7 +15,7 @@ from pathlib import Path
 
 from zspa.datasets.shapes import write_jsonl
 from zspa.export.exporter import ExportOptions, export_bundle
-from zspa.pruning import METHODS
+from zspa.pruning import METHOD_DEFAULTS, METHODS
 from zspa.runtime.evaluation import Evaluation, markdown_table, plot_accuracy, read_dataset
 from zspa.runtime.pipeline import Pipeline
 
@@ -50,7 +50,8 @@ def main() -> None:
     main_bundle = export(work, "all-methods", methods=list(METHODS))
     table = sweep(main_bundle, items, work / "eval-methods", [(m, k) for m in METHODS for k in KEEPS])
     plot_accuracy(table, args.out / "accuracy.png", "shapes-llava: accuracy vs keep")
-    sections.append(("Methods × keep (α = 0.5, mean pooling, original positions)", table))
+    default_alpha = METHOD_DEFAULTS["zspa"]["relevance_ratio"]  # every run but the α sweep uses it
+    sections.append((f"Methods × keep (α = {default_alpha:g}, mean pooling, original positions)", table))
 
     alpha_rows = []
     for alpha in ALPHAS:
@@ -63,12 +64,12 @@ def main() -> None:
     rows = sweep(max_bundle, items, work / "eval-max-pooling", [("zspa", k) for k in KEEPS])
     pooling_rows = [{**r, "method": "zspa max pooling"} for r in rows if r["method"] != "none"]
     pooling_rows += [{**r, "method": "zspa mean pooling"} for r in table if r["method"] == "zspa"]
-    sections.append(("ZSPAPrune question pooling (α = 0.5)", pooling_rows))
+    sections.append((f"ZSPAPrune question pooling (α = {default_alpha:g})", pooling_rows))
 
     contiguous = sweep(main_bundle, items, work / "eval-contiguous", [("zspa", k) for k in KEEPS], "contiguous")
     position_rows = [{**r, "method": "zspa contiguous"} for r in contiguous if r["method"] != "none"]
     position_rows += [{**r, "method": "zspa original"} for r in table if r["method"] == "zspa"]
-    sections.append(("Position ids of kept tokens (ZSPAPrune, α = 0.5)", position_rows))
+    sections.append((f"Position ids of kept tokens (ZSPAPrune, α = {default_alpha:g})", position_rows))
 
     report = [f"# Pruning quality on shapes ({len(items)} test examples)\n"]
     report += [f"\n## {title}\n\n{markdown_table(rows)}" for title, rows in sections]
