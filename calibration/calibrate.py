@@ -24,7 +24,6 @@ from zspa.export.onnx_io import describe_graph
 from zspa.export.staging import staged_directory
 from zspa.manifest import MANIFEST_NAME, GraphSpec, Manifest
 from zspa.pruning.budget import validate_keep
-from zspa.runtime.backends import OrtBackend
 from zspa.runtime.bundle import Bundle
 from zspa.runtime.pipeline import Pipeline
 
@@ -70,14 +69,14 @@ def calibrate_bundle(options: CalibrateOptions) -> Manifest:
                                       max_samples=options.max_samples)
     keep = source.keeps(options.method)[0] if options.keep is None else validate_keep(options.keep)
     source.pruner_for(keep, options.method)  # refuses a keep the bundle cannot run
-    feeds = _record_feeds(source, calibration, keep, options)
+    reference, feeds = _record_feeds(source, calibration, keep, options)
     with staged_directory(options.output, force=options.force) as out:
         shutil.copytree(source.path, out, dirs_exist_ok=True, ignore=shutil.ignore_patterns("engines"))
         graphs = dict(source.manifest.graphs)
         graphs.update(_quantize(source, out, feeds, options))
         manifest = dataclasses.replace(source.manifest, graphs=graphs)
         (out / MANIFEST_NAME).write_text(manifest.to_json(), encoding="utf-8")
-        fidelity = measure_fidelity(Pipeline(source, OrtBackend()), Pipeline.load(out), calibration.samples,
+        fidelity = measure_fidelity(reference, Pipeline.load(out), calibration.samples,
                                     keep=keep, method=options.method, max_new_tokens=options.fidelity_tokens,
                                     progress=options.progress)
         runtime_graphs = [name for name in graphs if "-trt-" not in name]
@@ -92,11 +91,13 @@ def calibrate_bundle(options: CalibrateOptions) -> Manifest:
 
 
 def _record_feeds(source: Bundle, calibration: CalibrationSet, keep: float, options: CalibrateOptions):
+    """(the source pipeline, no longer recording, for the fidelity check; the recorded feeds)."""
     backend = RecordingBackend()
     pipeline = Pipeline(source, backend)
     for sample in tqdm(calibration.samples, desc="calibration inputs", unit="sample", disable=not options.progress):
         pipeline.generate(sample.image, sample.prompt, keep=keep, method=options.method, max_new_tokens=1)
-    return backend.records
+    backend.recording = False
+    return pipeline, backend.records
 
 
 def _quantize(source: Bundle, out: Path, feeds, options: CalibrateOptions) -> dict[str, GraphSpec]:

@@ -28,12 +28,12 @@ from onnxruntime.quantization import (
 )
 from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
+from zspa.calibration.recording import Feeds
 from zspa.errors import ZspaError
 
 # The module configures the root logger at INFO on import and then logs every node; keep it to warnings.
 logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.WARNING)
 
-Feeds = dict[str, np.ndarray]
 MODELOPT_PRECISIONS = ("int8", "fp8")
 
 

@@ -16,20 +16,22 @@ Feeds = dict[str, np.ndarray]
 
 
 class _RecordingGraph:
-    def __init__(self, runner: GraphRunner, records: list[Feeds]):
-        self.runner, self.records = runner, records
+    def __init__(self, runner: GraphRunner, backend: RecordingBackend, records: list[Feeds]):
+        self.runner, self.backend, self.records = runner, backend, records
         self.input_names = runner.input_names
 
     def run(self, feeds: Feeds) -> list[np.ndarray]:
-        self.records.append({name: np.array(value) for name, value in feeds.items()})
+        if self.backend.recording:
+            self.records.append({name: np.array(value) for name, value in feeds.items()})
         return self.runner.run(feeds)
 
 
 class _RecordingDecoder:
     """Records prefill steps only (empty past), the inputs a prefill-calibrated decoder needs."""
 
-    def __init__(self, decoder: DecoderSession, spec: DecoderSpec, dtype: type, records: list[Feeds]):
-        self.decoder, self.records = decoder, records
+    def __init__(self, decoder: DecoderSession, backend: RecordingBackend, spec: DecoderSpec, dtype: type,
+                 records: list[Feeds]):
+        self.decoder, self.backend, self.records = decoder, backend, records
         empty = np.zeros((1, spec.num_kv_heads, 0, spec.head_dim), dtype=dtype)
         self.empty_past = {f"past_key_values.{i}.{kind}": empty for i in range(spec.num_layers)
                            for kind in ("key", "value")}
@@ -42,22 +44,24 @@ class _RecordingDecoder:
         self.decoder.reset()
 
     def step(self, inputs_embeds: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray) -> np.ndarray:
-        if self.decoder.past_length == 0:
+        if self.backend.recording and self.decoder.past_length == 0:
             self.records.append({"inputs_embeds": np.array(inputs_embeds), "attention_mask": np.array(attention_mask),
                                  "position_ids": np.array(position_ids), **self.empty_past})
         return self.decoder.step(inputs_embeds, attention_mask, position_ids)
 
 
 class RecordingBackend(OrtBackend):
-    """`records[graph file stem]`: the feeds of every run, in order."""
+    """`records[graph file stem]`: the feeds of every run, in order, while `recording` is true;
+    set it false to keep using the same sessions without recording (one load of the bundle)."""
 
     def __init__(self, providers: list[str] | None = None, threads: int | None = None):
         super().__init__(providers, threads)
         self.records: dict[str, list[Feeds]] = defaultdict(list)
+        self.recording = True
 
     def graph(self, path: Path) -> GraphRunner:
-        return _RecordingGraph(super().graph(path), self.records[path.stem])
+        return _RecordingGraph(super().graph(path), self, self.records[path.stem])
 
     def decoder(self, path: Path, spec: DecoderSpec, capacity: int) -> DecoderSession:
         inner = super().decoder(path, spec, capacity)
-        return _RecordingDecoder(inner, spec, inner.embeds_dtype, self.records[path.stem])
+        return _RecordingDecoder(inner, self, spec, inner.embeds_dtype, self.records[path.stem])

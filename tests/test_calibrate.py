@@ -96,6 +96,9 @@ def test_decoder_feeds_are_pruned_prefills(tiny_bundle, calibration_data):
     assert prefill["past_key_values.0.key"].shape[2] == 0
     (vision,) = backend.records["vision"]
     assert vision["pixel_values"].shape == (1, 3, 336, 336)
+    backend.recording = False  # calibrate_bundle reuses these sessions for the fidelity check
+    pipeline.generate(sorted(calibration_data[0].iterdir())[1], "where is it ?", keep=0.1, max_new_tokens=2)
+    assert len(backend.records["vision"]) == len(backend.records["decoder"]) == 1
 
 
 def test_calibrated_bundle_records_what_was_done(calibrated, tiny_bundle):
