@@ -26,6 +26,7 @@ from zspa.pruning import METHOD_DEFAULTS
 from zspa.pruning.budget import token_budget, validate_keep
 from zspa.pruning.graph import PrunerGraph
 from zspa.pruning.methods import make_selector
+from zspa.pruning.onnx_pruner import PER_REQUEST_METHODS, save_pruner
 
 DTYPES = {"fp32": (torch.float32, "float32"), "fp16": (torch.float16, "float16")}
 DEFAULT_OPSET = 18
@@ -60,7 +61,7 @@ class ExportReport:
 
 def export_bundle(options: ExportOptions) -> ExportReport:
     _validate(options)
-    steps = 6 + len(options.methods) * (len(options.keeps) + len(options.keep_tokens))
+    steps = 6 + len(options.methods)
     with tqdm(total=steps, desc="loading model", unit="step", disable=not options.progress) as bar:
         loaded = load_model(options.model, options.revision)
         torch_dtype, dtype_name = DTYPES[options.dtype]
@@ -101,11 +102,12 @@ def _method_params(options: ExportOptions, method: str) -> dict:
 def _write_bundle(loaded: LoadedModel, options: ExportOptions, out: Path, torch_dtype, dtype_name: str, bar):
     model, family, processor = loaded.model, loaded.family, loaded.processor
     generator = torch.Generator().manual_seed(0)
-    height, width = family.image_size(processor)
-    pixel_values = torch.randn(2, 3, height, width, generator=generator).to(torch_dtype)
-    vision = family.vision_graph(model).eval()
+    vision_export = family.vision_export(model, processor, generator, torch_dtype)
+    vision = vision_export.module
     with torch.no_grad():
-        num_tokens, hidden = vision(pixel_values).shape[1:]
+        example_tokens, hidden = vision(**vision_export.example).shape[1:]
+    vision_spec = family.vision_spec(model, processor, int(example_tokens))
+    num_tokens = vision_spec.num_tokens  # with dynamic resolution, the most one image can give
     decoder_spec = dataclasses.replace(family.decoder_spec(model, kv_dtype=dtype_name), kv_cache=options.kv_cache)
     batch, seq = "batch_size", "sequence_length"
 
@@ -113,9 +115,9 @@ def _write_bundle(loaded: LoadedModel, options: ExportOptions, out: Path, torch_
         bar.set_description(description)
 
     step("exporting vision")
-    export_graph(vision, (pixel_values,), out / "vision.onnx", input_names=["pixel_values"],
-                 output_names=["image_features"], dynamic_axes={"pixel_values": {0: batch},
-                 "image_features": {0: batch}}, opset=options.opset)
+    export_graph(vision, tuple(vision_export.example.values()), out / "vision.onnx",
+                 input_names=list(vision_export.example), output_names=["image_features"],
+                 dynamic_axes=vision_export.dynamic_axes, opset=options.opset)
     bar.update()
 
     step("exporting embed")
@@ -138,28 +140,33 @@ def _write_bundle(loaded: LoadedModel, options: ExportOptions, out: Path, torch_
     bar.update()
 
     pruners = []
-    budgets = [(keep, token_budget(keep, num_tokens)) for keep in options.keeps]
-    budgets += [(min(1.0, k / num_tokens), min(k, num_tokens)) for k in options.keep_tokens]
+    keeps = sorted({*options.keeps, *(min(1.0, k / num_tokens) for k in options.keep_tokens)} - {1.0})
     for method in options.methods:
         params = _method_params(options, method)
-        for keep, k in budgets:
-            step(f"exporting pruner {method} K={k}")
-            name = f"pruner-{method}-k{k}"
-            if k < num_tokens and all(p.graph != name for p in pruners):
-                export_pruner(PrunerGraph(make_selector(method, params), k), num_tokens, hidden,
-                              out / f"{name}.onnx", options.opset, torch_dtype, generator)
-                pruners.append(PrunerSpec(method, keep, k, params, name))
-            bar.update()
+        step(f"exporting pruner {method}")
+        if method in PER_REQUEST_METHODS:
+            name = f"pruner-{method}"
+            save_pruner(method, params, out / f"{name}.onnx", hidden=hidden, dtype=dtype_name, opset=options.opset)
+            pruners += [PrunerSpec(method, keep, None, params, name) for keep in keeps]
+        elif vision_spec.kind != "clip":
+            raise InvalidInputError(f"{method} has no per-request pruner graph yet, and a static-K graph cannot "
+                                    f"prune {family.NAME}'s varying number of visual tokens; choose from "
+                                    f"{', '.join(PER_REQUEST_METHODS)}")
+        else:
+            pruners += _export_static_pruners(method, params, keeps, num_tokens, hidden, out, options.opset,
+                                              torch_dtype, generator)
+        bar.update()
 
     step("checking parity with transformers")
-    parity = check_parity(out, vision, decoder, embed, pixel_values=pixel_values[:1], input_ids=input_ids[:1],
+    parity = check_parity(out, vision, decoder, embed, vision_inputs=vision_export.parity_example,
+                          input_ids=input_ids[:1],
                           decoder_spec=decoder_spec, max_context=family.text_spec(model, processor).max_context,
                           dtype=dtype_name)
     bar.update()
 
     step("writing tokenizer and manifest")
     files = _save_tokenizer(processor, out)
-    graph_files = ["vision", "embed", "decoder", *(p.graph for p in pruners)]
+    graph_files = ["vision", "embed", "decoder", *dict.fromkeys(p.graph for p in pruners)]
     manifest = Manifest(
         schema_version=SCHEMA_VERSION,
         zspa_version=zspa.__version__,
@@ -169,7 +176,7 @@ def _write_bundle(loaded: LoadedModel, options: ExportOptions, out: Path, torch_
         dtype=dtype_name,
         source=loaded.source,
         graphs={name: describe_graph(out / f"{name}.onnx") for name in graph_files},
-        vision=family.vision_spec(model, processor, int(num_tokens)),
+        vision=vision_spec,
         text=family.text_spec(model, processor),
         decoder=decoder_spec,
         pruners=pruners,
@@ -179,6 +186,20 @@ def _write_bundle(loaded: LoadedModel, options: ExportOptions, out: Path, torch_
     (out / MANIFEST_NAME).write_text(manifest.to_json(), encoding="utf-8")
     bar.update()
     return manifest, {name: node_count(out / f"{name}.onnx") for name in graph_files}
+
+
+def _export_static_pruners(method: str, params: dict, keeps: list[float], num_tokens: int, hidden: int, out: Path,
+                           opset: int, torch_dtype, generator) -> list[PrunerSpec]:
+    """A traced graph per keep, for methods without a per-request graph (K fixed, N fixed)."""
+    specs = []
+    for keep in keeps:
+        k = token_budget(keep, num_tokens)
+        name = f"pruner-{method}-k{k}"
+        if k < num_tokens and all(s.graph != name for s in specs):
+            export_pruner(PrunerGraph(make_selector(method, params), k), num_tokens, hidden, out / f"{name}.onnx",
+                          opset, torch_dtype, generator)
+            specs.append(PrunerSpec(method, keep, k, params, name))
+    return specs
 
 
 def export_pruner(pruner: PrunerGraph, num_tokens: int, hidden: int, path: Path, opset: int = DEFAULT_OPSET,
@@ -199,13 +220,14 @@ def export_pruner(pruner: PrunerGraph, num_tokens: int, hidden: int, path: Path,
 
 def _export_decoder(decoder: torch.nn.Module, spec, hidden: int, torch_dtype, path: Path, opset: int) -> None:
     batch, seq, past_len = 2, 3, 4  # past ≥ 2 so neither axis is specialised
+    positions_shape = (3, batch) if spec.mrope else (batch,)  # M-RoPE: (temporal, height, width) × batch
     capacity = past_len + seq + 5 if spec.kv_cache == "shared" else past_len
     past = [torch.randn(batch, spec.num_kv_heads, capacity, spec.head_dim).to(torch_dtype)
             for _ in range(2 * spec.num_layers)]
     args = (
         torch.randn(batch, seq, hidden).to(torch_dtype),
         torch.ones(batch, past_len + seq, dtype=torch.int64),
-        torch.arange(past_len, past_len + seq).expand(batch, seq).contiguous(),
+        torch.arange(past_len, past_len + seq).expand(*positions_shape, seq).contiguous(),
         *past,
     )
     past_names = kv_names(spec.num_layers, "past_key_values")
@@ -215,7 +237,7 @@ def _export_decoder(decoder: torch.nn.Module, spec, hidden: int, torch_dtype, pa
     axes = {
         "inputs_embeds": {0: "batch_size", 1: "sequence_length"},
         "attention_mask": {0: "batch_size", 1: "total_sequence_length"},
-        "position_ids": {0: "batch_size", 1: "sequence_length"},
+        "position_ids": {1: "batch_size", 2: "sequence_length"} if spec.mrope else {0: "batch_size", 1: "sequence_length"},
         "logits": {0: "batch_size"},
         **{name: {0: "batch_size", 2: past_axis} for name in past_names},
         **{name: {0: "batch_size", 2: present_axis} for name in present_names},

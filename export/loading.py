@@ -32,6 +32,7 @@ class LoadedModel:
 def load_model(name: str, revision: str | None = None) -> LoadedModel:
     from zspa.export.shapes import SHAPES_MODEL_DIR, SHAPES_MODEL_NAME
     from zspa.export.tiny import TINY_MODEL_NAME, build_tiny_llava
+    from zspa.export.tiny_qwen import TINY_QWEN_NAME, build_tiny_qwen
 
     if name == SHAPES_MODEL_NAME:
         if not (SHAPES_MODEL_DIR / "config.json").is_file():
@@ -39,10 +40,11 @@ def load_model(name: str, revision: str | None = None) -> LoadedModel:
         family = family_for_model_type(_local_model_type(SHAPES_MODEL_DIR))
         model, processor = _load(family, str(SHAPES_MODEL_DIR), revision=None, local_files_only=True)
         return LoadedModel(model, processor, family, SourceSpec(SHAPES_MODEL_NAME, None, random_weights=False))
-    if name == TINY_MODEL_NAME:
-        model, processor = build_tiny_llava()
+    builders = {TINY_MODEL_NAME: build_tiny_llava, TINY_QWEN_NAME: build_tiny_qwen}
+    if name in builders:
+        model, processor = builders[name]()
         family = family_for_model_type(model.config.model_type)
-        return LoadedModel(model, processor, family, SourceSpec(TINY_MODEL_NAME, None, random_weights=True))
+        return LoadedModel(model, processor, family, SourceSpec(name, None, random_weights=True))
 
     local = Path(name).expanduser()
     if local.is_dir():
@@ -57,7 +59,7 @@ def load_model(name: str, revision: str | None = None) -> LoadedModel:
         aliases = ", ".join(sorted(MODEL_ALIASES))
         raise ModelLoadError(
             f"unknown model {name!r}: give a Hugging Face id (org/name), a local directory, "
-            f"an alias ({aliases}), {SHAPES_MODEL_NAME} or {TINY_MODEL_NAME}"
+            f"an alias ({aliases}), {SHAPES_MODEL_NAME}, {TINY_MODEL_NAME} or {TINY_QWEN_NAME}"
         )
     return _load_from_hub(model_id, revision)
 

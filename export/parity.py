@@ -36,14 +36,14 @@ def _check(what: str, ours: np.ndarray, reference: torch.Tensor, dtype: str) -> 
 @torch.no_grad()
 def check_parity(
     graphs_dir: Path, vision: torch.nn.Module, decoder: torch.nn.Module, embed: torch.nn.Module, *,
-    pixel_values: torch.Tensor, input_ids: torch.Tensor, decoder_spec: DecoderSpec, max_context: int, dtype: str,
+    vision_inputs: dict[str, torch.Tensor], input_ids: torch.Tensor, decoder_spec: DecoderSpec, max_context: int, dtype: str,
 ) -> dict[str, float]:
     """Vision features, embeddings and decoder logits (prefill, then one decode step), ORT vs
     torch. The decoder graph runs through the runtime's own session for its KV-cache kind, so a
     shared-buffer graph is checked exactly as it will run, against transformers' attention."""
     report = {}
-    features = vision(pixel_values)
-    ours = _session(graphs_dir / "vision.onnx").run(None, {"pixel_values": pixel_values.numpy()})[0]
+    features = vision(**vision_inputs)
+    ours = _session(graphs_dir / "vision.onnx").run(None, {k: v.numpy() for k, v in vision_inputs.items()})[0]
     report["vision_max_abs_diff"] = _check("vision", ours, features, dtype)
 
     embeds = embed(input_ids)
@@ -60,6 +60,7 @@ def check_parity(
         step = step_inputs.shape[1]
         mask = torch.ones(1, position + step, dtype=torch.int64)
         positions = torch.arange(position, position + step).view(1, step)
+        positions = positions.expand(3, 1, step) if decoder_spec.mrope else positions
         reference = decoder(step_inputs, mask, positions, *past)
         ours = session.step(step_inputs.numpy(), mask.numpy(), positions.numpy())
         worst = max(worst, _check("decoder logits", ours, reference[0][:, -1], dtype))

@@ -34,21 +34,26 @@ USER: Where is the ball? ASSISTANT: The ball is under the table, near the chair 
 """
 
 
-def build_tokenizer():
-    """A byte-level BPE tokenizer trained on a small fixed corpus (deterministic, any text encodes)."""
+def train_bpe(special_tokens: list[str], unk_token: str | None = None, vocab_size: int = 512):
+    """A byte-level BPE `tokenizers.Tokenizer` trained on a small fixed corpus (deterministic; any
+    text encodes)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok = Tokenizer(models.BPE(unk_token=unk_token))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=512,
-        special_tokens=SPECIAL_TOKENS,
+        vocab_size=vocab_size,
+        special_tokens=special_tokens,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     tok.train_from_iterator(_CORPUS.splitlines() * 4, trainer=trainer)
-    return as_llama_style_tokenizer(tok)
+    return tok
+
+
+def build_tokenizer():
+    return as_llama_style_tokenizer(train_bpe(SPECIAL_TOKENS, unk_token="<unk>"))
 
 
 def as_llama_style_tokenizer(tok):

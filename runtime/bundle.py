@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
 from zspa.errors import BundleError, InvalidInputError
 from zspa.integrity import sha256_file
 from zspa.manifest import MANIFEST_NAME, Manifest, PrunerSpec
-from zspa.pruning.budget import token_budget
+from zspa.pruning.budget import token_budget, validate_keep
 
 
 @dataclass(frozen=True)
@@ -61,28 +62,40 @@ class Bundle:
             )
 
     def keeps(self, method: str | None = None) -> list[float]:
-        """The keep ratios a method can run: its pruners' and 1.0 (no pruning)."""
+        """The keep ratios exported for a method, and 1.0 (no pruning): the defaults of run, serve,
+        profile and eval. Per-request pruners run any other keep too."""
         method = method or self.default_method
-        return sorted(p.keep for p in self.manifest.pruners if p.method == method) + [1.0]
+        return sorted({p.keep for p in self.manifest.pruners if p.method == method}) + [1.0]
 
     @property
     def default_method(self) -> str | None:
         return self.manifest.pruners[0].method if self.manifest.pruners else None
 
     def pruner_for(self, keep: float, method: str | None = None) -> PrunerSpec | None:
-        """The pruner whose method and budget K match (None for keep 1.0), or an error listing the choices."""
+        """The pruner that runs `keep` for `method` (None for keep 1.0), or an error listing the choices.
+
+        A per-request graph runs any keep (its spec comes back with this keep); a static-K graph
+        only the K it was exported with."""
         method = method or self.default_method
         if method is not None:
             self.require_method(method)
+        if validate_keep(keep) == 1.0:
+            return None
+        candidates = [p for p in self.manifest.pruners if p.method == method]
+        per_request = next((p for p in candidates if p.k is None), None)
+        if per_request is not None:
+            return dataclasses.replace(per_request, keep=keep)
+        if self.manifest.vision.kind != "clip":
+            raise BundleError(f"{method} has only static-K pruners, which cannot prune images whose token count "
+                              "varies; re-export the bundle")
         k = token_budget(keep, self.manifest.vision.num_tokens)
         if k == self.manifest.vision.num_tokens:
             return None
-        candidates = [p for p in self.manifest.pruners if p.method == method]
         for pruner in candidates:
             if pruner.k == k:
                 return pruner
         available = ", ".join(f"{p.keep:g} (K={p.k})" for p in candidates) or "none"
         raise InvalidInputError(
             f"keep {keep:g} (K={k}) is not in this bundle for {method}; available: {available}, or 1.0 for no "
-            f"pruning. Re-export with --keep {keep:g} to add it"
+            f"pruning. Re-export with --keep {keep:g} to add it (bundles from zspa ≥ 0.2 run any keep)"
         )

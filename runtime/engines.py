@@ -14,6 +14,7 @@ from pathlib import Path
 
 from zspa.errors import BundleError, InvalidInputError
 from zspa.manifest import GraphSpec, Manifest
+from zspa.pruning.budget import token_budget
 
 PRECISIONS = ("fp32", "fp16", "bf16", "fp8", "int8", "int4")
 # Minimum compute capability per precision (TensorRT 10 support matrix): bf16 from Ampere, fp8
@@ -32,6 +33,12 @@ class ShapeRanges:
     max_prefill: int
     opt_prefill: int
     opt_context: int
+    # Visual tokens per image: fixed for LLaVA (min = opt = max), from the processor's min/max pixels
+    # for dynamic-resolution families, whose vision graph takes patches_per_token patches per token.
+    min_visual_tokens: int = 1
+    opt_visual_tokens: int = 1
+    max_visual_tokens: int = 1
+    patches_per_token: int = 1
 
     @classmethod
     def for_manifest(cls, manifest: Manifest, max_context: int | None = None) -> ShapeRanges:
@@ -40,9 +47,16 @@ class ShapeRanges:
         if not 1 < context <= limit:
             raise InvalidInputError(f"--max-context must be in (1, {limit}] (the model's context), got {context}")
         max_prefill = min(context, manifest.vision.num_tokens + 512)  # keep 1.0 with a long prompt
-        smallest_k = min((p.k for p in manifest.pruners), default=manifest.vision.num_tokens)
+        num_tokens = manifest.vision.num_tokens
+        smallest_k = min((p.k or token_budget(p.keep, num_tokens) for p in manifest.pruners), default=num_tokens)
+        vision = manifest.vision
+        merged_patch_area = (vision.patch_size * vision.merge_size) ** 2
+        fixed = vision.kind == "clip"
+        low = num_tokens if fixed else max(1, vision.min_pixels // merged_patch_area)
         return cls(context, max_prefill, opt_prefill=min(max_prefill, smallest_k + 64),
-                   opt_context=min(context, smallest_k + 64 + 256))
+                   opt_context=min(context, smallest_k + 64 + 256), min_visual_tokens=low,
+                   opt_visual_tokens=num_tokens if fixed else min(num_tokens, 1024), max_visual_tokens=num_tokens,
+                   patches_per_token=vision.merge_size**2)
 
     def dim(self, name: str) -> tuple[int, int, int]:
         """(min, opt, max) of a symbolic dimension, by the optimum / onnxruntime-genai names the graphs use."""
@@ -52,6 +66,10 @@ class ShapeRanges:
             "past_sequence_length": (0, self.opt_context, self.max_context - 1),
             "total_sequence_length": (1, self.opt_context, self.max_context),
             "prompt_length": (1, 64, self.max_prefill),
+            "num_visual_tokens": (self.min_visual_tokens, self.opt_visual_tokens, self.max_visual_tokens),
+            "num_patches": tuple(n * self.patches_per_token for n in
+                                 (self.min_visual_tokens, self.opt_visual_tokens, self.max_visual_tokens)),
+            "num_window_bounds": (2, 2 + self.opt_visual_tokens // 16, self.max_visual_tokens + 1),
         }
         if name not in ranges:
             raise BundleError(f"manifest.json: no shape range for the dimension {name!r}; this zspa cannot build it")
@@ -59,7 +77,7 @@ class ShapeRanges:
 
 
 def optimisation_profile(graph: GraphSpec, ranges: ShapeRanges) -> dict[str, tuple[Shape, Shape, Shape]]:
-    """input name → (min, opt, max) shapes; fixed dimensions stay fixed, so vision and pruners are static."""
+    """input name → (min, opt, max) shapes; fixed dimensions stay fixed (LLaVA's vision graph is static)."""
     profile = {}
     for tensor in graph.inputs:
         dims = [(d, d, d) if isinstance(d, int) else ranges.dim(d) for d in tensor.shape]

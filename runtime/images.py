@@ -8,12 +8,14 @@ center crop at floor offsets, rescale in float64 then float32, normalise in floa
 from __future__ import annotations
 
 import io
+import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from zspa.errors import InvalidInputError
+from zspa.errors import BundleError, InvalidInputError
 from zspa.manifest import VisionSpec
 
 # Pixels, not bytes: a 50 MP photo is plausible, a 1 GP PNG of a few KB is a decompression bomb.
@@ -64,8 +66,14 @@ def resized_size(height: int, width: int, shortest_edge: int) -> tuple[int, int]
     return shortest_edge, int(shortest_edge * width / height)
 
 
+def normalise(pixels: np.ndarray, spec: VisionSpec) -> np.ndarray:
+    """uint8 [H, W, 3] → float32 [H, W, 3]: rescale in float64 then float32, normalise in float32."""
+    scaled = (pixels.astype(np.float64) * spec.rescale_factor).astype(np.float32)
+    return (scaled - np.asarray(spec.mean, dtype=np.float32)) / np.asarray(spec.std, dtype=np.float32)
+
+
 def preprocess(image: Image.Image, spec: VisionSpec) -> np.ndarray:
-    """RGB PIL image → `pixel_values` float32 [1, 3, H, W]."""
+    """RGB PIL image → `pixel_values` float32 [1, 3, H, W] (the "clip" kind)."""
     if spec.resize_shortest_edge is not None:
         height, width = resized_size(image.height, image.width, spec.resize_shortest_edge)
         image = image.resize((width, height), resample=Image.Resampling(spec.resample))
@@ -77,8 +85,29 @@ def preprocess(image: Image.Image, spec: VisionSpec) -> np.ndarray:
         if top < 0 or left < 0:
             raise InvalidInputError(f"image of {pixels.shape[1]}x{pixels.shape[0]} is smaller than the crop")
         pixels = pixels[top : top + crop_h, left : left + crop_w]
-    scaled = (pixels.astype(np.float64) * spec.rescale_factor).astype(np.float32)
-    mean = np.asarray(spec.mean, dtype=np.float32)
-    std = np.asarray(spec.std, dtype=np.float32)
-    normalised = (scaled - mean) / std
-    return np.ascontiguousarray(normalised.transpose(2, 0, 1)[None])
+    return np.ascontiguousarray(normalise(pixels, spec).transpose(2, 0, 1)[None])
+
+
+@dataclass(frozen=True)
+class VisionInput:
+    """What the vision graph is fed for one image, and the grid of visual tokens it will return."""
+
+    feeds: dict[str, np.ndarray]
+    grid: tuple[int, int, int]  # (t, h, w) of the visual tokens, in the order the graph emits them
+
+    @property
+    def num_tokens(self) -> int:
+        return self.grid[0] * self.grid[1] * self.grid[2]
+
+
+def prepare_vision(image: Image.Image, spec: VisionSpec) -> VisionInput:
+    """RGB image → the vision graph's feeds, by the manifest's preprocessing kind."""
+    if spec.kind == "qwen2_vl":
+        from zspa.runtime.qwen_vision import prepare_qwen
+
+        return VisionInput(*prepare_qwen(image, spec))
+    if spec.kind == "clip":
+        side = math.isqrt(spec.num_tokens)
+        grid = (1, side, side) if side * side == spec.num_tokens else (1, 1, spec.num_tokens)
+        return VisionInput({"pixel_values": preprocess(image, spec)}, grid)
+    raise BundleError(f"manifest.json: unknown vision preprocessing kind {spec.kind!r}; upgrade zspa")

@@ -13,12 +13,12 @@ from pathlib import Path
 import numpy as np
 
 from zspa.errors import InvalidInputError
-from zspa.pruning.budget import validate_keep
+from zspa.pruning.budget import token_budget, validate_keep
 from zspa.runtime.backends import Backend, make_backend
 from zspa.runtime.bundle import Bundle
 from zspa.runtime.detokenize import IncrementalDetokenizer
-from zspa.runtime.images import DEFAULT_MAX_PIXELS, ImageSource, load_image, preprocess
-from zspa.runtime.positions import SCHEMES, prefill_positions
+from zspa.runtime.images import DEFAULT_MAX_PIXELS, ImageSource, load_image, prepare_vision
+from zspa.runtime.positions import SCHEMES, position_extent, prefill_positions
 from zspa.runtime.prompting import Prompt, PromptBuilder
 from zspa.runtime.sampling import SamplingParams, next_token
 
@@ -134,22 +134,27 @@ class Pipeline:
         if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise InvalidInputError(f"max_new_tokens must be an integer ≥ 1, got {max_new_tokens!r}")
         built = prompt if isinstance(prompt, Prompt) else self.prompts.build(prompt)
-        num_tokens = self.bundle.manifest.vision.num_tokens
-        kept_count = pruner.k if pruner else num_tokens
-        text_before = built.image_position
-        text_after = len(built.input_ids) - built.image_position - 1
-        extent = text_before + text_after + (num_tokens if self.positions == "original" else kept_count)
-        max_context = self.max_context
-        if extent >= max_context:
-            raise InvalidInputError(
-                f"prompt needs {extent} positions with the image, over the context of {max_context}; shorten it"
-            )
         # Decode the image now, so that a bad one fails the call rather than the stream's first step.
         started = time.perf_counter()
-        pixel_values = preprocess(load_image(image, max_pixels=self.max_image_pixels), self.bundle.manifest.vision)
+        vision_input = prepare_vision(load_image(image, max_pixels=self.max_image_pixels), self.bundle.manifest.vision)
+        num_tokens = vision_input.num_tokens
+        kept_count = num_tokens
+        if pruner is not None:
+            kept_count = min(num_tokens, pruner.k if pruner.k is not None else token_budget(keep, num_tokens))
+            pruner = pruner if kept_count < num_tokens else None
+        text_before = built.image_position
+        text_after = len(built.input_ids) - built.image_position - 1
+        mrope = self.bundle.manifest.decoder.mrope
+        extent = position_extent(text_before, kept_count, vision_input.grid, text_after, self.positions, mrope)
+        needed = max(extent, text_before + kept_count + text_after)  # positions, and the KV cache's length
+        max_context = self.max_context
+        if needed >= max_context:
+            raise InvalidInputError(
+                f"prompt needs {needed} positions with the image, over the context of {max_context}; shorten it"
+            )
         eos = set() if ignore_eos else set(self.bundle.manifest.text.eos_token_ids)
-        steps = self._generate(pixel_values, built, pruner, params, max_new_tokens, list(stop or []), eos,
-                               max_context, started)
+        steps = self._generate(vision_input, built, pruner, kept_count, params, max_new_tokens, list(stop or []),
+                               eos, max_context, started)
         stream_ = GenerationStream(steps)
         if stream:
             return stream_
@@ -157,40 +162,44 @@ class Pipeline:
             pass
         return stream_.result
 
-    def _generate(self, pixel_values, built, pruner, params, max_new_tokens, stop, eos, max_context, started):
-        manifest = self.bundle.manifest
-        num_tokens = manifest.vision.num_tokens
-        stats = GenerationStats(num_tokens, pruner.k if pruner else num_tokens, 0)
+    def _generate(self, vision_input, built, pruner, kept_count, params, max_new_tokens, stop, eos, max_context,
+                  started):
+        mrope = self.bundle.manifest.decoder.mrope
+        num_tokens = vision_input.num_tokens
+        stats = GenerationStats(num_tokens, kept_count, 0)
         timings = stats.timings_ms
         timings["preprocess"] = (time.perf_counter() - started) * 1000.0
         with _Timer(timings, "vision"):
-            features = self.vision.run({"pixel_values": pixel_values})[0]
+            features = self.vision.run(vision_input.feeds)[0]
         with _Timer(timings, "embed"):
             prompt_embeds = self.embed.run({"input_ids": built.input_ids[None]})[0]
         with _Timer(timings, "prune"):
             if pruner is None:
                 kept, kept_indices = features, np.arange(num_tokens, dtype=np.int64)
             else:
-                kept, kept_indices = self.pruners[pruner.graph].run(
-                    {"image_features": features, "prompt_embeds": prompt_embeds,
-                     "prompt_mask": built.question_mask[None]}
-                )
+                feeds = {"image_features": features, "prompt_embeds": prompt_embeds,
+                         "prompt_mask": built.question_mask[None]}
+                if pruner.k is None:
+                    feeds["budget"] = np.array([kept_count], dtype=np.int64)
+                kept, kept_indices = self.pruners[pruner.graph].run(feeds)
                 kept_indices = kept_indices[0]
         with _Timer(timings, "prefill"):
             at = built.image_position
             sequence = np.concatenate([prompt_embeds[:, :at], kept.astype(prompt_embeds.dtype),
                                        prompt_embeds[:, at + 1 :]], axis=1)
-            positions = prefill_positions(at, kept_indices, num_tokens, len(built.input_ids) - at - 1, self.positions)
+            positions = prefill_positions(at, kept_indices, vision_input.grid, len(built.input_ids) - at - 1,
+                                          self.positions, mrope)
             stats.prompt_tokens = sequence.shape[1]
             self.decoder.reset()
-            logits = self.decoder.step(sequence, np.ones((1, sequence.shape[1]), np.int64), positions[None])
+            logits = self.decoder.step(sequence, np.ones((1, sequence.shape[1]), np.int64), positions[..., None, :])
 
         first_token_logits = logits[0].copy()
         rng = np.random.default_rng(params.seed)
         detokenizer = IncrementalDetokenizer(self.prompts.decode)
         tokens = detokenizer.tokens
         text, emitted, finish = "", 0, "length"
-        next_position = int(positions[-1]) + 1
+        next_position = int(positions.max()) + 1
+        position_shape = (3, 1, 1) if mrope else (1, 1)
         decode_start = time.perf_counter()
         while True:
             token = next_token(logits[0], params, rng)
@@ -209,11 +218,11 @@ class Pipeline:
             if safe > emitted:
                 yield text[emitted:safe]
                 emitted = safe
-            if len(tokens) >= max_new_tokens or next_position >= max_context:
+            if len(tokens) >= max_new_tokens or max(next_position, self.decoder.past_length) >= max_context:
                 break
             embeds = self.embed.run({"input_ids": np.array([[token]], dtype=np.int64)})[0]
             mask = np.ones((1, self.decoder.past_length + 1), np.int64)
-            logits = self.decoder.step(embeds, mask, np.array([[next_position]], dtype=np.int64))
+            logits = self.decoder.step(embeds, mask, np.full(position_shape, next_position, dtype=np.int64))
             next_position += 1
         timings["decode"] = (time.perf_counter() - decode_start) * 1000.0
         text = detokenizer.flush()

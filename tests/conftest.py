@@ -46,6 +46,31 @@ def pipeline(tiny_bundle):
     return Pipeline.load(tiny_bundle)
 
 
+@pytest.fixture(scope="session")
+def qwen_hf():
+    """(model, processor parts) of tiny-random-qwen2.5-vl, as transformers objects."""
+    from zspa.export.tiny_qwen import build_tiny_qwen
+
+    return build_tiny_qwen()
+
+
+@pytest.fixture(scope="session")
+def qwen_bundle(tmp_path_factory) -> Path:
+    """tiny-random-qwen2.5-vl exported at keep 0.1 and 0.25 (read-only)."""
+    from zspa.export.exporter import ExportOptions, export_bundle
+
+    out = tmp_path_factory.mktemp("bundles") / "tiny-qwen"
+    export_bundle(ExportOptions("tiny-random-qwen2.5-vl", out, keeps=list(KEEPS), progress=False))
+    return out
+
+
+@pytest.fixture(scope="session")
+def qwen_pipeline(qwen_bundle):
+    from zspa.runtime.pipeline import Pipeline
+
+    return Pipeline.load(qwen_bundle)
+
+
 def _sample(name: str) -> Path:
     import matplotlib.cbook
 

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
 
 from zspa.errors import BundleError, InvalidInputError
+from zspa.manifest import PrunerSpec
 from zspa.runtime.bundle import Bundle
 
 
@@ -19,7 +21,7 @@ def _edit_manifest(bundle, change):
 
 def test_valid_bundle_opens(tiny_bundle):
     bundle = Bundle.open(tiny_bundle)
-    assert sorted(bundle.manifest.graphs) == ["decoder", "embed", "pruner-zspa-k144", "pruner-zspa-k58", "vision"]
+    assert sorted(bundle.manifest.graphs) == ["decoder", "embed", "pruner-zspa", "vision"]
     assert bundle.keeps() == [0.1, 0.25, 1.0] and bundle.methods == ["zspa"]
 
 
@@ -34,8 +36,8 @@ def test_tampered_graph_is_named(bundle_copy):
 
 
 def test_missing_graph_is_named(bundle_copy):
-    (bundle_copy / "pruner-zspa-k58.onnx").unlink()
-    with pytest.raises(BundleError, match=r"pruner-zspa-k58\.onnx: missing"):
+    (bundle_copy / "pruner-zspa.onnx").unlink()
+    with pytest.raises(BundleError, match=r"pruner-zspa\.onnx: missing"):
         Bundle.open(bundle_copy)
 
 
@@ -104,3 +106,15 @@ def test_staging_refuses_to_overwrite_without_force_or_non_bundles(tmp_path):
     with staged_directory(target, force=True) as staging:
         (staging / "manifest.json").write_text("new")
     assert (target / "manifest.json").read_text() == "new"
+
+
+def test_static_k_pruners_of_older_bundles_run_only_their_k(tiny_bundle):
+    """zspa 0.1 bundles (and methods without a per-request graph) list one static-K graph per keep."""
+    bundle = Bundle.open(tiny_bundle)
+    static = PrunerSpec("cdpruner", 0.1, 58, {}, "pruner-cdpruner-k58")
+    old = Bundle(bundle.path, dataclasses.replace(bundle.manifest, pruners=[static]))
+    assert old.pruner_for(0.1) == static and old.pruner_for(0.1001) == static  # same K = 58
+    assert old.pruner_for(1.0) is None
+    with pytest.raises(InvalidInputError, match=r"keep 0\.3 \(K=173\) is not in this bundle"):
+        old.pruner_for(0.3)
+    assert bundle.pruner_for(0.3).k is None and bundle.pruner_for(0.3).keep == 0.3  # per-request: any keep

@@ -139,7 +139,7 @@ def test_quantized_bundle_answers_through_the_runtime(calibrated, photo_path):
 def test_calibration_refusals_write_nothing(tiny_bundle, calibration_data, tmp_path):
     images, prompts = calibration_data
     out = tmp_path / "out"
-    for change, expected in [({"keep": 0.3}, "keep 0.3"), ({"min_samples": 20}, "at least 20"),
+    for change, expected in [({"keep": 1.3}, r"keep must be in \(0, 1\]"), ({"min_samples": 20}, "at least 20"),
                              ({"output": tiny_bundle}, "not the source"), ({"block_size": 24}, "power of two")]:
         options = {"bundle": tiny_bundle, "images": images, "prompts": prompts, "output": out, "progress": False,
                    **change}

@@ -36,12 +36,13 @@ def test_decoder_profile_spans_prefill_and_context(manifest):
     assert ranges.max_prefill == 1024  # 576 visual tokens + 512 of text, capped by the context
 
 
-def test_vision_and_pruners_are_static_but_the_prompt_length(manifest):
+def test_vision_and_pruners_keep_llava_s_fixed_token_count(manifest):
     ranges = ShapeRanges.for_manifest(manifest)
     vision = optimisation_profile(manifest.graphs["vision"], ranges)
     assert vision["pixel_values"] == ((1, 3, 336, 336),) * 3
-    pruner = optimisation_profile(manifest.graphs["pruner-zspa-k58"], ranges)
+    pruner = optimisation_profile(manifest.graphs["pruner-zspa"], ranges)
     assert pruner["image_features"] == ((1, 576, 64),) * 3
+    assert pruner["budget"] == ((1,),) * 3
     assert pruner["prompt_embeds"][0] == (1, 1, 64) and pruner["prompt_embeds"][2][1] == ranges.max_prefill
 
 
@@ -64,7 +65,7 @@ def test_precisions_follow_the_gpu(precision, capability, ok):
 
 def test_engine_sources_pick_precisions_and_trt_variants(manifest):
     sources = engine_sources(manifest, "fp16")
-    assert sources["decoder"] == ("decoder", "fp16") and sources["pruner-zspa-k58"] == ("pruner-zspa-k58", "fp32")
+    assert sources["decoder"] == ("decoder", "fp16") and sources["pruner-zspa"] == ("pruner-zspa", "fp32")
     assert engine_sources(manifest, "int8")["vision"] == ("vision", "fp16")  # no Q/DQ graph: fp16
     graphs = dict(manifest.graphs)
     graphs["vision-trt-int8"] = dataclasses.replace(graphs["vision"], file="vision-trt-int8.onnx",

@@ -95,7 +95,7 @@ def test_eval_end_to_end_and_resume(tiny_bundle, dataset, tmp_path):
 
 
 def test_eval_refuses_settings_the_bundle_lacks(tiny_bundle, dataset, tmp_path):
-    run = eval_cli(tiny_bundle, "--data", dataset, "--out", tmp_path / "e", "--keeps", "0.3")
-    assert run.returncode == 2 and "not in this bundle" in run.stderr
+    run = eval_cli(tiny_bundle, "--data", dataset, "--out", tmp_path / "e", "--keeps", "1.3")
+    assert run.returncode == 2 and "keep must be in (0, 1]" in run.stderr
     run = eval_cli(tiny_bundle, "--data", dataset, "--out", tmp_path / "e", "--methods", "divprune")
     assert run.returncode == 2 and "'divprune' is not in this bundle" in run.stderr

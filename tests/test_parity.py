@@ -9,6 +9,7 @@ from PIL import Image
 
 from zspa.manifest import Manifest
 from zspa.pruning import METHOD_DEFAULTS
+from zspa.pruning.budget import token_budget
 from zspa.pruning.graph import PrunerGraph
 from zspa.pruning.zspa_prune import ZSPASelector
 from zspa.runtime.positions import prefill_positions
@@ -79,7 +80,7 @@ def torch_reference(model, processor, image_path, keep_k, positions_scheme,
     question[torch.tensor(enc["input_ids"]) == image_id] = 0
     kept, kept_idx = PrunerGraph(ZSPASelector(alpha, pooling), keep_k)(features, text_embeds, question[None])
     sequence = torch.cat([embed(before[None]), kept, embed(after[None])], dim=1)
-    positions = torch.from_numpy(prefill_positions(len(before), kept_idx[0].numpy(), features.shape[1],
+    positions = torch.from_numpy(prefill_positions(len(before), kept_idx[0].numpy(), (1, 1, features.shape[1]),
                                                    len(after), positions_scheme))[None]
     cache = DynamicCache()
     lm = model.model.language_model
@@ -104,7 +105,7 @@ def test_pruned_chain_reproduces_torch_reference(tiny_hf, tiny_bundle, photo_pat
     model, processor = tiny_hf
     pipeline = Pipeline.load(tiny_bundle, positions=scheme)
     result = pipeline.generate(photo_path, QUESTION, keep=keep, max_new_tokens=MAX_NEW)
-    k = pipeline.bundle.pruner_for(keep).k
+    k = token_budget(keep, 576)
     expected_idx, expected_tokens = torch_reference(model, processor, photo_path, k, scheme)
     np.testing.assert_array_equal(result.kept_indices, expected_idx)
     assert result.token_ids == expected_tokens

@@ -94,7 +94,7 @@ def test_profile_end_to_end(tiny_bundle, photo_path, tmp_path):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--keeps", "0.3"], "not in this bundle"),
+    (["--keeps", "1.3"], "keep must be in (0, 1]"),
     (["--runs", "0"], "--runs"),
     (["--methods", "dart"], "'dart' is not in this bundle"),
     (["--image", "/nonexistent.jpg"], "no such file"),

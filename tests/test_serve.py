@@ -134,7 +134,7 @@ BAD_REQUESTS = {
     "out of range": (lambda b: {**b, "top_p": 0}, "top_p", "greater than 0"),
     "unknown field": (lambda b: {**b, "tools": []}, "tools", "unknown field"),
     "missing messages": (lambda b: {k: v for k, v in b.items() if k != "messages"}, "messages", "required"),
-    "unknown keep": (lambda b: {**b, "keep": 0.5}, "keep", "keep 0.5"),
+    "keep not a number": (lambda b: {**b, "keep": "half"}, "keep", "valid number"),
     "keep out of range": (lambda b: {**b, "keep": 1.5}, "keep", "(0, 1]"),
     "unknown method": (lambda b: {**b, "pruning_method": "fastv"}, "pruning_method", "'fastv'"),
     "bad base64": (_with_image("data:image/png;base64,not*base64"), IMAGE_PARAM, "base64"),

@@ -44,15 +44,24 @@ class GraphSpec:
 class VisionSpec:
     """Image preprocessing (the family's transformers processor, PIL path) and the token grid."""
 
-    image_size: list[int]  # [height, width] fed to the vision graph
+    image_size: list[int]  # [height, width] fed to the vision graph ([] when the size follows the image)
     resize_shortest_edge: int | None
     center_crop: bool
     resample: int  # PIL resampling filter id
     rescale_factor: float
     mean: list[float]
     std: list[float]
-    num_tokens: int
+    num_tokens: int  # visual tokens per image; with dynamic resolution, the most one image can give
     hidden_size: int
+    # "clip": resize + crop to a fixed size (LLaVA). "qwen2_vl": smart resize within [min_pixels,
+    # max_pixels] to multiples of patch·merge, patchified; N follows the image (runtime/qwen_vision.py).
+    kind: str = "clip"
+    patch_size: int = 14
+    temporal_patch_size: int = 1
+    merge_size: int = 1
+    min_pixels: int = 0
+    max_pixels: int = 0
+    window_size: int = 0  # Qwen2.5-VL window attention, in pixels
 
 
 @dataclass(frozen=True)
@@ -75,6 +84,8 @@ class DecoderSpec:
     vocab_size: int
     kv_dtype: str
     positions: str  # family default: "contiguous" | "original"
+    # M-RoPE (Qwen2-VL, Qwen2.5-VL): `position_ids` is [3, B, S], (temporal, height, width) (DESIGN §6).
+    mrope: bool = False
     # "concat": past → past+new, portable (TensorRT); "shared": one in-place buffer per layer through
     # onnxruntime's GroupQueryAttention (export/shared_kv.py), onnxruntime only.
     kv_cache: str = "concat"
@@ -82,9 +93,12 @@ class DecoderSpec:
 
 @dataclass(frozen=True)
 class PrunerSpec:
+    """One exported keep of one method. `k` None: a per-request graph (`zspa.pruning.onnx_pruner`)
+    that takes K as its `budget` input, so any keep runs; an int: a graph with that static K."""
+
     method: str
     keep: float
-    k: int
+    k: int | None
     params: dict[str, Any]
     graph: str
 

@@ -41,8 +41,8 @@ def _settings(bundle, methods, keeps) -> list[tuple[str, float]]:
     for method in methods:
         bundle.require_method(method)
         for keep in keeps or bundle.keeps(method)[:-1]:
+            bundle.pruner_for(keep, method)  # refuses what the bundle cannot run, before any work
             if keep < 1.0:
-                bundle.pruner_for(keep, method)  # refuses what the bundle cannot run, before any work
                 settings.append((method, keep))
     return settings
 

@@ -42,8 +42,8 @@ def _settings(bundle, methods, keeps) -> list[tuple[str | None, float]]:
         settings.append((None, 1.0))
     for method in methods:
         for keep in keeps or bundle.keeps(method):
+            bundle.pruner_for(keep, method)  # refuses a keep the bundle cannot run, before any work
             if keep < 1.0:
-                bundle.pruner_for(keep, method)  # refuses a keep the bundle lacks, before any work
                 settings.append((method, keep))
     return settings
 

@@ -7,6 +7,9 @@ generic. Importing this package is light; family modules import torch and transf
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any
+
 from zspa.errors import ModelLoadError
 
 # Short names for the models people deploy most; any Hugging Face id or local directory works too.
@@ -14,10 +17,23 @@ MODEL_ALIASES = {
     "llava": "llava-hf/llava-1.5-7b-hf",
     "llava-7b": "llava-hf/llava-1.5-7b-hf",
     "llava-13b": "llava-hf/llava-1.5-13b-hf",
+    "qwen2.5-vl-3b": "Qwen/Qwen2.5-VL-3B-Instruct",
+    "qwen2.5-vl-7b": "Qwen/Qwen2.5-VL-7B-Instruct",
 }
 
 # transformers `model_type` → family module name
-FAMILY_BY_MODEL_TYPE = {"llava": "llava"}
+FAMILY_BY_MODEL_TYPE = {"llava": "llava", "qwen2_5_vl": "qwen2_5_vl"}
+
+
+@dataclass
+class VisionExport:
+    """What the exporter needs to trace a family's vision graph: the module, example inputs (by
+    graph input name, in order) and which axes are symbolic; `image_features` is its output."""
+
+    module: Any
+    example: dict[str, Any]
+    dynamic_axes: dict[str, dict[int, str]]
+    parity_example: dict[str, Any]  # one image, for the export-time parity check
 
 
 def family_for_model_type(model_type: str):

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from zspa.errors import ModelLoadError
+from zspa.families import VisionExport
 from zspa.manifest import DecoderSpec, TextSpec, VisionSpec
 
 NAME = "llava"
@@ -58,8 +59,13 @@ class VisionGraph(nn.Module):
         return self.projector(torch.cat(selected, dim=-1))
 
 
-def vision_graph(model: nn.Module) -> nn.Module:
-    return VisionGraph(model)
+def vision_export(model: nn.Module, processor, generator: torch.Generator, dtype: torch.dtype) -> VisionExport:
+    """A batch of two random images at the processor's crop size (batch ≥ 2 keeps the axis symbolic)."""
+    height, width = image_size(processor)
+    pixel_values = torch.randn(2, 3, height, width, generator=generator).to(dtype)
+    return VisionExport(VisionGraph(model).eval(), {"pixel_values": pixel_values},
+                        {"pixel_values": {0: "batch_size"}, "image_features": {0: "batch_size"}},
+                        {"pixel_values": pixel_values[:1]})
 
 
 def embedding(model: nn.Module) -> nn.Module:

@@ -1,0 +1,95 @@
+"""`tiny-random-qwen2.5-vl`: a seeded, few-MB Qwen2.5-VL-shaped model built from configs, no download.
+
+Qwen2.5-VL's structure (14 px patches, temporal patch 2, 2×2 merger, 112 px windows with
+full-attention blocks, the processor's dynamic resolution and defaults, M-RoPE in a Qwen2
+decoder, Qwen's special tokens and chat template) at toy widths. Its answers are gibberish.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from zspa.families.qwen2_5_vl import ImageTextProcessor
+
+TINY_QWEN_NAME = "tiny-random-qwen2.5-vl"
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
+                  "<|image_pad|>", "<|video_pad|>"]
+
+# The chat template Qwen ships with Qwen2.5-VL-Instruct.
+QWEN_CHAT_TEMPLATE = (
+    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}{% for message in messages %}"
+    "{% if loop.first and message['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+    "{% endif %}<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}{{ message['content'] }}"
+    "<|im_end|>\n{% else %}{% for content in message['content'] %}{% if content['type'] == 'image' or 'image' in "
+    "content or 'image_url' in content %}{% set image_count.value = image_count.value + 1 %}{% if add_vision_id %}"
+    "Picture {{ image_count.value }}: {% endif %}<|vision_start|><|image_pad|><|vision_end|>{% elif content['type'] "
+    "== 'video' or 'video' in content %}{% set video_count.value = video_count.value + 1 %}{% if add_vision_id %}"
+    "Video {{ video_count.value }}: {% endif %}<|vision_start|><|video_pad|><|vision_end|>{% elif 'text' in content "
+    "%}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endif %}{% endfor %}{% if add_generation_prompt %}"
+    "<|im_start|>assistant\n{% endif %}"
+)
+
+
+def build_tokenizer():
+    """Byte-level BPE with Qwen's special tokens; like Qwen's, it adds no BOS."""
+    from transformers import PreTrainedTokenizerFast
+
+    from zspa.export.tiny import train_bpe
+
+    return PreTrainedTokenizerFast(
+        tokenizer_object=train_bpe(SPECIAL_TOKENS), eos_token="<|im_end|>", pad_token="<|endoftext|>",
+        extra_special_tokens={"image_token": "<|image_pad|>"},
+    )
+
+
+def build_processor(*, min_pixels: int = 56 * 56, max_pixels: int = 28 * 28 * 1280) -> ImageTextProcessor:
+    """Qwen2-VL's PIL image processor at its defaults (up to 1280 visual tokens) and the tokenizer."""
+    from transformers import Qwen2VLImageProcessorPil
+
+    image_processor = Qwen2VLImageProcessorPil(min_pixels=min_pixels, max_pixels=max_pixels)
+    return ImageTextProcessor(image_processor, build_tokenizer(), QWEN_CHAT_TEMPLATE)
+
+
+def build_model(processor: ImageTextProcessor, *, vision_hidden: int = 64, vision_depth: int = 4,
+                text_hidden: int = 64, text_layers: int = 2, initializer_range: float = 0.2,
+                max_context: int = 4096, seed: int = 0):
+    """A random-weight `Qwen2_5_VLForConditionalGeneration`, identical for identical arguments (wide
+    weights, as tiny-random-llava, so greedy decoding compares backends without coin flips)."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    tokenizer = processor.tokenizer
+    heads = max(4, text_hidden // 64)
+    head_dim = text_hidden // heads
+    half = head_dim // 2  # M-RoPE splits the rotary frequencies (t, h, w) as Qwen's 16:24:24 of 64
+    sections = [half // 4, 3 * half // 8, half - half // 4 - 3 * half // 8]
+    ids = {name: tokenizer.convert_tokens_to_ids(name) for name in SPECIAL_TOKENS}
+    config = Qwen2_5_VLConfig(
+        vision_config={
+            "depth": vision_depth, "hidden_size": vision_hidden, "intermediate_size": vision_hidden * 2,
+            "num_heads": 4, "out_hidden_size": text_hidden, "fullatt_block_indexes": [1, vision_depth - 1],
+            "window_size": 112, "patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2,
+            "initializer_range": initializer_range,
+        },
+        text_config={
+            "vocab_size": len(tokenizer), "hidden_size": text_hidden, "intermediate_size": text_hidden * 2,
+            "num_hidden_layers": text_layers, "num_attention_heads": heads, "num_key_value_heads": max(2, heads // 2),
+            "max_position_embeddings": max_context, "initializer_range": initializer_range,
+            "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0,
+                                "mrope_section": sections},
+            "eos_token_id": ids["<|im_end|>"], "pad_token_id": ids["<|endoftext|>"], "bos_token_id": None,
+        },
+        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+        initializer_range=initializer_range,
+    )
+    torch.manual_seed(seed)
+    model = Qwen2_5_VLForConditionalGeneration(config)
+    model.config._attn_implementation = "eager"
+    model.generation_config.eos_token_id = [ids["<|im_end|>"], ids["<|endoftext|>"]]
+    model.generation_config.pad_token_id = ids["<|endoftext|>"]
+    return model.eval()
+
+
+def build_tiny_qwen():
+    processor = build_processor()
+    return build_model(processor), processor

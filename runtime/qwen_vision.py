@@ -1,0 +1,91 @@
+"""Qwen2-VL / Qwen2.5-VL vision input without torch: smart resize, patchify, and the index tensors
+the vision graph takes (rotary positions, window order, window boundaries).
+
+Equal to transformers' `Qwen2VLImageProcessorPil` (resize, rescale, normalise, patchify) and to
+its `vision_utils` helpers, which compute these indices with Python loops the exporter cannot
+trace; the runtime computes them per image, as `transformers.vision_utils` lets a caller precompute.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from PIL import Image
+
+from zspa.errors import InvalidInputError
+from zspa.manifest import VisionSpec
+
+MAX_ASPECT_RATIO = 200  # the processor's own limit
+
+
+def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:
+    """Sides divisible by `factor`, area within [min_pixels, max_pixels], aspect kept (transformers' rule)."""
+    if max(height, width) / min(height, width) > MAX_ASPECT_RATIO:
+        raise InvalidInputError(f"image of {width}x{height}: the aspect ratio must be at most {MAX_ASPECT_RATIO}:1")
+    h_bar = round(height / factor) * factor
+    w_bar = round(width / factor) * factor
+    if h_bar * w_bar > max_pixels:
+        beta = math.sqrt((height * width) / max_pixels)
+        h_bar = max(factor, math.floor(height / beta / factor) * factor)
+        w_bar = max(factor, math.floor(width / beta / factor) * factor)
+    elif h_bar * w_bar < min_pixels:
+        beta = math.sqrt(min_pixels / (height * width))
+        h_bar = math.ceil(height * beta / factor) * factor
+        w_bar = math.ceil(width * beta / factor) * factor
+    return h_bar, w_bar
+
+
+def patchify(pixels: np.ndarray, spec: VisionSpec) -> np.ndarray:
+    """[3, H, W] → [num_patches, 3·T·P·P] in merge-block order, the frame repeated T times."""
+    channels, height, width = pixels.shape
+    p, m, t = spec.patch_size, spec.merge_size, spec.temporal_patch_size
+    grid_h, grid_w = height // p, width // p
+    patches = pixels.reshape(channels, grid_h // m, m, p, grid_w // m, m, p).transpose(1, 4, 2, 5, 0, 3, 6)
+    patches = np.broadcast_to(patches[:, :, :, :, :, None], (*patches.shape[:5], t, p, p))
+    return np.ascontiguousarray(patches.reshape(grid_h * grid_w, channels * t * p * p), dtype=np.float32)
+
+
+def rotary_positions(grid_h: int, grid_w: int, merge: int) -> np.ndarray:
+    """int64 [grid_h·grid_w, 2]: each patch's (row, column), laid out block-major over merge blocks."""
+    rows, cols = np.meshgrid(np.arange(grid_h), np.arange(grid_w), indexing="ij")
+    shape = (grid_h // merge, merge, grid_w // merge, merge)
+    rows = rows.reshape(shape).transpose(0, 2, 1, 3).ravel()
+    cols = cols.reshape(shape).transpose(0, 2, 1, 3).ravel()
+    return np.stack([rows, cols], axis=-1).astype(np.int64)
+
+
+def window_order(grid_h: int, grid_w: int, merge: int, window_size: int, patch_size: int
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """Qwen2.5-VL window attention: the order of merged tokens window by window (int64 [N]) and the
+    windows' cumulative patch boundaries (int64 [W + 1]), as transformers' `get_vision_window_index`."""
+    side = window_size // merge // patch_size
+    llm_h, llm_w = grid_h // merge, grid_w // merge
+    pad_h, pad_w = side - llm_h % side, side - llm_w % side
+    windows_h, windows_w = (llm_h + pad_h) // side, (llm_w + pad_w) // side
+    index = np.full((llm_h + pad_h, llm_w + pad_w), -1, dtype=np.int64)
+    index[:llm_h, :llm_w] = np.arange(llm_h * llm_w).reshape(llm_h, llm_w)
+    index = index.reshape(windows_h, side, windows_w, side).transpose(0, 2, 1, 3).reshape(-1, side * side)
+    sizes = (index >= 0).sum(axis=1)
+    order = index[index >= 0]
+    bounds = np.concatenate([[0], np.cumsum(sizes) * merge * merge])
+    return order, np.unique(bounds)  # empty windows repeat a boundary; transformers drops them too
+
+
+def prepare_qwen(image: Image.Image, spec: VisionSpec) -> tuple[dict[str, np.ndarray], tuple[int, int, int]]:
+    """RGB image → the vision graph's feeds and the merged token grid (t, h, w)."""
+    from zspa.runtime.images import normalise
+
+    factor = spec.patch_size * spec.merge_size
+    height, width = smart_resize(image.height, image.width, factor, spec.min_pixels, spec.max_pixels)
+    resized = image.resize((width, height), resample=Image.Resampling(spec.resample))
+    pixels = normalise(np.asarray(resized), spec).transpose(2, 0, 1)
+    grid_h, grid_w = height // spec.patch_size, width // spec.patch_size
+    order, bounds = window_order(grid_h, grid_w, spec.merge_size, spec.window_size, spec.patch_size)
+    feeds = {
+        "pixel_values": patchify(pixels, spec),
+        "vision_position_ids": rotary_positions(grid_h, grid_w, spec.merge_size),
+        "window_index": order,
+        "cu_window_seqlens": bounds.astype(np.int64),
+    }
+    return feeds, (1, grid_h // spec.merge_size, grid_w // spec.merge_size)

@@ -1,0 +1,175 @@
+"""Qwen2.5-VL against transformers on the same weights (issue 11): preprocessing, the vision graph's
+index inputs, M-RoPE positions, keep 1.0 = `generate`, pruned answers = a PyTorch reference."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from zspa.pruning import METHOD_DEFAULTS
+from zspa.pruning.budget import token_budget
+from zspa.pruning.graph import PrunerGraph
+from zspa.pruning.zspa_prune import ZSPASelector
+from zspa.runtime.images import load_image, prepare_vision
+from zspa.runtime.positions import prefill_positions
+from zspa.runtime.qwen_vision import rotary_positions, window_order
+
+QUESTION = "What is the man wearing on his head?"
+MAX_NEW = 10
+# (width, height): the photo as shipped, wide, tall, tiny, 1:20 strips, and above max_pixels.
+SIZES = [(512, 600), (896, 672), (300, 500), (28, 28), (40, 800), (800, 40), (1600, 1300)]
+
+
+@pytest.fixture(scope="module")
+def photo(photo_path):
+    return Image.open(photo_path).convert("RGB")
+
+
+def _hf_inputs(processor, image):
+    return processor.image_processor(images=[image], return_tensors="pt")
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_preprocessing_matches_transformers(qwen_hf, qwen_pipeline, photo, size):
+    _, processor = qwen_hf
+    image = photo.resize(size)
+    expected = _hf_inputs(processor, image)
+    ours = prepare_vision(image, qwen_pipeline.bundle.manifest.vision)
+    assert list(ours.grid) == [1, *(expected["image_grid_thw"][0, 1:] // 2).tolist()]
+    np.testing.assert_allclose(ours.feeds["pixel_values"], expected["pixel_values"].numpy(), atol=1e-5, rtol=0)
+
+
+def test_preprocessing_refuses_extreme_aspect_ratios(qwen_pipeline):
+    from zspa.errors import InvalidInputError
+
+    with pytest.raises(InvalidInputError, match="aspect ratio"):
+        prepare_vision(Image.new("RGB", (4020, 20)), qwen_pipeline.bundle.manifest.vision)
+
+
+@pytest.mark.parametrize("grid", [(4, 4), (8, 12), (16, 20), (26, 46), (2, 58)])
+def test_vision_indices_match_transformers(grid):
+    from transformers.vision_utils import get_vision_position_ids, get_vision_window_index
+
+    thw = torch.tensor([[1, *grid]])
+    expected_positions = get_vision_position_ids(thw, 2)
+    expected_order, expected_bounds = get_vision_window_index(thw, spatial_merge_size=2, window_size=112, patch_size=14)
+    np.testing.assert_array_equal(rotary_positions(*grid, 2), expected_positions.numpy())
+    order, bounds = window_order(*grid, 2, 112, 14)
+    np.testing.assert_array_equal(order, expected_order.numpy())
+    np.testing.assert_array_equal(bounds, expected_bounds.numpy())
+
+
+@pytest.mark.parametrize("size", [(512, 600), (896, 672), (40, 800)])
+def test_vision_graph_matches_transformers(qwen_hf, qwen_pipeline, photo, size):
+    model, processor = qwen_hf
+    image = photo.resize(size)
+    inputs = _hf_inputs(processor, image)
+    with torch.no_grad():
+        expected = model.model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"]).pooler_output[0]
+    ours = qwen_pipeline.vision.run(prepare_vision(image, qwen_pipeline.bundle.manifest.vision).feeds)[0]
+    assert ours.shape == (1, *expected.shape)
+    np.testing.assert_allclose(ours[0], expected.numpy(), atol=1e-4 * float(expected.abs().max()), rtol=0)
+
+
+def _hf_sequence(qwen_hf, pipeline, photo_path, size):
+    """input_ids with the image slot expanded to N tokens (as the processor would), and the image inputs."""
+    model, processor = qwen_hf
+    image = load_image(photo_path).resize(size)
+    prompt = pipeline.prompts.build(QUESTION)
+    inputs = _hf_inputs(processor, image)
+    n = int(inputs["image_grid_thw"].prod()) // 4
+    at = prompt.image_position
+    ids = np.concatenate([prompt.input_ids[:at], np.full(n, model.config.image_token_id), prompt.input_ids[at + 1 :]])
+    return torch.from_numpy(ids)[None], inputs, image, prompt
+
+
+@pytest.mark.parametrize("size", [(512, 600), (896, 672), (300, 500)])
+def test_mrope_positions_match_get_rope_index(qwen_hf, qwen_pipeline, photo_path, size):
+    hf = qwen_hf[0]
+    ids, inputs, image, prompt = _hf_sequence(qwen_hf, qwen_pipeline, photo_path, size)
+    expected, _ = hf.model.get_rope_index(ids, mm_token_type_ids=(ids == hf.config.image_token_id).int(),
+                                          image_grid_thw=inputs["image_grid_thw"])
+    grid = prepare_vision(image, qwen_pipeline.bundle.manifest.vision).grid
+    n = grid[1] * grid[2]
+    after = len(prompt.input_ids) - prompt.image_position - 1
+    ours = prefill_positions(prompt.image_position, np.arange(n), grid, after, "original", mrope=True)
+    np.testing.assert_array_equal(ours, expected[:, 0].numpy())
+
+
+@pytest.mark.parametrize("size", [(512, 600), (896, 672), (300, 500)])
+def test_keep_one_reproduces_hf_generate(qwen_hf, qwen_pipeline, photo_path, size):
+    hf = qwen_hf[0]
+    ids, inputs, image, _ = _hf_sequence(qwen_hf, qwen_pipeline, photo_path, size)
+    with torch.no_grad():
+        out = hf.generate(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=inputs["pixel_values"],
+                          image_grid_thw=inputs["image_grid_thw"], mm_token_type_ids=(ids == hf.config.image_token_id).int(),
+                          max_new_tokens=MAX_NEW, do_sample=False)
+    expected = [t for t in out[0, ids.shape[1]:].tolist() if t not in hf.generation_config.eos_token_id]
+    result = qwen_pipeline.generate(image, QUESTION, keep=1.0, max_new_tokens=MAX_NEW)
+    assert result.token_ids == expected
+    assert result.stats.visual_tokens_total == (ids == hf.config.image_token_id).sum()
+
+
+@torch.no_grad()
+def torch_reference(qwen_hf, pipeline, photo_path, keep, scheme):
+    """Qwen2.5-VL in PyTorch, pruned before the decoder with the eager ZSPAPrune module and decoded
+    greedily; positions from transformers' `get_rope_index` on the unpruned sequence (original:
+    the kept tokens' columns; contiguous: 0..S-1). Shares only the eager pruner with the exporter."""
+    from transformers import DynamicCache
+
+    model = qwen_hf[0]
+    ids, inputs, _, prompt = _hf_sequence(qwen_hf, pipeline, photo_path, (512, 600))
+    image_id = model.config.image_token_id
+    features = model.model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"]).pooler_output[0][None]
+    n = features.shape[1]
+    embed = model.get_input_embeddings()
+    text_embeds = embed(torch.from_numpy(prompt.input_ids)[None])
+    k = token_budget(keep, n)
+    selector = ZSPASelector(**METHOD_DEFAULTS["zspa"])
+    kept, kept_idx = PrunerGraph(selector, k)(features, text_embeds, torch.from_numpy(prompt.question_mask)[None])
+    at = prompt.image_position
+    sequence = torch.cat([text_embeds[:, :at], kept, text_embeds[:, at + 1:]], dim=1)
+    full, _ = model.model.get_rope_index(ids, mm_token_type_ids=(ids == image_id).int(),
+                                         image_grid_thw=inputs["image_grid_thw"])
+    if scheme == "original":
+        columns = torch.cat([torch.arange(at), at + kept_idx[0], torch.arange(at + n, ids.shape[1])])
+        positions = full[:, :, columns]
+    else:
+        positions = torch.arange(sequence.shape[1]).view(1, 1, -1).expand(3, 1, -1)
+    lm = model.model.language_model
+    out = lm(inputs_embeds=sequence, position_ids=positions, cache=DynamicCache(), use_cache=True)
+    tokens, next_pos = [], int(positions.max()) + 1
+    for _ in range(MAX_NEW):
+        token = int(model.lm_head(out.last_hidden_state[:, -1]).argmax(-1))
+        if token in model.generation_config.eos_token_id:
+            break
+        tokens.append(token)
+        out = lm(inputs_embeds=embed(torch.tensor([[token]])), position_ids=torch.full((3, 1, 1), next_pos),
+                 cache=out.cache, use_cache=True)
+        next_pos += 1
+    return kept_idx[0].numpy(), tokens
+
+
+@pytest.mark.parametrize("keep", [0.1, 0.25])
+@pytest.mark.parametrize("scheme", ["original", "contiguous"])
+def test_pruned_chain_reproduces_torch_reference(qwen_hf, qwen_bundle, photo_path, keep, scheme):
+    from zspa.runtime.pipeline import Pipeline
+
+    pipeline = Pipeline.load(qwen_bundle, positions=scheme)
+    image = load_image(photo_path).resize((512, 600))
+    result = pipeline.generate(image, QUESTION, keep=keep, max_new_tokens=MAX_NEW)
+    expected_idx, expected_tokens = torch_reference(qwen_hf, pipeline, photo_path, keep, scheme)
+    np.testing.assert_array_equal(result.kept_indices, expected_idx)
+    assert result.token_ids == expected_tokens
+    assert result.stats.visual_tokens_kept == len(expected_idx) == token_budget(keep, result.stats.visual_tokens_total)
+
+
+def test_any_keep_runs_without_re_export(qwen_pipeline, photo_path):
+    """0.37 was never exported: the per-request pruner takes K from the image's own N."""
+    for size in [(512, 600), (896, 672)]:
+        image = load_image(photo_path).resize(size)
+        result = qwen_pipeline.generate(image, QUESTION, keep=0.37, max_new_tokens=2)
+        n = result.stats.visual_tokens_total
+        assert result.stats.visual_tokens_kept == token_budget(0.37, n) < n

@@ -1,0 +1,199 @@
+"""Qwen2.5-VL (`Qwen2_5_VLForConditionalGeneration`): a windowed ViT at native resolution with a 2×2
+patch merger, and a Qwen2 decoder with M-RoPE (3-D position ids).
+
+The vision graph takes the processor's pre-patched `pixel_values [num_patches, 3·2·14·14]` plus
+the index tensors transformers computes with Python loops (rotary positions, window order and
+boundaries; `transformers.vision_utils`), which the runtime computes per image in numpy
+(`runtime/qwen_vision.py`), so the number of patches, and N, follow the image. Window attention
+runs as attention under a block-diagonal mask built in the graph from `cu_window_seqlens`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from zspa.errors import ModelLoadError
+from zspa.families import VisionExport
+from zspa.manifest import DecoderSpec, TextSpec, VisionSpec
+
+NAME = "qwen2_5_vl"
+DEFAULT_POSITIONS = "original"  # DESIGN §6: M-RoPE families keep each token's own (t, h, w)
+# The example image the vision graph is traced with: a grid of patches with several windows.
+_EXAMPLE_GRID = (16, 20)
+
+
+@dataclass
+class ImageTextProcessor:
+    """The image processor and tokenizer, loaded on their own: transformers 5's Qwen2_5_VLProcessor
+    insists on a video processor that needs torchvision, which a deployment machine may lack."""
+
+    image_processor: Any
+    tokenizer: Any
+    chat_template: str | None
+
+
+def load(source: str | Path, *, revision: str | None, local_files_only: bool):
+    from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration, Qwen2VLImageProcessorPil
+
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
+        source, revision=revision, local_files_only=local_files_only, dtype=torch.float32,
+        attn_implementation="eager",
+    )
+    kwargs = {"revision": revision, "local_files_only": local_files_only}
+    image_processor = Qwen2VLImageProcessorPil.from_pretrained(source, **kwargs)
+    tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+    return model.eval(), ImageTextProcessor(image_processor, tokenizer, _chat_template(source, tokenizer, kwargs))
+
+
+def _chat_template(source, tokenizer, kwargs) -> str | None:
+    """The processor's chat template (chat_template.jinja, or chat_template.json on older
+    checkpoints), falling back to the tokenizer's."""
+    import json
+
+    from transformers.utils import cached_file
+
+    for name in ("chat_template.jinja", "chat_template.json"):
+        path = cached_file(source, name, _raise_exceptions_for_missing_entries=False, **kwargs)
+        if path:
+            text = Path(path).read_text(encoding="utf-8")
+            return json.loads(text)["chat_template"] if name.endswith(".json") else text
+    return getattr(tokenizer, "chat_template", None)
+
+
+class VisionGraph(nn.Module):
+    """`pixel_values, vision_position_ids, window_index, cu_window_seqlens → image_features [1,N,D]`.
+
+    The steps of `Qwen2_5_VisionTransformerPretrainedModel.forward` for one image, with window
+    attention as masked attention (transformers splits by window lengths, which does not trace).
+    """
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.visual = model.model.visual
+        self.merge_unit = self.visual.spatial_merge_size**2
+        self.full_attention = set(self.visual.fullatt_block_indexes)
+
+    def forward(self, pixel_values, vision_position_ids, window_index, cu_window_seqlens):
+        from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import apply_rotary_pos_emb_vision
+
+        visual = self.visual
+        hidden = visual.patch_embed(pixel_values)
+        patches, width = hidden.shape
+        hidden = hidden.reshape(patches // self.merge_unit, self.merge_unit, width)[window_index].reshape(patches, width)
+        cos, sin = visual.rotary_pos_emb(hidden, vision_position_ids)
+        cos, sin = (t.reshape(patches // self.merge_unit, self.merge_unit, -1)[window_index].reshape(patches, -1)
+                    for t in (cos, sin))
+        position = torch.arange(patches, device=hidden.device)
+        window = (position.unsqueeze(1) >= cu_window_seqlens[1:].unsqueeze(0)).sum(-1)
+        window_mask = torch.zeros(patches, patches, dtype=torch.float32).masked_fill(
+            window.unsqueeze(1) != window.unsqueeze(0), torch.finfo(torch.float32).min)
+        for index, block in enumerate(visual.blocks):
+            attention = block.attn
+            states = block.norm1(hidden)
+            q, k, v = attention.qkv(states).reshape(patches, 3, attention.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
+            q, k = apply_rotary_pos_emb_vision(q, k, cos, sin)
+            scores = torch.matmul(q.transpose(0, 1), k.transpose(0, 1).transpose(1, 2)) * attention.scaling
+            if index not in self.full_attention:
+                scores = scores + window_mask
+            weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+            out = torch.matmul(weights, v.transpose(0, 1)).transpose(0, 1).reshape(patches, -1)
+            hidden = hidden + attention.proj(out)
+            hidden = hidden + block.mlp(block.norm2(hidden))
+        merged = visual.merger(hidden)
+        order = torch.arange(window_index.shape[0], device=hidden.device)
+        reverse = torch.zeros_like(window_index).scatter(0, window_index, order)
+        return merged[reverse].unsqueeze(0)
+
+
+def vision_export(model: nn.Module, processor, generator: torch.Generator, dtype: torch.dtype) -> VisionExport:
+    from zspa.runtime.qwen_vision import rotary_positions, window_order
+
+    cfg = model.config.vision_config
+    grid_h, grid_w = _EXAMPLE_GRID
+    patch_dim = cfg.in_channels * cfg.temporal_patch_size * cfg.patch_size**2
+    order, bounds = window_order(grid_h, grid_w, cfg.spatial_merge_size, cfg.window_size, cfg.patch_size)
+    example = {
+        "pixel_values": torch.randn(grid_h * grid_w, patch_dim, generator=generator).to(dtype),
+        "vision_position_ids": torch.from_numpy(rotary_positions(grid_h, grid_w, cfg.spatial_merge_size)),
+        "window_index": torch.from_numpy(order),
+        "cu_window_seqlens": torch.from_numpy(bounds.astype(np.int64)),
+    }
+    axes = {"pixel_values": {0: "num_patches"}, "vision_position_ids": {0: "num_patches"},
+            "window_index": {0: "num_visual_tokens"}, "cu_window_seqlens": {0: "num_window_bounds"},
+            "image_features": {1: "num_visual_tokens"}}
+    return VisionExport(VisionGraph(model).eval(), example, axes, example)
+
+
+def embedding(model: nn.Module) -> nn.Module:
+    return model.get_input_embeddings()
+
+
+def language_model(model: nn.Module) -> tuple[nn.Module, nn.Module]:
+    return model.model.language_model, model.lm_head
+
+
+def vision_spec(model: nn.Module, processor, num_tokens: int) -> VisionSpec:
+    """`num_tokens` becomes the most one image can give (max_pixels over the merged patch area)."""
+    ip = processor.image_processor
+    cfg = model.config.vision_config
+    size = dict(ip.size)
+    min_pixels, max_pixels = int(size["shortest_edge"]), int(size["longest_edge"])
+    if (ip.patch_size, ip.merge_size, ip.temporal_patch_size) != (
+            cfg.patch_size, cfg.spatial_merge_size, cfg.temporal_patch_size):
+        raise ModelLoadError("the image processor's patch, merge or temporal size differs from the vision config")
+    return VisionSpec(
+        image_size=[],
+        resize_shortest_edge=None,
+        center_crop=False,
+        resample=int(ip.resample),
+        rescale_factor=float(ip.rescale_factor) if ip.do_rescale else 1.0,
+        mean=[float(x) for x in ip.image_mean] if ip.do_normalize else [0.0, 0.0, 0.0],
+        std=[float(x) for x in ip.image_std] if ip.do_normalize else [1.0, 1.0, 1.0],
+        num_tokens=max_pixels // (cfg.patch_size * cfg.spatial_merge_size) ** 2,
+        hidden_size=int(model.config.text_config.hidden_size),
+        kind="qwen2_vl",
+        patch_size=int(cfg.patch_size),
+        temporal_patch_size=int(cfg.temporal_patch_size),
+        merge_size=int(cfg.spatial_merge_size),
+        min_pixels=min_pixels,
+        max_pixels=max_pixels,
+        window_size=int(cfg.window_size),
+    )
+
+
+def text_spec(model: nn.Module, processor) -> TextSpec:
+    tokenizer = processor.tokenizer
+    if not processor.chat_template:
+        raise ModelLoadError("the checkpoint has no chat template (chat_template.jinja or chat_template.json)")
+    eos = model.generation_config.eos_token_id if model.generation_config is not None else None
+    eos_ids = eos if isinstance(eos, list) else [eos if eos is not None else tokenizer.eos_token_id]
+    image_token_id = int(model.config.image_token_id)
+    return TextSpec(
+        image_token=tokenizer.convert_ids_to_tokens(image_token_id),
+        image_token_id=image_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_ids=[int(i) for i in eos_ids if i is not None],
+        pad_token_id=tokenizer.pad_token_id,
+        chat_template=processor.chat_template,
+        max_context=int(model.config.text_config.max_position_embeddings),
+    )
+
+
+def decoder_spec(model: nn.Module, kv_dtype: str) -> DecoderSpec:
+    cfg = model.config.text_config
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    return DecoderSpec(
+        num_layers=int(cfg.num_hidden_layers),
+        num_kv_heads=int(cfg.num_key_value_heads),
+        head_dim=int(head_dim),
+        vocab_size=int(cfg.vocab_size),
+        kv_dtype=kv_dtype,
+        positions=DEFAULT_POSITIONS,
+        mrope=True,
+    )
