@@ -23,10 +23,9 @@ from zspa.export.staging import staged_directory
 from zspa.integrity import sha256_file
 from zspa.manifest import MANIFEST_NAME, SCHEMA_VERSION, Manifest, PrunerSpec
 from zspa.pruning import METHOD_DEFAULTS
-from zspa.pruning.budget import token_budget, validate_keep
-from zspa.pruning.graph import PrunerGraph
+from zspa.pruning.budget import validate_keep
 from zspa.pruning.methods import make_selector
-from zspa.pruning.onnx_pruner import PER_REQUEST_METHODS, save_pruner
+from zspa.pruning.onnx_pruner import save_pruner
 
 DTYPES = {"fp32": (torch.float32, "float32"), "fp16": (torch.float16, "float16")}
 DEFAULT_OPSET = 18
@@ -142,19 +141,11 @@ def _write_bundle(loaded: LoadedModel, options: ExportOptions, out: Path, torch_
     pruners = []
     keeps = sorted({*options.keeps, *(min(1.0, k / num_tokens) for k in options.keep_tokens)} - {1.0})
     for method in options.methods:
-        params = _method_params(options, method)
         step(f"exporting pruner {method}")
-        if method in PER_REQUEST_METHODS:
-            name = f"pruner-{method}"
-            save_pruner(method, params, out / f"{name}.onnx", hidden=hidden, dtype=dtype_name, opset=options.opset)
-            pruners += [PrunerSpec(method, keep, None, params, name) for keep in keeps]
-        elif vision_spec.kind != "clip":
-            raise InvalidInputError(f"{method} has no per-request pruner graph yet, and a static-K graph cannot "
-                                    f"prune {family.NAME}'s varying number of visual tokens; choose from "
-                                    f"{', '.join(PER_REQUEST_METHODS)}")
-        else:
-            pruners += _export_static_pruners(method, params, keeps, num_tokens, hidden, out, options.opset,
-                                              torch_dtype, generator)
+        params = _method_params(options, method)
+        name = f"pruner-{method}"
+        save_pruner(method, params, out / f"{name}.onnx", hidden=hidden, dtype=dtype_name, opset=options.opset)
+        pruners += [PrunerSpec(method, keep, None, params, name) for keep in keeps]
         bar.update()
 
     step("checking parity with transformers")
@@ -188,36 +179,6 @@ def _write_bundle(loaded: LoadedModel, options: ExportOptions, out: Path, torch_
     return manifest, {name: node_count(out / f"{name}.onnx") for name in graph_files}
 
 
-def _export_static_pruners(method: str, params: dict, keeps: list[float], num_tokens: int, hidden: int, out: Path,
-                           opset: int, torch_dtype, generator) -> list[PrunerSpec]:
-    """A traced graph per keep, for methods without a per-request graph (K fixed, N fixed)."""
-    specs = []
-    for keep in keeps:
-        k = token_budget(keep, num_tokens)
-        name = f"pruner-{method}-k{k}"
-        if k < num_tokens and all(s.graph != name for s in specs):
-            export_pruner(PrunerGraph(make_selector(method, params), k), num_tokens, hidden, out / f"{name}.onnx",
-                          opset, torch_dtype, generator)
-            specs.append(PrunerSpec(method, keep, k, params, name))
-    return specs
-
-
-def export_pruner(pruner: PrunerGraph, num_tokens: int, hidden: int, path: Path, opset: int = DEFAULT_OPSET,
-                  torch_dtype=torch.float32, generator: torch.Generator | None = None) -> None:
-    """A pruner graph with static N (and K), dynamic batch and prompt length (DESIGN §4)."""
-    generator = generator or torch.Generator().manual_seed(0)
-    features = torch.randn(2, num_tokens, hidden, generator=generator).to(torch_dtype)
-    prompt = torch.randn(2, 7, hidden, generator=generator).to(torch_dtype)
-    mask = torch.ones(2, 7, dtype=torch.int64)
-    batch = "batch_size"
-    export_graph(pruner, (features, prompt, mask), path,
-                 input_names=["image_features", "prompt_embeds", "prompt_mask"],
-                 output_names=["kept_features", "kept_indices"],
-                 dynamic_axes={"image_features": {0: batch}, "prompt_embeds": {0: batch, 1: "prompt_length"},
-                               "prompt_mask": {0: batch, 1: "prompt_length"}, "kept_features": {0: batch},
-                               "kept_indices": {0: batch}}, opset=opset)
-
-
 def _export_decoder(decoder: torch.nn.Module, spec, hidden: int, torch_dtype, path: Path, opset: int) -> None:
     batch, seq, past_len = 2, 3, 4  # past ≥ 2 so neither axis is specialised
     positions_shape = (3, batch) if spec.mrope else (batch,)  # M-RoPE: (temporal, height, width) × batch
@@ -237,7 +198,7 @@ def _export_decoder(decoder: torch.nn.Module, spec, hidden: int, torch_dtype, pa
     axes = {
         "inputs_embeds": {0: "batch_size", 1: "sequence_length"},
         "attention_mask": {0: "batch_size", 1: "total_sequence_length"},
-        "position_ids": {1: "batch_size", 2: "sequence_length"} if spec.mrope else {0: "batch_size", 1: "sequence_length"},
+        "position_ids": {len(positions_shape) - 1: "batch_size", len(positions_shape): "sequence_length"},
         "logits": {0: "batch_size"},
         **{name: {0: "batch_size", 2: past_axis} for name in past_names},
         **{name: {0: "batch_size", 2: present_axis} for name in present_names},

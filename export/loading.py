@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -19,6 +20,8 @@ from zspa.families import MODEL_ALIASES, family_for_model_type
 from zspa.manifest import SourceSpec
 
 HUB_PROBE_TIMEOUT_S = 5.0
+# org/name as the hub spells it ("Qwen/Qwen2.5-VL-7B-Instruct"); anything else with a slash is a path.
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 
 
 @dataclass
@@ -51,10 +54,12 @@ def load_model(name: str, revision: str | None = None) -> LoadedModel:
         family = family_for_model_type(_local_model_type(local))
         model, processor = _load(family, str(local), revision=None, local_files_only=True)
         return LoadedModel(model, processor, family, SourceSpec(str(local.resolve()), None, random_weights=False))
-    if local.suffix or name.startswith((".", "/", "~")):
+    if name in MODEL_ALIASES:  # before the path check: "qwen2.5-vl-3b" looks like a file name
+        return _load_from_hub(MODEL_ALIASES[name], revision)
+    if not _HUB_ID.fullmatch(name) and ("/" in name or local.suffix or name.startswith((".", "~"))):
         raise ModelLoadError(f"{name}: no such directory")
 
-    model_id = MODEL_ALIASES.get(name, name)
+    model_id = name
     if "/" not in model_id:
         aliases = ", ".join(sorted(MODEL_ALIASES))
         raise ModelLoadError(

@@ -36,7 +36,8 @@ def _check(what: str, ours: np.ndarray, reference: torch.Tensor, dtype: str) -> 
 @torch.no_grad()
 def check_parity(
     graphs_dir: Path, vision: torch.nn.Module, decoder: torch.nn.Module, embed: torch.nn.Module, *,
-    vision_inputs: dict[str, torch.Tensor], input_ids: torch.Tensor, decoder_spec: DecoderSpec, max_context: int, dtype: str,
+    vision_inputs: dict[str, torch.Tensor], input_ids: torch.Tensor, decoder_spec: DecoderSpec, max_context: int,
+    dtype: str,
 ) -> dict[str, float]:
     """Vision features, embeddings and decoder logits (prefill, then one decode step), ORT vs
     torch. The decoder graph runs through the runtime's own session for its KV-cache kind, so a

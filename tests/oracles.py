@@ -47,8 +47,9 @@ def zspa_oracle(features, prompt_embeds, prompt_mask, k: int, relevance_ratio: f
 
 
 def random_oracle(n: int, k: int, seed: int, batch: int) -> np.ndarray:
-    """A seeded sample without replacement: the first K of a permutation of range(N)."""
-    chosen = np.sort(np.random.default_rng(seed).permutation(n)[:k])
+    """The K positions of smallest Knuth hash (i·2654435761 + seed) mod 2^31."""
+    keys = [(i * 2654435761 + seed) % 2**31 for i in range(n)]
+    chosen = sorted(sorted(range(n), key=lambda i: keys[i])[:k])
     return np.tile(chosen, (batch, 1))
 
 

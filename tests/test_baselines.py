@@ -1,4 +1,5 @@
-"""Peer methods as exported graphs against independent numpy oracles (issue 4, point 1)."""
+"""Peer methods as per-request graphs against independent numpy oracles (issue 4, point 1), and
+against the eager torch selectors the PyTorch references use."""
 
 from __future__ import annotations
 
@@ -8,20 +9,23 @@ import torch
 
 from zspa.errors import InvalidInputError
 from zspa.pruning import METHOD_DEFAULTS, METHODS
+from zspa.pruning.budget import token_budget
 from zspa.pruning.methods import make_selector
 
 from oracles import cdpruner_oracle, dart_oracle, divprune_oracle, random_oracle, uniform_oracle, zspa_oracle
-from test_pruner import exported_session, random_inputs
+from test_pruner import pruner_graph, random_inputs
+from test_pruner import run as run_graph
 
 
-def exported(method, params, k, n, d, path):
-    return exported_session(make_selector(method, params), path, k, n, d)
-
-
-def run(session, features, prompt, mask):
-    kept, indices = session.run(None, {"image_features": features, "prompt_embeds": prompt, "prompt_mask": mask})
+def run(session, features, prompt, mask, k):
+    kept, indices = run_graph(session, features, prompt, mask, k)
     np.testing.assert_array_equal(kept, np.take_along_axis(features, indices[..., None], axis=1))
     return indices
+
+
+def eager(method, features, prompt, mask, k):
+    selector = make_selector(method, {})
+    return selector(*map(torch.from_numpy, (features, prompt, mask)), k).sort(-1).values.numpy()
 
 
 ORACLES = {
@@ -39,35 +43,44 @@ def test_every_method_has_an_oracle():
 
 
 @pytest.mark.parametrize("method", [m for m in METHODS if m != "cdpruner"])
-def test_method_graph_matches_oracle_at_llava_scale(method, tmp_path):
-    """N = 576, K = 58, batch 2, as LLaVA-1.5 at keep 0.1."""
-    session = exported(method, {}, 58, 576, 64, tmp_path / f"{method}.onnx")
+@pytest.mark.parametrize("n, keep", [(576, 0.1), (576, 0.25), (1196, 0.1), (64, 1.0)])
+def test_method_graph_matches_oracle(method, n, keep):
+    """LLaVA-1.5 at keep 0.1 (N = 576, K = 58) and a 1280×720 Qwen2.5-VL image (N = 1196), batch 2,
+    from one graph per method; and the eager torch selector agrees."""
+    session = pruner_graph(method, {})
+    k = token_budget(keep, n)
     for seed in range(2):
-        features, prompt, mask = random_inputs(seed)
-        np.testing.assert_array_equal(run(session, features, prompt, mask), ORACLES[method](features, prompt, mask, 58))
+        features, prompt, mask = random_inputs(seed, n=n)
+        expected = ORACLES[method](features, prompt, mask, k)
+        np.testing.assert_array_equal(run(session, features, prompt, mask, k), expected)
+        np.testing.assert_array_equal(eager(method, features, prompt, mask, k), expected)
 
 
 @pytest.mark.parametrize("method", METHODS)
 def test_budgets_smaller_than_method_parameters(method):
     """K = 3 of 64 (keep 0.05 on shapes-llava): below DART's 8 pivots, α·K rounding to the core."""
     features, prompt, mask = random_inputs(5, batch=2, n=64, d=32)
-    indices = make_selector(method, {})(*map(torch.from_numpy, (features, prompt, mask)), 3).sort(-1).values.numpy()
-    np.testing.assert_array_equal(indices, ORACLES[method](features, prompt, mask, 3))
+    expected = ORACLES[method](features, prompt, mask, 3)
+    np.testing.assert_array_equal(run(pruner_graph(method, {}, d=32), features, prompt, mask, 3), expected)
+    np.testing.assert_array_equal(eager(method, features, prompt, mask, 3), expected)
 
 
-def test_cdpruner_graph_matches_determinant_oracle(tmp_path):
+def test_cdpruner_graph_matches_determinant_oracle():
     """The oracle maximises explicit log-determinants, so it runs at a smaller scale."""
-    session = exported("cdpruner", {}, 12, 64, 32, tmp_path / "cdpruner.onnx")
-    for seed in range(3):
+    session = pruner_graph("cdpruner", {}, d=32)
+    for seed, k in [(0, 12), (1, 12), (2, 1), (3, 20)]:
         features, prompt, mask = random_inputs(seed, n=64, d=32)
-        np.testing.assert_array_equal(run(session, features, prompt, mask), cdpruner_oracle(features, prompt, mask, 12))
+        expected = cdpruner_oracle(features, prompt, mask, k)
+        np.testing.assert_array_equal(run(session, features, prompt, mask, k), expected)
 
 
-def test_cdpruner_graph_runs_at_llava_scale(tmp_path):
-    session = exported("cdpruner", {}, 58, 576, 256, tmp_path / "cdpruner.onnx")
-    features, prompt, mask = random_inputs(4, d=256)
-    indices = run(session, features, prompt, mask)
-    assert indices.shape == (2, 58) and (np.diff(indices, axis=1) > 0).all()
+def test_cdpruner_graph_matches_eager_selector_at_scale():
+    session = pruner_graph("cdpruner", {}, d=256)
+    for n in (576, 1196):
+        features, prompt, mask = random_inputs(4, n=n, d=256)
+        k = token_budget(0.1, n)
+        expected = eager("cdpruner", features, prompt, mask, k)
+        np.testing.assert_array_equal(run(session, features, prompt, mask, k), expected)
 
 
 def test_prompt_aware_methods_follow_the_question():
@@ -75,9 +88,9 @@ def test_prompt_aware_methods_follow_the_question():
     features, prompt, mask = random_inputs(3, batch=1)
     other = np.random.default_rng(99).standard_normal(prompt.shape).astype(np.float32)
     for method in METHODS:
-        selector = make_selector(method, {})
-        picks = [selector(*map(torch.from_numpy, (features, p, mask)), 58).sort(-1).values for p in (prompt, other)]
-        assert torch.equal(picks[0], picks[1]) == (method not in ("zspa", "cdpruner")), method
+        session = pruner_graph(method, {})
+        picks = [run(session, features, p, mask, 58) for p in (prompt, other)]
+        assert np.array_equal(picks[0], picks[1]) == (method not in ("zspa", "cdpruner")), method
 
 
 def test_unknown_methods_and_parameters_are_refused():

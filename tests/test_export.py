@@ -63,6 +63,18 @@ def test_unknown_model_names_are_explained(tmp_path):
         load_model("lava")
     with pytest.raises(ModelLoadError, match="no such directory"):
         load_model(str(tmp_path / "missing-dir"))
+    with pytest.raises(ModelLoadError, match="no such directory"):
+        load_model("models/qwen2.5-vl/weights")  # a relative path, not an org/name hub id
+
+
+def test_unsupported_model_types_name_the_supported_families(tmp_path):
+    from zspa.errors import ModelLoadError
+    from zspa.export.loading import load_model
+
+    (tmp_path / "gemma").mkdir()
+    (tmp_path / "gemma" / "config.json").write_text('{"model_type": "gemma3"}')
+    with pytest.raises(ModelLoadError, match=r"'gemma3' is not supported yet \(supported: llava, qwen2_5_vl\)"):
+        load_model(str(tmp_path / "gemma"))
 
 
 def test_fp16_export_runs(tmp_path, photo_path):

@@ -1,4 +1,4 @@
-"""ZSPAPrune (DESIGN §5): the exported graph against the numpy oracle, and properties of the method."""
+"""ZSPAPrune (DESIGN §5): the per-request graph against the numpy oracle, and properties of the method."""
 
 from __future__ import annotations
 
@@ -9,19 +9,20 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from zspa.export.exporter import export_pruner
-from zspa.export.onnx_io import node_count
 from zspa.pruning.budget import core_size, token_budget
 from zspa.pruning.graph import PrunerGraph
+from zspa.pruning.onnx_pruner import build_pruner
 from zspa.pruning.zspa_prune import ZSPASelector, question_relevance
 
 from oracles import zspa_oracle
 
 N, D, K = 576, 64, 58
-def exported_session(selector, path, k=K, n=N, d=D) -> ort.InferenceSession:
-    """The selector exported exactly as zspa-export does, loaded in onnxruntime."""
-    export_pruner(PrunerGraph(selector, k), n, d, path)
-    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+
+def pruner_graph(method: str, params: dict, d: int = D) -> ort.InferenceSession:
+    """The per-request graph zspa-export writes for `method`, loaded in onnxruntime."""
+    model = build_pruner(method, params, hidden=d)
+    return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
 
 
 def random_inputs(seed, batch=2, n=N, d=D, t=9):
@@ -33,20 +34,25 @@ def random_inputs(seed, batch=2, n=N, d=D, t=9):
     return features, prompt, mask
 
 
+def run(session, features, prompt, mask, k=K):
+    return session.run(None, {"image_features": features, "prompt_embeds": prompt, "prompt_mask": mask,
+                              "budget": np.array([k], dtype=np.int64)})
+
+
+def graph_prune(features, prompt, mask, k, alpha, pooling):
+    session = pruner_graph("zspa", {"relevance_ratio": alpha, "pooling": pooling}, d=features.shape[-1])
+    return run(session, features, prompt, mask, k)
+
+
 def torch_prune(features, prompt, mask, k, alpha, pooling):
-    """The eager torch module the graph is exported from → numpy (kept, indices)."""
+    """The eager torch module (the PyTorch references' pruner) → numpy (kept, indices)."""
     kept, indices = PrunerGraph(ZSPASelector(alpha, pooling), k)(*map(torch.from_numpy, (features, prompt, mask)))
     return kept.numpy(), indices.numpy()
 
 
-def run(session, features, prompt, mask):
-    return session.run(None, {"image_features": features, "prompt_embeds": prompt, "prompt_mask": mask})
-
-
 @pytest.fixture(scope="module", params=["mean", "max"])
-def pruner_session(request, tmp_path_factory):
-    path = tmp_path_factory.mktemp("pruner") / f"zspa-{request.param}.onnx"
-    return request.param, exported_session(ZSPASelector(0.5, request.param), path), path
+def pruner_session(request):
+    return request.param, pruner_graph("zspa", {"relevance_ratio": 0.5, "pooling": request.param})
 
 
 def test_token_budget_rounds_half_up():
@@ -59,7 +65,7 @@ def test_token_budget_rounds_half_up():
 
 @pytest.mark.parametrize("seed", range(4))
 def test_graph_matches_oracle_batch2(pruner_session, seed):
-    pooling, session, _ = pruner_session
+    pooling, session = pruner_session
     features, prompt, mask = random_inputs(seed)
     kept, indices = run(session, features, prompt, mask)
     expected = zspa_oracle(features, prompt, mask, K, 0.5, pooling)
@@ -73,7 +79,7 @@ def test_graph_breaks_ties_towards_lower_index(pruner_session):
     96 distinct vectors with 6 copies each: the core takes whole groups of copies (relevance
     ties), and each diversity step picks among the copies of the farthest group (distance ties).
     """
-    pooling, session, _ = pruner_session
+    pooling, session = pruner_session
     rng = np.random.default_rng(7)
     distinct = rng.standard_normal((2, 96, D)).astype(np.float32)
     features = np.repeat(distinct, N // 96, axis=1)
@@ -84,20 +90,29 @@ def test_graph_breaks_ties_towards_lower_index(pruner_session):
 
 
 def test_graph_handles_other_prompt_lengths_and_batch_one(pruner_session):
-    pooling, session, _ = pruner_session
+    pooling, session = pruner_session
     features, prompt, mask = random_inputs(11, batch=1, t=40)
     _, indices = run(session, features, prompt, mask)
     np.testing.assert_array_equal(indices, zspa_oracle(features, prompt, mask, K, 0.5, pooling))
 
 
-def test_graph_is_small(pruner_session):
-    """No per-token blow-up: a handful of nodes per greedy step, and well under a megabyte."""
-    _, _, path = pruner_session
-    nodes = node_count(path)
-    size = path.stat().st_size
-    print(f"\nZSPAPrune graph N={N} K={K}: {nodes} nodes, {size / 1024:.1f} KiB")
-    assert nodes <= 10 * K + 50
-    assert size < 200_000
+def test_one_graph_serves_every_n_and_k(pruner_session):
+    """N of a 336 px LLaVA image and of large Qwen2.5-VL images, keeps from one token to all of them."""
+    pooling, session = pruner_session
+    for n, keep in [(576, 0.1), (576, 0.37), (2916, 0.1), (1196, 0.25), (7, 1.0), (1, 1.0), (300, 0.001)]:
+        features, prompt, mask = random_inputs(n, n=n)
+        k = token_budget(keep, n)
+        kept, indices = run(session, features, prompt, mask, k)
+        np.testing.assert_array_equal(indices, zspa_oracle(features, prompt, mask, k, 0.5, pooling))
+        assert kept.shape == (2, k, D)
+
+
+def test_graph_is_small():
+    """A fixed graph: the greedy steps are loop iterations, so its size does not grow with K or N."""
+    nodes = len(build_pruner("zspa", {"relevance_ratio": 0.25, "pooling": "mean"}, hidden=D).graph.node)
+    size = len(build_pruner("zspa", {"relevance_ratio": 0.25, "pooling": "mean"}, hidden=D).SerializeToString())
+    print(f"\nZSPAPrune per-request graph: {nodes} top-level nodes, {size / 1024:.1f} KiB")
+    assert nodes < 80 and size < 20_000
 
 
 selector_cases = st.tuples(
@@ -116,12 +131,13 @@ def test_kept_indices_are_unique_ascending_in_range(case, keep):
     n, d, t, alpha, pooling, seed = case
     features, prompt, mask = random_inputs(seed, batch=2, n=n, d=d, t=t)
     k = token_budget(keep, n)
-    kept, indices = torch_prune(features, prompt, mask, k, alpha, pooling)
+    kept, indices = graph_prune(features, prompt, mask, k, alpha, pooling)
     assert indices.shape == (2, k)
     assert (np.diff(indices, axis=1) > 0).all()  # unique and ascending
     assert indices.min() >= 0 and indices.max() < n
     np.testing.assert_array_equal(kept, np.take_along_axis(features, indices[..., None], axis=1))
     np.testing.assert_array_equal(indices, zspa_oracle(features, prompt, mask, k, alpha, pooling))
+    np.testing.assert_array_equal(torch_prune(features, prompt, mask, k, alpha, pooling)[1], indices)
 
 
 @settings(max_examples=30, deadline=None)
@@ -129,7 +145,7 @@ def test_kept_indices_are_unique_ascending_in_range(case, keep):
 def test_full_budget_keeps_every_token(case):
     n, d, t, alpha, pooling, seed = case
     features, prompt, mask = random_inputs(seed, batch=1, n=n, d=d, t=t)
-    _, indices = torch_prune(features, prompt, mask, n, alpha, pooling)
+    _, indices = graph_prune(features, prompt, mask, n, alpha, pooling)
     np.testing.assert_array_equal(indices[0], np.arange(n))
 
 
@@ -144,10 +160,9 @@ def test_alpha_one_is_relevance_top_k(case, keep):
     n, d, t, _, pooling, seed = case
     features, prompt, mask = random_inputs(seed, batch=1, n=n, d=d, t=t)
     k = token_budget(keep, n)
-    indices = ZSPASelector(1.0, pooling)(torch.from_numpy(features), torch.from_numpy(prompt),
-                                         torch.from_numpy(mask), k).numpy()[0]
+    indices = np.sort(graph_prune(features, prompt, mask, k, 1.0, pooling)[1][0])
     relevance = _relevance(features, prompt, mask, pooling)[0]
-    expected = np.argsort(-relevance, kind="stable")[:k]
+    expected = np.sort(np.argsort(-relevance, kind="stable")[:k])
     np.testing.assert_array_equal(indices, expected)
 
 
@@ -157,7 +172,7 @@ def test_core_is_contained_in_kept(case, keep):
     n, d, t, alpha, pooling, seed = case
     features, prompt, mask = random_inputs(seed, batch=1, n=n, d=d, t=t)
     k = token_budget(keep, n)
-    _, kept = torch_prune(features, prompt, mask, k, alpha, pooling)
+    _, kept = graph_prune(features, prompt, mask, k, alpha, pooling)
     relevance = _relevance(features, prompt, mask, pooling)[0]
     core = np.argsort(-relevance, kind="stable")[: core_size(k, alpha)]
     assert set(core) <= set(kept[0].tolist())

@@ -104,8 +104,8 @@ def test_keep_one_reproduces_hf_generate(qwen_hf, qwen_pipeline, photo_path, siz
     ids, inputs, image, _ = _hf_sequence(qwen_hf, qwen_pipeline, photo_path, size)
     with torch.no_grad():
         out = hf.generate(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=inputs["pixel_values"],
-                          image_grid_thw=inputs["image_grid_thw"], mm_token_type_ids=(ids == hf.config.image_token_id).int(),
-                          max_new_tokens=MAX_NEW, do_sample=False)
+                          image_grid_thw=inputs["image_grid_thw"], max_new_tokens=MAX_NEW, do_sample=False,
+                          mm_token_type_ids=(ids == hf.config.image_token_id).int())
     expected = [t for t in out[0, ids.shape[1]:].tolist() if t not in hf.generation_config.eos_token_id]
     result = qwen_pipeline.generate(image, QUESTION, keep=1.0, max_new_tokens=MAX_NEW)
     assert result.token_ids == expected

@@ -111,7 +111,7 @@ class Scheduler:
     def _warm_up(self) -> None:
         """One short generation per keep of every method, so the first request pays no first-run costs."""
         bundle = self.pipeline.bundle
-        height, width = bundle.manifest.vision.image_size
+        height, width = bundle.manifest.vision.image_size or (448, 448)  # dynamic resolution: a typical size
         image = Image.new("RGB", (width, height), (128, 128, 128))
         settings = {(keep, method) for method in bundle.methods or [None] for keep in bundle.keeps(method)}
         for keep, method in sorted(settings, key=str):

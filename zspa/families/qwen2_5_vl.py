@@ -85,10 +85,11 @@ class VisionGraph(nn.Module):
         visual = self.visual
         hidden = visual.patch_embed(pixel_values)
         patches, width = hidden.shape
-        hidden = hidden.reshape(patches // self.merge_unit, self.merge_unit, width)[window_index].reshape(patches, width)
-        cos, sin = visual.rotary_pos_emb(hidden, vision_position_ids)
-        cos, sin = (t.reshape(patches // self.merge_unit, self.merge_unit, -1)[window_index].reshape(patches, -1)
-                    for t in (cos, sin))
+        def by_window(t):  # merge units reordered window by window, as transformers does
+            return t.reshape(patches // self.merge_unit, self.merge_unit, -1)[window_index].reshape(patches, -1)
+
+        hidden = by_window(hidden)
+        cos, sin = map(by_window, visual.rotary_pos_emb(hidden, vision_position_ids))
         position = torch.arange(patches, device=hidden.device)
         window = (position.unsqueeze(1) >= cu_window_seqlens[1:].unsqueeze(0)).sum(-1)
         window_mask = torch.zeros(patches, patches, dtype=torch.float32).masked_fill(

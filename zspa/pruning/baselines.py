@@ -14,6 +14,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from zspa.pruning.random_order import random_indices
 from zspa.pruning.zspa_prune import farthest_point_fill, greedy_top, question_relevance
 
 
@@ -23,10 +24,10 @@ def _constant_indices(indices: np.ndarray, batch_like: torch.Tensor) -> torch.Te
 
 @dataclass(frozen=True)
 class RandomSelector:
-    """Random pruning, the usual floor baseline: a seeded uniform sample of K tokens.
+    """Random pruning, the usual floor baseline: K tokens in a seeded pseudo-random order.
 
-    Deviation: the sample is drawn once per graph (from `seed`, N and K) and is the same for
-    every image, so that the graph is deterministic on every backend.
+    Deviation: the order is a fixed hash of the token position and the seed (`random_order`), the
+    same for every image, so that the graph is deterministic on every backend and any N.
     """
 
     seed: int = 0
@@ -34,10 +35,6 @@ class RandomSelector:
     def __call__(self, image_features, prompt_embeds, prompt_mask, k):
         n = image_features.shape[1]
         return _constant_indices(random_indices(n, k, self.seed), image_features)
-
-
-def random_indices(n: int, k: int, seed: int) -> np.ndarray:
-    return np.sort(np.random.default_rng(seed).permutation(n)[:k])
 
 
 @dataclass(frozen=True)

@@ -23,14 +23,13 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from zspa.pruning import METHOD_DEFAULTS
+from zspa.pruning.random_order import HASH_MODULUS, HASH_MULTIPLIER
 
-# Methods built here; the others (cdpruner) stay static-K graphs traced from torch.
-PER_REQUEST_METHODS = ("zspa", "divprune", "uniform", "random", "dart")
 _ELEM = {"float32": TensorProto.FLOAT, "float16": TensorProto.FLOAT16}
-# Knuth's multiplicative hash constant: the random baseline orders tokens by (i·A + seed) mod 2^31.
-_HASH_MULTIPLIER = 2654435761
 # A greedy loop's state: float scores [B,N] and the int64 picks buffer [B,K].
 _STATE = (TensorProto.FLOAT, TensorProto.INT64)
+# CDPruner's: residual variances, struck-out picks, the Cholesky rows [B,K,N], the picks buffer.
+_DPP_STATE = (TensorProto.FLOAT, TensorProto.FLOAT, TensorProto.FLOAT, TensorProto.INT64)
 
 
 class _Graph:
@@ -93,7 +92,7 @@ class _Pruner:
     def top_loop(self, scores: str, steps: str, offset: str) -> str:
         """`steps` [1] times: take the highest score (first on ties), strike it out, write the pick at
         column offset + i of the picks buffer. Returns the scores with the picks struck out."""
-        g, body = self.g, _Graph(subgraph=True)
+        body = _Graph(subgraph=True)
         scores_in, picks_in = "scores_in", "picks_in"
         pick = body.op("ArgMax", scores_in, axis=1, keepdims=1)
         struck = body.op("Expand", body.const([[-np.inf]], np.float32), body.op("Shape", pick))
@@ -126,16 +125,18 @@ class _Pruner:
         column = body.op("Expand", body.op("Add", "iteration", offset), body.op("Shape", pick))
         return body.op("ScatterElements", picks, column, pick, axis=1)
 
-    def _loop(self, body: _Graph, steps: str, initial: list[str], inputs: list[str], outputs: list[str]):
+    def _loop(self, body: _Graph, steps: str, initial: list[str], inputs: list[str], outputs: list[str],
+              state: tuple[int, ...] = None):
+        state = state or _STATE
         g = self.g
         condition = body.op("Identity", "condition_in")
         graph = helper.make_graph(
             body.nodes, g._name("greedy_step"),
             [helper.make_tensor_value_info("iteration", TensorProto.INT64, []),
              helper.make_tensor_value_info("condition_in", TensorProto.BOOL, []),
-             *[helper.make_tensor_value_info(name, kind, None) for name, kind in zip(inputs, _STATE)]],
+             *[helper.make_tensor_value_info(name, kind, None) for name, kind in zip(inputs, state)]],
             [helper.make_tensor_value_info(condition, TensorProto.BOOL, []),
-             *[helper.make_tensor_value_info(name, kind, None) for name, kind in zip(outputs, _STATE)]],
+             *[helper.make_tensor_value_info(name, kind, None) for name, kind in zip(outputs, state)]],
         )
         trip = g.op("Squeeze", steps, g.const([0]))
         return g.op("Loop", trip, g.const(True, np.bool_), *initial, outputs=len(initial), body=graph)
@@ -178,10 +179,8 @@ def _divprune(p: _Pruner) -> None:
     """Seeded with the most isolated token (largest distance to its nearest neighbour)."""
     g = p.g
     similarity = g.op("MatMul", p.tokens, p.tokens_t)
-    eye = g.op("EyeLike", g.op("ConstantOfShape", g.op("Concat", p.count, p.count, axis=0),
-                                value=numpy_helper.from_array(np.zeros(1, np.float32))))
     distance = g.op("Sub", g.const(1.0, np.float32), similarity)
-    distance = g.op("Where", g.op("Cast", eye, to=TensorProto.BOOL), g.const(np.inf, np.float32), distance)
+    distance = g.op("Where", g.op("Cast", _identity(p), to=TensorProto.BOOL), g.const(np.inf, np.float32), distance)
     isolation = g.op("ReduceMin", distance, g.const([-1]), keepdims=0)
     p.top_loop(isolation, g.const([1]), g.const(0))
     p.fill_loop(p.seeds(g.const([1])), g.op("Sub", p.k, g.const([1])), g.const(1))
@@ -199,6 +198,61 @@ def _dart(p: _Pruner, pivots: int) -> None:
     scores = g.op("ScatterElements", g.op("Neg", duplication), chosen,
                   g.op("Expand", g.const([[-np.inf]], np.float32), g.op("Shape", chosen)), axis=1)
     p.top_loop(scores, g.op("Sub", p.k, count), g.op("Squeeze", count, g.const([0])))
+
+
+def _cdpruner(p: _Pruner) -> None:
+    """Greedy MAP of the conditional DPP (see baselines.CDPrunerSelector): K steps, each adding the
+    token of largest residual variance and appending its row of the incremental Cholesky factor
+    to a [B,K,N] buffer; step t reads only the t rows written so far."""
+    g, body = p.g, _Graph(subgraph=True)
+    relevance = _relevance(p, "mean")
+    low = g.op("ReduceMin", relevance, g.const([-1]), keepdims=1)
+    span = g.op("Max", g.op("Sub", g.op("ReduceMax", relevance, g.const([-1]), keepdims=1), low),
+                g.const(1e-6, np.float32))
+    weight = g.op("Div", g.op("Sub", relevance, low), span)
+    similarity = g.op("MatMul", p.tokens, p.tokens_t)
+    kernel = g.op("Mul", g.op("Mul", g.op("Unsqueeze", weight, g.const([-1])), similarity),
+                  g.op("Unsqueeze", weight, g.const([1])))
+    residual = g.op("ReduceSum", g.op("Mul", kernel, _identity(p)), g.const([-1]), keepdims=0)
+    factors = _zeros(g, g.op("Concat", p.batch, p.k, p.count, axis=0))
+    struck = _zeros(g, g.op("Shape", residual))
+
+    names = ["residual_in", "struck_in", "factors_in", "picks_in"]
+    residual_in, struck_in, factors_in, picks_in = names
+    pick = body.op("ArgMax", body.op("Add", residual_in, struck_in), axis=1, keepdims=1)  # [B,1]
+    batch_n = body.op("Shape", residual_in)  # [B, N]
+    row_shape = body.op("Concat", body.op("Slice", batch_n, body.const([0]), body.const([1])), body.const([1]),
+                        body.op("Slice", batch_n, body.const([1]), body.const([2])), axis=0)  # [B, 1, N]
+    row = body.op("GatherElements", kernel, body.op("Expand", body.op("Unsqueeze", pick, body.const([-1])), row_shape),
+                  axis=1)
+    written = body.op("Slice", factors_in, body.const([0]), body.op("Unsqueeze", "iteration", body.const([0])),
+                      body.const([1]))  # [B,t,N]
+    column_shape = body.op("Concat", body.op("Slice", body.op("Shape", written), body.const([0]), body.const([2])),
+                           body.const([1]), axis=0)  # [B, t, 1]
+    at_pick = body.op("GatherElements", written, body.op("Expand", body.op("Unsqueeze", pick, body.const([1])),
+                                                         column_shape), axis=2)
+    row = body.op("Sub", body.op("Squeeze", row, body.const([1])),
+                  body.op("ReduceSum", body.op("Mul", at_pick, written), body.const([1]), keepdims=0))
+    chosen_variance = body.op("GatherElements", residual_in, pick, axis=1)
+    factor = body.op("Div", row, body.op("Sqrt", body.op("Max", chosen_variance, body.const(1e-10, np.float32))))
+    row_index = body.op("Expand", body.op("Reshape", "iteration", body.const([1, 1, 1])), row_shape)
+    factors_out = body.op("ScatterElements", factors_in, row_index, body.op("Unsqueeze", factor, body.const([1])),
+                          axis=1)
+    residual_out = body.op("Sub", residual_in, body.op("Mul", factor, factor))
+    struck_out = body.op("ScatterElements", struck_in, pick,
+                         body.op("Expand", body.const([[-np.inf]], np.float32), body.op("Shape", pick)), axis=1)
+    picks_out = p._write_pick(body, picks_in, pick, g.const(0))
+    *_, p.picks = p._loop(body, p.k, [residual, struck, factors, p.picks], names,
+                          [residual_out, struck_out, factors_out, picks_out], _DPP_STATE)
+
+
+def _zeros(g: _Graph, shape: str) -> str:
+    return g.op("ConstantOfShape", shape, value=numpy_helper.from_array(np.zeros(1, np.float32)))
+
+
+def _identity(p: _Pruner) -> str:
+    """float [N,N] identity for the image's N."""
+    return p.g.op("EyeLike", _zeros(p.g, p.g.op("Concat", p.count, p.count, axis=0)))
 
 
 def _order(p: _Pruner, keys: str) -> None:
@@ -225,20 +279,16 @@ def _uniform(p: _Pruner) -> None:
     p.picks = g.op("Expand", g.op("Unsqueeze", picks, g.const([0])), g.op("Concat", p.batch, p.k, axis=0))
 
 
-def random_keys(n: int, seed: int) -> np.ndarray:
-    """The random baseline's order: token i's key (i·A + seed) mod 2^31; the K smallest are kept."""
-    return (np.arange(n, dtype=np.int64) * _HASH_MULTIPLIER + seed) % (1 << 31)
-
-
 def _random(p: _Pruner, seed: int) -> None:
     g = p.g
-    keys = g.op("Mod", g.op("Add", g.op("Mul", _positions(p), g.const(_HASH_MULTIPLIER)), g.const(seed)),
-                g.const(1 << 31))
+    keys = g.op("Mod", g.op("Add", g.op("Mul", _positions(p), g.const(HASH_MULTIPLIER)), g.const(seed)),
+                g.const(HASH_MODULUS))
     _order(p, keys)
 
 
 _BUILDERS: dict[str, Callable[..., None]] = {
     "zspa": _zspa, "divprune": _divprune, "uniform": _uniform, "random": _random, "dart": _dart,
+    "cdpruner": _cdpruner,
 }
 
 

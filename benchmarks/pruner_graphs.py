@@ -1,0 +1,120 @@
+"""Per-request pruner (one graph, ONNX Loop, K an input) against the unrolled static-K graphs zspa
+0.1 exported (one traced graph per keep): node count, file size and time at N = 576 and N = 2916.
+
+Each side runs in its own process; the sides alternate over `--rounds`, and every ratio is
+printed with the min / median / max of the per-round medians. onnxruntime CPU.
+
+    python benchmarks/pruner_graphs.py [--hidden 1024] [--rounds 5] [--runs 20]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from machine import describe_machine  # noqa: E402
+
+PARAMS = {"relevance_ratio": 0.25, "pooling": "mean"}
+
+
+def export_static(n: int, k: int, hidden: int, path: Path) -> None:
+    """The zspa 0.1 graph: the torch selector traced with K unrolled and N fixed."""
+    import torch
+
+    from zspa.export.onnx_io import export_graph
+    from zspa.pruning.graph import PrunerGraph
+    from zspa.pruning.zspa_prune import ZSPASelector
+
+    generator = torch.Generator().manual_seed(0)
+    args = (torch.randn(2, n, hidden, generator=generator), torch.randn(2, 7, hidden, generator=generator),
+            torch.ones(2, 7, dtype=torch.int64))
+    export_graph(PrunerGraph(ZSPASelector(**PARAMS), k), args, path,
+                 input_names=["image_features", "prompt_embeds", "prompt_mask"],
+                 output_names=["kept_features", "kept_indices"],
+                 dynamic_axes={"image_features": {0: "batch_size"}, "prompt_embeds": {0: "batch_size", 1: "t"},
+                               "prompt_mask": {0: "batch_size", 1: "t"}}, opset=18)
+
+
+def time_graph(path: Path, n: int, k: int, hidden: int, runs: int) -> float:
+    """Median milliseconds of one pruning call (batch 1, 12 question tokens), after a warm-up."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(0)
+    feeds = {"image_features": rng.standard_normal((1, n, hidden)).astype(np.float32),
+             "prompt_embeds": rng.standard_normal((1, 12, hidden)).astype(np.float32),
+             "prompt_mask": np.ones((1, 12), np.int64)}
+    if "budget" in [i.name for i in session.get_inputs()]:
+        feeds["budget"] = np.array([k], np.int64)
+    session.run(None, feeds)
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        session.run(None, feeds)
+        times.append((time.perf_counter() - start) * 1000)
+    return statistics.median(times)
+
+
+def worker(args) -> None:
+    print(json.dumps({"ms": time_graph(Path(args.path), args.n, args.k, args.hidden, args.runs)}))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--hidden", type=int, default=1024, help="D (default 1024; LLaVA-1.5-7B's is 4096)")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--runs", type=int, default=20, help="timed calls per round")
+    parser.add_argument("--worker", choices=["time"], help=argparse.SUPPRESS)
+    parser.add_argument("--path", help=argparse.SUPPRESS)
+    parser.add_argument("--n", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--k", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        return worker(args)
+
+    import onnx
+
+    from zspa.pruning.budget import token_budget
+    from zspa.pruning.onnx_pruner import save_pruner
+
+    print(f"machine: {describe_machine()}")
+    with tempfile.TemporaryDirectory() as tmp:
+        per_request = Path(tmp) / "pruner-zspa.onnx"
+        save_pruner("zspa", PARAMS, per_request, hidden=args.hidden)
+        for n in (576, 2916):
+            k = token_budget(0.1, n)
+            static = Path(tmp) / f"pruner-zspa-k{k}-n{n}.onnx"
+            export_static(n, k, args.hidden, static)
+            sides = {"static": static, "per-request": per_request}
+            for name, path in sides.items():
+                model = onnx.load(str(path))
+                print(f"N={n} K={k} D={args.hidden} {name:>11}: {len(model.graph.node)} nodes, "
+                      f"{path.stat().st_size / 1024:.0f} KiB")
+            medians: dict[str, list[float]] = {name: [] for name in sides}
+            for _ in range(args.rounds):
+                for name, path in sides.items():  # alternate the sides, a fresh process each
+                    out = subprocess.run([sys.executable, __file__, "--worker", "time", "--path", str(path),
+                                          "--n", str(n), "--k", str(k), "--hidden", str(args.hidden),
+                                          "--runs", str(args.runs)], capture_output=True, text=True, check=True)
+                    medians[name].append(json.loads(out.stdout.splitlines()[-1])["ms"])
+            ratios = sorted(r / s for r, s in zip(medians["per-request"], medians["static"]))
+            for name, values in medians.items():
+                print(f"N={n} K={k} {name:>11}: {statistics.median(values):.2f} ms "
+                      f"(rounds min {min(values):.2f}, max {max(values):.2f})")
+            print(f"N={n} K={k} per-request / static time: {statistics.median(ratios):.2f} "
+                  f"(min {ratios[0]:.2f}, max {ratios[-1]:.2f} over {args.rounds} rounds)")
+
+
+if __name__ == "__main__":
+    main()

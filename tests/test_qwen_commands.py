@@ -1,0 +1,109 @@
+"""Every command on a Qwen2.5-VL bundle (issue 11, point 7): run, serve, eval, profile, calibrate, and
+zspa-build's optimisation profiles from the processor's min/max pixels."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import openai
+import pytest
+
+from zspa.calibration.calibrate import CalibrateOptions, calibrate_bundle
+from zspa.manifest import Manifest
+from zspa.pruning.budget import token_budget
+from zspa.runtime.engines import ShapeRanges, optimisation_profile
+from zspa.runtime.pipeline import Pipeline
+
+from serving import chat_body, data_url, running_server
+
+QUESTION = "What is the man wearing on his head?"
+
+
+def cli(module: str, *args) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", f"zspa.cli.{module}", *map(str, args)], capture_output=True,
+                          text=True, timeout=600)
+
+
+def test_run_prunes_by_the_image_s_own_token_count(qwen_bundle, qwen_pipeline, photo_path):
+    out = cli("run", qwen_bundle, "--image", photo_path, "--prompt", QUESTION, "--keep", "0.3", "--json",
+              "--max-new-tokens", "4")
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout)
+    expected = qwen_pipeline.generate(photo_path, QUESTION, keep=0.3, max_new_tokens=4)
+    n = expected.stats.visual_tokens_total
+    assert result["visual_tokens"] == {"total": n, "kept": token_budget(0.3, n)}
+    assert result["text"] == expected.text and result["random_weights"] is True
+
+
+def test_serve_answers_like_the_pipeline(qwen_bundle, qwen_pipeline, photo_path, tmp_path):
+    expected = qwen_pipeline.generate(photo_path, QUESTION, keep=0.2, max_new_tokens=6)
+    with running_server(qwen_bundle, tmp_path / "serve.log") as server:
+        client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused")
+        body = chat_body(data_url(photo_path.read_bytes()), QUESTION, model="tiny-qwen")
+        answer = client.chat.completions.create(**{k: v for k, v in body.items() if k != "messages"},
+                                                messages=body["messages"], temperature=0, max_tokens=6,
+                                                extra_body={"keep": 0.2})
+    assert answer.choices[0].message.content == expected.text
+    usage = answer.usage.model_extra
+    assert (usage["visual_tokens_total"], usage["visual_tokens_kept"]) == (
+        expected.stats.visual_tokens_total, expected.stats.visual_tokens_kept)
+
+
+def test_eval_and_profile_run_on_the_bundle(qwen_bundle, qwen_pipeline, photo_path, tmp_path):
+    answer = qwen_pipeline.generate(photo_path, QUESTION, keep=1.0, max_new_tokens=4).text
+    data = tmp_path / "set.jsonl"
+    data.write_text(json.dumps({"image": str(photo_path), "question": QUESTION, "answer": answer}) + "\n")
+    run = cli("eval", qwen_bundle, "--data", data, "--out", tmp_path / "eval", "--keeps", "0.1,0.4", "--quiet",
+              "--max-new-tokens", "4")
+    assert run.returncode == 0, run.stderr
+    report = json.loads((tmp_path / "eval" / "results.json").read_text())
+    rows = {(r["method"], r["keep"]): r for r in report["results"]}
+    assert set(rows) == {("none", 1.0), ("zspa", 0.1), ("zspa", 0.4)} and rows[("none", 1.0)]["accuracy"] == 1.0
+
+    run = cli("profile", qwen_bundle, "--image", photo_path, "--runs", "1", "--warmup", "0", "--max-new-tokens", "2",
+              "--keeps", "1.0,0.1", "--out", tmp_path / "prof", "--quiet")
+    assert run.returncode == 0, run.stderr
+    settings = json.loads((tmp_path / "prof" / "profile.json").read_text())["settings"]
+    tokens = {r["keep"]: r["visual_tokens"] for r in settings}
+    n = tokens[1.0]["total"]
+    assert tokens == {1.0: {"total": n, "kept": n}, 0.1: {"total": n, "kept": token_budget(0.1, n)}}
+
+
+def test_calibrated_bundle_answers(qwen_bundle, photo_path, tmp_path):
+    from PIL import Image
+
+    images = tmp_path / "images"
+    images.mkdir()
+    for i, size in enumerate([(320, 240), (200, 400), (448, 448), (640, 360)] * 2):
+        Image.open(photo_path).convert("RGB").resize(size).save(images / f"{i}.png")
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("What is this?\nDescribe the picture.\n")
+    out = tmp_path / "int"
+    calibrate_bundle(CalibrateOptions(qwen_bundle, images, prompts, out, progress=False, fidelity_tokens=2))
+    manifest = Manifest.read(out / "manifest.json")
+    assert manifest.graphs["vision"].quantization["precision"] == "int8"
+    result = Pipeline.load(out).generate(photo_path, QUESTION, keep=0.25, max_new_tokens=3)
+    assert result.stats.visual_tokens_kept == token_budget(0.25, result.stats.visual_tokens_total)
+
+
+def test_build_profiles_follow_min_and_max_pixels(qwen_bundle):
+    manifest = Manifest.read(qwen_bundle / "manifest.json")
+    ranges = ShapeRanges.for_manifest(manifest, max_context=2048)
+    vision = optimisation_profile(manifest.graphs["vision"], ranges)
+    # min_pixels 56² → 4 merged tokens, max_pixels 28²·1280 → 1280; 4 patches per token; 3·2·14·14 values each
+    assert vision["pixel_values"] == ((16, 1176), (4096, 1176), (5120, 1176))
+    assert vision["window_index"] == ((4,), (1024,), (1280,))
+    pruner = optimisation_profile(manifest.graphs["pruner-zspa"], ranges)
+    assert pruner["image_features"][0] == (1, 4, 64) and pruner["image_features"][2] == (1, 1280, 64)
+    decoder = optimisation_profile(manifest.graphs["decoder"], ranges)
+    assert decoder["position_ids"][2] == (3, 1, ranges.max_prefill)
+
+
+@pytest.mark.parametrize("model", ["qwen2.5-vl-3b", "Qwen/Qwen2.5-VL-7B-Instruct"])
+def test_offline_hub_ids_fail_fast_with_the_way_out(model, tmp_path):
+    out = subprocess.run([sys.executable, "-m", "zspa.cli.export", "--model", model, "-o", tmp_path / "b"],
+                         capture_output=True, text=True, timeout=120, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert out.returncode == 4 and "Qwen/Qwen2.5-VL-" in out.stderr and "hf download" in out.stderr
