@@ -53,8 +53,9 @@ def build_engines(options: BuildOptions) -> Path:
         for name, (graph, precision) in tqdm(sources.items(), desc="building engines", unit="engine",
                                              disable=not options.progress):
             spec = bundle.manifest.graphs[graph]
-            plan = _build(trt, logger, bundle.graph_file(graph), engines.optimisation_profile(spec, ranges), precision,
-                          engines.strongly_typed(spec), int(options.workspace_gb * 2**30), cache_path)
+            plan = _build(trt, logger, bundle.graph_file(graph), engines.optimisation_profile(spec, ranges),
+                          ranges.shape_input_values, precision, engines.strongly_typed(spec),
+                          int(options.workspace_gb * 2**30), cache_path)
             (staging / f"{name}.plan").write_bytes(plan)
         engines.BuildRecord(trt.__version__, gpu, list(capability), options.precision, ranges.max_context,
                     ranges.max_prefill, int(options.workspace_gb * 2**30),
@@ -67,8 +68,10 @@ def build_engines(options: BuildOptions) -> Path:
     return target
 
 
-def _build(trt, logger, onnx_path: Path, profile_shapes, precision: str, typed: bool, workspace: int,
-           cache_path: Path) -> bytes:
+def _build(trt, logger, onnx_path: Path, profile_shapes, shape_input_values, precision: str, typed: bool,
+           workspace: int, cache_path: Path) -> bytes:
+    """One engine. Inputs TensorRT reads as shapes (the pruners' `budget`, which sizes their
+    outputs and bounds their loops) get value ranges besides their dimensions."""
     builder = trt.Builder(logger)
     flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED) if typed else 0
     network = builder.create_network(flags)
@@ -83,6 +86,9 @@ def _build(trt, logger, onnx_path: Path, profile_shapes, precision: str, typed: 
     profile = builder.create_optimization_profile()
     for name, (low, opt, high) in profile_shapes.items():
         profile.set_shape(name, low, opt, high)
+    for tensor in (network.get_input(i) for i in range(network.num_inputs)):
+        if tensor.is_shape_tensor:
+            profile.set_shape_input(tensor.name, *shape_input_values(tensor.name))
     config.add_optimization_profile(profile)
     cache = config.create_timing_cache(cache_path.read_bytes() if cache_path.exists() else b"")
     config.set_timing_cache(cache, ignore_mismatch=False)

@@ -76,6 +76,13 @@ class ShapeRanges:
         return ranges[name]
 
 
+    def shape_input_values(self, name: str) -> tuple[list[int], list[int], list[int]]:
+        """(min, opt, max) values of an input TensorRT reads as a shape: the pruners' budget K."""
+        if name != "budget":
+            raise BundleError(f"no value range for the shape input {name!r}; this zspa cannot build it")
+        return [1], [max(1, self.opt_visual_tokens // 10)], [self.max_visual_tokens]
+
+
 def optimisation_profile(graph: GraphSpec, ranges: ShapeRanges) -> dict[str, tuple[Shape, Shape, Shape]]:
     """input name → (min, opt, max) shapes; fixed dimensions stay fixed (LLaVA's vision graph is static)."""
     profile = {}

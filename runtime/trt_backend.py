@@ -53,6 +53,7 @@ class _EngineRunner:
         self.input_names = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
         self.output_names = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
         self._buffers: dict[str, tuple[int, int]] = {}
+        self._host_inputs: dict[str, np.ndarray] = {}
 
     def dtype(self, name: str) -> type:
         return self.trt.nptype(self.engine.get_tensor_dtype(name))
@@ -69,6 +70,10 @@ class _EngineRunner:
     def feed(self, name: str, array: np.ndarray) -> None:
         array = np.ascontiguousarray(array, dtype=self.dtype(name))
         self.context.set_input_shape(name, array.shape)
+        if self.engine.is_shape_inference_io(name):  # the pruners' budget: read on the host as a shape
+            self._host_inputs[name] = array  # kept alive until the next feed
+            self.context.set_tensor_address(name, array.ctypes.data)
+            return
         pointer = self.buffer(name, array.nbytes)
         self.device.to_device(pointer, array)
         self.context.set_tensor_address(name, pointer)

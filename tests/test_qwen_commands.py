@@ -98,6 +98,7 @@ def test_build_profiles_follow_min_and_max_pixels(qwen_bundle):
     assert vision["window_index"] == ((4,), (1024,), (1280,))
     pruner = optimisation_profile(manifest.graphs["pruner-zspa"], ranges)
     assert pruner["image_features"][0] == (1, 4, 64) and pruner["image_features"][2] == (1, 1280, 64)
+    assert ranges.shape_input_values("budget") == ([1], [102], [1280])  # K: TensorRT reads it as a shape
     decoder = optimisation_profile(manifest.graphs["decoder"], ranges)
     assert decoder["position_ids"][2] == (3, 1, ranges.max_prefill)
 

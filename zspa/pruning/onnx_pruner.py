@@ -2,10 +2,12 @@
 
 K = max(1, round(keep·N)) depends on the image (Qwen2.5-VL's N grows with it) and on the keep a
 request asks for, so the greedy steps cannot be unrolled at export time as the traced torch
-selectors are. These graphs are written directly in ONNX: each greedy step is one iteration of
-an ONNX `Loop` whose trip count comes from the `budget` input, its state the score vector and a
-[B,K] buffer of picks filled by ScatterElements. ArgMax/ArgMin take the first extreme, so ties
-go to the lower index exactly as in the unrolled graphs and the numpy oracles.
+selectors are. These graphs are written directly in ONNX. A greedy method is one ONNX `Loop` of K
+iterations whose trip count comes from the `budget` input; each iteration picks one token and
+strikes it out of the scores (−inf) and of the closeness vector (+inf), so no buffer of picks is
+carried: the kept set is read off the final state, in ascending order, by one TopK. ArgMax /
+ArgMin return the first extreme and TopK orders ties by index, so ties go to the lower index, as
+in the numpy oracles. Loop-invariant tensors live outside the body, which holds only per-step work.
 
 Contract: `image_features` f[B,N,D], `prompt_embeds` f[B,T,D], `prompt_mask` i64[B,T],
 `budget` i64[1] (K, computed by the runtime with `zspa.pruning.budget.token_budget`) →
@@ -26,36 +28,29 @@ from zspa.pruning import METHOD_DEFAULTS
 from zspa.pruning.random_order import HASH_MODULUS, HASH_MULTIPLIER
 
 _ELEM = {"float32": TensorProto.FLOAT, "float16": TensorProto.FLOAT16}
-# A greedy loop's state: float scores [B,N] and the int64 picks buffer [B,K].
-_STATE = (TensorProto.FLOAT, TensorProto.INT64)
-# CDPruner's: residual variances, struck-out picks, the Cholesky rows [B,K,N], the picks buffer.
-_DPP_STATE = (TensorProto.FLOAT, TensorProto.FLOAT, TensorProto.FLOAT, TensorProto.INT64)
 
 
 class _Graph:
-    """A tiny builder: `op` appends a node and returns its output name(s)."""
+    """A tiny builder: `op` appends a node and returns its output name(s); `const` adds an initializer."""
 
     _ids = itertools.count()
 
-    def __init__(self, subgraph: bool = False):
+    def __init__(self):
         self.nodes: list[onnx.NodeProto] = []
         self.initializers: list[onnx.TensorProto] = []
-        self.subgraph = subgraph  # Loop bodies hold Constant nodes, not initializers
 
-    def _name(self, hint: str) -> str:
-        return f"{hint}_{next(self._ids)}"
+    @classmethod
+    def name(cls, hint: str) -> str:
+        return f"{hint}_{next(cls._ids)}"
 
     def op(self, op_type: str, *inputs: str, outputs: int = 1, **attrs) -> str | list[str]:
-        names = [self._name(op_type.lower()) for _ in range(outputs)]
+        names = [self.name(op_type.lower()) for _ in range(outputs)]
         self.nodes.append(helper.make_node(op_type, list(inputs), names, **attrs))
         return names[0] if outputs == 1 else names
 
     def const(self, value, dtype=np.int64) -> str:
-        tensor = np.asarray(value, dtype=dtype)
-        if self.subgraph:
-            return self.op("Constant", value=numpy_helper.from_array(tensor))
-        name = self._name("const")
-        self.initializers.append(numpy_helper.from_array(tensor, name))
+        name = self.name("const")
+        self.initializers.append(numpy_helper.from_array(np.asarray(value, dtype=dtype), name))
         return name
 
 
@@ -65,84 +60,92 @@ def _normalise(g: _Graph, x: str) -> str:
     return g.op("Div", x, g.op("Max", norm, g.const(1e-12, np.float32)))
 
 
-def _gather_rows(g: _Graph, tokens: str, indices: str, hidden: str) -> str:
-    """tokens [B,N,D] at indices [B,M] → [B,M,D]."""
-    index = g.op("Unsqueeze", indices, g.const([-1]))
-    shape = g.op("Concat", g.op("Shape", indices), hidden, axis=0)
-    return g.op("GatherElements", tokens, g.op("Expand", index, shape), axis=1)
-
-
 class _Pruner:
-    """Shared prologue (normalised tokens, K, the picks buffer) and the two greedy loops."""
+    """The shared prologue (normalised tokens, N, K) and the greedy loop; a method ends by setting
+    `kept` (int64 [B,K], any order) or `picked` (bool [B,N])."""
 
     def __init__(self, g: _Graph):
         self.g = g
-        features = g.op("Cast", "image_features", to=TensorProto.FLOAT)
-        self.features = features
-        self.tokens = _normalise(g, features)
+        self.features = g.op("Cast", "image_features", to=TensorProto.FLOAT)
+        self.tokens = _normalise(g, self.features)
         self.tokens_t = g.op("Transpose", self.tokens, perm=[0, 2, 1])
-        shape = g.op("Shape", features)
+        shape = g.op("Shape", self.features)
         self.batch = g.op("Slice", shape, g.const([0]), g.const([1]))
-        self.count = g.op("Slice", shape, g.const([1]), g.const([2]))  # N, [1]
+        self.count = g.op("Slice", shape, g.const([1]), g.const([2]))  # N, as [1]
         self.hidden = g.op("Slice", shape, g.const([2]), g.const([3]))
-        self.k = "budget"  # [1]
-        self.picks = g.op("ConstantOfShape", g.op("Concat", self.batch, self.k, axis=0),
-                          value=numpy_helper.from_array(np.zeros(1, np.int64)))
+        self.k = "budget"  # K, as [1]
+        self.kept: str | None = None
+        self.picked: str | None = None
 
-    def top_loop(self, scores: str, steps: str, offset: str) -> str:
-        """`steps` [1] times: take the highest score (first on ties), strike it out, write the pick at
-        column offset + i of the picks buffer. Returns the scores with the picks struck out."""
-        body = _Graph(subgraph=True)
-        scores_in, picks_in = "scores_in", "picks_in"
-        pick = body.op("ArgMax", scores_in, axis=1, keepdims=1)
-        struck = body.op("Expand", body.const([[-np.inf]], np.float32), body.op("Shape", pick))
-        scores_out = body.op("ScatterElements", scores_in, pick, struck, axis=1)
-        picks_out = self._write_pick(body, picks_in, pick, offset)
-        scores, self.picks = self._loop(body, steps, [scores, self.picks], [scores_in, picks_in],
-                                        [scores_out, picks_out])
-        return scores
+    def column(self, value: float) -> str:
+        """float [B,1] filled with `value`: what a pick is struck out with."""
+        return self.g.op("Expand", self.g.const([[value]], np.float32),
+                         self.g.op("Concat", self.batch, self.g.const([1]), axis=0))
 
-    def fill_loop(self, seeds: str, steps: str, offset: str) -> None:
-        """Max–min diversity seeded with `seeds` [B,S]: `steps` times take the token whose highest
-        cosine similarity to the chosen set is lowest (its minimum distance highest)."""
-        g, body = self.g, _Graph(subgraph=True)
-        seed_vectors = _gather_rows(g, self.tokens, seeds, self.hidden)
-        closeness = g.op("ReduceMax", g.op("MatMul", seed_vectors, self.tokens_t), g.const([1]), keepdims=0)
+    def rows(self, indices: str) -> str:
+        """The normalised tokens at `indices` [B,M] → [B,M,D]."""
+        g = self.g
+        index = g.op("Expand", g.op("Unsqueeze", indices, g.const([-1])),
+                     g.op("Concat", g.op("Shape", indices), self.hidden, axis=0))
+        return g.op("GatherElements", self.tokens, index, axis=1)
+
+    def greedy(self, scores: str, core: str) -> None:
+        """The `core` [1] highest scores, then max–min diversity seeded with them (DESIGN §5 steps 2–3):
+        each further step takes the token least similar to everything taken, updating every token's
+        closeness (its highest cosine to the taken set) by one matrix–vector product."""
+        g = self.g
+        scores = self._loop(_Graph.name("core_step"), core, scores,
+                            lambda body, scores_in: body.op("ArgMax", scores_in, axis=1, keepdims=1),
+                            self.column(-np.inf))
+        seeds = self._first(g.op("Equal", scores, g.const(-np.inf, np.float32)), core)
+        closeness = g.op("ReduceMax", g.op("MatMul", self.rows(seeds), self.tokens_t), g.const([1]), keepdims=0)
         closeness = g.op("ScatterElements", closeness, seeds,
                          g.op("Expand", g.const([[np.inf]], np.float32), g.op("Shape", seeds)), axis=1)
-        closeness_in, picks_in = "closeness_in", "picks_in"
-        pick = body.op("ArgMin", closeness_in, axis=1, keepdims=1)
-        vector = _gather_rows(body, self.tokens, pick, self.hidden)
-        similarity = body.op("Squeeze", body.op("MatMul", vector, self.tokens_t), body.const([1]))
-        struck = body.op("Expand", body.const([[np.inf]], np.float32), body.op("Shape", pick))
-        closeness_out = body.op("ScatterElements", body.op("Max", closeness_in, similarity), pick, struck, axis=1)
-        picks_out = self._write_pick(body, picks_in, pick, offset)
-        _, self.picks = self._loop(body, steps, [closeness, self.picks], [closeness_in, picks_in],
-                                   [closeness_out, picks_out])
+        flat = g.op("Reshape", self.tokens, g.op("Concat", g.const([-1]), self.hidden, axis=0))
+        offsets = g.op("Mul", g.op("Unsqueeze", g.op("Range", g.const(0), g.op("Squeeze", self.batch, g.const([0])),
+                                                      g.const(1)), g.const([-1])),
+                       g.op("Squeeze", self.count, g.const([0])))  # row r starts at r·N in `flat`
+        squeeze_axis = g.const([1])
 
-    @staticmethod
-    def _write_pick(body: _Graph, picks: str, pick: str, offset: str) -> str:
-        column = body.op("Expand", body.op("Add", "iteration", offset), body.op("Shape", pick))
-        return body.op("ScatterElements", picks, column, pick, axis=1)
+        def fill_step(body: _Graph, closeness_in: str) -> tuple[str, str]:
+            pick = body.op("ArgMin", closeness_in, axis=1, keepdims=1)  # [B,1]
+            vector = body.op("Gather", flat, body.op("Add", pick, offsets), axis=0)  # [B,1,D]
+            similarity = body.op("Squeeze", body.op("MatMul", vector, self.tokens_t), squeeze_axis)
+            return pick, body.op("Max", closeness_in, similarity)
 
-    def _loop(self, body: _Graph, steps: str, initial: list[str], inputs: list[str], outputs: list[str],
-              state: tuple[int, ...] = None):
-        state = state or _STATE
-        g = self.g
-        condition = body.op("Identity", "condition_in")
+        closeness = self._loop(_Graph.name("fill_step"), g.op("Sub", self.k, core), closeness, fill_step,
+                               self.column(np.inf))
+        self.picked = g.op("Equal", closeness, g.const(np.inf, np.float32))
+
+    def _loop(self, name: str, steps: str, state: str, step: Callable, struck: str) -> str:
+        """`steps` [1] iterations over a float [B,N] state: `step(body, state)` returns the pick [B,1]
+        (and optionally the updated state), and the pick is struck out with `struck` [B,1]."""
+        g, body = self.g, _Graph()
+        result = step(body, "state_in")
+        pick, updated = result if isinstance(result, tuple) else (result, "state_in")
+        state_out = body.op("ScatterElements", updated, pick, struck, axis=1)
         graph = helper.make_graph(
-            body.nodes, g._name("greedy_step"),
+            body.nodes, name,
             [helper.make_tensor_value_info("iteration", TensorProto.INT64, []),
-             helper.make_tensor_value_info("condition_in", TensorProto.BOOL, []),
-             *[helper.make_tensor_value_info(name, kind, None) for name, kind in zip(inputs, state)]],
-            [helper.make_tensor_value_info(condition, TensorProto.BOOL, []),
-             *[helper.make_tensor_value_info(name, kind, None) for name, kind in zip(outputs, state)]],
+             helper.make_tensor_value_info("condition", TensorProto.BOOL, []),
+             helper.make_tensor_value_info("state_in", TensorProto.FLOAT, None)],
+            [helper.make_tensor_value_info("condition", TensorProto.BOOL, []),
+             helper.make_tensor_value_info(state_out, TensorProto.FLOAT, None)],
         )
-        trip = g.op("Squeeze", steps, g.const([0]))
-        return g.op("Loop", trip, g.const(True, np.bool_), *initial, outputs=len(initial), body=graph)
+        return g.op("Loop", g.op("Squeeze", steps, g.const([0])), g.const(True, np.bool_), state, body=graph)
 
-    def seeds(self, count: str) -> str:
-        return self.g.op("Slice", self.picks, self.g.const([0]), count, self.g.const([1]))
+    def _first(self, picked: str, count: str) -> str:
+        """The lowest `count` [1] positions where `picked` [B,N] is true, ascending."""
+        g = self.g
+        positions = g.op("Range", g.const(0), g.op("Squeeze", self.count, g.const([0])), g.const(1))
+        keys = g.op("Where", picked, positions, g.op("Add", positions, g.op("Squeeze", self.count, g.const([0]))))
+        return g.op("TopK", keys, count, axis=1, largest=0, sorted=1, outputs=2)[0]
+
+    def kept_indices(self) -> str:
+        """int64 [B,K], ascending."""
+        if self.picked is not None:
+            return self._first(self.picked, self.k)
+        return self.g.op("TopK", self.kept, self.k, axis=1, largest=0, sorted=1, outputs=2)[0]
 
 
 def _relevance(p: _Pruner, pooling: str) -> str:
@@ -162,110 +165,103 @@ def _relevance(p: _Pruner, pooling: str) -> str:
     return g.op("ReduceMax", masked, g.const([-1]), keepdims=0)
 
 
-def _round_half_up_int(g: _Graph, value: str) -> str:
-    return g.op("Cast", g.op("Floor", g.op("Add", value, g.const(0.5, np.float32))), to=TensorProto.INT64)
-
-
 def _zspa(p: _Pruner, relevance_ratio: float, pooling: str) -> None:
     """Core of C = min(K, max(1, round(α·K))) by relevance, then the max–min fill (α·K in float32)."""
     g = p.g
-    scaled = g.op("Mul", g.op("Cast", p.k, to=TensorProto.FLOAT), g.const(relevance_ratio, np.float32))
-    core = g.op("Min", p.k, g.op("Max", g.const([1]), _round_half_up_int(g, scaled)))
-    p.top_loop(_relevance(p, pooling), core, g.const(0))
-    p.fill_loop(p.seeds(core), g.op("Sub", p.k, core), g.op("Squeeze", core, g.const([0])))
+    scaled = g.op("Add", g.op("Mul", g.op("Cast", p.k, to=TensorProto.FLOAT), g.const(relevance_ratio, np.float32)),
+                  g.const(0.5, np.float32))
+    core = g.op("Min", p.k, g.op("Max", g.const([1]), g.op("Cast", g.op("Floor", scaled), to=TensorProto.INT64)))
+    p.greedy(_relevance(p, pooling), core)
+
+
+def _similarity(p: _Pruner) -> str:
+    return p.g.op("MatMul", p.tokens, p.tokens_t)
+
+
+def _identity(p: _Pruner) -> str:
+    """bool [N,N] identity for the image's N."""
+    g = p.g
+    zeros = g.op("ConstantOfShape", g.op("Concat", p.count, p.count, axis=0),
+                 value=numpy_helper.from_array(np.zeros(1, np.float32)))
+    return g.op("Cast", g.op("EyeLike", zeros), to=TensorProto.BOOL)
 
 
 def _divprune(p: _Pruner) -> None:
     """Seeded with the most isolated token (largest distance to its nearest neighbour)."""
     g = p.g
-    similarity = g.op("MatMul", p.tokens, p.tokens_t)
-    distance = g.op("Sub", g.const(1.0, np.float32), similarity)
-    distance = g.op("Where", g.op("Cast", _identity(p), to=TensorProto.BOOL), g.const(np.inf, np.float32), distance)
-    isolation = g.op("ReduceMin", distance, g.const([-1]), keepdims=0)
-    p.top_loop(isolation, g.const([1]), g.const(0))
-    p.fill_loop(p.seeds(g.const([1])), g.op("Sub", p.k, g.const([1])), g.const(1))
+    distance = g.op("Sub", g.const(1.0, np.float32), _similarity(p))
+    distance = g.op("Where", _identity(p), g.const(np.inf, np.float32), distance)
+    p.greedy(g.op("ReduceMin", distance, g.const([-1]), keepdims=0), g.const([1]))
 
 
 def _dart(p: _Pruner, pivots: int) -> None:
-    """Pivots by feature norm, then the tokens least similar to any pivot (see baselines.DartSelector)."""
+    """Pivots by feature norm, then the tokens least similar to any pivot (see baselines.DartSelector).
+    Neither step is greedy: two TopKs, whose ties go to the lower index."""
     g = p.g
     count = g.op("Min", p.k, g.const([pivots]))
     norms = g.op("ReduceL2", p.features, g.const([-1]), keepdims=0)
-    p.top_loop(norms, count, g.const(0))
-    chosen = p.seeds(count)
-    duplication = g.op("ReduceMax", g.op("MatMul", _gather_rows(g, p.tokens, chosen, p.hidden), p.tokens_t),
-                       g.const([1]), keepdims=0)
-    scores = g.op("ScatterElements", g.op("Neg", duplication), chosen,
-                  g.op("Expand", g.const([[-np.inf]], np.float32), g.op("Shape", chosen)), axis=1)
-    p.top_loop(scores, g.op("Sub", p.k, count), g.op("Squeeze", count, g.const([0])))
+    chosen = g.op("TopK", norms, count, axis=1, largest=1, sorted=1, outputs=2)[1]
+    duplication = g.op("ReduceMax", g.op("MatMul", p.rows(chosen), p.tokens_t), g.const([1]), keepdims=0)
+    duplication = g.op("ScatterElements", duplication, chosen,
+                       g.op("Expand", g.const([[np.inf]], np.float32), g.op("Shape", chosen)), axis=1)
+    rest = g.op("TopK", duplication, g.op("Sub", p.k, count), axis=1, largest=0, sorted=1, outputs=2)[1]
+    p.kept = g.op("Concat", chosen, rest, axis=1)
 
 
 def _cdpruner(p: _Pruner) -> None:
     """Greedy MAP of the conditional DPP (see baselines.CDPrunerSelector): K steps, each adding the
-    token of largest residual variance and appending its row of the incremental Cholesky factor
-    to a [B,K,N] buffer; step t reads only the t rows written so far."""
-    g, body = p.g, _Graph(subgraph=True)
+    token of largest residual variance and writing its row of the incremental Cholesky factor into a
+    [B,K,N] buffer; step t reads only the t rows written so far."""
+    g, body = p.g, _Graph()
     relevance = _relevance(p, "mean")
     low = g.op("ReduceMin", relevance, g.const([-1]), keepdims=1)
     span = g.op("Max", g.op("Sub", g.op("ReduceMax", relevance, g.const([-1]), keepdims=1), low),
                 g.const(1e-6, np.float32))
     weight = g.op("Div", g.op("Sub", relevance, low), span)
-    similarity = g.op("MatMul", p.tokens, p.tokens_t)
-    kernel = g.op("Mul", g.op("Mul", g.op("Unsqueeze", weight, g.const([-1])), similarity),
+    kernel = g.op("Mul", g.op("Mul", g.op("Unsqueeze", weight, g.const([-1])), _similarity(p)),
                   g.op("Unsqueeze", weight, g.const([1])))
-    residual = g.op("ReduceSum", g.op("Mul", kernel, _identity(p)), g.const([-1]), keepdims=0)
-    factors = _zeros(g, g.op("Concat", p.batch, p.k, p.count, axis=0))
-    struck = _zeros(g, g.op("Shape", residual))
+    residual = g.op("ReduceSum", g.op("Where", _identity(p), kernel, g.const(0.0, np.float32)), g.const([-1]),
+                    keepdims=0)
+    factors = g.op("ConstantOfShape", g.op("Concat", p.batch, p.k, p.count, axis=0),
+                   value=numpy_helper.from_array(np.zeros(1, np.float32)))
+    row_shape = g.op("Concat", p.batch, g.const([1]), p.count, axis=0)  # [B,1,N]
+    negative, zero, one, axis = p.column(-np.inf), g.const([0]), g.const([1]), g.const([1])
 
-    names = ["residual_in", "struck_in", "factors_in", "picks_in"]
-    residual_in, struck_in, factors_in, picks_in = names
-    pick = body.op("ArgMax", body.op("Add", residual_in, struck_in), axis=1, keepdims=1)  # [B,1]
-    batch_n = body.op("Shape", residual_in)  # [B, N]
-    row_shape = body.op("Concat", body.op("Slice", batch_n, body.const([0]), body.const([1])), body.const([1]),
-                        body.op("Slice", batch_n, body.const([1]), body.const([2])), axis=0)  # [B, 1, N]
-    row = body.op("GatherElements", kernel, body.op("Expand", body.op("Unsqueeze", pick, body.const([-1])), row_shape),
-                  axis=1)
-    written = body.op("Slice", factors_in, body.const([0]), body.op("Unsqueeze", "iteration", body.const([0])),
-                      body.const([1]))  # [B,t,N]
-    column_shape = body.op("Concat", body.op("Slice", body.op("Shape", written), body.const([0]), body.const([2])),
-                           body.const([1]), axis=0)  # [B, t, 1]
-    at_pick = body.op("GatherElements", written, body.op("Expand", body.op("Unsqueeze", pick, body.const([1])),
-                                                         column_shape), axis=2)
-    row = body.op("Sub", body.op("Squeeze", row, body.const([1])),
-                  body.op("ReduceSum", body.op("Mul", at_pick, written), body.const([1]), keepdims=0))
-    chosen_variance = body.op("GatherElements", residual_in, pick, axis=1)
-    factor = body.op("Div", row, body.op("Sqrt", body.op("Max", chosen_variance, body.const(1e-10, np.float32))))
-    row_index = body.op("Expand", body.op("Reshape", "iteration", body.const([1, 1, 1])), row_shape)
-    factors_out = body.op("ScatterElements", factors_in, row_index, body.op("Unsqueeze", factor, body.const([1])),
-                          axis=1)
-    residual_out = body.op("Sub", residual_in, body.op("Mul", factor, factor))
-    struck_out = body.op("ScatterElements", struck_in, pick,
-                         body.op("Expand", body.const([[-np.inf]], np.float32), body.op("Shape", pick)), axis=1)
-    picks_out = p._write_pick(body, picks_in, pick, g.const(0))
-    *_, p.picks = p._loop(body, p.k, [residual, struck, factors, p.picks], names,
-                          [residual_out, struck_out, factors_out, picks_out], _DPP_STATE)
-
-
-def _zeros(g: _Graph, shape: str) -> str:
-    return g.op("ConstantOfShape", shape, value=numpy_helper.from_array(np.zeros(1, np.float32)))
-
-
-def _identity(p: _Pruner) -> str:
-    """float [N,N] identity for the image's N."""
-    return p.g.op("EyeLike", _zeros(p.g, p.g.op("Concat", p.count, p.count, axis=0)))
+    pick = body.op("ArgMax", "residual_in", axis=1, keepdims=1)  # chosen tokens hold −inf: never again
+    row = body.op("GatherElements", kernel, body.op("Expand", body.op("Unsqueeze", pick, axis), row_shape), axis=1)
+    written = body.op("Slice", "factors_in", zero, body.op("Unsqueeze", "iteration", zero), one)  # [B,t,N]
+    column_shape = body.op("Concat", body.op("Slice", body.op("Shape", written), zero, g.const([2])), one, axis=0)
+    at_pick = body.op("GatherElements", written, body.op("Expand", body.op("Unsqueeze", pick, axis), column_shape),
+                      axis=2)  # [B,t,1]
+    row = body.op("Sub", body.op("Squeeze", row, axis), body.op("ReduceSum", body.op("Mul", at_pick, written), axis,
+                                                                keepdims=0))
+    variance = body.op("GatherElements", "residual_in", pick, axis=1)
+    factor = body.op("Div", row, body.op("Sqrt", body.op("Max", variance, g.const(1e-10, np.float32))))
+    rows_at_t = body.op("Expand", body.op("Reshape", "iteration", g.const([1, 1, 1])), row_shape)
+    factors_out = body.op("ScatterElements", "factors_in", rows_at_t, body.op("Unsqueeze", factor, axis), axis=1)
+    residual_out = body.op("ScatterElements", body.op("Sub", "residual_in", body.op("Mul", factor, factor)), pick,
+                           negative, axis=1)
+    condition = body.op("Identity", "condition_in")
+    graph = helper.make_graph(
+        body.nodes, g.name("dpp_step"),
+        [helper.make_tensor_value_info("iteration", TensorProto.INT64, []),
+         helper.make_tensor_value_info("condition_in", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("residual_in", TensorProto.FLOAT, None),
+         helper.make_tensor_value_info("factors_in", TensorProto.FLOAT, None)],
+        [helper.make_tensor_value_info(condition, TensorProto.BOOL, []),
+         helper.make_tensor_value_info(residual_out, TensorProto.FLOAT, None),
+         helper.make_tensor_value_info(factors_out, TensorProto.FLOAT, None)],
+    )
+    final, _ = g.op("Loop", g.op("Squeeze", p.k, g.const([0])), g.const(True, np.bool_), residual, factors,
+                    outputs=2, body=graph)
+    p.picked = g.op("Equal", final, g.const(-np.inf, np.float32))
 
 
-def _order(p: _Pruner, keys: str) -> None:
-    """Picks the K tokens of smallest integer key (a fixed order: uniform and random)."""
+def _fixed_order(p: _Pruner, keys: str) -> None:
+    """The K tokens of smallest integer key, the same for every image (uniform and random)."""
     g = p.g
-    row = g.op("Unsqueeze", keys, g.const([0]))
-    expanded = g.op("Expand", row, g.op("Concat", p.batch, p.count, axis=0))
-    p.picks = g.op("TopK", expanded, p.k, axis=1, largest=0, sorted=1, outputs=2)[1]
-
-
-def _positions(p: _Pruner) -> str:
-    g = p.g
-    return g.op("Range", g.const(0), g.op("Squeeze", p.count, g.const([0])), g.const(1))
+    expanded = g.op("Expand", g.op("Unsqueeze", keys, g.const([0])), g.op("Concat", p.batch, p.count, axis=0))
+    p.kept = g.op("TopK", expanded, p.k, axis=1, largest=0, sorted=1, outputs=2)[1]
 
 
 def _uniform(p: _Pruner) -> None:
@@ -276,14 +272,16 @@ def _uniform(p: _Pruner) -> None:
     numerator = g.op("Mul", g.op("Add", g.op("Mul", steps, g.const(2)), g.const(1)),
                      g.op("Squeeze", p.count, g.const([0])))
     picks = g.op("Div", numerator, g.op("Mul", k, g.const(2)))
-    p.picks = g.op("Expand", g.op("Unsqueeze", picks, g.const([0])), g.op("Concat", p.batch, p.k, axis=0))
+    p.kept = g.op("Expand", g.op("Unsqueeze", picks, g.const([0])), g.op("Concat", p.batch, p.k, axis=0))
 
 
 def _random(p: _Pruner, seed: int) -> None:
+    """`random_order`'s hash of each position, computed in the graph for the image's N."""
     g = p.g
-    keys = g.op("Mod", g.op("Add", g.op("Mul", _positions(p), g.const(HASH_MULTIPLIER)), g.const(seed)),
+    positions = g.op("Range", g.const(0), g.op("Squeeze", p.count, g.const([0])), g.const(1))
+    keys = g.op("Mod", g.op("Add", g.op("Mul", positions, g.const(HASH_MULTIPLIER)), g.const(seed)),
                 g.const(HASH_MODULUS))
-    _order(p, keys)
+    _fixed_order(p, keys)
 
 
 _BUILDERS: dict[str, Callable[..., None]] = {
@@ -297,10 +295,11 @@ def build_pruner(method: str, params: dict, *, hidden: int, dtype: str = "float3
     g = _Graph()
     p = _Pruner(g)
     _BUILDERS[method](p, **{**METHOD_DEFAULTS[method], **params})
-    kept_indices = g.op("TopK", p.picks, p.k, axis=1, largest=0, sorted=1, outputs=2)[0]
-    g.nodes.append(helper.make_node("Identity", [kept_indices], ["kept_indices"]))
-    g.nodes.append(helper.make_node("Identity", [_gather_rows(g, "image_features", kept_indices, p.hidden)],
-                                    ["kept_features"]))
+    kept_indices = p.kept_indices()
+    index = g.op("Expand", g.op("Unsqueeze", kept_indices, g.const([-1])),
+                 g.op("Concat", g.op("Shape", kept_indices), p.hidden, axis=0))
+    g.nodes += [helper.make_node("Identity", [kept_indices], ["kept_indices"]),
+                helper.make_node("GatherElements", ["image_features", index], ["kept_features"], axis=1)]
     elem = _ELEM[dtype]
     graph = helper.make_graph(
         g.nodes, f"pruner_{method}",
