@@ -90,6 +90,17 @@ def build_model(processor: ImageTextProcessor, *, vision_hidden: int = 64, visio
     return model.eval()
 
 
+def save_checkpoint(model, processor: ImageTextProcessor, directory) -> None:
+    """A checkpoint directory laid out as the hub's Qwen2.5-VL repositories: weights, the image
+    processor, the tokenizer and chat_template.jinja (what `zspa-export --model DIR` reads)."""
+    from pathlib import Path
+
+    model.save_pretrained(directory)
+    processor.image_processor.save_pretrained(directory)
+    processor.tokenizer.save_pretrained(directory)
+    (Path(directory) / "chat_template.jinja").write_text(processor.chat_template, encoding="utf-8")
+
+
 def build_tiny_qwen():
     processor = build_processor()
     return build_model(processor), processor

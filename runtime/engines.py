@@ -69,7 +69,7 @@ class ShapeRanges:
             "num_visual_tokens": (self.min_visual_tokens, self.opt_visual_tokens, self.max_visual_tokens),
             "num_patches": tuple(n * self.patches_per_token for n in
                                  (self.min_visual_tokens, self.opt_visual_tokens, self.max_visual_tokens)),
-            "num_window_bounds": (2, 2 + self.opt_visual_tokens // 16, self.max_visual_tokens + 1),
+            "num_windows": (1, max(1, self.opt_visual_tokens // 16), self.max_visual_tokens),
         }
         if name not in ranges:
             raise BundleError(f"manifest.json: no shape range for the dimension {name!r}; this zspa cannot build it")

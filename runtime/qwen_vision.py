@@ -72,6 +72,19 @@ def window_order(grid_h: int, grid_w: int, merge: int, window_size: int, patch_s
     return order, np.unique(bounds)  # empty windows repeat a boundary; transformers drops them too
 
 
+def window_slots(bounds: np.ndarray, window_patches: int) -> tuple[np.ndarray, np.ndarray]:
+    """Window attention as a batch of equal windows: `slots` int64 [W, window_patches] holds each
+    window's patches (positions in window order, -1 where an edge window is short) and `positions`
+    int64 [P] the flat slot of every patch, to gather the result back."""
+    sizes = np.diff(bounds)
+    slots = np.full((len(sizes), window_patches), -1, dtype=np.int64)
+    positions = np.empty(int(bounds[-1]), dtype=np.int64)
+    for window, (start, size) in enumerate(zip(bounds[:-1], sizes)):
+        slots[window, :size] = np.arange(start, start + size)
+        positions[start : start + size] = window * window_patches + np.arange(size)
+    return slots, positions
+
+
 def prepare_qwen(image: Image.Image, spec: VisionSpec) -> tuple[dict[str, np.ndarray], tuple[int, int, int]]:
     """RGB image → the vision graph's feeds and the merged token grid (t, h, w)."""
     from zspa.runtime.images import normalise
@@ -81,11 +94,14 @@ def prepare_qwen(image: Image.Image, spec: VisionSpec) -> tuple[dict[str, np.nda
     resized = image.resize((width, height), resample=Image.Resampling(spec.resample))
     pixels = normalise(np.asarray(resized), spec).transpose(2, 0, 1)
     grid_h, grid_w = height // spec.patch_size, width // spec.patch_size
-    order, bounds = window_order(grid_h, grid_w, spec.merge_size, spec.window_size, spec.patch_size)
-    feeds = {
-        "pixel_values": patchify(pixels, spec),
-        "vision_position_ids": rotary_positions(grid_h, grid_w, spec.merge_size),
-        "window_index": order,
-        "cu_window_seqlens": bounds.astype(np.int64),
-    }
+    feeds = {"pixel_values": patchify(pixels, spec),
+             **vision_indices(grid_h, grid_w, spec.merge_size, spec.window_size, spec.patch_size)}
     return feeds, (1, grid_h // spec.merge_size, grid_w // spec.merge_size)
+
+
+def vision_indices(grid_h: int, grid_w: int, merge: int, window_size: int, patch_size: int) -> dict[str, np.ndarray]:
+    """The vision graph's index inputs for a grid of patches (DESIGN §4)."""
+    order, bounds = window_order(grid_h, grid_w, merge, window_size, patch_size)
+    slots, positions = window_slots(bounds, (window_size // patch_size) ** 2)
+    return {"vision_position_ids": rotary_positions(grid_h, grid_w, merge), "window_index": order,
+            "window_slots": slots, "window_positions": positions}

@@ -14,7 +14,7 @@ from zspa.pruning.graph import PrunerGraph
 from zspa.pruning.zspa_prune import ZSPASelector
 from zspa.runtime.images import load_image, prepare_vision
 from zspa.runtime.positions import prefill_positions
-from zspa.runtime.qwen_vision import rotary_positions, window_order
+from zspa.runtime.qwen_vision import rotary_positions, window_order, window_slots
 
 QUESTION = "What is the man wearing on his head?"
 MAX_NEW = 10
@@ -59,6 +59,11 @@ def test_vision_indices_match_transformers(grid):
     order, bounds = window_order(*grid, 2, 112, 14)
     np.testing.assert_array_equal(order, expected_order.numpy())
     np.testing.assert_array_equal(bounds, expected_bounds.numpy())
+    # The batched-window layout holds exactly transformers' windows, and `positions` inverts it.
+    slots, positions = window_slots(bounds, 64)
+    for window, (start, end) in enumerate(zip(bounds[:-1], bounds[1:])):
+        np.testing.assert_array_equal(slots[window][slots[window] >= 0], np.arange(start, end))
+    np.testing.assert_array_equal(slots.ravel()[positions], np.arange(bounds[-1]))
 
 
 @pytest.mark.parametrize("size", [(512, 600), (896, 672), (40, 800)])

@@ -108,3 +108,18 @@ def test_offline_hub_ids_fail_fast_with_the_way_out(model, tmp_path):
     out = subprocess.run([sys.executable, "-m", "zspa.cli.export", "--model", model, "-o", tmp_path / "b"],
                          capture_output=True, text=True, timeout=120, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert out.returncode == 4 and "Qwen/Qwen2.5-VL-" in out.stderr and "hf download" in out.stderr
+
+
+def test_export_from_a_checkpoint_directory(qwen_hf, qwen_pipeline, photo_path, tmp_path):
+    """The real loading path (from_pretrained on a directory laid out as the hub's): same weights, same answers."""
+    from zspa.export.tiny_qwen import save_checkpoint
+
+    model, processor = qwen_hf
+    save_checkpoint(model, processor, tmp_path / "checkpoint")
+    out = cli("export", "--model", tmp_path / "checkpoint", "--keep", "0.1", "-o", tmp_path / "bundle", "--quiet")
+    assert out.returncode == 0, out.stderr
+    manifest = Manifest.read(tmp_path / "bundle" / "manifest.json")
+    assert manifest.family == "qwen2_5_vl" and not manifest.source.random_weights
+    assert manifest.source.model_id == str((tmp_path / "checkpoint").resolve())
+    result = Pipeline.load(tmp_path / "bundle").generate(photo_path, QUESTION, keep=0.1, max_new_tokens=6)
+    assert result.token_ids == qwen_pipeline.generate(photo_path, QUESTION, keep=0.1, max_new_tokens=6).token_ids

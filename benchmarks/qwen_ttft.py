@@ -1,0 +1,223 @@
+"""Qwen2.5-VL-shaped model: time to first token at keep 1.0, 0.25 and 0.1 for three image sizes
+against transformers `generate` on the same weights, and decode tokens/s against onnxruntime-genai.
+
+A random-weight `Qwen2_5_VLForConditionalGeneration` with Qwen2.5-VL's token geometry (14 px
+patches, 2×2 merge, 112 px windows, dynamic resolution up to 1280 tokens) and a 1024-wide, 8-layer
+decoder is saved with save_pretrained and exported with zspa-export from that directory, as a
+user's checkpoint would be. Every measurement runs in a fresh process; the sides alternate over
+`--rounds`, and each ratio is printed with the min / median / max over rounds. CPU, fp32.
+
+    pip install -e ".[dev,bench]" && python benchmarks/qwen_ttft.py [--rounds 3] [--runs 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from machine import describe_machine  # noqa: E402
+
+IMAGE = Path(__file__).resolve().parent.parent / "zspa" / "assets" / "example.png"
+QUESTION = "What colour is the ball next to the house?"
+SIZES = [(448, 448), (896, 672), (1280, 720)]
+KEEPS = (1.0, 0.25, 0.1)
+
+
+def _image(size: tuple[int, int]):
+    from PIL import Image
+
+    return Image.open(IMAGE).convert("RGB").resize(size)
+
+
+def save_model(directory: Path, text_hidden: int, text_layers: int) -> None:
+    """The checkpoint directory: weights, image processor, tokenizer and chat template."""
+    from zspa.export.tiny_qwen import build_model, build_processor, save_checkpoint
+
+    processor = build_processor()
+    model = build_model(processor, vision_hidden=256, vision_depth=4, text_hidden=text_hidden,
+                        text_layers=text_layers, initializer_range=0.02)
+    save_checkpoint(model, processor, directory)
+
+
+def worker_zspa(args) -> dict:
+    from zspa.runtime.pipeline import Pipeline
+
+    pipeline = Pipeline.load(args.bundle)
+    image = _image(tuple(args.size))
+    if args.decode:
+        pipeline.generate(image, QUESTION, keep=args.keep, max_new_tokens=4, ignore_eos=True)
+        rates, context = [], 0
+        for _ in range(args.runs):
+            stats = pipeline.generate(image, QUESTION, keep=args.keep, max_new_tokens=args.tokens,
+                                      ignore_eos=True).stats
+            rates.append(stats.decode_tokens_per_s)
+            context = stats.prompt_tokens
+        return {"tokens_per_s": statistics.median(rates), "context": context}
+    pipeline.generate(image, QUESTION, keep=args.keep, max_new_tokens=1)
+    times = [pipeline.generate(image, QUESTION, keep=args.keep, max_new_tokens=1).stats.time_to_first_token_ms
+             for _ in range(args.runs)]
+    return {"ms": statistics.median(times)}
+
+
+def worker_hf(args) -> dict:
+    """`generate` with one new token, the processor's work included (as zspa's TTFT includes preprocessing)."""
+    import torch
+    from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration, Qwen2VLImageProcessorPil
+
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(args.model, dtype=torch.float32).eval()
+    image_processor = Qwen2VLImageProcessorPil.from_pretrained(args.model)
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    template = (Path(args.model) / "chat_template.jinja").read_text()
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": QUESTION}]}]
+    text = tokenizer.apply_chat_template(messages, chat_template=template, add_generation_prompt=True, tokenize=False)
+    image = _image(tuple(args.size))
+
+    def first_token_ms() -> float:
+        start = time.perf_counter()
+        pixels = image_processor(images=[image], return_tensors="pt")
+        count = int(pixels["image_grid_thw"].prod()) // 4  # what Qwen2_5_VLProcessor expands the placeholder to
+        ids = tokenizer(text.replace("<|image_pad|>", "<|image_pad|>" * count), return_tensors="pt")["input_ids"]
+        with torch.no_grad():
+            model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=1, do_sample=False,
+                           mm_token_type_ids=(ids == model.config.image_token_id).int(), **pixels)
+        return (time.perf_counter() - start) * 1000
+
+    first_token_ms()
+    return {"ms": statistics.median(first_token_ms() for _ in range(args.runs))}
+
+
+def worker_genai(args) -> dict:
+    import numpy as np
+    import onnxruntime_genai as og
+
+    model = og.Model(args.model)
+
+    def tokens_per_s() -> float:
+        params = og.GeneratorParams(model)
+        params.set_search_options(max_length=args.context + args.tokens, min_length=args.context + args.tokens,
+                                  do_sample=False)
+        generator = og.Generator(model, params)
+        generator.append_tokens(np.random.default_rng(0).integers(10, 400, size=(1, args.context)).astype(np.int32))
+        generator.generate_next_token()  # prefill, not timed (as zspa's decode_tokens_per_s)
+        start, steps = time.perf_counter(), 0
+        while not generator.is_done():
+            generator.generate_next_token()
+            steps += 1
+        return steps / (time.perf_counter() - start)
+
+    tokens_per_s()
+    return {"tokens_per_s": statistics.median(tokens_per_s() for _ in range(args.runs))}
+
+
+def run_worker(kind: str, **options) -> dict:
+    command = [sys.executable, __file__, "--worker", kind]
+    for key, value in options.items():
+        flag = f"--{key.replace('_', '-')}"
+        if value is True:
+            command.append(flag)
+        else:
+            command += [flag, *map(str, value if isinstance(value, (list, tuple)) else [value])]
+    out = subprocess.run(command, capture_output=True, text=True)
+    if out.returncode != 0:
+        raise RuntimeError(f"{kind} worker failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.splitlines()[-1])
+
+
+def spread(values: list[float]) -> str:
+    return f"{statistics.median(values):.2f} (min {min(values):.2f}, max {max(values):.2f})"
+
+
+def build_genai_text_model(checkpoint: Path, out: Path) -> Path | None:
+    """The decoder as a Qwen2ForCausalLM (text-only M-RoPE with equal t/h/w positions is plain RoPE),
+    built by onnxruntime-genai's model builder with the same weights."""
+    import torch
+    from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration, Qwen2Config, Qwen2ForCausalLM
+
+    source = Qwen2_5_VLForConditionalGeneration.from_pretrained(checkpoint, dtype=torch.float32)
+    text = source.config.text_config.to_dict()
+    rope = {k: v for k, v in text.pop("rope_parameters").items() if k != "mrope_section"}
+    config = Qwen2Config(**{k: v for k, v in text.items() if k in Qwen2Config().to_dict()}, rope_parameters=rope)
+    model = Qwen2ForCausalLM(config)
+    model.model.load_state_dict(source.model.language_model.state_dict())
+    model.lm_head.load_state_dict(source.lm_head.state_dict())
+    model.save_pretrained(out / "qwen2")
+    AutoTokenizer.from_pretrained(checkpoint).save_pretrained(out / "qwen2")
+    built = subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(out / "qwen2"),
+                            "-o", str(out / "genai"), "-p", "fp32", "-e", "cpu"], capture_output=True, text=True)
+    if built.returncode != 0:
+        print(f"onnxruntime-genai model builder failed:\n{built.stderr[-2000:]}")
+        return None
+    return out / "genai"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--text-hidden", type=int, default=1024)
+    parser.add_argument("--text-layers", type=int, default=8)
+    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds, a fresh process per side")
+    parser.add_argument("--runs", type=int, default=3, help="timed runs per process (median)")
+    parser.add_argument("--tokens", type=int, default=64, help="decoded tokens per decode measurement")
+    parser.add_argument("--worker", choices=["zspa", "hf", "genai"], help=argparse.SUPPRESS)
+    parser.add_argument("--bundle", help=argparse.SUPPRESS)
+    parser.add_argument("--model", help=argparse.SUPPRESS)
+    parser.add_argument("--size", type=int, nargs=2, help=argparse.SUPPRESS)
+    parser.add_argument("--keep", type=float, help=argparse.SUPPRESS)
+    parser.add_argument("--context", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--decode", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        print(json.dumps({"zspa": worker_zspa, "hf": worker_hf, "genai": worker_genai}[args.worker](args)))
+        return
+
+    from zspa.export.exporter import ExportOptions, export_bundle
+
+    print(f"machine: {describe_machine()}")
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        checkpoint = work / "qwen2.5-vl-shaped"
+        save_model(checkpoint, args.text_hidden, args.text_layers)
+        bundle = work / "bundle"
+        export_bundle(ExportOptions(str(checkpoint), bundle, keeps=[0.1, 0.25], progress=False))
+        print(f"model: Qwen2.5-VL geometry, vision 256 x 4 blocks, decoder {args.text_hidden} x {args.text_layers}, "
+              f"random weights; onnxruntime CPU vs transformers eager, fp32; {args.rounds} rounds x {args.runs} runs")
+        for size in SIZES:
+            times: dict[str, list[float]] = {"hf": [], **{f"keep {k:g}": [] for k in KEEPS}}
+            for _ in range(args.rounds):
+                times["hf"].append(run_worker("hf", model=checkpoint, size=size, runs=args.runs)["ms"])
+                for keep in KEEPS:
+                    times[f"keep {keep:g}"].append(
+                        run_worker("zspa", bundle=bundle, size=size, keep=keep, runs=args.runs)["ms"])
+            print(f"{size[0]}x{size[1]}: transformers generate TTFT {spread(times['hf'])} ms")
+            for keep in KEEPS:
+                ours = times[f"keep {keep:g}"]
+                ratios = [theirs / mine for theirs, mine in zip(times["hf"], ours)]
+                print(f"{size[0]}x{size[1]}: zspa keep {keep:g} TTFT {spread(ours)} ms; "
+                      f"transformers / zspa = {spread(ratios)}x")
+
+        genai = build_genai_text_model(checkpoint, work)
+        if genai is None:
+            return
+        for keep in (0.1, 1.0):
+            size = SIZES[-1]
+            ours, theirs = [], []
+            for _ in range(args.rounds):
+                result = run_worker("zspa", bundle=bundle, size=size, keep=keep, runs=args.runs, tokens=args.tokens,
+                                    decode=True)
+                ours.append(result["tokens_per_s"])
+                theirs.append(run_worker("genai", model=genai, context=result["context"], runs=args.runs,
+                                         tokens=args.tokens)["tokens_per_s"])
+            ratios = [a / b for a, b in zip(ours, theirs)]
+            print(f"decode at context {result['context']} ({size[0]}x{size[1]}, keep {keep:g}): zspa "
+                  f"{spread(ours)} tokens/s, onnxruntime-genai {spread(theirs)} tokens/s; zspa / genai = "
+                  f"{spread(ratios)}x")
+
+
+if __name__ == "__main__":
+    main()
