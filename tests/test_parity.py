@@ -14,6 +14,8 @@ from zspa.pruning.graph import PrunerGraph
 from zspa.pruning.zspa_prune import ZSPASelector
 from zspa.runtime.positions import prefill_positions
 
+from references import greedy_continue
+
 QUESTION = "What is the man wearing on his head?"
 MAX_NEW = 12
 
@@ -85,15 +87,8 @@ def torch_reference(model, processor, image_path, keep_k, positions_scheme,
     cache = DynamicCache()
     lm = model.model.language_model
     out = lm(inputs_embeds=sequence, position_ids=positions, cache=cache, use_cache=True)
-    tokens, next_pos = [], int(positions[0, -1]) + 1
-    for _ in range(MAX_NEW):
-        token = int(model.lm_head(out.last_hidden_state[:, -1]).argmax(-1))
-        if token == processor.tokenizer.eos_token_id:
-            break
-        tokens.append(token)
-        out = lm(inputs_embeds=embed(torch.tensor([[token]])), position_ids=torch.tensor([[next_pos]]),
-                 cache=out.cache, use_cache=True)
-        next_pos += 1
+    tokens = greedy_continue(lm, model.lm_head, embed, out, {processor.tokenizer.eos_token_id},
+                             int(positions[0, -1]) + 1, (1, 1), MAX_NEW)
     return kept_idx[0].numpy(), tokens
 
 

@@ -16,6 +16,8 @@ from zspa.runtime.images import load_image, prepare_vision
 from zspa.runtime.positions import prefill_positions
 from zspa.runtime.qwen_vision import rotary_positions, window_order, window_slots
 
+from references import greedy_continue
+
 QUESTION = "What is the man wearing on his head?"
 MAX_NEW = 10
 # (width, height): the photo as shipped, wide, tall, tiny, 1:20 strips, and above max_pixels.
@@ -145,15 +147,8 @@ def torch_reference(qwen_hf, pipeline, photo_path, keep, scheme):
         positions = torch.arange(sequence.shape[1]).view(1, 1, -1).expand(3, 1, -1)
     lm = model.model.language_model
     out = lm(inputs_embeds=sequence, position_ids=positions, cache=DynamicCache(), use_cache=True)
-    tokens, next_pos = [], int(positions.max()) + 1
-    for _ in range(MAX_NEW):
-        token = int(model.lm_head(out.last_hidden_state[:, -1]).argmax(-1))
-        if token in model.generation_config.eos_token_id:
-            break
-        tokens.append(token)
-        out = lm(inputs_embeds=embed(torch.tensor([[token]])), position_ids=torch.full((3, 1, 1), next_pos),
-                 cache=out.cache, use_cache=True)
-        next_pos += 1
+    tokens = greedy_continue(lm, model.lm_head, embed, out, model.generation_config.eos_token_id,
+                             int(positions.max()) + 1, (3, 1, 1), MAX_NEW)
     return kept_idx[0].numpy(), tokens
 
 

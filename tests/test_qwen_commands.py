@@ -123,3 +123,15 @@ def test_export_from_a_checkpoint_directory(qwen_hf, qwen_pipeline, photo_path, 
     assert manifest.source.model_id == str((tmp_path / "checkpoint").resolve())
     result = Pipeline.load(tmp_path / "bundle").generate(photo_path, QUESTION, keep=0.1, max_new_tokens=6)
     assert result.token_ids == qwen_pipeline.generate(photo_path, QUESTION, keep=0.1, max_new_tokens=6).token_ids
+
+
+def test_shared_kv_decoder_answers_as_the_portable_one(qwen_pipeline, photo_path, tmp_path):
+    """--kv-cache shared (GroupQueryAttention, in-place buffers) under M-RoPE positions."""
+    from zspa.export.exporter import ExportOptions, export_bundle
+
+    export_bundle(ExportOptions("tiny-random-qwen2.5-vl", tmp_path / "shared", keeps=[0.25], kv_cache="shared",
+                                progress=False))
+    shared = Pipeline.load(tmp_path / "shared")
+    for keep in (1.0, 0.25):
+        ours = shared.generate(photo_path, QUESTION, keep=keep, max_new_tokens=16).token_ids
+        assert ours == qwen_pipeline.generate(photo_path, QUESTION, keep=keep, max_new_tokens=16).token_ids

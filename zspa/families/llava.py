@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from zspa.errors import ModelLoadError
-from zspa.families import VisionExport
+from zspa.families import VisionExport, common
 from zspa.manifest import DecoderSpec, TextSpec, VisionSpec
 
 NAME = "llava"
@@ -102,31 +102,11 @@ def vision_spec(model: nn.Module, processor, num_tokens: int) -> VisionSpec:
 
 
 def text_spec(model: nn.Module, processor) -> TextSpec:
-    tokenizer = processor.tokenizer
-    template = processor.chat_template or getattr(tokenizer, "chat_template", None)
+    template = processor.chat_template or getattr(processor.tokenizer, "chat_template", None)
     if not template:
         raise ModelLoadError("the processor has no chat template; save one with the model (processor.chat_template)")
-    eos = model.generation_config.eos_token_id if model.generation_config is not None else None
-    eos_ids = eos if isinstance(eos, list) else [eos if eos is not None else tokenizer.eos_token_id]
-    return TextSpec(
-        image_token=processor.image_token,
-        image_token_id=int(model.config.image_token_id),
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_ids=[int(i) for i in eos_ids if i is not None],
-        pad_token_id=tokenizer.pad_token_id,
-        chat_template=template,
-        max_context=int(model.config.text_config.max_position_embeddings),
-    )
+    return common.text_spec(model, processor.tokenizer, processor.image_token, template)
 
 
 def decoder_spec(model: nn.Module, kv_dtype: str) -> DecoderSpec:
-    cfg = model.config.text_config
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    return DecoderSpec(
-        num_layers=int(cfg.num_hidden_layers),
-        num_kv_heads=int(cfg.num_key_value_heads),
-        head_dim=int(head_dim),
-        vocab_size=int(cfg.vocab_size),
-        kv_dtype=kv_dtype,
-        positions=DEFAULT_POSITIONS,
-    )
+    return common.decoder_spec(model, kv_dtype, DEFAULT_POSITIONS)
