@@ -26,24 +26,6 @@ from machine import describe_machine  # noqa: E402
 PARAMS = {"relevance_ratio": 0.25, "pooling": "mean"}
 
 
-def export_static(n: int, k: int, hidden: int, path: Path) -> None:
-    """The zspa 0.1 graph: the torch selector traced with K unrolled and N fixed."""
-    import torch
-
-    from zspa.export.onnx_io import export_graph
-    from zspa.pruning.graph import PrunerGraph
-    from zspa.pruning.zspa_prune import ZSPASelector
-
-    generator = torch.Generator().manual_seed(0)
-    args = (torch.randn(2, n, hidden, generator=generator), torch.randn(2, 7, hidden, generator=generator),
-            torch.ones(2, 7, dtype=torch.int64))
-    export_graph(PrunerGraph(ZSPASelector(**PARAMS), k), args, path,
-                 input_names=["image_features", "prompt_embeds", "prompt_mask"],
-                 output_names=["kept_features", "kept_indices"],
-                 dynamic_axes={"image_features": {0: "batch_size"}, "prompt_embeds": {0: "batch_size", 1: "t"},
-                               "prompt_mask": {0: "batch_size", 1: "t"}}, opset=18)
-
-
 def time_graph(path: Path, n: int, k: int, hidden: int, runs: int) -> float:
     """Median milliseconds of one pruning call (batch 1, 12 question tokens), after a warm-up."""
     import onnxruntime as ort
@@ -85,6 +67,7 @@ def main() -> None:
 
     import onnx
 
+    from zspa.export.static_pruner import export_static_pruner
     from zspa.pruning.budget import token_budget
     from zspa.pruning.onnx_pruner import save_pruner
 
@@ -95,7 +78,7 @@ def main() -> None:
         for n in (576, 2916):
             k = token_budget(0.1, n)
             static = Path(tmp) / f"pruner-zspa-k{k}-n{n}.onnx"
-            export_static(n, k, args.hidden, static)
+            export_static_pruner("zspa", PARAMS, n, k, args.hidden, static)
             sides = {"static": static, "per-request": per_request}
             for name, path in sides.items():
                 model = onnx.load(str(path))

@@ -140,7 +140,7 @@ def _write_bundle(loaded: LoadedModel, options: ExportOptions, out: Path, torch_
 
     pruners = []
     keeps = sorted({*options.keeps, *(min(1.0, k / num_tokens) for k in options.keep_tokens)} - {1.0})
-    for method in options.methods:
+    for method in options.methods if keeps else []:  # keep 1.0 alone: an unpruned bundle
         step(f"exporting pruner {method}")
         params = _method_params(options, method)
         name = f"pruner-{method}"

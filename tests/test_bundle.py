@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 
+import numpy as np
 import pytest
 
 from zspa.errors import BundleError, InvalidInputError
@@ -118,3 +119,29 @@ def test_static_k_pruners_of_older_bundles_run_only_their_k(tiny_bundle):
     with pytest.raises(InvalidInputError, match=r"keep 0\.3 \(K=173\) is not in this bundle"):
         old.pruner_for(0.3)
     assert bundle.pruner_for(0.3).k is None and bundle.pruner_for(0.3).keep == 0.3  # per-request: any keep
+
+
+def test_a_zspa_0_1_bundle_still_answers(bundle_copy, photo_path, pipeline):
+    """A bundle as zspa 0.1 wrote it (static-K graph per keep, no budget input) runs through today's
+    runtime, and its pruner keeps exactly what the per-request graph keeps."""
+    from zspa.export.onnx_io import describe_graph
+    from zspa.export.static_pruner import export_static_pruner
+    from zspa.runtime.pipeline import Pipeline
+
+    params = {"relevance_ratio": 0.25, "pooling": "mean"}
+    export_static_pruner("zspa", params, 576, 58, 64, bundle_copy / "pruner-zspa-k58.onnx")
+
+    def to_version_0_1(data):
+        data["graphs"]["pruner-zspa-k58"] = dataclasses.asdict(describe_graph(bundle_copy / "pruner-zspa-k58.onnx"))
+        del data["graphs"]["pruner-zspa"]
+        data["pruners"] = [{"method": "zspa", "keep": 0.1, "k": 58, "params": params, "graph": "pruner-zspa-k58"}]
+
+    _edit_manifest(bundle_copy, to_version_0_1)
+    (bundle_copy / "pruner-zspa.onnx").unlink()
+    old = Pipeline.load(bundle_copy).generate(photo_path, "What is it?", keep=0.1, max_new_tokens=4)
+    new = pipeline.generate(photo_path, "What is it?", keep=0.1, max_new_tokens=4)
+    assert old.stats.visual_tokens_kept == 58
+    np.testing.assert_array_equal(old.kept_indices, new.kept_indices)
+    assert old.token_ids == new.token_ids
+    with pytest.raises(InvalidInputError, match="Re-export"):
+        Pipeline.load(bundle_copy).generate(photo_path, "What is it?", keep=0.3, max_new_tokens=1)
