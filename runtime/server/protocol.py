@@ -64,7 +64,7 @@ class ChatCompletionRequest(_Strict):
     frequency_penalty: float = 0.0
     user: str | None = None
     ignore_eos: bool = False
-    keep: float | None = Field(None, description="visual tokens kept, a keep ratio of the bundle or 1.0")
+    keep: float | None = Field(None, description="fraction of the image's visual tokens kept, in (0, 1]")
     pruning_method: str | None = None
 
     @field_validator("stop")

@@ -21,7 +21,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", type=Path, required=True, help="output directory (records, results.json/md, plot)")
     parser.add_argument("--methods", type=method_list, default=None, help="default: every method in the bundle")
     parser.add_argument("--keeps", type=ratio_list, default=None,
-                        help="default: every keep the bundle has for each method")
+                        help="keep ratios, any in (0, 1] (default: the keeps the bundle was exported with)")
     parser.add_argument("--max-new-tokens", type=int, default=16, help="default: 16")
     parser.add_argument("--limit", type=int, default=None, help="evaluate only the first N lines")
     parser.add_argument("--positions", choices=["contiguous", "original"], default=None)

@@ -21,14 +21,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--model", required=True,
                         help=f"Hugging Face id, local save_pretrained directory, alias ({aliases}), "
-                        "or tiny-random-llava (built in, offline, random weights)")
+                        "or a built-in model (offline): shapes-llava (trained), tiny-random-llava or "
+                        "tiny-random-qwen2.5-vl (random weights)")
     parser.add_argument("-o", "--output", type=Path, help="bundle directory (default: bundles/<model name>)")
     parser.add_argument("--keep", type=ratio_list, default=None,
-                        help="fraction(s) of visual tokens to keep, comma-separated (default: 0.1)")
+                        help="default keep ratio(s), comma-separated (default: 0.1); the pruner graphs run any "
+                             "keep per request")
     parser.add_argument("--keep-tokens", type=int_list, default=[], metavar="N",
-                        help="absolute visual-token budget(s), comma-separated, instead of or besides --keep")
+                        help="default budget(s) as token counts, instead of or besides --keep")
     parser.add_argument("--method", type=method_list, default=["zspa"], metavar="NAMES",
-                        help=f"pruning method(s), comma-separated, one graph each per keep: {', '.join(METHODS)} "
+                        help=f"pruning method(s), comma-separated, one graph each: {', '.join(METHODS)} "
                         "(default: zspa)")
     zspa_defaults = METHOD_DEFAULTS["zspa"]
     parser.add_argument("--relevance-ratio", type=float, default=zspa_defaults["relevance_ratio"], metavar="ALPHA",

@@ -21,7 +21,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--image", default=str(DEFAULT_IMAGE), help="default: the bundled example image")
     parser.add_argument("--prompt", default="Describe the image.", help="default: 'Describe the image.'")
     parser.add_argument("--keeps", type=ratio_list, default=None,
-                        help="keep ratios (default: every pruner in the bundle, plus 1.0)")
+                        help="keep ratios, any in (0, 1] (default: the bundle's exported keeps, plus 1.0)")
     parser.add_argument("--methods", type=method_list, default=None, help="default: every method in the bundle")
     parser.add_argument("--warmup", type=int, default=2, help="untimed runs per setting (default: 2)")
     parser.add_argument("--runs", type=int, default=10, help="timed runs per setting (default: 10)")

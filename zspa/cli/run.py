@@ -15,7 +15,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--image", required=True, help="image file (JPEG, PNG, WebP, ...)")
     parser.add_argument("--prompt", required=True, help="the question about the image")
     parser.add_argument("--keep", type=float, default=None,
-                        help="keep ratio: one of the bundle's pruners, or 1.0 for no pruning (default: the bundle's)")
+                        help="fraction of the image's visual tokens to keep, in (0, 1]; 1.0 disables pruning "
+                             "(default: the smallest keep the bundle was exported with)")
     parser.add_argument("--method", default=None,
                         help="pruning method among the bundle's (default: the first it was exported with)")
     parser.add_argument("--max-new-tokens", type=int, default=128, help="default: 128")
