@@ -102,6 +102,9 @@ def build_model(
     initializer_range: float = 0.2,
     max_context: int = 2048,
     seed: int = 0,
+    intermediate_size: int | None = None,
+    text_heads: int | None = None,
+    kv_heads: int | None = None,
 ):
     """A random-weight `LlavaForConditionalGeneration`, identical for identical arguments.
 
@@ -123,10 +126,10 @@ def build_model(
     )
     text = LlamaConfig(
         hidden_size=text_hidden,
-        intermediate_size=text_hidden * 2 if text_hidden < 512 else text_hidden * 8 // 3,
+        intermediate_size=intermediate_size or (text_hidden * 2 if text_hidden < 512 else text_hidden * 8 // 3),
         num_hidden_layers=text_layers,
-        num_attention_heads=max(4, text_hidden // 64),
-        num_key_value_heads=max(2, text_hidden // 128),
+        num_attention_heads=text_heads or max(4, text_hidden // 64),
+        num_key_value_heads=kv_heads or max(2, text_hidden // 128),
         vocab_size=len(tokenizer),
         max_position_embeddings=max_context,
         bos_token_id=tokenizer.bos_token_id,
