@@ -21,14 +21,19 @@ def tiny_hf():
     return build_tiny_llava()
 
 
+def _export_builtin(tmp_path_factory, model: str, name: str) -> Path:
+    """A built-in model exported at KEEPS, once per test session."""
+    from zspa.export.exporter import ExportOptions, export_bundle
+
+    out = tmp_path_factory.mktemp("bundles") / name
+    export_bundle(ExportOptions(model, out, keeps=list(KEEPS), progress=False))
+    return out
+
+
 @pytest.fixture(scope="session")
 def tiny_bundle(tmp_path_factory) -> Path:
     """tiny-random-llava exported at keep 0.1 and 0.25 (read-only: copy it before changing it)."""
-    from zspa.export.exporter import ExportOptions, export_bundle
-
-    out = tmp_path_factory.mktemp("bundles") / "tiny"
-    export_bundle(ExportOptions("tiny-random-llava", out, keeps=list(KEEPS), progress=False))
-    return out
+    return _export_builtin(tmp_path_factory, "tiny-random-llava", "tiny")
 
 
 @pytest.fixture
@@ -57,11 +62,7 @@ def qwen_hf():
 @pytest.fixture(scope="session")
 def qwen_bundle(tmp_path_factory) -> Path:
     """tiny-random-qwen2.5-vl exported at keep 0.1 and 0.25 (read-only)."""
-    from zspa.export.exporter import ExportOptions, export_bundle
-
-    out = tmp_path_factory.mktemp("bundles") / "tiny-qwen"
-    export_bundle(ExportOptions("tiny-random-qwen2.5-vl", out, keeps=list(KEEPS), progress=False))
-    return out
+    return _export_builtin(tmp_path_factory, "tiny-random-qwen2.5-vl", "tiny-qwen")
 
 
 @pytest.fixture(scope="session")
