@@ -5,8 +5,11 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
+import numpy as np
+import onnx
 import onnxruntime as ort
 import pytest
+from onnx import TensorProto, helper
 
 from zspa.errors import InvalidInputError, ZspaError
 from zspa.runtime.backends import ORT_BACKENDS, OrtBackend, execution_providers
@@ -52,3 +55,20 @@ def test_trt_backend_without_tensorrt_says_what_to_install(tiny_bundle, photo_pa
 
     assert main([str(tiny_bundle), "--image", str(photo_path), "--prompt", "hi", "--backend", "trt"]) == 1
     assert "needs TensorRT" in capsys.readouterr().err
+
+
+def test_cpu_sessions_flush_denormals_in_their_worker_threads(tmp_path):
+    """Halving the smallest normal float gives a denormal under IEEE rules, zero when flushed."""
+    size = 1 << 22
+    value = helper.make_tensor_value_info
+    graph = helper.make_graph([helper.make_node("Mul", ["x", "half"], ["y"])], "halve",
+                              [value("x", TensorProto.FLOAT, [size])], [value("y", TensorProto.FLOAT, [size])],
+                              [helper.make_tensor("half", TensorProto.FLOAT, [], [0.5])])
+    path = tmp_path / "halve.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    x = np.full(size, np.finfo(np.float32).tiny, np.float32)
+
+    plain = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    flushed = OrtBackend(threads=4).graph(path).run({"x": x})[0]
+    assert np.count_nonzero(plain == 0) == 0
+    assert np.count_nonzero(flushed == 0) > size // 2
