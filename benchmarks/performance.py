@@ -1,7 +1,8 @@
-"""Where zspa's time goes against its targets, as ratios measured in one run (issue 5).
+"""Where zspa's time goes against its targets, each side of every comparison in its own process.
 
-On a random-weight model with LLaVA-1.5's token geometry and a decoder big enough that prefill
-dominates, saved with save_pretrained and exported through the library:
+On a random-weight model with LLaVA-1.5's token geometry and a 1024-wide, 8-layer decoder (93 M
+parameters: toy proportions, see real_proportions.py for 7B ones), saved with save_pretrained
+and exported through the library:
 
 1. pruner time as a share of time to first token at keep 0.1 (target < 1 %; at N = 2916, the
    nearest square grid to LLaVA-NeXT's 2880 tokens, target < 2 %);
@@ -13,10 +14,12 @@ dominates, saved with save_pretrained and exported through the library:
    0.1 over keep 1.0 (a process per keep);
 5. decode tokens/s against onnxruntime-genai on the same decoder weights (its model builder on a
    LlamaForCausalLM directory holding them; fp32, CPU, default threads), at the pruned and the
-   unpruned context length, for both decoder KV caches (concat and shared; target ≥ 1.1x, never
-   below 1.0x). Needs `pip install onnxruntime-genai`.
+   unpruned context length, for both decoder KV caches (concat and shared; target >= 1.1x).
 
-    python benchmarks/performance.py [--text-hidden 1024 --text-layers 8 --runs 5]
+Every measurement runs in a fresh process; the sides alternate over `--rounds` and each figure is
+printed as median (min, max) over rounds, ratios round by round.
+
+    pip install -e ".[dev,bench]" && python benchmarks/performance.py [--rounds 3] [--runs 5]
 """
 
 from __future__ import annotations
@@ -24,28 +27,33 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-
-from llava_shaped import IMAGE, QUESTION, add_model_arguments, build_llava_shaped
-
-
-def median_stats(pipeline, keep: float, runs: int, max_new_tokens: int = 1):
-    pipeline.generate(IMAGE, QUESTION, keep=keep, max_new_tokens=max_new_tokens, ignore_eos=True)
-    return [pipeline.generate(IMAGE, QUESTION, keep=keep, max_new_tokens=max_new_tokens, ignore_eos=True)
-            for _ in range(runs)]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from genai_reference import build_genai_model, genai_decode_tokens_per_s  # noqa: E402
+from isolation import alternate, ratios, run_worker, spread  # noqa: E402
+from llava_shaped import IMAGE, QUESTION, add_model_arguments, build_llava_shaped  # noqa: E402
+from machine import describe_machine  # noqa: E402
 
 
-def pruner_share(pipeline, runs: int) -> tuple[float, float, float]:
-    results = median_stats(pipeline, 0.1, runs)
-    prune = statistics.median(r.stats.timings_ms["prune"] for r in results)
-    ttft = statistics.median(r.stats.time_to_first_token_ms for r in results)
-    return prune, ttft, prune / ttft
+def worker_zspa(args) -> dict:
+    """TTFT and pruner time at one keep (medians), then decode tokens/s over `--tokens` tokens."""
+    from zspa.runtime.pipeline import Pipeline
+
+    pipeline = Pipeline.load(args.bundle)
+
+    def generate(tokens: int):
+        return pipeline.generate(IMAGE, QUESTION, keep=args.keep, max_new_tokens=tokens, ignore_eos=True).stats
+
+    generate(1)
+    first = [generate(1) for _ in range(args.runs)]
+    decode = generate(args.tokens)
+    return {"ttft_ms": statistics.median(s.time_to_first_token_ms for s in first),
+            "prune_ms": statistics.median(s.timings_ms["prune"] for s in first),
+            "tokens_per_s": decode.decode_tokens_per_s, "context": decode.prompt_tokens}
 
 
 class _TimedCalls:
@@ -70,186 +78,191 @@ class _TimedCalls:
         return self._timed(self.inner.step, *args)
 
 
-def decode_overhead(pipeline, steps: int = 64) -> tuple[float, float]:
-    """(ms per decode step, ms of it inside the embed and decoder graphs), from one generation:
+def worker_overhead(args) -> dict:
+    """ms per decode step and ms of it inside the embed and decoder graphs, from one generation:
     the loop's wall time against the graphs' own, call by call, so run-to-run noise cancels."""
-    embed, decoder = pipeline.embed, pipeline.decoder
-    pipeline.embed, pipeline.decoder = _TimedCalls(embed), _TimedCalls(decoder)
-    try:
-        result = pipeline.generate(IMAGE, QUESTION, keep=0.1, max_new_tokens=steps, ignore_eos=True)
-        graphs_s = sum(pipeline.embed.durations[1:]) + sum(pipeline.decoder.durations[1:])  # [0]: prefill
-    finally:
-        pipeline.embed, pipeline.decoder = embed, decoder
-    return result.stats.timings_ms["decode"] / (steps - 1), graphs_s * 1000 / (steps - 1)
+    from zspa.runtime.pipeline import Pipeline
+
+    pipeline = Pipeline.load(args.bundle)
+    pipeline.generate(IMAGE, QUESTION, keep=0.1, max_new_tokens=4, ignore_eos=True)
+    pipeline.embed, pipeline.decoder = _TimedCalls(pipeline.embed), _TimedCalls(pipeline.decoder)
+    result = pipeline.generate(IMAGE, QUESTION, keep=0.1, max_new_tokens=args.tokens, ignore_eos=True)
+    graphs_s = sum(pipeline.embed.durations[1:]) + sum(pipeline.decoder.durations[1:])  # [0]: prefill
+    steps = args.tokens - 1
+    return {"step_ms": result.stats.timings_ms["decode"] / steps, "graph_ms": graphs_s * 1000 / steps}
 
 
-_REQUEST_MEMORY = """
-import json, os, sys
-from zspa.runtime.pipeline import Pipeline
-
-def rss():
-    with open("/proc/self/statm") as statm:
-        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-pipeline = Pipeline.load(sys.argv[1])
-loaded = rss()
-pipeline.generate(sys.argv[2], sys.argv[3], keep=float(sys.argv[4]), max_new_tokens=int(sys.argv[5]), ignore_eos=True)
-print(json.dumps({"loaded": loaded, "after": rss()}))
-"""
-
-
-def request_memory(bundle: Path, keep: float, tokens: int) -> int:
-    """Resident memory a generation at `keep` adds to a freshly loaded pipeline (KV cache and the
-    arena's activation high-water mark), in a process of its own; Linux (/proc). Peak RSS would
-    not do: loading the sessions peaks above any generation."""
-    out = subprocess.run([sys.executable, "-c", _REQUEST_MEMORY, str(bundle), str(IMAGE), QUESTION, str(keep),
-                          str(tokens)], capture_output=True, text=True, check=True).stdout
-    sample = json.loads(out.strip().splitlines()[-1])
-    return sample["after"] - sample["loaded"]
-
-
-def hf_generate(model, processor, runs: int, max_new_tokens: int) -> tuple[float, float]:
-    """transformers' time to first token and decode tokens/s, greedy, same weights, fp32, CPU."""
+def worker_hf(args) -> dict:
+    """transformers' time to first token (its processor included) and decode tokens/s, greedy, fp32."""
     import torch
     from PIL import Image
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
 
+    model = LlavaForConditionalGeneration.from_pretrained(args.model, dtype=torch.float32).eval()
+    processor = AutoProcessor.from_pretrained(args.model)
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": QUESTION}]}]
     text = processor.apply_chat_template(messages, add_generation_prompt=True)
 
-    def timed(n):
+    def generate_ms(tokens: int) -> float:
         start = time.perf_counter()
         inputs = processor(images=Image.open(IMAGE), text=text, return_tensors="pt")
         with torch.no_grad():
-            model.generate(**inputs, max_new_tokens=n, min_new_tokens=n, do_sample=False)
+            model.generate(**inputs, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False)
         return (time.perf_counter() - start) * 1000
 
-    timed(1)
-    first = statistics.median(timed(1) for _ in range(runs))
-    full = statistics.median(timed(max_new_tokens) for _ in range(max(2, runs // 2)))
-    return first, (max_new_tokens - 1) / ((full - first) / 1000)
+    generate_ms(1)
+    first = statistics.median(generate_ms(1) for _ in range(args.runs))
+    full = generate_ms(args.tokens)
+    return {"ttft_ms": first, "tokens_per_s": (args.tokens - 1) / ((full - first) / 1000)}
 
 
-def genai_decode_comparison(model, processor, workdir: Path, pipelines: dict, tokens: int) -> None:
-    """Our decode loop, per decoder KV-cache kind, against onnxruntime-genai's: same weights, same
-    context lengths, medians of interleaved runs."""
-    import subprocess
-    import sys
+def worker_genai(args) -> dict:
+    return {"tokens_per_s": genai_decode_tokens_per_s(args.model, args.context, args.tokens, args.runs)}
 
-    try:
-        import onnxruntime_genai as og
-    except ImportError:
-        print("5. onnxruntime-genai comparison skipped: pip install onnxruntime-genai")
-        return
+
+def worker_memory(args) -> dict:
+    """Resident memory one generation adds to a freshly loaded pipeline (KV cache and the arena's
+    activation high-water mark); Linux (/proc). Peak RSS would not do: loading peaks above it."""
+    import os
+
+    from zspa.runtime.pipeline import Pipeline
+
+    def rss() -> int:
+        with open("/proc/self/statm") as statm:
+            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    pipeline = Pipeline.load(args.bundle)
+    loaded = rss()
+    pipeline.generate(IMAGE, QUESTION, keep=args.keep, max_new_tokens=args.tokens, ignore_eos=True)
+    return {"bytes": rss() - loaded}
+
+
+WORKERS = {"zspa": worker_zspa, "overhead": worker_overhead, "hf": worker_hf, "genai": worker_genai,
+           "memory": worker_memory}
+
+
+def save_text_model(model, processor, out: Path) -> Path:
+    """The VLM's decoder as a LlamaForCausalLM directory (same weights) for genai's builder."""
     from transformers import LlamaForCausalLM
 
     llama = LlamaForCausalLM(model.config.text_config)
     llama.model.load_state_dict(model.model.language_model.state_dict())
     llama.lm_head.load_state_dict(model.lm_head.state_dict())
-    llama.save_pretrained(workdir / "llama")
-    processor.tokenizer.save_pretrained(workdir / "llama")  # the builder copies it into the genai folder
-    built = subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(workdir / "llama"),
-                            "-o", str(workdir / "genai"), "-p", "fp32", "-e", "cpu"], capture_output=True, text=True)
-    if built.returncode != 0:
-        print(f"5. onnxruntime-genai model builder failed:\n{built.stderr[-2000:]}")
-        return
-    genai = og.Model(str(workdir / "genai"))
+    llama.save_pretrained(out)
+    processor.tokenizer.save_pretrained(out)  # the builder copies it into its model folder
+    return out
 
-    def genai_tokens_per_s(context: int) -> float:
-        params = og.GeneratorParams(genai)
-        params.set_search_options(max_length=context + tokens, min_length=context + tokens, do_sample=False)
-        generator = og.Generator(genai, params)
-        generator.append_tokens(np.random.default_rng(0).integers(10, 400, size=(1, context)).astype(np.int32))
-        generator.generate_next_token()  # prefill, not timed (as in our decode_tokens_per_s)
-        start, steps = time.perf_counter(), 0
-        while not generator.is_done():
-            generator.generate_next_token()
-            steps += 1
-        return steps / (time.perf_counter() - start)
 
-    def ours_tokens_per_s(pipeline, keep: float):
-        stats = pipeline.generate(IMAGE, QUESTION, keep=keep, max_new_tokens=tokens, ignore_eos=True).stats
-        return stats.decode_tokens_per_s, stats.prompt_tokens
+def compare_with_transformers(bundle: Path, model_dir: Path, args) -> dict[float, dict[str, list[float]]]:
+    """Items 1 and 3: zspa at keep 1.0 and 0.1 against transformers, alternating processes."""
+    keeps = (1.0, 0.1)
+    results = {keep: [] for keep in keeps}
+    hf = []
 
-    for keep in (0.1, 1.0):
-        for pipeline in pipelines.values():
-            ours_tokens_per_s(pipeline, keep)  # warm-up
-        context = ours_tokens_per_s(next(iter(pipelines.values())), keep)[1]
-        genai_tokens_per_s(context)
-        rates = {name: [] for name in [*pipelines, "genai"]}
-        for _ in range(3):
-            for name, pipeline in pipelines.items():
-                rates[name].append(ours_tokens_per_s(pipeline, keep)[0])
-            rates["genai"].append(genai_tokens_per_s(context))
-        theirs = statistics.median(rates["genai"])
-        for name in pipelines:
-            ours = statistics.median(rates[name])
-            print(f"5. decode at context {context} (keep {keep:g}), {name} KV cache: zspa {ours:.1f} tokens/s, "
-                  f"onnxruntime-genai {theirs:.1f} tokens/s = {ours / theirs:.2f}x (target >= 1.1x, never < 1.0x)")
+    def zspa_side(keep: float):
+        def measure() -> float:
+            results[keep].append(run_worker(__file__, "zspa", bundle=bundle, keep=keep, runs=args.runs,
+                                            tokens=args.decode_tokens))
+            return results[keep][-1]["ttft_ms"]
+        return measure
+
+    def hf_side() -> float:
+        hf.append(run_worker(__file__, "hf", model=model_dir, runs=args.runs, tokens=args.decode_tokens))
+        return hf[-1]["ttft_ms"]
+
+    alternate({"hf": hf_side, **{f"keep {k:g}": zspa_side(k) for k in keeps}}, args.rounds)
+    shares = [100 * r["prune_ms"] / r["ttft_ms"] for r in results[0.1]]
+    print(f"1. pruner share of TTFT at keep 0.1, N=576 (toy proportions): "
+          f"{spread([r['prune_ms'] for r in results[0.1]])} ms of {spread([r['ttft_ms'] for r in results[0.1]], 1)}"
+          f" ms = {spread(shares)} % (target < 1 %)")
+    hf_ttft, hf_rate = [h["ttft_ms"] for h in hf], [h["tokens_per_s"] for h in hf]
+    print(f"3. transformers generate: TTFT {spread(hf_ttft, 1)} ms, decode {spread(hf_rate, 1)} tokens/s")
+    for keep in keeps:
+        ttft, rate = [r["ttft_ms"] for r in results[keep]], [r["tokens_per_s"] for r in results[keep]]
+        print(f"   zspa keep {keep:g}: TTFT {spread(ttft, 1)} ms; transformers / zspa = "
+              f"{spread(ratios(hf_ttft, ttft))}x (target {1.2 if keep == 1.0 else 5}x); "
+              f"decode {spread(rate, 1)} tokens/s = {spread(ratios(rate, hf_rate))}x transformers'")
+    return {keep: {"context": results[keep][0]["context"]} for keep in keeps}
+
+
+def compare_with_genai(bundles: dict[str, Path], genai: Path, contexts: dict[float, int], args) -> None:
+    """Item 5: our decode loop per KV-cache kind against onnxruntime-genai's, alternating processes."""
+    def rate(kind: str, **options):
+        return lambda: run_worker(__file__, kind, tokens=args.decode_compare_tokens, **options)["tokens_per_s"]
+
+    for keep, context in contexts.items():
+        sides = {name: rate("zspa", bundle=bundle, keep=keep, runs=1) for name, bundle in bundles.items()}
+        sides["genai"] = rate("genai", model=genai, context=context, runs=args.runs)
+        rates = alternate(sides, args.rounds)
+        for name in bundles:
+            print(f"5. decode at context {context} (keep {keep:g}), {name} KV cache: zspa {spread(rates[name], 1)}"
+                  f" tokens/s, onnxruntime-genai {spread(rates['genai'], 1)} tokens/s; zspa / genai = "
+                  f"{spread(ratios(rates[name], rates['genai']))}x (target >= 1.1x)")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_arguments(parser)
+    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds, a fresh process per side")
     parser.add_argument("--decode-tokens", type=int, default=32)
     parser.add_argument("--decode-compare-tokens", type=int, default=64, help="tokens per genai comparison run")
     parser.add_argument("--skip-large-n", action="store_true", help="skip the N = 2916 model")
+    parser.add_argument("--worker", choices=sorted(WORKERS), help=argparse.SUPPRESS)
+    for name in ("--bundle", "--model"):
+        parser.add_argument(name, help=argparse.SUPPRESS)
+    parser.add_argument("--keep", type=float, help=argparse.SUPPRESS)
+    parser.add_argument("--context", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--tokens", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
-
-    import torch
+    if args.worker:
+        print(json.dumps(WORKERS[args.worker](args)))
+        return
 
     from zspa.export.exporter import ExportOptions, export_bundle
     from zspa.runtime.pipeline import Pipeline
     from zspa.runtime.profiling import kv_cache_bytes
 
-    torch.set_num_threads(max(1, torch.get_num_threads()))
+    print(f"machine: {describe_machine()}")
+    print(f"onnxruntime CPU against transformers eager, fp32; {args.rounds} rounds x {args.runs} runs, "
+          f"a process per measurement; median (min, max) over rounds")
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         size = {"text_hidden": args.text_hidden, "text_layers": args.text_layers, "keeps": [0.1]}
         model, processor, bundle = build_llava_shaped(work, "n576", **size)
+        model_dir = work / "n576-model"
+        contexts = compare_with_transformers(bundle, model_dir, args)
+
+        overhead = [run_worker(__file__, "overhead", bundle=bundle, tokens=64) for _ in range(args.rounds)]
+        shares = [100 * (o["step_ms"] - o["graph_ms"]) / o["step_ms"] for o in overhead]
+        print(f"2. decode step {spread([o['step_ms'] for o in overhead])} ms, of which graphs "
+              f"{spread([o['graph_ms'] for o in overhead])} ms: overhead {spread(shares)} % (target < 2 %)")
+
         pipeline = Pipeline.load(bundle)
-        print(f"onnxruntime CPU; transformers on {torch.get_num_threads()} torch threads")
-
-        prune, ttft, share = pruner_share(pipeline, args.runs)
-        print(f"\n1. pruner share of TTFT at keep 0.1, N=576: {prune:.2f} ms / {ttft:.1f} ms = {share:.2%}"
-              f" (target < 1%)")
-
-        pipeline_step, graph_step = decode_overhead(pipeline)
-        overhead = (pipeline_step - graph_step) / pipeline_step
-        print(f"2. decode step: {pipeline_step:.2f} ms, of which graphs {graph_step:.2f} ms: "
-              f"overhead {overhead:.2%} (target < 2%)")
-
-        zspa = {}
-        for keep in (1.0, 0.1):
-            runs = median_stats(pipeline, keep, args.runs)
-            decode = pipeline.generate(IMAGE, QUESTION, keep=keep, max_new_tokens=args.decode_tokens, ignore_eos=True)
-            zspa[keep] = (statistics.median(r.stats.time_to_first_token_ms for r in runs),
-                          decode.stats.decode_tokens_per_s, decode)
-        hf_ttft, hf_tps = hf_generate(model, processor, args.runs, args.decode_tokens)
-        print(f"3. transformers generate: TTFT {hf_ttft:.1f} ms, decode {hf_tps:.1f} tokens/s")
-        for keep, (ttft_k, tps, _) in zspa.items():
-            print(f"   zspa keep {keep:g}: TTFT {ttft_k:.1f} ms ({hf_ttft / ttft_k:.2f}x faster; target "
-                  f"{1.2 if keep == 1.0 else 5}x), decode {tps:.1f} tokens/s ({tps / hf_tps:.2f}x)")
-
-        full, pruned = zspa[1.0][2].stats, zspa[0.1][2].stats
-        kv_full = kv_cache_bytes(pipeline, full.prompt_tokens + full.tokens_generated)
-        kv_pruned = kv_cache_bytes(pipeline, pruned.prompt_tokens + pruned.tokens_generated)
-        print(f"4. KV cache at keep 0.1 / keep 1.0: {kv_pruned / 1e6:.2f} MB / {kv_full / 1e6:.2f} MB = "
-              f"{kv_pruned / kv_full:.3f}")
-        memory = {keep: request_memory(bundle, keep, args.decode_tokens) for keep in (0.1, 1.0)}
-        print(f"   memory a request adds to the loaded pipeline (a process per keep): {memory[0.1] / 1e6:.1f} MB / "
-              f"{memory[1.0] / 1e6:.1f} MB = {memory[0.1] / memory[1.0]:.3f}")
+        kv = {keep: kv_cache_bytes(pipeline, contexts[keep]["context"] + args.decode_tokens) for keep in (0.1, 1.0)}
+        print(f"4. KV cache at keep 0.1 / keep 1.0: {kv[0.1] / 1e6:.2f} MB / {kv[1.0] / 1e6:.2f} MB = "
+              f"{kv[0.1] / kv[1.0]:.3f}")
+        memory = alternate({keep: lambda k=keep: run_worker(__file__, "memory", bundle=bundle, keep=k,
+                                                             tokens=args.decode_tokens)["bytes"] / 1e6
+                            for keep in (0.1, 1.0)}, args.rounds)
+        print(f"   memory a request adds to the loaded pipeline: {spread(memory[0.1], 1)} MB / "
+              f"{spread(memory[1.0], 1)} MB = {spread(ratios(memory[0.1], memory[1.0]), 3)}")
 
         shared = work / "n576-shared"
-        export_bundle(ExportOptions(str(work / "n576-model"), shared, keeps=[0.1], kv_cache="shared", progress=False))
-        genai_decode_comparison(model, processor, work, {"concat": pipeline, "shared": Pipeline.load(shared)},
-                                args.decode_compare_tokens)
+        export_bundle(ExportOptions(str(model_dir), shared, keeps=[0.1], kv_cache="shared", progress=False))
+        genai = build_genai_model(save_text_model(model, processor, work / "llama"), work / "genai")
+        if genai is not None:
+            compare_with_genai({"concat": bundle, "shared": shared}, genai,
+                               {keep: c["context"] for keep, c in contexts.items()}, args)
 
         if not args.skip_large_n:
             del model, pipeline
             _, _, big = build_llava_shaped(work, "n2916", image_size=14 * 54, **size)
-            prune, ttft, share = pruner_share(Pipeline.load(big), args.runs)
-            print(f"1b. pruner share of TTFT at keep 0.1, N=2916: {prune:.2f} ms / {ttft:.1f} ms = {share:.2%}"
-                  f" (target < 2%)")
+            runs = [run_worker(__file__, "zspa", bundle=big, keep=0.1, runs=args.runs, tokens=2)
+                    for _ in range(args.rounds)]
+            shares = [100 * r["prune_ms"] / r["ttft_ms"] for r in runs]
+            print(f"1b. pruner share of TTFT at keep 0.1, N=2916 (toy proportions): "
+                  f"{spread([r['prune_ms'] for r in runs])} ms of {spread([r['ttft_ms'] for r in runs], 1)} ms = "
+                  f"{spread(shares)} % (target < 2 %)")
 
 
 if __name__ == "__main__":

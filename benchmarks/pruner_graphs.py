@@ -11,16 +11,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from isolation import median_ms, ratios, run_worker, spread  # noqa: E402
 from machine import describe_machine  # noqa: E402
 
 PARAMS = {"relevance_ratio": 0.25, "pooling": "mean"}
@@ -39,13 +37,7 @@ def time_graph(path: Path, n: int, k: int, hidden: int, runs: int) -> float:
              "prompt_mask": np.ones((1, 12), np.int64)}
     if "budget" in [i.name for i in session.get_inputs()]:
         feeds["budget"] = np.array([k], np.int64)
-    session.run(None, feeds)
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        session.run(None, feeds)
-        times.append((time.perf_counter() - start) * 1000)
-    return statistics.median(times)
+    return median_ms(lambda: session.run(None, feeds), runs)
 
 
 def worker(args) -> None:
@@ -87,16 +79,12 @@ def main() -> None:
             medians: dict[str, list[float]] = {name: [] for name in sides}
             for _ in range(args.rounds):
                 for name, path in sides.items():  # alternate the sides, a fresh process each
-                    out = subprocess.run([sys.executable, __file__, "--worker", "time", "--path", str(path),
-                                          "--n", str(n), "--k", str(k), "--hidden", str(args.hidden),
-                                          "--runs", str(args.runs)], capture_output=True, text=True, check=True)
-                    medians[name].append(json.loads(out.stdout.splitlines()[-1])["ms"])
-            ratios = sorted(r / s for r, s in zip(medians["per-request"], medians["static"]))
+                    medians[name].append(run_worker(__file__, "time", path=path, n=n, k=k, hidden=args.hidden,
+                                                    runs=args.runs)["ms"])
             for name, values in medians.items():
-                print(f"N={n} K={k} {name:>11}: {statistics.median(values):.2f} ms "
-                      f"(rounds min {min(values):.2f}, max {max(values):.2f})")
-            print(f"N={n} K={k} per-request / static time: {statistics.median(ratios):.2f} "
-                  f"(min {ratios[0]:.2f}, max {ratios[-1]:.2f} over {args.rounds} rounds)")
+                print(f"N={n} K={k} {name:>11}: {spread(values)} ms over rounds")
+            print(f"N={n} K={k} per-request / static time: "
+                  f"{spread(ratios(medians['per-request'], medians['static']))} over {args.rounds} rounds")
 
 
 if __name__ == "__main__":

@@ -15,13 +15,14 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from genai_reference import build_genai_model, genai_decode_tokens_per_s  # noqa: E402
+from isolation import ratios, run_worker, spread  # noqa: E402
 from machine import describe_machine  # noqa: E402
 
 IMAGE = Path(__file__).resolve().parent.parent / "zspa" / "assets" / "example.png"
@@ -94,44 +95,7 @@ def worker_hf(args) -> dict:
 
 
 def worker_genai(args) -> dict:
-    import numpy as np
-    import onnxruntime_genai as og
-
-    model = og.Model(args.model)
-
-    def tokens_per_s() -> float:
-        params = og.GeneratorParams(model)
-        params.set_search_options(max_length=args.context + args.tokens, min_length=args.context + args.tokens,
-                                  do_sample=False)
-        generator = og.Generator(model, params)
-        generator.append_tokens(np.random.default_rng(0).integers(10, 400, size=(1, args.context)).astype(np.int32))
-        generator.generate_next_token()  # prefill, not timed (as zspa's decode_tokens_per_s)
-        start, steps = time.perf_counter(), 0
-        while not generator.is_done():
-            generator.generate_next_token()
-            steps += 1
-        return steps / (time.perf_counter() - start)
-
-    tokens_per_s()
-    return {"tokens_per_s": statistics.median(tokens_per_s() for _ in range(args.runs))}
-
-
-def run_worker(kind: str, **options) -> dict:
-    command = [sys.executable, __file__, "--worker", kind]
-    for key, value in options.items():
-        flag = f"--{key.replace('_', '-')}"
-        if value is True:
-            command.append(flag)
-        else:
-            command += [flag, *map(str, value if isinstance(value, (list, tuple)) else [value])]
-    out = subprocess.run(command, capture_output=True, text=True)
-    if out.returncode != 0:
-        raise RuntimeError(f"{kind} worker failed:\n{out.stderr[-3000:]}")
-    return json.loads(out.stdout.splitlines()[-1])
-
-
-def spread(values: list[float]) -> str:
-    return f"{statistics.median(values):.2f} (min {min(values):.2f}, max {max(values):.2f})"
+    return {"tokens_per_s": genai_decode_tokens_per_s(args.model, args.context, args.tokens, args.runs)}
 
 
 def build_genai_text_model(checkpoint: Path, out: Path) -> Path | None:
@@ -149,12 +113,7 @@ def build_genai_text_model(checkpoint: Path, out: Path) -> Path | None:
     model.lm_head.load_state_dict(source.lm_head.state_dict())
     model.save_pretrained(out / "qwen2")
     AutoTokenizer.from_pretrained(checkpoint).save_pretrained(out / "qwen2")
-    built = subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(out / "qwen2"),
-                            "-o", str(out / "genai"), "-p", "fp32", "-e", "cpu"], capture_output=True, text=True)
-    if built.returncode != 0:
-        print(f"onnxruntime-genai model builder failed:\n{built.stderr[-2000:]}")
-        return None
-    return out / "genai"
+    return build_genai_model(out / "qwen2", out / "genai")
 
 
 def main() -> None:
@@ -190,16 +149,15 @@ def main() -> None:
         for size in SIZES:
             times: dict[str, list[float]] = {"hf": [], **{f"keep {k:g}": [] for k in KEEPS}}
             for _ in range(args.rounds):
-                times["hf"].append(run_worker("hf", model=checkpoint, size=size, runs=args.runs)["ms"])
+                times["hf"].append(run_worker(__file__, "hf", model=checkpoint, size=size, runs=args.runs)["ms"])
                 for keep in KEEPS:
                     times[f"keep {keep:g}"].append(
-                        run_worker("zspa", bundle=bundle, size=size, keep=keep, runs=args.runs)["ms"])
+                        run_worker(__file__, "zspa", bundle=bundle, size=size, keep=keep, runs=args.runs)["ms"])
             print(f"{size[0]}x{size[1]}: transformers generate TTFT {spread(times['hf'])} ms")
             for keep in KEEPS:
                 ours = times[f"keep {keep:g}"]
-                ratios = [theirs / mine for theirs, mine in zip(times["hf"], ours)]
                 print(f"{size[0]}x{size[1]}: zspa keep {keep:g} TTFT {spread(ours)} ms; "
-                      f"transformers / zspa = {spread(ratios)}x")
+                      f"transformers / zspa = {spread(ratios(times['hf'], ours))}x")
 
         genai = build_genai_text_model(checkpoint, work)
         if genai is None:
@@ -208,15 +166,14 @@ def main() -> None:
             size = SIZES[-1]
             ours, theirs = [], []
             for _ in range(args.rounds):
-                result = run_worker("zspa", bundle=bundle, size=size, keep=keep, runs=args.runs, tokens=args.tokens,
-                                    decode=True)
+                result = run_worker(__file__, "zspa", bundle=bundle, size=size, keep=keep, runs=args.runs,
+                                    tokens=args.tokens, decode=True)
                 ours.append(result["tokens_per_s"])
-                theirs.append(run_worker("genai", model=genai, context=result["context"], runs=args.runs,
+                theirs.append(run_worker(__file__, "genai", model=genai, context=result["context"], runs=args.runs,
                                          tokens=args.tokens)["tokens_per_s"])
-            ratios = [a / b for a, b in zip(ours, theirs)]
             print(f"decode at context {result['context']} ({size[0]}x{size[1]}, keep {keep:g}): zspa "
                   f"{spread(ours)} tokens/s, onnxruntime-genai {spread(theirs)} tokens/s; zspa / genai = "
-                  f"{spread(ratios)}x")
+                  f"{spread(ratios(ours, theirs))}x")
 
 
 if __name__ == "__main__":

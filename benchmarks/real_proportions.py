@@ -18,16 +18,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from isolation import median_ms, run_worker, spread  # noqa: E402
 from machine import describe_machine  # noqa: E402
 
 LAYERS, HIDDEN, MLP, HEADS = 32, 4096, 11008, 32
@@ -48,16 +46,6 @@ def build_bundle(work: Path) -> Path:
     return work / "bundle"
 
 
-def _median_ms(call, runs: int) -> float:
-    call()
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        call()
-        times.append((time.perf_counter() - start) * 1000)
-    return statistics.median(times)
-
-
 def worker(args) -> dict:
     from zspa.runtime.backends import OrtBackend
     from zspa.runtime.bundle import Bundle
@@ -70,7 +58,7 @@ def worker(args) -> dict:
         feeds = {"image_features": rng.standard_normal((1, args.n, HIDDEN)).astype(np.float32),
                  "prompt_embeds": rng.standard_normal((1, TEXT_TOKENS, HIDDEN)).astype(np.float32),
                  "prompt_mask": np.ones((1, TEXT_TOKENS), np.int64), "budget": np.array([args.k], np.int64)}
-        return {"ms": _median_ms(lambda: pruner.run(feeds), args.runs)}
+        return {"ms": median_ms(lambda: pruner.run(feeds), args.runs)}
     manifest = bundle.manifest
     decoder = backend.decoder(bundle.graph_file("decoder"), manifest.decoder, manifest.text.max_context)
     embeds = rng.standard_normal((1, args.s, HIDDEN)).astype(np.float32) * 0.02
@@ -80,17 +68,7 @@ def worker(args) -> dict:
         decoder.reset()
         decoder.step(embeds, mask, positions)
 
-    return {"ms": _median_ms(prefill, args.runs)}
-
-
-def run_worker(bundle: Path, kind: str, runs: int, **sizes) -> float:
-    command = [sys.executable, __file__, "--worker", kind, "--bundle", str(bundle), "--runs", str(runs)]
-    for key, value in sizes.items():
-        command += [f"--{key}", str(value)]
-    out = subprocess.run(command, capture_output=True, text=True)
-    if out.returncode != 0:
-        raise RuntimeError(f"{kind} worker failed:\n{out.stderr[-3000:]}")
-    return json.loads(out.stdout.splitlines()[-1])["ms"]
+    return {"ms": median_ms(prefill, args.runs)}
 
 
 def main() -> None:
@@ -118,13 +96,11 @@ def main() -> None:
             sequence = k + TEXT_TOKENS
             pruner, layer = [], []
             for _ in range(args.rounds):
-                pruner.append(run_worker(bundle, "pruner", args.runs, n=n, k=k))
-                layer.append(run_worker(bundle, "layer", args.runs, s=sequence))
+                pruner.append(run_worker(__file__, "pruner", bundle=bundle, runs=args.runs, n=n, k=k)["ms"])
+                layer.append(run_worker(__file__, "layer", bundle=bundle, runs=args.runs, s=sequence)["ms"])
             shares = [100 * p / (p + LAYERS * one) for p, one in zip(pruner, layer)]
-            print(f"N={n} K={k}: pruner {statistics.median(pruner):.1f} ms (min {min(pruner):.1f}, max "
-                  f"{max(pruner):.1f}); one layer's prefill of {sequence} tokens {statistics.median(layer):.1f} ms "
-                  f"(min {min(layer):.1f}, max {max(layer):.1f}); pruner share of TTFT at 7B proportions "
-                  f"{statistics.median(shares):.2f} % (min {min(shares):.2f}, max {max(shares):.2f}; target "
+            print(f"N={n} K={k}: pruner {spread(pruner, 1)} ms; one layer's prefill of {sequence} tokens "
+                  f"{spread(layer, 1)} ms; pruner share of TTFT at 7B proportions {spread(shares)} % (target "
                   f"{'< 1' if n == 576 else '< 2'} %)")
 
 
