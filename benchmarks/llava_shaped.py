@@ -21,19 +21,20 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def build_llava_shaped(workdir: Path, name: str, *, text_hidden: int, text_layers: int, keeps: list[float],
-                       image_size: int = 336):
+                       image_size: int = 336, vision_hidden: int = 128, vision_layers: int = 2):
     """(model, processor, bundle path) for a fresh random-weight model exported at `keeps`."""
     from zspa.export.exporter import ExportOptions, export_bundle
     from zspa.export.tiny import build_model, build_processor
 
     processor = build_processor(image_size=image_size)
-    model = build_model(processor, image_size=image_size, vision_hidden=128, text_hidden=text_hidden,
-                        text_layers=text_layers, max_context=4096)
+    model = build_model(processor, image_size=image_size, vision_hidden=vision_hidden, vision_layers=vision_layers,
+                        text_hidden=text_hidden, text_layers=text_layers, max_context=4096)
     source = workdir / f"{name}-model"
     model.save_pretrained(source)
     processor.save_pretrained(source)
     params = sum(p.numel() for p in model.model.language_model.parameters()) / 1e6
-    print(f"model {name}: {(image_size // 14) ** 2} visual tokens, decoder {text_hidden} x {text_layers} layers "
+    print(f"model {name}: {(image_size // 14) ** 2} visual tokens, vision {vision_hidden} x {vision_layers}, "
+          f"decoder {text_hidden} x {text_layers} layers "
           f"({params:.0f} M params)")
     bundle = workdir / name
     export_bundle(ExportOptions(str(source), bundle, keeps=keeps, progress=False))

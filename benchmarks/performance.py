@@ -40,7 +40,7 @@ from machine import describe_machine  # noqa: E402
 
 
 def worker_zspa(args) -> dict:
-    """TTFT and pruner time at one keep (medians), then decode tokens/s over `--tokens` tokens."""
+    """TTFT, pruner and vision time at one keep (medians), then decode tokens/s over `--tokens` tokens."""
     from zspa.runtime.pipeline import Pipeline
 
     pipeline = Pipeline.load(args.bundle)
@@ -53,6 +53,7 @@ def worker_zspa(args) -> dict:
     decode = generate(args.tokens)
     return {"ttft_ms": statistics.median(s.time_to_first_token_ms for s in first),
             "prune_ms": statistics.median(s.timings_ms["prune"] for s in first),
+            "vision_ms": statistics.median(s.timings_ms["vision"] for s in first),
             "tokens_per_s": decode.decode_tokens_per_s, "context": decode.prompt_tokens}
 
 
