@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 
 import zspa
 from zspa.errors import InvalidInputError
+from zspa.export.attention import grouped_attention_export
 from zspa.export.graphs import DecoderGraph, EmbedGraph, kv_names
 from zspa.export.loading import LoadedModel, load_model
 from zspa.export.onnx_io import describe_graph, export_graph, node_count
@@ -135,7 +136,8 @@ def _write_bundle(loaded: LoadedModel, options: ExportOptions, out: Path, torch_
             _export_decoder(SharedKVDecoderGraph(language_model, lm_head).eval(), decoder_spec, hidden, torch_dtype,
                             out / "decoder.onnx", options.opset)
     else:
-        _export_decoder(decoder, decoder_spec, hidden, torch_dtype, out / "decoder.onnx", options.opset)
+        with grouped_attention_export(decoder.language_model):
+            _export_decoder(decoder, decoder_spec, hidden, torch_dtype, out / "decoder.onnx", options.opset)
     bar.update()
 
     pruners = []

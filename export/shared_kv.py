@@ -14,15 +14,15 @@ outside the op, so the position ids the runtime gives (original or contiguous) s
 
 from __future__ import annotations
 
-import contextlib
 import contextvars
-from collections.abc import Iterator
 
 import torch
 from onnx.defs import OpSchema
 from onnxscript import values
 from onnxscript._internal.values import Op
 from torch import nn
+
+from zspa.export.attention import attention_implementation
 
 GQA_IMPLEMENTATION = "zspa_gqa"
 
@@ -109,23 +109,9 @@ def _attention(module: nn.Module, query, key, value, attention_mask, scaling=Non
     return output.view(batch, steps, heads, head_dim), None
 
 
-def _register() -> None:
-    from transformers import AttentionInterface
-
-    AttentionInterface.register(GQA_IMPLEMENTATION, _attention)
-
-
-@contextlib.contextmanager
-def gqa_attention(language_model: nn.Module) -> Iterator[None]:
+def gqa_attention(language_model: nn.Module):
     """Routes the language model's attention through the op while exporting, then restores it."""
-    _register()
-    config = language_model.config
-    previous = config._attn_implementation
-    config._attn_implementation = GQA_IMPLEMENTATION
-    try:
-        yield
-    finally:
-        config._attn_implementation = previous
+    return attention_implementation(language_model, GQA_IMPLEMENTATION, _attention)
 
 
 class SharedKVDecoderGraph(nn.Module):
