@@ -65,7 +65,7 @@ def report(rounds: dict[float, list[dict[str, float]]]) -> None:
         token_ratio = r["tokens"] / full["tokens"]
         # prediction: the stages before the decoder as measured, prefill scaled by its token count
         predicted = (r["fixed"] + full["prefill"] * token_ratio) / full["ttft"]
-        print(f"{keep:>6g}{r['tokens']:>16}{r['ttft']:>10.1f}{r['prefill']:>12.1f}{r['prune']:>10.2f}"
+        print(f"{keep:>6g}{int(r['tokens']):>16}{r['ttft']:>10.1f}{r['prefill']:>12.1f}{r['prune']:>10.2f}"
               f"{r['ttft'] / full['ttft']:>12.3f}{predicted:>11.3f}{r['prefill'] / full['prefill']:>15.3f}"
               f"{token_ratio:>13.3f}")
     full_ttft = [r["ttft"] for r in rounds[1.0]]
