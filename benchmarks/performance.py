@@ -186,17 +186,19 @@ def compare_with_transformers(bundle: Path, model_dir: Path, args) -> dict[float
     return {keep: {"context": results[keep][0]["context"]} for keep in keeps}
 
 
-def compare_with_genai(bundles: dict[str, Path], genai: Path, contexts: dict[float, int], args) -> None:
-    """Item 5: our decode loop per KV-cache kind against onnxruntime-genai's, alternating processes."""
+def compare_with_genai(bundles: dict[str, Path], genai: Path, contexts: dict[float, int], *, rounds: int,
+                       runs: int, tokens: int, label: str = "5. decode") -> None:
+    """Our decode loop per bundle against onnxruntime-genai's, alternating processes (item 5;
+    quantized.py's INT4 comparison too)."""
     def rate(kind: str, **options):
-        return lambda: run_worker(__file__, kind, tokens=args.decode_compare_tokens, **options)["tokens_per_s"]
+        return lambda: run_worker(__file__, kind, tokens=tokens, **options)["tokens_per_s"]
 
     for keep, context in contexts.items():
         sides = {name: rate("zspa", bundle=bundle, keep=keep, runs=1) for name, bundle in bundles.items()}
-        sides["genai"] = rate("genai", model=genai, context=context, runs=args.runs)
-        rates = alternate(sides, args.rounds)
+        sides["genai"] = rate("genai", model=genai, context=context, runs=runs)
+        rates = alternate(sides, rounds)
         for name in bundles:
-            print(f"5. decode at context {context} (keep {keep:g}), {name} KV cache: zspa {spread(rates[name], 1)}"
+            print(f"{label} at context {context} (keep {keep:g}), {name} KV cache: zspa {spread(rates[name], 1)}"
                   f" tokens/s, onnxruntime-genai {spread(rates['genai'], 1)} tokens/s; zspa / genai = "
                   f"{spread(ratios(rates[name], rates['genai']))}x (target >= 1.1x)")
 
@@ -253,7 +255,8 @@ def main() -> None:
         genai = build_genai_model(save_text_model(model, processor, work / "llama"), work / "genai")
         if genai is not None:
             compare_with_genai({"concat": bundle, "shared": shared}, genai,
-                               {keep: c["context"] for keep, c in contexts.items()}, args)
+                               {keep: c["context"] for keep, c in contexts.items()}, rounds=args.rounds, runs=args.runs,
+                               tokens=args.decode_compare_tokens)
 
         if not args.skip_large_n:
             del model, pipeline

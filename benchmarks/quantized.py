@@ -55,20 +55,6 @@ def calibration_folder(root: Path, count: int = 8) -> tuple[Path, Path]:
     return images, prompts
 
 
-def compare_decode(bundles: dict[str, Path], genai: Path, args) -> None:
-    def rate(kind: str, **options):
-        return lambda: run_worker(performance.__file__, kind, tokens=args.tokens, **options)["tokens_per_s"]
-
-    for keep, context in CONTEXTS.items():
-        sides = {name: rate("zspa", bundle=bundle, keep=keep, runs=1) for name, bundle in bundles.items()}
-        sides["genai"] = rate("genai", model=genai, context=context, runs=args.runs)
-        rates = alternate(sides, args.rounds)
-        for name in bundles:
-            print(f"1. INT4 decode at context {context} (keep {keep:g}), {name} KV cache: zspa {spread(rates[name], 1)}"
-                  f" tokens/s, onnxruntime-genai int4 {spread(rates['genai'], 1)} tokens/s; zspa / genai = "
-                  f"{spread(ratios(rates[name], rates['genai']))}x (target >= 1.1x)")
-
-
 def compare_vision(fp32: Path, int8: Path, args) -> None:
     for keep in CONTEXTS:
         results: dict[str, list[dict]] = {"fp32": [], "int8": []}
@@ -114,7 +100,8 @@ def main() -> None:
                                   precision="int4")
         print(f"onnxruntime CPU; {args.rounds} rounds x {args.runs} runs, a process per measurement")
         if genai is not None:
-            compare_decode(int4, genai, args)
+            performance.compare_with_genai(int4, genai, CONTEXTS, rounds=args.rounds, runs=args.runs,
+                                           tokens=args.tokens, label="1. INT4 decode")
         compare_vision(wide, int8_vision, args)
 
 
