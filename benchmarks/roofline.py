@@ -3,8 +3,8 @@
 - Prefill at keep 1.0 (594 tokens): GFLOP/s achieved by the exported decoder graph, against the
   peak from cores x clock x FP32 lanes x 2 (multiply-add) x FMA units (target >= 70 %), and
   against what onnxruntime's own GEMM reaches on one large product (the practical ceiling).
-  FLOPs: 2 x tokens x every weight matrix's size, plus causal attention, 2 x 2 x hidden x
-  S(S+1)/2 per layer.
+  FLOPs: 2 x tokens x every layer weight matrix's size, 2 x the LM head's (the graph computes
+  the last position's logits only), plus causal attention, 2 x 2 x hidden x S(S+1)/2 per layer.
 - Decode at the pruned (76) and unpruned (594) context: bytes read per token (every weight, plus
   the keys and values attended to) per second, against the memory bandwidth onnxruntime reads a
   1 GiB tensor with (target >= 70 %).
@@ -163,7 +163,8 @@ def worker_decoder(args) -> dict:
 
 
 def decoder_costs(bundle: Path) -> dict[str, float]:
-    """Weight-matrix elements and bytes of the decoder graph, layers and hidden size."""
+    """Weight-matrix elements of the layers and of the LM head (the product that yields `logits`),
+    weight bytes, layers and hidden size of the decoder graph."""
     import onnx
 
     from zspa.runtime.bundle import Bundle
@@ -171,14 +172,15 @@ def decoder_costs(bundle: Path) -> dict[str, float]:
     opened = Bundle.open(bundle)
     model = onnx.load(str(opened.graph_file("decoder")))
     initializers = {t.name: t for t in model.graph.initializer}
-    matrix = sum(int(np.prod(initializers[n.input[1]].dims)) for n in model.graph.node
-                 if n.op_type in ("MatMul", "Gemm") and n.input[1] in initializers)
+    products = {n.output[0]: int(np.prod(initializers[n.input[1]].dims)) for n in model.graph.node
+                if n.op_type in ("MatMul", "Gemm") and n.input[1] in initializers}
+    head = products.pop("logits")
     weight_bytes = sum(int(np.prod(t.dims)) * 4 for t in model.graph.initializer
                        if t.data_type == onnx.TensorProto.FLOAT)
     spec = opened.manifest.decoder
     hidden = next(t.shape[-1] for t in opened.manifest.graphs["decoder"].inputs if t.name == "inputs_embeds")
-    return {"matrix": matrix, "weight_bytes": weight_bytes, "layers": spec.num_layers, "hidden": hidden,
-            "kv_per_token": 2 * spec.num_layers * spec.num_kv_heads * spec.head_dim * 4}
+    return {"matrix": sum(products.values()), "head": head, "weight_bytes": weight_bytes, "layers": spec.num_layers,
+            "hidden": hidden, "kv_per_token": 2 * spec.num_layers * spec.num_kv_heads * spec.head_dim * 4}
 
 
 WORKERS = {"gemm": worker_gemm, "bandwidth": worker_bandwidth, "decoder": worker_decoder}
@@ -217,10 +219,11 @@ def main() -> None:
         print(f"onnxruntime MatMul 2048x4096x4096: {spread(gemm, 0)} GFLOP/s = "
               f"{spread([100 * g / peak for g in gemm], 0)} % of peak; memory read bandwidth (matrix-vector "
               f"product over 1 GiB): {spread(bandwidth, 1)} GB/s")
-        flops = 2 * PREFILL_TOKENS * costs["matrix"] + costs["layers"] * 2 * costs["hidden"] * PREFILL_TOKENS * (
-            PREFILL_TOKENS + 1)
-        print(f"decoder: {costs['matrix'] / 1e6:.1f} M weight-matrix elements, {costs['weight_bytes'] / 1e6:.0f} MB "
-              f"of weights; prefill of {PREFILL_TOKENS} tokens = {flops / 1e9:.1f} GFLOP")
+        attention = costs["layers"] * 2 * costs["hidden"] * PREFILL_TOKENS * (PREFILL_TOKENS + 1)
+        flops = 2 * PREFILL_TOKENS * costs["matrix"] + 2 * costs["head"] + attention
+        print(f"decoder: {costs['matrix'] / 1e6:.1f} M layer weight-matrix elements, "
+              f"{costs['weight_bytes'] / 1e6:.0f} MB of weights; prefill of {PREFILL_TOKENS} tokens = "
+              f"{flops / 1e9:.1f} GFLOP")
         for name, runs in decoder.items():
             achieved = [flops / r["prefill_ms"] / 1e6 for r in runs]
             print(f"{name} KV cache, prefill: {spread([r['prefill_ms'] for r in runs], 0)} ms = {spread(achieved, 0)}"
