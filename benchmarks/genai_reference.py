@@ -8,20 +8,30 @@ SkipSimplifiedLayerNormalization, RotaryEmbedding; MatMulNBits at int4). Needs
 
 from __future__ import annotations
 
+import json
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+# The OrtBackend setting (runtime/backends.py) that is not about threads, as a genai config entry.
+SESSION_SETTINGS = {"session.set_denormal_as_zero": "1"}
+
 
 def build_genai_model(text_model: Path, out: Path, precision: str = "fp32") -> Path | None:
-    """The builder's CPU model for `text_model` at `precision` (fp32 or int4), or None with the reason printed."""
+    """The builder's CPU model for `text_model` at `precision` (fp32 or int4), or None with the reason
+    printed. Its decoder session flushes denormals as zspa's sessions do (1.07x its decode speed at
+    context 76, 1.35x at 594 on a 2-core Xeon); its own threading defaults stay."""
     built = subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(text_model),
                             "-o", str(out), "-p", precision, "-e", "cpu"], capture_output=True, text=True)
     if built.returncode != 0:
         print(f"onnxruntime-genai model builder ({precision}) failed:\n{built.stderr[-2000:]}")
         return None
+    config_path = out / "genai_config.json"
+    config = json.loads(config_path.read_text())
+    config["model"]["decoder"]["session_options"].update(SESSION_SETTINGS)
+    config_path.write_text(json.dumps(config, indent=4))
     return out
 
 
