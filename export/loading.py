@@ -33,16 +33,17 @@ class LoadedModel:
 
 
 def load_model(name: str, revision: str | None = None) -> LoadedModel:
-    from zspa.export.shapes import SHAPES_MODEL_DIR, SHAPES_MODEL_NAME
     from zspa.export.tiny import TINY_MODEL_NAME, build_tiny_llava
     from zspa.export.tiny_qwen import TINY_QWEN_NAME, build_tiny_qwen
 
-    if name == SHAPES_MODEL_NAME:
-        if not (SHAPES_MODEL_DIR / "config.json").is_file():
-            raise ModelLoadError(f"{SHAPES_MODEL_NAME} is not trained yet: run `python benchmarks/train_shapes.py`")
-        family = family_for_model_type(_local_model_type(SHAPES_MODEL_DIR))
-        model, processor = _load(family, str(SHAPES_MODEL_DIR), revision=None, local_files_only=True)
-        return LoadedModel(model, processor, family, SourceSpec(SHAPES_MODEL_NAME, None, random_weights=False))
+    trained = _trained_builtins()
+    if name in trained:
+        directory, script = trained[name]
+        if not (directory / "config.json").is_file():
+            raise ModelLoadError(f"{name} is not trained yet: run `python benchmarks/{script}`")
+        family = family_for_model_type(_local_model_type(directory))
+        model, processor = _load(family, str(directory), revision=None, local_files_only=True)
+        return LoadedModel(model, processor, family, SourceSpec(name, None, random_weights=False))
     builders = {TINY_MODEL_NAME: build_tiny_llava, TINY_QWEN_NAME: build_tiny_qwen}
     if name in builders:
         model, processor = builders[name]()
@@ -64,9 +65,18 @@ def load_model(name: str, revision: str | None = None) -> LoadedModel:
         aliases = ", ".join(sorted(MODEL_ALIASES))
         raise ModelLoadError(
             f"unknown model {name!r}: give a Hugging Face id (org/name), a local directory, "
-            f"an alias ({aliases}), {SHAPES_MODEL_NAME}, {TINY_MODEL_NAME} or {TINY_QWEN_NAME}"
+            f"an alias ({aliases}), {', '.join(trained)}, {TINY_MODEL_NAME} or {TINY_QWEN_NAME}"
         )
     return _load_from_hub(model_id, revision)
+
+
+def _trained_builtins() -> dict[str, tuple[Path, str]]:
+    """Built-in models whose weights ship in the package: name → (directory, training script)."""
+    from zspa.export.needles import NEEDLES_MODEL_DIR, NEEDLES_MODEL_NAME
+    from zspa.export.shapes import SHAPES_MODEL_DIR, SHAPES_MODEL_NAME
+
+    return {SHAPES_MODEL_NAME: (SHAPES_MODEL_DIR, "train_shapes.py"),
+            NEEDLES_MODEL_NAME: (NEEDLES_MODEL_DIR, "train_needles.py")}
 
 
 def _load_from_hub(model_id: str, revision: str | None) -> LoadedModel:

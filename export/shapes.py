@@ -18,11 +18,12 @@ SHAPES_MODEL_DIR = Path(__file__).resolve().parent / "models" / SHAPES_MODEL_NAM
 PATCH_SIZE = 28
 
 
-def build_word_tokenizer():
-    """Whole words split on whitespace; 'top-left' and 'USER:' stay one token each."""
+def build_word_tokenizer(words: list[str] | None = None):
+    """Whole words split on whitespace; 'top-left' and 'USER:' stay one token each. `words`: a
+    benchmark's vocabulary (default: the shapes one)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
-    words = [w for w in vocabulary() if w not in ("USER", ":", "ASSISTANT")] + ["USER:", "ASSISTANT:"]
+    words = [w for w in (words or vocabulary()) if w not in ("USER", ":", "ASSISTANT")] + ["USER:", "ASSISTANT:"]
     vocab = {token: i for i, token in enumerate(SPECIAL_TOKENS + sorted(words))}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()

@@ -21,7 +21,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--model", required=True,
                         help=f"Hugging Face id, local save_pretrained directory, alias ({aliases}), "
-                        "or a built-in model (offline): shapes-llava (trained), tiny-random-llava or "
+                        "or a built-in model (offline): shapes-llava, needles-llava (trained), tiny-random-llava or "
                         "tiny-random-qwen2.5-vl (random weights)")
     parser.add_argument("-o", "--output", type=Path, help="bundle directory (default: bundles/<model name>)")
     parser.add_argument("--keep", type=ratio_list, default=None,

@@ -9,12 +9,14 @@ regenerated anywhere. numpy + pillow only.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
-from pathlib import Path
+from functools import partial
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+from zspa.datasets import common
+from zspa.datasets.common import Example, dataset_cli, draw_shape, textured_background
 
 COLOURS = {
     "red": (220, 40, 40),
@@ -37,14 +39,6 @@ class ShapeObject:
     shape: str
     quadrant: str
     box: tuple[int, int, int, int]
-
-
-@dataclass(frozen=True)
-class Example:
-    question: str
-    answer: str
-    kind: str
-    objects: tuple[ShapeObject, ...]
 
 
 def vocabulary() -> list[str]:
@@ -108,22 +102,10 @@ def _box(quadrant: str, rng: np.random.Generator) -> tuple[int, int, int, int]:
 
 
 def render(example_: Example, seed: int = 0) -> Image.Image:
-    rng = np.random.default_rng(seed)
-    background = 200 + rng.integers(0, 30, size=(IMAGE_SIZE, IMAGE_SIZE, 1)) + rng.integers(0, 8, (1, 1, 3))
-    image = Image.fromarray(background.astype(np.uint8), "RGB")
+    image = textured_background(IMAGE_SIZE, np.random.default_rng(seed))
     draw = ImageDraw.Draw(image)
     for obj in example_.objects:
-        x0, y0, x1, y1 = obj.box
-        fill = COLOURS[obj.colour]
-        if obj.shape == "circle":
-            draw.ellipse(obj.box, fill=fill)
-        elif obj.shape == "square":
-            draw.rectangle(obj.box, fill=fill)
-        elif obj.shape == "triangle":
-            draw.polygon([((x0 + x1) // 2, y0), (x1, y1), (x0, y1)], fill=fill)
-        else:
-            draw.polygon([((x0 + x1) // 2, y0), (x1, (y0 + y1) // 2), ((x0 + x1) // 2, y1), (x0, (y0 + y1) // 2)],
-                         fill=fill)
+        draw_shape(draw, obj.shape, obj.box, COLOURS[obj.colour])
     return image
 
 
@@ -131,16 +113,7 @@ def image_for(split: str, index: int) -> Image.Image:
     return render(example(split, index), seed=SPLIT_SEEDS[split] * 1_000_003 + index)
 
 
-def write_jsonl(directory: Path, split: str, count: int) -> Path:
-    """Writes `count` examples as PNGs plus a `zspa-eval` data file; returns the .jsonl path."""
-    directory.mkdir(parents=True, exist_ok=True)
-    lines = []
-    for index in range(count):
-        ex = example(split, index)
-        name = f"{split}-{index:05d}.png"
-        image_for(split, index).save(directory / name)
-        lines.append(json.dumps({"image": name, "question": ex.question, "answer": ex.answer, "kind": ex.kind}))
-    path = directory / f"{split}.jsonl"
-    path.write_text("\n".join(lines) + "\n")
-    return path
+write_jsonl = partial(common.write_jsonl, example=example, image_for=image_for)
 
+if __name__ == "__main__":
+    dataset_cli("shapes", example, image_for)

@@ -1,0 +1,133 @@
+"""Trains `needles-llava` on the needles benchmark in LLaVA's two stages, on CPU, seeded.
+
+Stage 1 (alignment): every image with its caption, the list of its objects ('red circle
+top-left , …'); LLaVA trains only the projector here, on a frozen pretrained LLM. Nothing here
+is pretrained, so by default the tower and the decoder learn too (`--freeze-lm` freezes the
+decoder as LLaVA does, to compare). Stage 2 (instruction tuning): everything, on five questions per
+image (one of each kind, the first in the exact inference format). Fresh examples every step;
+then greedy first-token accuracy on the held-out test split, per question kind. Writes the
+`save_pretrained` directory (fp16 + processor) that `zspa-export --model DIR` reads (default: the
+shipped `needles-llava`), and the log, loss curve and accuracies under `--results`.
+
+    python benchmarks/train_needles.py [--minutes 60] [--alignment-share 0.3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+from zspa.datasets import needles
+from zspa.export.needles import NEEDLES_MODEL_DIR, build_untrained
+
+from machine import describe_machine
+from vlm_training import accuracy, batch, train_for
+
+RESULTS = Path(__file__).resolve().parent / "results" / "needles-training"
+
+
+def caption_batches(processor, batch_size: int, first: int):
+    def batches(step: int) -> dict[str, torch.Tensor]:
+        indices = range(first + step * batch_size, first + (step + 1) * batch_size)
+        return batch(processor, [needles.image_for("train", i) for i in indices],
+                     [[(needles.CAPTION_PROMPT, needles.caption(needles.scene("train", i)[0]))] for i in indices])
+    return batches
+
+
+def question_batches(processor, batch_size: int, first: int):
+    def batches(step: int) -> dict[str, torch.Tensor]:
+        indices = range(first + step * batch_size, first + (step + 1) * batch_size)
+        return batch(processor, [needles.image_for("train", i) for i in indices],
+                     [needles.training_turns("train", i) for i in indices])
+    return batches
+
+
+def plot_curve(curves: dict[str, list[tuple[int, float, float]]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 3.6), dpi=120)
+    offset = 0.0
+    for stage, curve in curves.items():
+        ax.plot([offset + m for _, m, _ in curve], [loss for _, _, loss in curve], label=stage)
+        offset += curve[-1][1] if curve else 0.0
+    ax.set_xlabel("minutes")
+    ax.set_ylabel("training loss (answer tokens)")
+    ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--minutes", type=float, default=60.0, help="wall-clock budget for both stages")
+    parser.add_argument("--alignment-share", type=float, default=0.3, help="share of the budget for stage 1")
+    parser.add_argument("--freeze-lm", action="store_true", help="stage 1 trains the tower and projector only")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--test-examples", type=int, default=1000)
+    parser.add_argument("--out", type=Path, default=NEEDLES_MODEL_DIR)
+    parser.add_argument("--results", type=Path, default=RESULTS)
+    args = parser.parse_args()
+
+    args.results.mkdir(parents=True, exist_ok=True)
+    log_file = open(args.results / "training.log", "w", encoding="utf-8")
+
+    def log(line: str) -> None:
+        print(line, flush=True)
+        log_file.write(line + "\n")
+        log_file.flush()
+
+    log(f"needles-llava, {vars(args)}; {describe_machine()}, torch {torch.__version__}, "
+        f"Python {platform.python_version()}")
+    torch.manual_seed(args.seed)
+    model, processor = build_untrained(args.seed)
+    model.config._attn_implementation = "sdpa"  # training speed; the export chooses its own
+    log(f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters")
+    started = time.perf_counter()
+
+    align_minutes = args.minutes * args.alignment_share
+    frozen = ("model.language_model", "lm_head") if args.freeze_lm else ()
+    trainable = [p for name, p in model.named_parameters() if not name.startswith(frozen)]
+    log(f"stage 1 (alignment on captions): {align_minutes:.1f} min, {len(trainable)} trainable tensors")
+    align_steps, align_curve = train_for(model, trainable, caption_batches(processor, args.batch_size, 0),
+                                         align_minutes, args.lr, log=log)
+    after_alignment = accuracy(model, processor, needles, "test", 200)
+    log(f"after stage 1 ({align_steps} steps): test accuracy on 200 questions {after_alignment}")
+
+    tune_minutes = args.minutes - (time.perf_counter() - started) / 60
+    log(f"stage 2 (questions): {tune_minutes:.1f} min")
+    tune_steps, tune_curve = train_for(model, model.parameters(),
+                                       question_batches(processor, args.batch_size, 0), tune_minutes, args.lr, log=log)
+    minutes = (time.perf_counter() - started) / 60
+    result = accuracy(model, processor, needles, "test", args.test_examples)
+    log(f"trained {align_steps} + {tune_steps} steps in {minutes:.1f} min")
+    log(f"test accuracy ({args.test_examples} questions): "
+        + ", ".join(f"{k} {v:.3f}" for k, v in sorted(result.items())))
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    model.config._attn_implementation = "eager"
+    model.to(torch.float16).save_pretrained(args.out)
+    processor.save_pretrained(args.out)
+    curves = {"stage 1: captions": align_curve, "stage 2: questions": tune_curve}
+    plot_curve(curves, args.results / "loss.png")
+    (args.results / "summary.json").write_text(json.dumps({
+        "settings": {k: str(v) for k, v in vars(args).items()}, "machine": describe_machine(),
+        "minutes": minutes, "steps": [align_steps, tune_steps], "after_alignment": after_alignment,
+        "test_accuracy": result, "curves": curves}, indent=1))
+    log(f"wrote {args.out} and {args.results}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,73 @@
+"""What the synthetic benchmarks share: the example record, drawing, and the JSONL writer/CLI."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+
+@dataclass(frozen=True)
+class Example:
+    question: str
+    answer: str
+    kind: str
+    objects: tuple
+
+
+def textured_background(size: int, rng: np.random.Generator) -> Image.Image:
+    """Light grey noise with a slight per-image tint, so no patch is perfectly flat."""
+    background = 200 + rng.integers(0, 30, size=(size, size, 1)) + rng.integers(0, 8, (1, 1, 3))
+    return Image.fromarray(background.astype(np.uint8), "RGB")
+
+
+def draw_shape(draw: ImageDraw.ImageDraw, shape: str, box: tuple[int, int, int, int], fill) -> None:
+    x0, y0, x1, y1 = box
+    if shape == "circle":
+        draw.ellipse(box, fill=fill)
+    elif shape == "square":
+        draw.rectangle(box, fill=fill)
+    elif shape == "triangle":
+        draw.polygon([((x0 + x1) // 2, y0), (x1, y1), (x0, y1)], fill=fill)
+    elif shape == "diamond":
+        draw.polygon([((x0 + x1) // 2, y0), (x1, (y0 + y1) // 2), ((x0 + x1) // 2, y1), (x0, (y0 + y1) // 2)],
+                     fill=fill)
+    else:
+        raise ValueError(f"unknown shape {shape!r}")
+
+
+def write_jsonl(directory: Path, split: str, count: int, example: Callable[[str, int], Example],
+                image_for: Callable[[str, int], Image.Image]) -> Path:
+    """Writes `count` examples as PNGs plus a `zspa-eval` data file (with each question's kind);
+    returns the .jsonl path."""
+    directory.mkdir(parents=True, exist_ok=True)
+    lines = []
+    for index in range(count):
+        ex = example(split, index)
+        name = f"{split}-{index:05d}.png"
+        image_for(split, index).save(directory / name)
+        lines.append(json.dumps({"image": name, "question": ex.question, "answer": ex.answer, "kind": ex.kind}))
+    path = directory / f"{split}.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def dataset_cli(name: str, example: Callable[[str, int], Example],
+                image_for: Callable[[str, int], Image.Image], argv: list[str] | None = None) -> Path:
+    """`python -m zspa.datasets.NAME --split test --count N --out DIR`."""
+    parser = argparse.ArgumentParser(prog=f"python -m zspa.datasets.{name}",
+                                     description=f"Writes {name} examples (PNGs + JSONL) for zspa-eval --data.")
+    parser.add_argument("--split", choices=["train", "test"], default="test")
+    parser.add_argument("--count", type=int, default=1000, help="number of examples (default: 1000)")
+    parser.add_argument("--out", type=Path, required=True, help="output directory")
+    args = parser.parse_args(argv)
+    if args.count < 1:
+        parser.error("--count must be at least 1")
+    path = write_jsonl(args.out, args.split, args.count, example, image_for)
+    print(f"wrote {args.count} {args.split} examples to {path}")
+    return path
