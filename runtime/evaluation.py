@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from zspa.errors import InvalidInputError, ZspaError
+from zspa.runtime.intervals import bootstrap_interval, difference_of_means, mean_of, ratio_of_means
 from zspa.runtime.pipeline import Pipeline
 
 BASELINE = ("none", 1.0)
@@ -34,6 +35,7 @@ class EvalItem:
     question: str
     answer: str
     choices: tuple[str, ...] = ()
+    kind: str = ""  # the question's kind, when the data names one: accuracy is also reported per kind
 
     def prompt(self) -> str:
         if not self.choices:
@@ -86,7 +88,10 @@ def read_dataset(path: Path) -> tuple[list[EvalItem], list[str]]:
                 raise ValueError("choices must be a list of strings")
             if len(choices) > len(LETTERS):
                 raise ValueError(f"at most {len(LETTERS)} choices")
-            item = EvalItem(number, path.parent / row["image"], row["question"], row["answer"], tuple(choices))
+            kind = row.get("kind", "")
+            if not isinstance(kind, str):
+                raise ValueError("kind must be a string")
+            item = EvalItem(number, path.parent / row["image"], row["question"], row["answer"], tuple(choices), kind)
             if item.choices and not item.expected():
                 raise ValueError("answer is neither a choice letter nor one of the choices")
             items.append(item)
@@ -118,10 +123,7 @@ class Evaluation:
         self.records_path = out / "records.jsonl"
 
     def done(self) -> set[tuple[int, str, float]]:
-        if not self.records_path.exists():
-            return set()
-        rows = [json.loads(line) for line in self.records_path.read_text().splitlines() if line.strip()]
-        return {(r["line"], r["method"], r["keep"]) for r in rows}
+        return {(r["line"], r["method"], r["keep"]) for r in self.records()}
 
     def run(self, items: list[EvalItem], progress: bool = True) -> list[str]:
         """Evaluates what is not recorded yet; returns messages for lines that failed at run time."""
@@ -155,6 +157,7 @@ class Evaluation:
             result = baseline if (method, keep) == BASELINE else self._answer(item, method, keep)
             yield {
                 "line": item.line,
+                "kind": item.kind,
                 "method": method,
                 "keep": keep,
                 "answer": result.text,
@@ -172,23 +175,38 @@ class Evaluation:
                                       method=None if method == "none" else method,
                                       max_new_tokens=self.max_new_tokens)
 
+    def records(self) -> list[dict]:
+        if not self.records_path.exists():
+            return []
+        return [json.loads(line) for line in self.records_path.read_text().splitlines() if line.strip()]
+
     def summary(self) -> list[dict]:
-        """One row per (method, keep): n, accuracy, agreements, mean KL, kept tokens, TTFT."""
-        rows = [json.loads(line) for line in self.records_path.read_text().splitlines() if line.strip()]
+        """One row per (method, keep): n, accuracy and retained accuracy with 95 % bootstrap
+        intervals, accuracy per question kind, agreements, mean KL, kept tokens, TTFT."""
         groups: dict[tuple[str, float], list[dict]] = {}
-        for row in rows:
+        for row in self.records():
             groups.setdefault((row["method"], row["keep"]), []).append(row)
-        baseline_accuracy = np.mean([r["correct"] for r in groups.get(BASELINE, [])] or [np.nan])
+        baseline = {r["line"]: r["correct"] for r in groups.get(BASELINE, [])}
         table = []
         for (method, keep), group in sorted(groups.items(), key=lambda kv: (kv[0] != BASELINE, kv[0][0], -kv[0][1])):
-            accuracy = float(np.mean([r["correct"] for r in group]))
+            correct = [r["correct"] for r in group]
+            paired = [(r["correct"], baseline[r["line"]]) for r in group if r["line"] in baseline]
+            reference = np.mean([b for _, b in paired]) if paired else np.nan
+            kinds: dict[str, list[bool]] = {}
+            for r in group:
+                if r.get("kind"):
+                    kinds.setdefault(r["kind"], []).append(r["correct"])
             table.append({
                 "method": method,
                 "keep": keep,
                 "n": len(group),
                 "visual_tokens_kept": float(np.mean([r["visual_tokens_kept"] for r in group])),
-                "accuracy": accuracy,
-                "retained_accuracy": accuracy / baseline_accuracy if baseline_accuracy else float("nan"),
+                "accuracy": float(np.mean(correct)),
+                "accuracy_interval": bootstrap_interval(mean_of, correct),
+                "retained_accuracy": float(np.mean([c for c, _ in paired]) / reference) if reference else float("nan"),
+                "retained_interval": bootstrap_interval(ratio_of_means, *zip(*paired)) if paired and reference
+                else (float("nan"), float("nan")),
+                "accuracy_by_kind": {kind: float(np.mean(v)) for kind, v in sorted(kinds.items())},
                 "first_token_agreement": float(np.mean([r["first_token_agrees"] for r in group])),
                 "answer_agreement": float(np.mean([r["answer_agrees"] for r in group])),
                 "mean_kl": float(np.mean([r["kl"] for r in group])),
@@ -196,16 +214,50 @@ class Evaluation:
             })
         return table
 
+    def margin(self, first: tuple[str, float], second: tuple[str, float]) -> dict:
+        """Accuracy of `first` minus `second` (each a (method, keep)) on the questions both
+        answered, with its paired 95 % bootstrap interval."""
+        by_setting: dict[tuple[str, float], dict[int, bool]] = {first: {}, second: {}}
+        for row in self.records():
+            setting = (row["method"], row["keep"])
+            if setting in by_setting:
+                by_setting[setting][row["line"]] = row["correct"]
+        lines = sorted(by_setting[first].keys() & by_setting[second].keys())
+        if not lines:
+            raise InvalidInputError(f"no question was answered under both {first} and {second}")
+        a, b = [by_setting[first][i] for i in lines], [by_setting[second][i] for i in lines]
+        return {"n": len(lines), "margin": float(np.mean(a) - np.mean(b)),
+                "interval": bootstrap_interval(difference_of_means, a, b)}
+
 
 def markdown_table(table: list[dict]) -> str:
-    header = ("| method | keep | tokens kept | n | accuracy | retained | first-token agreement | answer agreement "
-              "| mean KL | TTFT ms |\n|---|---|---|---|---|---|---|---|---|---|\n")
+    """The summary as Markdown; intervals are 95 % bootstrap ones over questions."""
+    header = ("| method | keep | tokens kept | n | accuracy (95 % CI) | retained (95 % CI) | first-token agreement "
+              "| answer agreement | mean KL | TTFT ms |\n|---|---|---|---|---|---|---|---|---|---|\n")
     return header + "".join(
-        f"| {r['method']} | {r['keep']:g} | {r['visual_tokens_kept']:.0f} | {r['n']} | {r['accuracy']:.3f} | "
-        f"{r['retained_accuracy']:.3f} | {r['first_token_agreement']:.3f} | {r['answer_agreement']:.3f} | "
-        f"{r['mean_kl']:.4f} | {r['time_to_first_token_ms']:.1f} |\n"
+        f"| {r['method']} | {r['keep']:g} | {r['visual_tokens_kept']:.0f} | {r['n']} | "
+        f"{r['accuracy']:.3f} {_interval(r['accuracy_interval'])} | "
+        f"{r['retained_accuracy']:.3f} {_interval(r['retained_interval'])} | {r['first_token_agreement']:.3f} | "
+        f"{r['answer_agreement']:.3f} | {r['mean_kl']:.4f} | {r['time_to_first_token_ms']:.1f} |\n"
         for r in table
     )
+
+
+def kind_table(table: list[dict]) -> str:
+    """Accuracy per question kind, one row per (method, keep); empty when the data names no kinds."""
+    kinds = sorted({kind for r in table for kind in r["accuracy_by_kind"]})
+    if not kinds:
+        return ""
+    header = f"| method | keep | {' | '.join(kinds)} |\n|---|---|{'---|' * len(kinds)}\n"
+    return header + "".join(
+        f"| {r['method']} | {r['keep']:g} | "
+        + " | ".join(f"{r['accuracy_by_kind'][k]:.3f}" if k in r["accuracy_by_kind"] else "–" for k in kinds) + " |\n"
+        for r in table
+    )
+
+
+def _interval(bounds: tuple[float, float]) -> str:
+    return "(–)" if any(np.isnan(bounds)) else f"({bounds[0]:.3f}–{bounds[1]:.3f})"
 
 
 def plot_accuracy(table: list[dict], path: Path, title: str) -> None:

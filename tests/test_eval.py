@@ -9,7 +9,8 @@ import sys
 import numpy as np
 import pytest
 
-from zspa.runtime.evaluation import EvalItem, kl_divergence, normalise, predicted, read_dataset
+from zspa.runtime.evaluation import EvalItem, Evaluation, kl_divergence, normalise, predicted, read_dataset
+from zspa.runtime.intervals import bootstrap_interval, difference_of_means, mean_of, ratio_of_means
 
 
 def test_normalise_and_choice_extraction(tmp_path):
@@ -32,11 +33,41 @@ def test_kl_divergence():
 def test_bad_lines_are_reported_with_their_numbers(tmp_path):
     data = tmp_path / "d.jsonl"
     data.write_text('{"image": "a.png", "question": "q", "answer": "x"}\nnot json\n\n{"image": "a.png"}\n'
-                    '{"image": "a.png", "question": "q", "answer": "C", "choices": ["u", "v"]}\n')
+                    '{"image": "a.png", "question": "q", "answer": "C", "choices": ["u", "v"]}\n'
+                    '{"image": "a.png", "question": "q", "answer": "x", "kind": 3}\n')
     items, problems = read_dataset(data)
     assert [i.line for i in items] == [1]
-    assert [p.split(":")[1] for p in problems] == ["2", "4", "5"]
+    assert [p.split(":")[1] for p in problems] == ["2", "4", "5", "6"]
+    assert "kind must be a string" in problems[-1]
     assert "missing or non-text field(s): question, answer" in problems[1]
+
+
+def test_bootstrap_intervals_have_the_binomial_width_and_keep_pairs_paired():
+    correct = np.random.default_rng(1).random(1000) < 0.6
+    low, high = bootstrap_interval(mean_of, correct)
+    assert low < correct.mean() < high
+    assert high - low == pytest.approx(2 * 1.96 * np.sqrt(0.6 * 0.4 / 1000), rel=0.15)  # normal approximation
+    assert bootstrap_interval(difference_of_means, correct, correct) == (0.0, 0.0)  # paired: no spread
+    shuffled = np.random.default_rng(2).permutation(correct)  # same accuracy, unpaired answers
+    low, high = bootstrap_interval(difference_of_means, correct, shuffled)
+    assert low < 0 < high and high - low > 0.05
+    low, high = bootstrap_interval(ratio_of_means, correct, np.ones(1000))
+    assert low < correct.mean() < high
+    with pytest.raises(ValueError):
+        bootstrap_interval(mean_of, [])
+
+
+def test_margin_compares_settings_on_the_questions_both_answered(tmp_path):
+    evaluation = Evaluation(None, tmp_path, [], max_new_tokens=1)
+    tmp_path.joinpath("records.jsonl").write_text("".join(
+        json.dumps({"line": line, "method": method, "keep": 0.1, "correct": correct}) + "\n"
+        for line, method, correct in [(1, "a", True), (2, "a", True), (3, "a", False), (1, "b", False),
+                                      (2, "b", True), (4, "b", False)]))
+    result = evaluation.margin(("a", 0.1), ("b", 0.1))
+    assert result["n"] == 2 and result["margin"] == 0.5  # lines 1 and 2 only
+    assert result["interval"][0] <= 0.5 <= result["interval"][1]
+    with pytest.raises(Exception, match="no question was answered under both"):
+        evaluation.margin(("a", 0.1), ("c", 0.1))
 
 
 @pytest.fixture
@@ -47,8 +78,9 @@ def dataset(pipeline, photo_path, rgba_png_path, tmp_path):
     for i, question in enumerate(["What is this?", "Where is it?", "Who is there?", "Why?"]):
         image = [photo_path, rgba_png_path][i % 2]
         answer = pipeline.generate(image, question, keep=1.0, max_new_tokens=4).text
-        lines.append({"image": str(image), "question": question, "answer": answer})
-    lines.append({"image": str(photo_path), "question": "Pick one.", "answer": "A", "choices": ["cat", "dog"]})
+        lines.append({"image": str(image), "question": question, "answer": answer, "kind": "open"})
+    lines.append({"image": str(photo_path), "question": "Pick one.", "answer": "A", "choices": ["cat", "dog"],
+                  "kind": "choice"})
     (tmp_path / "broken.png").write_bytes(b"no image here")
     lines.append({"image": "broken.png", "question": "What?", "answer": "x"})
     data = tmp_path / "set.jsonl"
@@ -75,7 +107,11 @@ def test_eval_end_to_end_and_resume(tiny_bundle, dataset, tmp_path):
     assert baseline["mean_kl"] == pytest.approx(0.0, abs=1e-9)
     assert baseline["accuracy"] >= 0.8  # the four free-form answers are the model's own
     assert rows[("zspa", 0.1)]["visual_tokens_kept"] == 58 and rows[("zspa", 0.1)]["mean_kl"] > 0
-    assert "| zspa | 0.1 | 58 |" in (out / "results.md").read_text()
+    markdown = (out / "results.md").read_text()
+    assert "| zspa | 0.1 | 58 |" in markdown and "Accuracy per question kind" in markdown
+    assert baseline["accuracy_by_kind"]["open"] == 1.0  # the free-form answers are the model's own
+    low, high = rows[("zspa", 0.1)]["accuracy_interval"]
+    assert 0.0 <= low <= rows[("zspa", 0.1)]["accuracy"] <= high <= 1.0
     assert (out / "accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     records = (out / "records.jsonl").read_text().splitlines()

@@ -48,7 +48,7 @@ def _settings(bundle, methods, keeps) -> list[tuple[str, float]]:
 
 
 def _eval(args: argparse.Namespace) -> None:
-    from zspa.runtime.evaluation import Evaluation, markdown_table, plot_accuracy, read_dataset
+    from zspa.runtime.evaluation import Evaluation, kind_table, markdown_table, plot_accuracy, read_dataset
     from zspa.runtime.pipeline import Pipeline
 
     pipeline = Pipeline.load(args.bundle, **backend_options(args), positions=args.positions)
@@ -65,6 +65,8 @@ def _eval(args: argparse.Namespace) -> None:
               "positions": pipeline.positions, "skipped_lines": problems, "results": table}
     (args.out / "results.json").write_text(json.dumps(report, indent=2) + "\n")
     markdown = markdown_table(table)
+    if by_kind := kind_table(table):
+        markdown += "\nAccuracy per question kind:\n\n" + by_kind
     (args.out / "results.md").write_text(markdown)
     plot_accuracy(table, args.out / "accuracy.png", f"{pipeline.bundle.manifest.source.model_id}: accuracy vs keep")
     print(markdown, end="")
