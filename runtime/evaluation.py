@@ -261,7 +261,8 @@ def _interval(bounds: tuple[float, float]) -> str:
 
 
 def plot_accuracy(table: list[dict], path: Path, title: str) -> None:
-    """Accuracy against keep, one line per method, the unpruned accuracy as a dashed line."""
+    """Accuracy against keep, one line per method with its 95 % interval shaded, the unpruned
+    accuracy as a dashed line."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -270,7 +271,9 @@ def plot_accuracy(table: list[dict], path: Path, title: str) -> None:
     fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
     for method in dict.fromkeys(r["method"] for r in table if r["method"] != "none"):
         rows = sorted((r for r in table if r["method"] == method), key=lambda r: r["keep"])
-        ax.plot([r["keep"] for r in rows], [r["accuracy"] for r in rows], marker="o", label=method)
+        keeps = [r["keep"] for r in rows]
+        line, = ax.plot(keeps, [r["accuracy"] for r in rows], marker="o", label=method)
+        ax.fill_between(keeps, *zip(*(r["accuracy_interval"] for r in rows)), color=line.get_color(), alpha=0.12)
     baseline = [r["accuracy"] for r in table if r["method"] == "none"]
     if baseline:
         ax.axhline(baseline[0], color="black", linestyle="--", linewidth=1, label="unpruned")
