@@ -16,6 +16,7 @@ from zspa.datasets.needles import (
     PATCH,
     QUESTION_KINDS,
     REGIONS,
+    SHAPES,
     caption,
     example,
     image_for,
@@ -104,12 +105,12 @@ def test_objects_are_small_and_drawn_where_the_scene_says():
             assert {region_of(r, c) for r, c in obj.patches()} == {obj.region}
 
 
-def test_caption_lists_every_object_in_reading_order():
+def test_caption_lists_every_object_by_colour_then_shape():
     ex = example("test", 11)
     entries = caption(ex.objects).rstrip(" .").split(" , ")
-    assert len(entries) == len(ex.objects)
-    ordered = sorted(ex.objects, key=lambda o: o.cell)
-    assert entries == [f"{o.colour} {o.shape} {o.region}" for o in ordered]
+    assert sorted(entries) == sorted(f"{o.colour} {o.shape} {o.region}" for o in ex.objects)
+    rank = [(list(COLOURS).index(e.split()[0]), SHAPES.index(e.split()[1])) for e in entries]
+    assert rank == sorted(rank)
 
 
 def test_module_cli_writes_a_zspa_eval_data_file(tmp_path):

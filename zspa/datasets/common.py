@@ -43,17 +43,21 @@ def draw_shape(draw: ImageDraw.ImageDraw, shape: str, box: tuple[int, int, int, 
 
 def write_jsonl(directory: Path, split: str, count: int, example: Callable[[str, int], Example],
                 image_for: Callable[[str, int], Image.Image]) -> Path:
-    """Writes `count` examples as PNGs plus a `zspa-eval` data file (with each question's kind);
-    returns the .jsonl path."""
+    """Writes `count` examples as PNGs plus a `zspa-eval` data file (with each question's kind),
+    and the same rows as `metadata.jsonl` so that the folder also loads with `datasets`'
+    imagefolder builder (lmms-eval's local tasks); returns the .jsonl path."""
     directory.mkdir(parents=True, exist_ok=True)
-    lines = []
+    rows = []
     for index in range(count):
         ex = example(split, index)
         name = f"{split}-{index:05d}.png"
         image_for(split, index).save(directory / name)
-        lines.append(json.dumps({"image": name, "question": ex.question, "answer": ex.answer, "kind": ex.kind}))
+        rows.append({"image": name, "question": ex.question, "answer": ex.answer, "kind": ex.kind})
     path = directory / f"{split}.jsonl"
-    path.write_text("\n".join(lines) + "\n")
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    (directory / "metadata.jsonl").write_text("".join(
+        json.dumps({"file_name": row["image"], **{k: v for k, v in row.items() if k != "image"}}) + "\n"
+        for row in rows))
     return path
 
 

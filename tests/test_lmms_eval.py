@@ -1,0 +1,65 @@
+"""`--model zspa` in lmms-eval: registered by entry point, and answering a local task offline
+exactly as the runtime answers the same questions."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("lmms_eval", reason="lmms-eval is not installed (pip install 'zspa[lmms-eval]')")
+
+from zspa.datasets import needles  # noqa: E402
+from zspa.runtime.evaluation import normalise  # noqa: E402
+
+TASK_DIR = Path(__file__).resolve().parents[1] / "benchmarks" / "lmms_eval" / "zspa_needles"
+
+
+def test_zspa_is_registered_through_the_entry_point():
+    from lmms_eval.models import get_model
+
+    from zspa.integrations.lmms_eval import ZspaLMM
+
+    assert get_model("zspa") is ZspaLMM
+
+
+def test_settings_the_bundle_cannot_run_are_refused_before_any_request(tiny_bundle):
+    from zspa.errors import ZspaError
+    from zspa.integrations.lmms_eval import ZspaLMM
+
+    with pytest.raises(ZspaError, match="'divprune' is not in this bundle"):
+        ZspaLMM(bundle=str(tiny_bundle), keep="0.1", method="divprune")
+    with pytest.raises(ZspaError, match="--batch_size 1"):
+        ZspaLMM(bundle=str(tiny_bundle), batch_size="4")
+    with pytest.raises(NotImplementedError, match="generate_until"):
+        ZspaLMM(bundle=str(tiny_bundle)).loglikelihood([])
+
+
+@pytest.mark.slow
+def test_a_local_task_through_the_lmms_eval_cli_gets_the_runtimes_answers(tiny_bundle, pipeline, tmp_path):
+    needles.write_jsonl(tmp_path / "needles-lmms", "test", 3)
+    shutil.copytree(TASK_DIR, tmp_path / "tasks" / "zspa_needles")
+    env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
+    run = subprocess.run(
+        [sys.executable, "-m", "lmms_eval", "eval", "--model", "zspa",
+         "--model_args", f"bundle={tiny_bundle},keep=0.1,method=zspa,backend=ort-cpu", "--tasks", "zspa_needles",
+         "--include_path", "tasks", "--output_path", "out", "--log_samples"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    samples = [json.loads(line) for line in next((tmp_path / "out").rglob("*samples_zspa_needles.jsonl")).open()]
+    assert sorted(s["doc_id"] for s in samples) == [0, 1, 2]
+    hits = []
+    for sample in samples:
+        example = needles.example("test", sample["doc_id"])
+        expected = pipeline.generate(needles.image_for("test", sample["doc_id"]), example.question, keep=0.1,
+                                     method="zspa", max_new_tokens=4).text
+        response = sample["filtered_resps"]
+        assert (response[0] if isinstance(response, list) else response) == expected.strip()
+        hits.append(normalise(expected) == example.answer)
+    results = json.loads(next((tmp_path / "out").rglob("*_results.json")).read_text())
+    assert results["results"]["zspa_needles"]["exact_match,none"] == pytest.approx(sum(hits) / len(hits))

@@ -1,0 +1,62 @@
+"""`--model zspa` for lmms-eval: a bundle answers generate_until tasks (GQA, TextVQA, POPE, MME, …)
+through the runtime, with pruning chosen by model_args:
+
+    lmms-eval eval --model zspa --model_args bundle=DIR,keep=0.1,method=zspa,backend=ort-cpu --tasks pope
+
+The harness the pruning papers report with, so a bundle's scores compare with theirs. One image
+per request (what a bundle's prompt holds); greedy unless the task asks otherwise.
+"""
+
+from __future__ import annotations
+
+from lmms_eval.api.instance import Instance
+from lmms_eval.api.model import lmms
+from tqdm import tqdm
+
+from zspa.errors import InvalidInputError
+from zspa.runtime.pipeline import Pipeline
+
+IMAGE_PLACEHOLDER = "<image>"  # lmms-eval prompts may carry it; the bundle's template places the image itself
+DEFAULT_MAX_NEW_TOKENS = 128
+
+
+class ZspaLMM(lmms):
+    is_simple = True
+
+    def __init__(self, bundle: str, keep: float | str = 1.0, method: str | None = None, backend: str = "ort-cpu",
+                 positions: str | None = None, threads: int | str | None = None, batch_size: int | str = 1,
+                 **unused) -> None:
+        super().__init__()
+        if int(batch_size) != 1:
+            raise InvalidInputError("zspa answers one request at a time: use --batch_size 1")
+        self.pipeline = Pipeline.load(bundle, backend=backend, positions=positions,
+                                      threads=int(threads) if threads else None)
+        self.keep = float(keep)
+        self.method = method if self.keep < 1.0 else None
+        self.pipeline.bundle.pruner_for(self.keep, self.method)  # refuses a setting the bundle cannot run, now
+
+    def generate_until(self, requests: list[Instance]) -> list[str]:
+        answers = []
+        for request in tqdm(requests, desc="zspa answering", disable=self.rank != 0):
+            context, gen_kwargs, doc_to_visual, doc_id, task, split = request.args
+            visuals = [v for v in doc_to_visual(self.task_dict[task][split][doc_id]) if v is not None]
+            if len(visuals) != 1:
+                raise InvalidInputError(f"{task} doc {doc_id}: zspa answers about one image, got {len(visuals)}")
+            answers.append(self._answer(visuals[0], context, dict(gen_kwargs)))
+            self.cache_hook.add_partial("generate_until", (context, gen_kwargs), answers[-1])
+        return answers
+
+    def _answer(self, image, context: str, gen_kwargs: dict) -> str:
+        until = gen_kwargs.get("until") or []
+        result = self.pipeline.generate(
+            image.convert("RGB"), context.replace(IMAGE_PLACEHOLDER, "").strip(), keep=self.keep, method=self.method,
+            max_new_tokens=int(gen_kwargs.get("max_new_tokens") or DEFAULT_MAX_NEW_TOKENS),
+            temperature=float(gen_kwargs.get("temperature") or 0.0) if gen_kwargs.get("do_sample") else 0.0,
+            top_p=float(gen_kwargs.get("top_p") or 1.0), stop=[until] if isinstance(until, str) else list(until))
+        return result.text
+
+    def loglikelihood(self, requests: list[Instance]) -> list[tuple[float, bool]]:
+        raise NotImplementedError("zspa answers generate_until tasks; loglikelihood tasks are not supported")
+
+    def generate_until_multi_round(self, requests) -> list[str]:
+        raise NotImplementedError("zspa answers single-round generate_until tasks")
