@@ -30,6 +30,7 @@ from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
 from zspa.calibration.recording import Feeds
 from zspa.errors import ZspaError
+from zspa.onnx_ir import declare_oldest_ir_version, declare_oldest_ir_version_in_file
 
 # The module configures the root logger at INFO on import and then logs every node; keep it to warnings.
 logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.WARNING)
@@ -53,6 +54,7 @@ def quantize_int8_static(source: Path, target: Path, feeds: list[Feeds], externa
         use_external_data_format=external_data,
         extra_options={"ActivationSymmetric": True, "WeightSymmetric": True},
     )
+    declare_oldest_ir_version_in_file(target)
     return {"precision": "int8", "method": "onnxruntime static QDQ", "activations": "int8 symmetric, MinMax",
             "weights": "int8 symmetric per-channel", "ops": ["Conv", "MatMul", "Gemm"], "samples": len(feeds)}
 
@@ -63,6 +65,7 @@ def quantize_int4_weights(source: Path, target: Path, block_size: int = 32,
     quantizer = MatMulNBitsQuantizer(onnx.load(str(source)), bits=4, block_size=block_size, is_symmetric=True,
                                      accuracy_level=4)
     quantizer.process()
+    declare_oldest_ir_version(quantizer.model.model)
     quantizer.model.save_model_to_file(str(target), use_external_data_format=external_data)
     return {"precision": "int4", "method": "onnxruntime MatMulNBits (weight-only, round to nearest)",
             "weights": f"int4 symmetric, blocks of {block_size}", "activations": "float", "accuracy_level": 4}
@@ -85,6 +88,7 @@ def quantize_modelopt(source: Path, target: Path, feeds: list[Feeds], precision:
     quantize(onnx_path=str(source), quantize_mode=precision, calibration_data=calibration,
              calibration_method="max", calibration_eps=providers, output_path=str(target),
              use_external_data_format=external_data)
+    declare_oldest_ir_version_in_file(target)
     return {"precision": precision, "method": "NVIDIA ModelOpt ONNX PTQ (max calibration)", "samples": len(feeds),
             "target": "TensorRT explicit quantization"}
 

@@ -14,6 +14,7 @@ import torch
 
 from zspa.integrity import sha256_file
 from zspa.manifest import GraphSpec, TensorSpec
+from zspa.onnx_ir import declare_oldest_ir_version
 
 # Graphs whose weights pass this many bytes keep them in an external .data file (protobuf's 2 GB cap).
 EXTERNAL_DATA_THRESHOLD = 1_800_000_000
@@ -81,8 +82,9 @@ def _positional_count(module: torch.nn.Module) -> int:
 
 
 def _tidy(path: Path, dynamic_axes: dict[str, dict[int, str]]) -> None:
-    """Names the symbolic axes and drops the exporter's per-node debug metadata (FX node text and
-    stack traces, most of a small graph's bytes). External weights stay where they are."""
+    """Names the symbolic axes, drops the exporter's per-node debug metadata (FX node text and
+    stack traces, most of a small graph's bytes) and declares the oldest IR version the graph
+    needs (older onnxruntime builds refuse newer ones). External weights stay where they are."""
     model = onnx.load(str(path), load_external_data=False)
     for node in model.graph.node:
         del node.metadata_props[:]
@@ -91,6 +93,7 @@ def _tidy(path: Path, dynamic_axes: dict[str, dict[int, str]]) -> None:
             dim = value.type.tensor_type.shape.dim[axis]
             dim.ClearField("dim_value")
             dim.dim_param = name
+    declare_oldest_ir_version(model)
     onnx.save(model, str(path))
 
 

@@ -105,6 +105,7 @@ class OrtDecoder(_OrtDecoderBase):
     def __init__(self, session: ort.InferenceSession, spec: DecoderSpec, device: str):
         super().__init__(session, spec, device)
         self.past: list[ort.OrtValue] = []
+        self._previous_binding: ort.IOBinding | None = None
         self.reset()
 
     def reset(self) -> None:
@@ -113,7 +114,9 @@ class OrtDecoder(_OrtDecoderBase):
         self.past_length = 0
 
     def step(self, inputs_embeds: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray) -> np.ndarray:
-        self.binding.clear_binding_outputs()
+        # A fresh binding per step, the previous one kept alive: the past is its outputs, and
+        # onnxruntime 1.23 (the last for Python 3.10) frees them when their binding is cleared.
+        self._previous_binding, self.binding = self.binding, self.session.io_binding()
         self.binding.bind_output("logits", "cpu")
         for name in self.present_names:
             self.binding.bind_output(name, self.device)

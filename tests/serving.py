@@ -38,10 +38,11 @@ def free_port() -> int:
 
 
 @contextmanager
-def running_server(bundle: Path, log: Path, *args: str, env: dict[str, str] | None = None):
-    """Starts `zspa-serve` and waits for /ready; stops it (SIGTERM, then SIGKILL) afterwards."""
+def running_server(bundle: Path, log: Path, *args: str, env: dict[str, str] | None = None,
+                   python: str = sys.executable):
+    """Starts `zspa-serve` under `python` and waits for /ready; stops it (SIGTERM, then SIGKILL) afterwards."""
     port = free_port()
-    command = [sys.executable, "-m", "zspa.cli.serve", str(bundle), "--port", str(port), *args]
+    command = [python, "-m", "zspa.cli.serve", str(bundle), "--port", str(port), *args]
     with open(log, "wb") as out:
         process = subprocess.Popen(command, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
                                    env={**os.environ, **(env or {})})

@@ -168,3 +168,15 @@ def test_cli_reports_sizes_and_fidelity(tiny_bundle, calibration_data, tmp_path,
     assert "decoder: int4" in out and "vision:" not in out and "greedy agreement" in out
     assert main([str(tiny_bundle), "--images", str(tmp_path / "none"), "--prompts", str(prompts), "-o",
                  str(tmp_path / "q2")]) == 2
+
+
+def test_quantized_graphs_still_load_on_older_onnxruntime(calibrated):
+    """The quantizers write onnx's newest IR (14); the bundle declares what the opsets need (≤ 10
+    for JetPack 6's onnxruntime 1.18)."""
+    import onnx
+
+    from zspa.onnx_ir import oldest_ir_version
+
+    for path in sorted(calibrated.glob("*.onnx")):
+        model = onnx.load(str(path), load_external_data=False)
+        assert model.ir_version == oldest_ir_version(model) <= 10, path.name

@@ -89,3 +89,17 @@ def test_fp16_export_runs(tmp_path, photo_path):
     assert manifest.parity["logits_max_abs_diff"] > 0  # measured, not assumed
     result = Pipeline.load(out).generate(photo_path, "What is it?", max_new_tokens=4)
     assert result.stats.tokens_generated == 4
+
+
+@pytest.mark.parametrize("bundle_fixture", ["tiny_bundle", "qwen_bundle"])
+def test_graphs_declare_the_oldest_ir_version_their_opset_needs(bundle_fixture, request):
+    """onnx 1.23 stamps IR 14; JetPack 6's onnxruntime (1.18) reads IR ≤ 10, the last Python 3.10
+    wheels (1.23) IR ≤ 11. Opset 18 needs IR 8."""
+    import onnx
+
+    bundle = request.getfixturevalue(bundle_fixture)
+    graphs = sorted(bundle.glob("*.onnx"))
+    assert graphs
+    for path in graphs:
+        model = onnx.load(str(path), load_external_data=False)
+        assert model.ir_version == 8, path.name

@@ -201,7 +201,7 @@ async def _next_event(job: Job, deadline: float, settings: ServerSettings, reque
         wait = min(remaining, _DISCONNECT_POLL_S) if request is not None else remaining
         try:
             return await asyncio.wait_for(job.events.get(), wait)
-        except TimeoutError:
+        except asyncio.TimeoutError:  # not the builtin TimeoutError before Python 3.11 (JetPack 6 has 3.10)
             if request is not None and await request.is_disconnected():
                 job.cancel("disconnect")
                 raise APIError(499, "client closed the request", code="client_closed") from None

@@ -24,6 +24,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from zspa.onnx_ir import declare_oldest_ir_version
 from zspa.pruning import METHOD_DEFAULTS
 from zspa.pruning.random_order import HASH_MODULUS, HASH_MULTIPLIER
 
@@ -312,6 +313,7 @@ def build_pruner(method: str, params: dict, *, hidden: int, dtype: str = "float3
         initializer=g.initializers,
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], producer_name="zspa")
+    declare_oldest_ir_version(model)
     onnx.checker.check_model(model, full_check=True)
     return model
 
