@@ -22,20 +22,27 @@ from zspa.manifest import VisionSpec
 DEFAULT_MAX_PIXELS = 50_000_000
 
 ImageSource = str | Path | bytes | Image.Image
+# The decoders input may reach: the formats VLM inputs come in. Pillow knows dozens more, some
+# rarely hardened (TIFF, PSD, …) and EPS, which hands the data to Ghostscript where installed.
+IMAGE_FORMATS = ("PNG", "JPEG", "WEBP")
 
 
-def load_image(source: ImageSource, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
-    """Opens and fully decodes an image (path, bytes or PIL image) as RGB, refusing bad input."""
+def load_image(source: ImageSource, *, max_pixels: int = DEFAULT_MAX_PIXELS,
+               formats: tuple[str, ...] = IMAGE_FORMATS) -> Image.Image:
+    """Opens and fully decodes an image (path, bytes or PIL image) as RGB, refusing bad input and
+    any encoded format outside `formats` (Pillow's names)."""
     if isinstance(source, Image.Image):
         image, name = source, "image"
     else:
         name = "image bytes" if isinstance(source, bytes) else str(source)
         data = io.BytesIO(source) if isinstance(source, bytes) else source
         try:
-            image = Image.open(data)
+            image = Image.open(data, formats=list(formats))
         except FileNotFoundError:
             raise InvalidInputError(f"{name}: no such file") from None
-        except (UnidentifiedImageError, Image.DecompressionBombError) as exc:
+        except UnidentifiedImageError:
+            raise InvalidInputError(f"{name}: not a readable {_format_names(formats)} image") from None
+        except Image.DecompressionBombError as exc:
             raise InvalidInputError(f"{name}: not a readable image ({exc})") from None
         except OSError as exc:
             raise InvalidInputError(f"{name}: cannot read ({exc})") from None
@@ -49,6 +56,11 @@ def load_image(source: ImageSource, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> 
         return _to_rgb(image)
     except (OSError, SyntaxError, ValueError) as exc:  # truncated or corrupt data surfaces on decode
         raise InvalidInputError(f"{name}: corrupt or truncated image ({exc})") from None
+
+
+def _format_names(formats: tuple[str, ...]) -> str:
+    names = ["WebP" if f == "WEBP" else f for f in formats]
+    return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} or {names[-1]}"
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:

@@ -43,7 +43,7 @@ def test_preprocess_matches_transformers_pil_processor(tiny_hf, vision_spec, pho
     cases.append(("png-with-alpha", Image.open(rgba_png_path)))
     for name, image in cases:
         buffer = io.BytesIO()  # through encoded bytes, as the runtime receives images
-        image.save(buffer, format="TIFF" if image.mode in ("CMYK", "I;16") else "PNG")
+        image.save(buffer, format="JPEG" if image.mode == "CMYK" else "PNG")
         ours = preprocess(load_image(buffer.getvalue()), vision_spec)
         theirs = processor.image_processor(Image.open(io.BytesIO(buffer.getvalue())), return_tensors="np")
         theirs = theirs["pixel_values"]
@@ -53,8 +53,31 @@ def test_preprocess_matches_transformers_pil_processor(tiny_hf, vision_spec, pho
 
 
 def test_corrupt_bytes_are_refused():
-    with pytest.raises(InvalidInputError, match="not a readable image"):
+    with pytest.raises(InvalidInputError, match="not a readable PNG, JPEG or WebP image"):
         load_image(b"definitely not an image")
+
+
+@pytest.mark.parametrize("fmt", ["TIFF", "BMP", "GIF", "PPM", "ICO", "EPS", "PSD", "TGA"])
+def test_formats_outside_png_jpeg_webp_are_refused(photo_path, fmt):
+    image = Image.open(photo_path).convert("RGB").resize((32, 32))
+    buffer = io.BytesIO()
+    if fmt == "PSD":  # Pillow reads PSD but cannot write it: a minimal header is enough to be recognised
+        buffer.write(b"8BPS\x00\x01" + b"\x00" * 6 + b"\x00\x03\x00\x00\x00\x20\x00\x00\x00\x20\x00\x08\x00\x03"
+                     + b"\x00" * 12 + b"\x00\x00" + b"\x00" * 32 * 32 * 3)
+    elif fmt == "EPS":  # the header alone: decoding would need Ghostscript, which must never be reached
+        buffer.write(b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 32 32\n")
+    else:
+        image.save(buffer, format=fmt)
+    assert Image.open(io.BytesIO(buffer.getvalue())).format == fmt  # Pillow alone would open it
+    with pytest.raises(InvalidInputError, match="not a readable PNG, JPEG or WebP image"):
+        load_image(buffer.getvalue())
+
+
+def test_declared_format_must_match_the_bytes(photo_path):
+    jpeg = photo_path.read_bytes()
+    assert load_image(jpeg, formats=("JPEG",)).size == Image.open(photo_path).size
+    with pytest.raises(InvalidInputError, match="not a readable PNG image"):
+        load_image(jpeg, formats=("PNG",))
 
 
 def test_truncated_jpeg_is_refused(photo_path):

@@ -68,7 +68,8 @@ def test_plain_and_streaming_requests_on_python310(venv310, tiny_bundle, pipelin
     url = data_url(photo_path.read_bytes())
     expected = pipeline.generate(photo_path, "What is in the picture?", max_new_tokens=8).text
     with running_server(tiny_bundle, tmp_path / "serve.log", python=venv310) as server:
-        plain = httpx.post(f"{server.url}/v1/chat/completions", json=chat_body(url, max_tokens=8, temperature=0), timeout=60)
+        plain = httpx.post(f"{server.url}/v1/chat/completions", timeout=60,
+                           json=chat_body(url, max_tokens=8, temperature=0))
         assert plain.status_code == 200, plain.text
         assert plain.json()["choices"][0]["message"]["content"] == expected
         with httpx.stream("POST", f"{server.url}/v1/chat/completions", timeout=60,

@@ -117,10 +117,18 @@ def test_models_lists_the_bundle(client):
     assert model.id == MODEL and model.model_extra["pruning"] == {"zspa": [0.1, 0.25, 1.0]}
 
 
-def _png(image: Image.Image) -> bytes:
+def _encoded(image: Image.Image, fmt: str) -> bytes:
     out = io.BytesIO()
-    image.save(out, format="PNG")
+    image.save(out, format=fmt)
     return out.getvalue()
+
+
+def _png(image: Image.Image) -> bytes:
+    return _encoded(image, "PNG")
+
+
+def _jpeg(image: Image.Image) -> bytes:
+    return _encoded(image, "JPEG")
 
 
 def _with_image(url):
@@ -145,6 +153,10 @@ BAD_REQUESTS = {
                         "300,000-byte limit"),
     "too many pixels": (_with_image(data_url(_png(Image.new("L", (2100, 2100))), "image/png")), IMAGE_PARAM,
                         "4,000,000-pixel limit"),
+    "declared png, jpeg bytes": (_with_image(data_url(_jpeg(Image.new("RGB", (64, 64))), "image/png")), IMAGE_PARAM,
+                                 "not a readable PNG image"),
+    "tiff": (_with_image(data_url(_encoded(Image.new("RGB", (64, 64)), "TIFF"), "image/png")), IMAGE_PARAM,
+             "not a readable PNG image"),
     "remote image": (_with_image("http://127.0.0.1:9/cat.png"), IMAGE_PARAM, "--allow-remote-images"),
     "no image": (lambda b: {**b, "messages": [{"role": "user", "content": "hi"}]}, "messages", "found 0"),
     "two images": (lambda b: {**b, "messages": [{"role": "user", "content": [*b["messages"][0]["content"]] * 2}]},

@@ -12,24 +12,29 @@ import re
 import urllib.error
 import urllib.request
 
+from zspa.runtime.images import IMAGE_FORMATS
 from zspa.runtime.server.errors import invalid
 
-IMAGE_TYPES = ("image/png", "image/jpeg", "image/jpg", "image/webp")
+# A data URL's declared type → the one format its bytes may decode as.
+IMAGE_TYPES = {"image/png": "PNG", "image/jpeg": "JPEG", "image/jpg": "JPEG", "image/webp": "WEBP"}
 _DATA_URL = re.compile(r"data:(?P<mime>[^;,]*)(?P<params>(?:;[^;,]*)*),(?P<data>.*)", re.DOTALL)
 
 
-def image_bytes(url: str, param: str, *, max_bytes: int, allow_remote: bool, timeout_s: float) -> bytes:
+def image_bytes(url: str, param: str, *, max_bytes: int, allow_remote: bool,
+                timeout_s: float) -> tuple[bytes, tuple[str, ...]]:
+    """The image's bytes and the formats they may decode as: a data URL's declared one, or any
+    allowed one for a download (servers often mislabel)."""
     if url.startswith("data:"):
         return _from_data_url(url, param, max_bytes)
     if url.startswith(("http://", "https://")):
         if not allow_remote:
             raise invalid("remote image URLs are disabled on this server; send the image as a data: URL "
                           "(or start zspa-serve with --allow-remote-images)", param, "remote_images_disabled")
-        return _download(url, param, max_bytes, timeout_s)
+        return _download(url, param, max_bytes, timeout_s), IMAGE_FORMATS
     raise invalid("image_url must be a data: URL (data:image/png;base64,...) or an http(s) URL", param)
 
 
-def _from_data_url(url: str, param: str, max_bytes: int) -> bytes:
+def _from_data_url(url: str, param: str, max_bytes: int) -> tuple[bytes, tuple[str, ...]]:
     match = _DATA_URL.fullmatch(url)
     if not match or ";base64" not in match["params"]:
         raise invalid("malformed data URL: expected data:image/<type>;base64,<data>", param)
@@ -40,7 +45,7 @@ def _from_data_url(url: str, param: str, max_bytes: int) -> bytes:
     if len(data) * 3 // 4 > max_bytes:
         raise _too_large(param, max_bytes)
     try:
-        return base64.b64decode(data, validate=True)
+        return base64.b64decode(data, validate=True), (IMAGE_TYPES[mime],)
     except (binascii.Error, ValueError) as exc:
         raise invalid(f"image data is not valid base64 ({exc})", param) from None
 
