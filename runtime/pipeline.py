@@ -21,6 +21,7 @@ from zspa.runtime.images import DEFAULT_MAX_PIXELS, ImageSource, load_image, pre
 from zspa.runtime.positions import SCHEMES, position_extent, prefill_positions
 from zspa.runtime.prompting import Prompt, PromptBuilder
 from zspa.runtime.sampling import SamplingParams, next_token
+from zspa.runtime.stops import first_stop, held_back
 
 STAGES = ("preprocess", "vision", "embed", "prune", "prefill", "decode")
 
@@ -209,12 +210,13 @@ class Pipeline:
             if token in eos:
                 finish = "stop"
                 break
+            before = len(text)
             text = detokenizer.add(token)
-            cut = _stop_at(text, stop)
+            cut = first_stop(text, stop, len(text) - before)
             if cut is not None:
                 finish = "stop"
                 break
-            safe = len(text) - _held_back(text, stop)
+            safe = len(text) - held_back(text, stop)
             if safe > emitted:
                 yield text[emitted:safe]
                 emitted = safe
@@ -226,20 +228,10 @@ class Pipeline:
             next_position += 1
         timings["decode"] = (time.perf_counter() - decode_start) * 1000.0
         text = detokenizer.flush()
-        cut = _stop_at(text, stop)
+        cut = first_stop(text, stop, len(text))
         if cut is not None:
             text, finish = text[:cut], "stop"
         if len(text) > emitted:
             yield text[emitted:]
         stats.tokens_generated = len(tokens)
         return GenerationResult(text, tokens, kept_indices, finish, stats, first_token_logits)
-
-
-def _stop_at(text: str, stop: list[str]) -> int | None:
-    hits = [text.find(s) for s in stop if s and s in text]
-    return min(hits) if hits else None
-
-
-def _held_back(text: str, stop: list[str]) -> int:
-    """Characters to hold back: a possible start of a stop string."""
-    return max((n for s in stop for n in range(1, len(s)) if text.endswith(s[:n])), default=0)

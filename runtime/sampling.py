@@ -9,10 +9,14 @@ import numpy as np
 
 from zspa.errors import InvalidInputError
 
+# Below this temperature, sampling is greedy (vLLM's threshold): dividing logits by 1e-300
+# overflows to inf, and inf - inf is nan.
+GREEDY_BELOW = 1e-5
+
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """temperature 0 means greedy; top_k 0 and top_p 1 disable those filters."""
+    """temperature 0 (or below GREEDY_BELOW) means greedy; top_k 0 and top_p 1 disable those filters."""
 
     temperature: float = 0.0
     top_p: float = 1.0
@@ -26,10 +30,12 @@ class SamplingParams:
             raise InvalidInputError(f"top_p must be in (0, 1], got {self.top_p!r}")
         if not isinstance(self.top_k, int) or self.top_k < 0:
             raise InvalidInputError(f"top_k must be an integer ≥ 0, got {self.top_k!r}")
+        if self.seed is not None and not (isinstance(self.seed, int) and 0 <= self.seed < 2**63):
+            raise InvalidInputError(f"seed must be an integer in [0, 2^63), got {self.seed!r}")
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        return self.temperature < GREEDY_BELOW
 
 
 def next_token(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator) -> int:

@@ -51,3 +51,13 @@ def test_seed_reproduces_samples():
 def test_invalid_parameters_are_refused(kwargs):
     with pytest.raises(InvalidInputError):
         SamplingParams(**kwargs)
+
+
+def test_tiny_temperatures_are_greedy_and_bad_seeds_refused():
+    """logits / 1e-300 overflows to inf and inf − inf is nan: below 1e-5 sampling is greedy."""
+    logits = np.array([0.5, 3.0, 1.0])
+    for temperature in (1e-300, 5e-324, 9e-6):
+        assert next_token(logits, SamplingParams(temperature=temperature, seed=1), np.random.default_rng(1)) == 1
+    for seed in (-1, 2**63, 1.5):
+        with pytest.raises(InvalidInputError, match="seed must be an integer"):
+            SamplingParams(temperature=1.0, seed=seed)

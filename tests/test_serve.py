@@ -145,6 +145,11 @@ BAD_REQUESTS = {
     "keep not a number": (lambda b: {**b, "keep": "half"}, "keep", "valid number"),
     "keep out of range": (lambda b: {**b, "keep": 1.5}, "keep", "(0, 1]"),
     "unknown method": (lambda b: {**b, "pruning_method": "fastv"}, "pruning_method", "'fastv'"),
+    "overlong stop": (lambda b: {**b, "stop": ["ok", "x" * 257]}, "stop", "at most 256 characters"),
+    "negative seed": (lambda b: {**b, "seed": -1}, "seed", "greater than or equal to 0"),
+    "huge max_tokens": (lambda b: {**b, "max_tokens": 10**30}, "max_tokens", "less than or equal to"),
+    "too many messages": (lambda b: {**b, "messages": [{"role": "user", "content": "hi"}] * 65}, "messages",
+                          "at most 64 items"),
     "bad base64": (_with_image("data:image/png;base64,not*base64"), IMAGE_PARAM, "base64"),
     "not an image type": (_with_image("data:text/plain;base64,aGk="), IMAGE_PARAM, "text/plain"),
     "corrupt image": (_with_image(data_url(_png(Image.new("RGB", (64, 64)))[:60], "image/png")), IMAGE_PARAM,
@@ -184,6 +189,8 @@ def test_malformed_and_oversized_bodies(server, photo_url):
     assert malformed.status_code == 400 and "not valid JSON" in malformed.json()["error"]["message"]
     not_object = httpx.post(url, content=b"[1, 2]", headers=headers)
     assert not_object.status_code == 400 and "JSON object" in not_object.json()["error"]["message"]
+    nested = httpx.post(url, content=b"[" * 100_000 + b"]" * 100_000, headers=headers)
+    assert nested.status_code == 400 and "nested too deeply" in nested.json()["error"]["message"]
     huge = _post(server, chat_body(photo_url, text="x" * 1_100_000))
     assert huge.status_code == 413 and huge.json()["error"]["code"] == "body_too_large"
     wrong_model = _post(server, chat_body(photo_url, model="gpt-4o"))

@@ -188,6 +188,8 @@ async def _read_json(request: Request, limit: int):
         return json.loads(body)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise invalid(f"request body is not valid JSON ({exc})", code="invalid_json") from None
+    except RecursionError:
+        raise invalid("request body is nested too deeply", code="invalid_json") from None
 
 
 async def _next_event(job: Job, deadline: float, settings: ServerSettings, request: Request | None = None):

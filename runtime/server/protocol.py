@@ -14,6 +14,13 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from zspa.runtime.server.errors import invalid
 
+# Bounds on what one request may ask for: each keeps the work per request proportional to limits
+# the operator sets (body bytes, prompt tokens, max tokens), whatever the client sends.
+MAX_MESSAGES = 64
+MAX_PARTS = 64  # content parts in one message
+MAX_STOP_CHARS = 256
+MAX_NAME_CHARS = 256
+
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -39,8 +46,8 @@ ContentPart = Annotated[TextPart | ImagePart, Field(discriminator="type")]
 
 class Message(_Strict):
     role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[ContentPart]
-    name: str | None = None
+    content: str | Annotated[list[ContentPart], Field(max_length=MAX_PARTS)]
+    name: str | None = Field(None, max_length=MAX_NAME_CHARS)
 
 
 class StreamOptions(_Strict):
@@ -48,21 +55,21 @@ class StreamOptions(_Strict):
 
 
 class ChatCompletionRequest(_Strict):
-    model: str
-    messages: list[Message] = Field(min_length=1)
-    max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
+    model: str = Field(max_length=MAX_NAME_CHARS)
+    messages: list[Message] = Field(min_length=1, max_length=MAX_MESSAGES)
+    max_tokens: int | None = Field(None, ge=1, le=2**31)
+    max_completion_tokens: int | None = Field(None, ge=1, le=2**31)
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
-    top_k: int = Field(0, ge=0)
-    seed: int | None = None
+    top_k: int = Field(0, ge=0, le=2**31)
+    seed: int | None = Field(None, ge=0, lt=2**63)
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: Literal[1] = 1
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
-    user: str | None = None
+    user: str | None = Field(None, max_length=MAX_NAME_CHARS)
     ignore_eos: bool = False
     keep: float | None = Field(None, description="fraction of the image's visual tokens kept, in (0, 1]")
     pruning_method: str | None = None
@@ -73,6 +80,8 @@ class ChatCompletionRequest(_Strict):
         stops = [stop] if isinstance(stop, str) else list(stop or [])
         if len(stops) > 4:
             raise ValueError("at most 4 stop sequences")
+        if any(len(s) > MAX_STOP_CHARS for s in stops):
+            raise ValueError(f"a stop sequence may have at most {MAX_STOP_CHARS} characters")
         return stops
 
     @field_validator("presence_penalty", "frequency_penalty")
