@@ -71,7 +71,9 @@ def calibrate_bundle(options: CalibrateOptions) -> Manifest:
     source.pruner_for(keep, options.method)  # refuses a keep the bundle cannot run
     reference, feeds = _record_feeds(source, calibration, keep, options)
     with staged_directory(options.output, force=options.force) as out:
-        shutil.copytree(source.path, out, dirs_exist_ok=True, ignore=shutil.ignore_patterns("engines"))
+        for name in source.listed_files():  # what the verified manifest lists, nothing else (no engines)
+            (out / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(source.member(name), out / name)
         graphs = dict(source.manifest.graphs)
         graphs.update(_quantize(source, out, feeds, options))
         manifest = dataclasses.replace(source.manifest, graphs=graphs)
@@ -116,8 +118,8 @@ def _quantize(source: Bundle, out: Path, feeds, options: CalibrateOptions) -> di
     for name, target, run in tqdm(jobs, desc="quantizing", unit="graph", disable=not options.progress):
         spec = source.manifest.graphs[name]
         for stale in {spec.file, *spec.data_files} if target == name else ():
-            (out / stale).unlink()
+            (out / source.member(stale).relative_to(source.path)).unlink()  # only what the manifest may name
         external = graph_bytes(source.path, source.manifest, [name]) > _EXTERNAL_DATA_BYTES
-        record = run(source.path / spec.file, out / f"{target}.onnx", external)
+        record = run(source.member(spec.file), out / f"{target}.onnx", external)
         specs[target] = dataclasses.replace(describe_graph(out / f"{target}.onnx"), quantization=record)
     return specs

@@ -8,8 +8,11 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from zspa.errors import InvalidInputError
+from zspa.errors import InvalidInputError, ZspaError
 from zspa.manifest import MANIFEST_NAME
+from zspa.runtime.bundle import Bundle
+
+ENGINES_DIR = "engines"  # zspa-build's output inside a bundle
 
 
 @contextlib.contextmanager
@@ -23,8 +26,7 @@ def staged_directory(target: Path, *, force: bool) -> Iterator[Path]:
     if target.exists():
         if not force:
             raise InvalidInputError(f"{target} already exists; pass --force to replace it")
-        if not target.is_dir() or (any(target.iterdir()) and not (target / MANIFEST_NAME).is_file()):
-            raise InvalidInputError(f"{target} exists and is not a zspa bundle; refusing to replace it")
+        _require_replaceable(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent))
     try:
@@ -39,3 +41,21 @@ def staged_directory(target: Path, *, force: bool) -> Iterator[Path]:
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
+
+
+def _require_replaceable(target: Path) -> None:
+    """An empty directory, or a zspa bundle holding nothing its manifest does not list (and its
+    engines): a directory that merely contains a manifest.json is someone else's."""
+    if not target.is_dir():
+        raise InvalidInputError(f"{target} exists and is not a zspa bundle; refusing to replace it")
+    if not any(target.iterdir()):
+        return
+    try:
+        bundle = Bundle.open(target, verify=False)
+    except ZspaError:
+        raise InvalidInputError(f"{target} exists and is not a zspa bundle; refusing to replace it") from None
+    ours = {Path(name).parts[0] for name in bundle.listed_files()} | {MANIFEST_NAME, ENGINES_DIR}
+    strangers = sorted(entry.name for entry in target.iterdir() if entry.name not in ours)
+    if strangers:
+        raise InvalidInputError(f"{target} holds {', '.join(strangers[:5])}, which its manifest does not list; "
+                                "refusing to replace it")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 
 from zspa.errors import BundleError, InvalidInputError
 from zspa.integrity import sha256_file
@@ -29,24 +29,40 @@ class Bundle:
             bundle.verify()
         return bundle
 
-    def verify(self) -> None:
+    def listed_files(self) -> dict[str, str]:
+        """Every file the manifest lists (graphs, their weights, assets) → its sha256."""
         expected = dict(self.manifest.files)
         for graph in self.manifest.graphs.values():
             expected[graph.file] = graph.sha256
             expected.update(graph.data_files)
-        for name, digest in expected.items():
-            file = self.path / name
+        return expected
+
+    def verify(self) -> None:
+        for name, digest in self.listed_files().items():
+            file = self.member(name)
             if not file.is_file():
                 raise BundleError(f"{file}: missing from the bundle (listed in manifest.json)")
             if sha256_file(file) != digest:
                 raise BundleError(f"{file}: sha256 does not match manifest.json; the file was modified or corrupted")
 
+    def member(self, name: str) -> Path:
+        """`name` inside the bundle, refused when a (tampered) manifest points elsewhere: an absolute
+        path, `..`, or a symlink whose target lies outside the bundle."""
+        relative = PurePosixPath(name)
+        if (not name or relative.is_absolute() or PureWindowsPath(name).drive or "\\" in name
+                or ".." in relative.parts):
+            raise BundleError(f"manifest.json names {name!r}, which is not a path inside the bundle")
+        path = self.path / relative
+        if not path.resolve().is_relative_to(self.path.resolve()):
+            raise BundleError(f"manifest.json names {name!r}, which leads outside the bundle (a symlink)")
+        return path
+
     def file(self, name: str) -> Path:
-        return self.path / name
+        return self.member(name)
 
     def graph_file(self, graph: str) -> Path:
         try:
-            return self.path / self.manifest.graphs[graph].file
+            return self.member(self.manifest.graphs[graph].file)
         except KeyError:
             raise BundleError(f"{self.path}: manifest.json lists no {graph!r} graph") from None
 

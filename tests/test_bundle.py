@@ -74,39 +74,58 @@ def test_not_a_bundle(tmp_path):
         Bundle.open(tmp_path / "absent")
 
 
-def test_staging_keeps_target_intact_on_failure(tmp_path):
+def test_staging_keeps_target_intact_on_failure(bundle_copy):
     from zspa.export.staging import staged_directory
 
-    target = tmp_path / "bundle"
-    target.mkdir()
-    (target / "manifest.json").write_text("{}")
+    before = sorted(p.name for p in bundle_copy.iterdir())
     with pytest.raises(RuntimeError):
-        with staged_directory(target, force=True) as staging:
+        with staged_directory(bundle_copy, force=True) as staging:
             (staging / "half-written.onnx").write_text("x")
             raise RuntimeError("export failed midway")
-    assert sorted(p.name for p in target.iterdir()) == ["manifest.json"]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle"]  # no leftovers
+    assert sorted(p.name for p in bundle_copy.iterdir()) == before
+    assert sorted(p.name for p in bundle_copy.parent.iterdir()) == ["bundle"]  # no leftovers
 
 
-def test_staging_refuses_to_overwrite_without_force_or_non_bundles(tmp_path):
+def test_staging_replaces_only_bundles_with_force(bundle_copy, tmp_path):
     from zspa.export.staging import staged_directory
 
-    target = tmp_path / "bundle"
-    target.mkdir()
-    (target / "manifest.json").write_text("{}")
     with pytest.raises(InvalidInputError, match="--force"):
-        with staged_directory(target, force=False):
+        with staged_directory(bundle_copy, force=False):
             pass
     other = tmp_path / "photos"
     other.mkdir()
     (other / "holiday.jpg").write_text("x")
+    (other / "manifest.json").write_text("{}")  # some other tool's manifest
     with pytest.raises(InvalidInputError, match="not a zspa bundle"):
         with staged_directory(other, force=True):
             pass
     assert (other / "holiday.jpg").exists()
-    with staged_directory(target, force=True) as staging:
+    (bundle_copy / "notes.txt").write_text("mine")  # a bundle someone keeps their own files in
+    with pytest.raises(InvalidInputError, match="holds notes.txt, which its manifest does not list"):
+        with staged_directory(bundle_copy, force=True):
+            pass
+    (bundle_copy / "notes.txt").unlink()
+    (bundle_copy / "engines").mkdir()  # zspa-build's output belongs to the bundle
+    with staged_directory(bundle_copy, force=True) as staging:
         (staging / "manifest.json").write_text("new")
-    assert (target / "manifest.json").read_text() == "new"
+    assert sorted(p.name for p in bundle_copy.iterdir()) == ["manifest.json"]
+
+
+@pytest.mark.parametrize("name", ["../outside.onnx", "/etc/passwd", "sub/../../outside.onnx", "C:\\x.onnx",
+                                  "..\\outside.onnx", ""])
+def test_manifest_names_outside_the_bundle_are_refused(bundle_copy, name):
+    _edit_manifest(bundle_copy, lambda d: d["graphs"]["decoder"].update(file=name))
+    with pytest.raises(BundleError, match="not a path inside the bundle"):
+        Bundle.open(bundle_copy)
+
+
+def test_symlinks_out_of_the_bundle_are_refused(bundle_copy, tmp_path):
+    outside = tmp_path / "secret.txt"
+    outside.write_text("not the bundle's")
+    (bundle_copy / "tokenizer.json").unlink()
+    (bundle_copy / "tokenizer.json").symlink_to(outside)
+    with pytest.raises(BundleError, match="'tokenizer.json', which leads outside the bundle"):
+        Bundle.open(bundle_copy)
 
 
 def test_static_k_pruners_of_older_bundles_run_only_their_k(tiny_bundle):
