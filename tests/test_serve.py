@@ -328,3 +328,39 @@ def test_serve_refuses_a_bad_bundle_fast(tmp_path):
     result = subprocess.run([sys.executable, "-m", "zspa.cli.serve", str(tmp_path / "nope")], capture_output=True,
                             text=True, timeout=60)
     assert result.returncode == 3 and "not a directory" in result.stderr
+
+
+def test_foreign_host_names_and_non_json_posts_are_refused(server, photo_url):
+    """DNS rebinding and cross-site form posts: a page on evil.example resolving to 127.0.0.1 sends
+    Host: evil.example; a plain HTML form can only send form or text/plain bodies."""
+    url = f"{server.url}/v1/chat/completions"
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    body = json.dumps(chat_body(photo_url, max_tokens=2, temperature=0))
+    rebound = httpx.post(url, content=body, headers={**headers, "Host": "evil.example:8000",
+                                                     "Content-Type": "application/json"})
+    assert rebound.status_code == 400 and rebound.json()["error"]["code"] == "invalid_host"
+    assert httpx.get(f"{server.url}/ready", headers={"Host": "evil.example"}).status_code == 400
+    for host in ("localhost", f"127.0.0.1:{server.url.rsplit(':', 1)[1]}", "[::1]:8000"):
+        ok = httpx.post(url, content=body, headers={**headers, "Host": host, "Content-Type": "application/json"})
+        assert ok.status_code == 200, (host, ok.text)
+    for content_type in ("text/plain", "application/x-www-form-urlencoded", None):
+        sent = {**headers, **({"Content-Type": content_type} if content_type else {})}
+        refused = httpx.post(url, content=body, headers=sent)
+        assert refused.status_code == 415 and refused.json()["error"]["code"] == "unsupported_media_type"
+
+
+@pytest.mark.parametrize("bound, extra, expected", [
+    ("127.0.0.1", None, {"127.0.0.1", "::1", "localhost"}),
+    ("127.0.0.1", ["jetson.local"], {"127.0.0.1", "::1", "localhost", "jetson.local"}),
+    ("192.168.1.20", None, {"192.168.1.20"}),
+    ("0.0.0.0", None, None),
+    ("0.0.0.0", ["cam-hub.lan"], {"cam-hub.lan"}),
+    ("127.0.0.1", ["*"], None),
+])
+def test_allowed_hosts_follow_the_bound_address(bound, extra, expected):
+    from zspa.cli.serve import allowed_hosts
+    from zspa.runtime.server.app import host_name
+
+    assert allowed_hosts(bound, extra) == (None if expected is None else frozenset(expected))
+    assert [host_name(h) for h in ("LocalHost:8000", "[::1]:80", "::1", "10.0.0.1")] == [
+        "localhost", "::1", "::1", "10.0.0.1"]

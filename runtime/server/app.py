@@ -57,6 +57,31 @@ class StatusCounter:
             self.metrics.requests.labels(route, str(status)).inc()
 
 
+class HostCheck:
+    """ASGI middleware refusing requests whose Host header names no allowed host (DNS rebinding: a
+    web page whose name resolves to 127.0.0.1 would otherwise reach a loopback-only service)."""
+
+    def __init__(self, app, allowed: frozenset[str] | None):
+        self.app, self.allowed = app, allowed
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or self.allowed is None:
+            return await self.app(scope, receive, send)
+        host = dict(scope["headers"]).get(b"host", b"").decode("latin-1")
+        if host_name(host) in self.allowed:
+            return await self.app(scope, receive, send)
+        error = APIError(400, f"Host {host!r} is not served here (zspa-serve --allowed-hosts)", code="invalid_host")
+        await error.response()(scope, receive, send)
+
+
+def host_name(host: str) -> str:
+    """The name in a Host header without its port: 'localhost:8000' → 'localhost', '[::1]:80' → '::1'."""
+    host = host.strip().lower()
+    if host.startswith("["):
+        return host[1:].partition("]")[0]
+    return host.rpartition(":")[0] if host.count(":") == 1 else host
+
+
 def create_app(pipeline: Pipeline, settings: ServerSettings) -> FastAPI:
     metrics = ServerMetrics()
     scheduler = Scheduler(pipeline, settings.max_queue, metrics)
@@ -70,7 +95,8 @@ def create_app(pipeline: Pipeline, settings: ServerSettings) -> FastAPI:
     app = FastAPI(title="zspa-serve", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.draining = False
     app.state.scheduler = scheduler
-    app.add_middleware(StatusCounter, metrics=metrics)
+    app.add_middleware(HostCheck, allowed=settings.allowed_hosts)
+    app.add_middleware(StatusCounter, metrics=metrics)  # added last, so it also counts HostCheck's refusals
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, exc: APIError):
@@ -117,6 +143,7 @@ def create_app(pipeline: Pipeline, settings: ServerSettings) -> FastAPI:
     async def chat_completions(request: Request):
         arrived = time.monotonic()
         _authorize(request, settings)
+        _require_json(request)
         _require_serving(app, scheduler)
         body = parse_request(await _read_json(request, settings.max_body_bytes))
         if body.model != settings.model_name:
@@ -160,6 +187,15 @@ def _authorize(request: Request, settings: ServerSettings) -> None:
     if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), settings.api_key.encode()):
         raise APIError(401, "missing or wrong API key: send the header 'Authorization: Bearer <key>'",
                        code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+
+
+def _require_json(request: Request) -> None:
+    """JSON bodies only: a web page can POST text/plain or a form to any address without asking,
+    but not application/json."""
+    media_type = request.headers.get("content-type", "").partition(";")[0].strip().lower()
+    if media_type != "application/json":
+        raise APIError(415, f"Content-Type must be application/json, got {media_type or 'none'!r}",
+                       code="unsupported_media_type")
 
 
 def _require_serving(app: FastAPI, scheduler: Scheduler) -> None:

@@ -23,6 +23,10 @@ class ServerSettings:
     allow_remote_images: bool = False
     remote_image_timeout_s: float = 10.0
     warmup: bool = True
+    # Host header names requests may carry (any port); None: any. zspa-serve fills it from the bound
+    # address: loopback names when bound to loopback, so a web page cannot reach the service
+    # through DNS rebinding.
+    allowed_hosts: frozenset[str] | None = None
 
     def __post_init__(self) -> None:
         for name in ("max_queue", "max_body_bytes", "max_image_bytes", "max_image_pixels", "default_max_tokens"):

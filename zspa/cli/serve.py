@@ -17,6 +17,7 @@ from zspa.errors import ZspaError
 
 API_KEY_ENV = "ZSPA_API_KEY"
 _LOOPBACK = {"127.0.0.1", "::1", "localhost"}
+_WILDCARD = {"0.0.0.0", "::", ""}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -30,6 +31,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("bundle", help="bundle directory written by zspa-export")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind; 0.0.0.0 exposes it to the network")
     parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--allowed-hosts", type=_names, default=None, metavar="NAMES",
+                        help="Host header names accepted besides the bound address, comma-separated; '*' accepts "
+                             "any (default: loopback names when bound to loopback, the bound address otherwise, "
+                             "any for 0.0.0.0 / ::)")
     parser.add_argument("--served-model-name", default=None,
                         help="the `model` clients must send (default: the bundle directory's name)")
     parser.add_argument("--api-key", default=None,
@@ -82,7 +87,7 @@ def _serve(args: argparse.Namespace) -> None:
             max_image_bytes=args.max_image_bytes, max_image_pixels=args.max_image_pixels,
             max_prompt_tokens=args.max_prompt_tokens, default_max_tokens=args.default_max_tokens,
             allow_remote_images=args.allow_remote_images, remote_image_timeout_s=args.remote_image_timeout,
-            warmup=not args.no_warmup,
+            warmup=not args.no_warmup, allowed_hosts=allowed_hosts(args.host, args.allowed_hosts),
         )
     except ValueError as exc:
         raise ZspaError(str(exc)) from None
@@ -104,6 +109,20 @@ def _serve(args: argparse.Namespace) -> None:
             super().handle_exit(sig, frame)
 
     DrainingServer(config).run()
+
+
+def _names(text: str) -> list[str]:
+    return [name.strip().lower() for name in text.split(",") if name.strip()]
+
+
+def allowed_hosts(bound: str, extra: list[str] | None) -> frozenset[str] | None:
+    """The Host names the service answers: loopback names on loopback, the bound address when bound
+    to one, anything on a wildcard bind; plus `extra` ('*': anything)."""
+    extra = extra or []
+    if "*" in extra or (bound in _WILDCARD and not extra):
+        return None
+    own = _LOOPBACK if bound in _LOOPBACK else set() if bound in _WILDCARD else {bound.strip("[]").lower()}
+    return frozenset(own | set(extra))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -93,19 +93,21 @@ def caption(objects: tuple[Needle, ...]) -> str:
     return " , ".join(f"{o.colour} {o.shape} {o.region}" for o in ordered) + " ."
 
 
-def scene(split: str, index: int) -> tuple[tuple[Needle, ...], np.random.Generator]:
-    """8–24 objects with distinct (colour, shape) pairs on non-overlapping patches, drawn again
+def scene(split: str, index: int, count: tuple[int, int] = (MIN_OBJECTS, MAX_OBJECTS)
+          ) -> tuple[tuple[Needle, ...], np.random.Generator]:
+    """8–24 objects (`count`: fewer for a training curriculum) with distinct (colour, shape) pairs
+    on non-overlapping patches, drawn again
     (from the same generator, so still a function of the index) in the rare case where no object
     can be named by shape and region, or by colour and region."""
     rng = np.random.default_rng([SPLIT_SEEDS[split], index])
     while True:
-        objects = _place(rng)
+        objects = _place(rng, *count)
         if _unique(objects, _same_shape_and_region) and _unique(objects, _same_colour_and_region):
             return objects, rng
 
 
-def _place(rng: np.random.Generator) -> tuple[Needle, ...]:
-    count = int(rng.integers(MIN_OBJECTS, MAX_OBJECTS + 1))
+def _place(rng: np.random.Generator, fewest: int, most: int) -> tuple[Needle, ...]:
+    count = int(rng.integers(fewest, most + 1))
     pairs = [(c, s) for c in COLOURS for s in SHAPES]
     chosen = rng.choice(len(pairs), size=count, replace=False)
     taken = np.zeros((GRID, GRID), dtype=bool)
