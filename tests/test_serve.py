@@ -52,10 +52,10 @@ def long_bundle(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def busy_server(long_bundle, tmp_path_factory):
-    """One waiting slot, a 2-second timeout, remote images allowed."""
+    """One waiting slot, a 2-second timeout, remote images allowed (loopback ones too)."""
     log = tmp_path_factory.mktemp("serve-busy") / "server.log"
     with running_server(long_bundle, log, "--served-model-name", MODEL, "--max-queue", "1", "--request-timeout", "2",
-                        "--allow-remote-images") as running:
+                        "--allow-remote-images", "--allow-private-image-hosts") as running:
         yield running
 
 
@@ -304,6 +304,8 @@ def test_remote_images_when_allowed(busy_server, photo_path):
         assert fetched.status_code == 200, fetched.text
         missing = _post(busy_server, chat_body(f"{base}/missing.png", max_tokens=2), key=None)
         assert missing.status_code == 400 and missing.json()["error"]["code"] == "image_fetch_failed"
+        assert "404" not in missing.text and "127.0.0.1" not in missing.text  # details stay in the log
+        assert "HTTP 404" in busy_server.log.read_text()
     finally:
         http.shutdown()
 

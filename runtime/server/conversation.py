@@ -33,8 +33,7 @@ class PreparedRequest:
 
 def prepare(request: ChatCompletionRequest, pipeline: Pipeline, settings: ServerSettings) -> PreparedRequest:
     messages, (param, url) = _transformers_messages(request.messages)
-    data, formats = image_bytes(url, param, max_bytes=settings.max_image_bytes,
-                                allow_remote=settings.allow_remote_images, timeout_s=settings.remote_image_timeout_s)
+    data, formats = image_bytes(url, param, max_bytes=settings.max_image_bytes, remote=settings.fetch_policy)
     try:
         image = load_image(data, max_pixels=settings.max_image_pixels, formats=formats)
     except InvalidInputError as exc:

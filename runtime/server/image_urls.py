@@ -1,36 +1,38 @@
 """`image_url` → image bytes: `data:` URLs always, `http(s)` URLs only when the operator allows them.
 
 A device service must not become a proxy that fetches whatever a client names, so remote images
-are off by default; when on, the download is bounded in bytes and in time.
+are off by default; when on, `remote_images` fetches public hosts only, bounded in bytes and time.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import logging
 import re
-import urllib.error
-import urllib.request
 
 from zspa.runtime.images import IMAGE_FORMATS
 from zspa.runtime.server.errors import invalid
+from zspa.runtime.server.remote_images import FetchPolicy, FetchRefused, ImageTooLarge, fetch
+
+log = logging.getLogger("zspa.serve")
 
 # A data URL's declared type → the one format its bytes may decode as.
 IMAGE_TYPES = {"image/png": "PNG", "image/jpeg": "JPEG", "image/jpg": "JPEG", "image/webp": "WEBP"}
 _DATA_URL = re.compile(r"data:(?P<mime>[^;,]*)(?P<params>(?:;[^;,]*)*),(?P<data>.*)", re.DOTALL)
 
 
-def image_bytes(url: str, param: str, *, max_bytes: int, allow_remote: bool,
-                timeout_s: float) -> tuple[bytes, tuple[str, ...]]:
+def image_bytes(url: str, param: str, *, max_bytes: int,
+                remote: FetchPolicy | None) -> tuple[bytes, tuple[str, ...]]:
     """The image's bytes and the formats they may decode as: a data URL's declared one, or any
-    allowed one for a download (servers often mislabel)."""
+    allowed one for a download (servers often mislabel). `remote` None: downloads disabled."""
     if url.startswith("data:"):
         return _from_data_url(url, param, max_bytes)
     if url.startswith(("http://", "https://")):
-        if not allow_remote:
+        if remote is None:
             raise invalid("remote image URLs are disabled on this server; send the image as a data: URL "
                           "(or start zspa-serve with --allow-remote-images)", param, "remote_images_disabled")
-        return _download(url, param, max_bytes, timeout_s), IMAGE_FORMATS
+        return _download(url, param, remote), IMAGE_FORMATS
     raise invalid("image_url must be a data: URL (data:image/png;base64,...) or an http(s) URL", param)
 
 
@@ -50,20 +52,15 @@ def _from_data_url(url: str, param: str, max_bytes: int) -> tuple[bytes, tuple[s
         raise invalid(f"image data is not valid base64 ({exc})", param) from None
 
 
-def _download(url: str, param: str, max_bytes: int, timeout_s: float) -> bytes:
-    request = urllib.request.Request(url, headers={"User-Agent": "zspa-serve"})
+def _download(url: str, param: str, policy: FetchPolicy) -> bytes:
     try:
-        with urllib.request.urlopen(request, timeout=timeout_s) as response:  # noqa: S310 (scheme checked above)
-            declared = response.headers.get("Content-Length")
-            if declared and declared.isdigit() and int(declared) > max_bytes:
-                raise _too_large(param, max_bytes)
-            data = response.read(max_bytes + 1)
-    except (urllib.error.URLError, OSError, ValueError) as exc:
-        reason = getattr(exc, "reason", exc)
-        raise invalid(f"cannot fetch image from {url}: {reason}", param, "image_fetch_failed") from None
-    if len(data) > max_bytes:
-        raise _too_large(param, max_bytes)
-    return data
+        return fetch(url, policy)
+    except ImageTooLarge:
+        raise _too_large(param, policy.max_bytes) from None
+    except FetchRefused as exc:
+        log.warning("image fetch refused or failed: %s", exc)
+        raise invalid("cannot fetch the image from that URL (the server log says why)", param,
+                      "image_fetch_failed") from None
 
 
 def _too_large(param: str, max_bytes: int):

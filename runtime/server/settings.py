@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from zspa.runtime.images import DEFAULT_MAX_PIXELS
+from zspa.runtime.server.remote_images import FetchPolicy
 
 MiB = 1024 * 1024
 
@@ -21,12 +22,22 @@ class ServerSettings:
     max_prompt_tokens: int | None = None  # None: the model's context is the only limit
     default_max_tokens: int = 256  # when a request sets neither max_tokens nor max_completion_tokens
     allow_remote_images: bool = False
-    remote_image_timeout_s: float = 10.0
+    remote_image_timeout_s: float = 10.0  # the whole download, redirects included
+    allow_private_image_hosts: bool = False  # loopback, private, link-local … addresses too
+    allowed_image_domains: tuple[str, ...] = ()  # empty: any public host
     warmup: bool = True
     # Host header names requests may carry (any port); None: any. zspa-serve fills it from the bound
     # address: loopback names when bound to loopback, so a web page cannot reach the service
     # through DNS rebinding.
     allowed_hosts: frozenset[str] | None = None
+
+    @property
+    def fetch_policy(self) -> FetchPolicy | None:
+        """How remote images are fetched; None when they are disabled."""
+        if not self.allow_remote_images:
+            return None
+        return FetchPolicy(self.max_image_bytes, self.remote_image_timeout_s, self.allow_private_image_hosts,
+                           self.allowed_image_domains)
 
     def __post_init__(self) -> None:
         for name in ("max_queue", "max_body_bytes", "max_image_bytes", "max_image_pixels", "default_max_tokens"):

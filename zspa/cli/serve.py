@@ -53,8 +53,13 @@ def build_parser() -> argparse.ArgumentParser:
     limits.add_argument("--default-max-tokens", type=int, default=defaults.default_max_tokens,
                         help="completion length when a request sets neither max_tokens nor max_completion_tokens")
     limits.add_argument("--allow-remote-images", action="store_true",
-                        help="fetch http(s) image URLs (the server then reaches any address clients name)")
-    limits.add_argument("--remote-image-timeout", type=float, default=defaults.remote_image_timeout_s)
+                        help="fetch http(s) image URLs from public hosts (resolved once, every redirect checked)")
+    limits.add_argument("--allow-private-image-hosts", action="store_true",
+                        help="with --allow-remote-images: also loopback, private and link-local addresses")
+    limits.add_argument("--allowed-image-domains", type=_names, default=[], metavar="DOMAINS",
+                        help="with --allow-remote-images: only these domains and their subdomains, comma-separated")
+    limits.add_argument("--remote-image-timeout", type=float, default=defaults.remote_image_timeout_s,
+                        help="seconds for a whole image download, redirects included")
     limits.add_argument("--drain-timeout", type=float, default=30.0,
                         help="seconds SIGTERM waits for in-flight requests before cancelling them")
     runtime = parser.add_argument_group("runtime")
@@ -87,6 +92,8 @@ def _serve(args: argparse.Namespace) -> None:
             max_image_bytes=args.max_image_bytes, max_image_pixels=args.max_image_pixels,
             max_prompt_tokens=args.max_prompt_tokens, default_max_tokens=args.default_max_tokens,
             allow_remote_images=args.allow_remote_images, remote_image_timeout_s=args.remote_image_timeout,
+            allow_private_image_hosts=args.allow_private_image_hosts,
+            allowed_image_domains=tuple(args.allowed_image_domains),
             warmup=not args.no_warmup, allowed_hosts=allowed_hosts(args.host, args.allowed_hosts),
         )
     except ValueError as exc:

@@ -1,0 +1,145 @@
+"""Fetching an `http(s)` image URL without becoming a proxy into the device's network (SSRF).
+
+Each hop resolves the host once, refuses loopback, private, link-local, multicast, reserved and
+unspecified addresses (IPv4, IPv6, IPv4-mapped and odd spellings alike: the check is on the
+resolved address) unless the operator allows private hosts, and connects to exactly that address,
+with the original name kept for TLS and the Host header, so DNS rebinding cannot swap it between
+check and connect. Every redirect is checked again (at most 3), and one deadline covers the whole
+download, so a slow-drip server cannot hold a worker. What went wrong goes to the log; the client
+learns only that the image could not be fetched (no port scanner).
+"""
+
+from __future__ import annotations
+
+import http.client
+import ipaddress
+import logging
+import socket
+import ssl
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from urllib.parse import urljoin, urlsplit
+
+log = logging.getLogger("zspa.serve")
+MAX_REDIRECTS = 3
+_REDIRECTS = (301, 302, 303, 307, 308)
+_CHUNK = 64 * 1024
+
+Resolver = Callable[[str, int], str]
+
+
+class FetchRefused(Exception):
+    """The URL, an address or a response was refused; the message is for the log."""
+
+
+class ImageTooLarge(FetchRefused):
+    pass
+
+
+@dataclass(frozen=True)
+class FetchPolicy:
+    max_bytes: int
+    timeout_s: float  # the whole download, redirects included
+    allow_private: bool = False
+    allowed_domains: tuple[str, ...] = ()  # empty: any public host
+
+    def check_host(self, host: str) -> None:
+        if self.allowed_domains and not any(host == d or host.endswith("." + d) for d in self.allowed_domains):
+            raise FetchRefused(f"{host} is not in --allowed-image-domains")
+
+    def check_address(self, address: str) -> None:
+        if not self.allow_private and not is_public(address):
+            raise FetchRefused(f"{address} is not a public address (--allow-private-image-hosts)")
+
+
+def is_public(address: str) -> bool:
+    """Globally routable unicast: not loopback, private, link-local, shared, reserved, unspecified
+    or multicast; IPv4 inside IPv6 (mapped, 6to4, Teredo) judged by its IPv4 address."""
+    ip = ipaddress.ip_address(address.split("%")[0])
+    if isinstance(ip, ipaddress.IPv6Address):
+        embedded = ip.ipv4_mapped or ip.sixtofour or (ip.teredo[1] if ip.teredo else None)
+        if embedded is not None:
+            return is_public(str(embedded))
+    return ip.is_global and not ip.is_multicast
+
+
+def resolve(host: str, port: int) -> str:
+    """The first address the system resolver gives for host:port (one lookup per hop)."""
+    try:
+        return socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][4][0]
+    except (socket.gaierror, UnicodeError) as exc:
+        raise FetchRefused(f"cannot resolve {host}: {exc}") from None
+
+
+def fetch(url: str, policy: FetchPolicy, resolver: Resolver = resolve) -> bytes:
+    """The body of `url` after at most MAX_REDIRECTS checked redirects, within policy.timeout_s."""
+    deadline = time.monotonic() + policy.timeout_s
+    for _ in range(MAX_REDIRECTS + 1):
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise FetchRefused(f"{url!r}: only http and https URLs with a host are fetched")
+        host = parts.hostname.lower()
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        policy.check_host(host)
+        address = resolver(host, port)
+        policy.check_address(address)
+        connection = _PinnedConnection(address, host, port, _remaining(deadline),
+                                       ssl.create_default_context() if parts.scheme == "https" else None)
+        try:
+            connection.request("GET", (parts.path or "/") + (f"?{parts.query}" if parts.query else ""),
+                               headers={"User-Agent": "zspa-serve", "Accept": "image/*"})
+            response = connection.getresponse()
+            if response.status in _REDIRECTS:
+                location = response.getheader("Location")
+                if not location:
+                    raise FetchRefused(f"{url}: redirect without a Location")
+                url = urljoin(url, location)
+                continue
+            if response.status != 200:
+                raise FetchRefused(f"{url}: HTTP {response.status}")
+            return _read_body(response, connection, policy.max_bytes, deadline)
+        except (OSError, http.client.HTTPException) as exc:
+            raise FetchRefused(f"{url}: {exc}") from None
+        finally:
+            connection.close()
+    raise FetchRefused(f"more than {MAX_REDIRECTS} redirects")
+
+
+def _read_body(response, connection, max_bytes: int, deadline: float) -> bytes:
+    declared = response.getheader("Content-Length")
+    if declared and declared.isdigit() and int(declared) > max_bytes:
+        raise ImageTooLarge(f"Content-Length {declared} over {max_bytes}")
+    body = bytearray()
+    while chunk := _read_chunk(response, connection, deadline):
+        body += chunk
+        if len(body) > max_bytes:
+            raise ImageTooLarge(f"body over {max_bytes} bytes")
+    return bytes(body)
+
+
+def _read_chunk(response, connection, deadline: float) -> bytes:
+    connection.socket.settimeout(_remaining(deadline))  # a drip of bytes cannot outlast the deadline
+    return response.read1(_CHUNK)
+
+
+def _remaining(deadline: float) -> float:
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise FetchRefused("deadline passed")
+    return left
+
+
+class _PinnedConnection(http.client.HTTPConnection):
+    """Connects to `address` (already checked) while speaking to `host`: its name goes in the Host
+    header and, for https, in SNI and the certificate check."""
+
+    def __init__(self, address: str, host: str, port: int, timeout: float, tls: ssl.SSLContext | None):
+        super().__init__(host, port, timeout=timeout)
+        self._address, self._tls = address, tls
+
+    def connect(self) -> None:
+        self.sock = socket.create_connection((self._address, self.port), self.timeout)
+        if self._tls is not None:
+            self.sock = self._tls.wrap_socket(self.sock, server_hostname=self.host)
+        self.socket = self.sock  # http.client drops `sock` once a response owns it; reads still need timeouts
