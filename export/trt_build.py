@@ -31,11 +31,12 @@ class BuildOptions:
     workspace_gb: float = 4.0
     force: bool = False
     progress: bool = True
+    verify_key: Path | None = None  # refuse a bundle this public key did not sign
 
 
 def build_engines(options: BuildOptions) -> Path:
+    bundle = Bundle.open(options.bundle, verify_key=options.verify_key)
     trt = import_tensorrt()
-    bundle = Bundle.open(options.bundle)
     gpu, capability = cuda_device()
     engines.check_precision(options.precision, capability)
     ranges = engines.ShapeRanges.for_manifest(bundle.manifest, options.max_context)

@@ -18,11 +18,16 @@ class Bundle:
     manifest: Manifest
 
     @classmethod
-    def open(cls, path: str | Path, *, verify: bool = True) -> Bundle:
-        """Reads the manifest and, unless `verify` is False, refuses any missing or altered file."""
+    def open(cls, path: str | Path, *, verify: bool = True, verify_key: str | Path | None = None) -> Bundle:
+        """Reads the manifest and, unless `verify` is False, refuses any missing or altered file;
+        with `verify_key` (a PEM public key), also any bundle that key did not sign as it is."""
         root = Path(path).expanduser()
         if not root.is_dir():
             raise BundleError(f"{root}: not a directory (expected a zspa bundle)")
+        if verify_key is not None:
+            from zspa.signing import verify_bundle
+
+            verify_bundle(root, verify_key)  # before the manifest is read: it is one of the signed files
         manifest = Manifest.read(root / MANIFEST_NAME)
         bundle = cls(root, manifest)
         if verify:

@@ -102,10 +102,11 @@ class Pipeline:
     @classmethod
     def load(cls, path: str | Path, *, backend: str = "ort-cpu", threads: int | None = None,
              positions: str | None = None, max_image_pixels: int = DEFAULT_MAX_PIXELS,
-             max_context: int | None = None) -> Pipeline:
-        """Opens a bundle (schema and sha256 checked) and creates a session per graph on `backend`
-        (one of `BACKENDS`: onnxruntime on CPU, CUDA or TensorRT, or zspa-build's TensorRT engines)."""
-        bundle = Bundle.open(path)
+             max_context: int | None = None, verify_key: str | Path | None = None) -> Pipeline:
+        """Opens a bundle (schema and sha256 checked; its signature too with `verify_key`) and
+        creates a session per graph on `backend` (one of `BACKENDS`: onnxruntime on CPU, CUDA or
+        TensorRT, or zspa-build's TensorRT engines)."""
+        bundle = Bundle.open(path, verify_key=verify_key)
         return cls(bundle, make_backend(backend, bundle, threads), positions=positions,
                    max_image_pixels=max_image_pixels, max_context=max_context)
 

@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from zspa.cli.common import add_debug_flag, run_command
+from zspa.cli.common import add_debug_flag, add_verify_flag, run_command
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -23,6 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="largest prompt plus answer the engines accept (default: the model's context)")
     parser.add_argument("--workspace", type=float, default=4.0, help="TensorRT workspace, GiB")
     parser.add_argument("--force", action="store_true", help="rebuild engines that exist")
+    add_verify_flag(parser)
     add_debug_flag(parser)
     return parser
 
@@ -30,7 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _build(args: argparse.Namespace) -> None:
     from zspa.export.trt_build import BuildOptions, build_engines
 
-    target = build_engines(BuildOptions(args.bundle, args.precision, args.max_context, args.workspace, args.force))
+    target = build_engines(BuildOptions(args.bundle, args.precision, args.max_context, args.workspace, args.force,
+                                        verify_key=args.verify_key))
     print(f"engines written to {target}")
 
 

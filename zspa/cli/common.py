@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 from zspa.errors import ZspaError
 
@@ -46,11 +47,18 @@ def add_backend_flags(parser) -> None:
     parser.add_argument("--max-context", type=int, default=None,
                         help="positions a request may use (prompt, image tokens, answer); also sizes the KV cache "
                              "that shared-KV and TensorRT decoders preallocate (default: the model's context)")
+    add_verify_flag(parser)
+
+
+def add_verify_flag(parser) -> None:
+    parser.add_argument("--verify-key", type=Path, default=None, metavar="PUB",
+                        help="refuse the bundle unless this public key (PEM) signed it as it is (zspa-sign)")
 
 
 def backend_options(args: argparse.Namespace) -> dict:
     """`Pipeline.load` keywords from the flags `add_backend_flags` defined."""
-    return {"backend": args.backend, "threads": args.threads, "max_context": args.max_context}
+    return {"backend": args.backend, "threads": args.threads, "max_context": args.max_context,
+            "verify_key": args.verify_key}
 
 
 def add_debug_flag(parser: argparse.ArgumentParser) -> None:
