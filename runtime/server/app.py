@@ -24,12 +24,13 @@ from zspa.runtime.pipeline import Pipeline
 from zspa.runtime.server.conversation import prepare
 from zspa.runtime.server.errors import INTERNAL, APIError, invalid, timed_out
 from zspa.runtime.server.metrics import ServerMetrics
+from zspa.runtime.server.openapi import openapi_schema
 from zspa.runtime.server.protocol import chunk_body, completion_body, completion_id, parse_request, usage_body
 from zspa.runtime.server.scheduler import Job, QueueFull, Scheduler
 from zspa.runtime.server.settings import ServerSettings
 
 log = logging.getLogger("zspa.serve")
-ROUTES = ("/v1/chat/completions", "/v1/models", "/health", "/ready", "/metrics")
+ROUTES = ("/v1/chat/completions", "/v1/models", "/health", "/ready", "/metrics", "/openapi.json")
 _DISCONNECT_POLL_S = 0.25
 
 
@@ -128,6 +129,12 @@ def create_app(pipeline: Pipeline, settings: ServerSettings) -> FastAPI:
     async def metrics_endpoint():
         metrics.queue_depth.set(scheduler.depth)
         return Response(metrics.render(), media_type=metrics.content_type)
+
+    schema = openapi_schema()
+
+    @app.get("/openapi.json")
+    async def openapi():
+        return schema
 
     @app.get("/v1/models")
     async def models(request: Request):
