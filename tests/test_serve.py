@@ -5,13 +5,14 @@ from __future__ import annotations
 import io
 import json
 import signal
+import socket
 import subprocess
 import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
-from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler, SimpleHTTPRequestHandler, ThreadingHTTPServer
 
 import httpx
 import numpy as np
@@ -366,3 +367,50 @@ def test_allowed_hosts_follow_the_bound_address(bound, extra, expected):
     assert allowed_hosts(bound, extra) == (None if expected is None else frozenset(expected))
     assert [host_name(h) for h in ("LocalHost:8000", "[::1]:80", "::1", "10.0.0.1")] == [
         "localhost", "::1", "::1", "10.0.0.1"]
+
+
+def test_a_dripped_body_or_a_slow_image_cannot_hold_a_request_past_its_deadline(busy_server, photo_url):
+    """busy_server's --request-timeout is 2 s: a client sending its body a byte at a time, and an
+    image host sending its image a byte at a time, both end in a 504 at about that deadline."""
+    host, port = busy_server.url.removeprefix("http://").split(":")
+    started = time.monotonic()
+    with socket.create_connection((host, int(port)), timeout=10) as raw:
+        raw.sendall(f"POST /v1/chat/completions HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json"
+                    f"\r\nContent-Length: 1000\r\n\r\n{{".encode())
+        reply = b""
+        while b"\r\n\r\n" not in reply and time.monotonic() - started < 8:
+            try:
+                raw.sendall(b" ")
+            except OSError:
+                break
+            raw.settimeout(0.2)
+            try:
+                reply += raw.recv(4096)
+            except TimeoutError:
+                pass
+    assert reply.startswith(b"HTTP/1.1 504"), reply[:200]
+    assert time.monotonic() - started < 5
+
+    class Dripping(BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def do_GET(self):  # noqa: N802
+            self.send_response(200)
+            self.send_header("Content-Length", "100000")
+            self.end_headers()
+            for _ in range(100):
+                self.wfile.write(b"x")
+                self.wfile.flush()
+                time.sleep(0.1)
+
+    http = ThreadingHTTPServer(("127.0.0.1", 0), Dripping)
+    threading.Thread(target=http.serve_forever, daemon=True).start()
+    try:
+        started = time.monotonic()
+        slow = _post(busy_server, chat_body(f"http://127.0.0.1:{http.server_address[1]}/i.png", max_tokens=2),
+                     key=None)
+        assert slow.status_code == 504 and slow.json()["error"]["code"] == "timeout"
+        assert time.monotonic() - started < 5
+    finally:
+        http.shutdown()

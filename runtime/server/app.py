@@ -152,11 +152,13 @@ def create_app(pipeline: Pipeline, settings: ServerSettings) -> FastAPI:
         _authorize(request, settings)
         _require_json(request)
         _require_serving(app, scheduler)
-        body = parse_request(await _read_json(request, settings.max_body_bytes))
+        deadline = arrived + settings.request_timeout_s
+        body = parse_request(await _within(deadline, settings, _read_json(request, settings.max_body_bytes)))
         if body.model != settings.model_name:
             raise APIError(404, f"model {body.model!r} is not served here; this server serves "
                            f"{settings.model_name!r} (GET /v1/models)", param="model", code="model_not_found")
-        prepared = await run_in_threadpool(prepare, body, pipeline, settings)
+        # Image download and decoding run in a thread: the client gets its 504 at the deadline.
+        prepared = await _within(deadline, settings, run_in_threadpool(prepare, body, pipeline, settings))
         job = Job(prepared.image, prepared.prompt, prepared.options, prepared.keep, prepared.method, body.stream,
                   asyncio.get_running_loop(), arrived=arrived)
         try:
@@ -165,7 +167,6 @@ def create_app(pipeline: Pipeline, settings: ServerSettings) -> FastAPI:
             raise APIError(429, f"the server is busy ({settings.max_queue} requests queued); retry after "
                            f"{full.retry_after_s} s", type="rate_limit_error", code="queue_full",
                            headers={"Retry-After": str(full.retry_after_s)}) from None
-        deadline = arrived + settings.request_timeout_s
         request_id, created = completion_id(), int(time.time())
         try:
             kind, value = await _next_event(job, deadline, settings, request)  # started, or refused
@@ -213,6 +214,15 @@ def _require_serving(app: FastAPI, scheduler: Scheduler) -> None:
     if not scheduler.ready.is_set():
         raise APIError(503, "the model is still warming up; poll GET /ready", type="server_error", code="not_ready",
                        headers={"Retry-After": "1"})
+
+
+async def _within(deadline: float, settings: ServerSettings, work):
+    """`work` (a coroutine), or a 504 once the request's deadline passes: a client dripping its
+    body, or an image that is slow to fetch or decode, cannot hold the request past its limit."""
+    try:
+        return await asyncio.wait_for(work, max(0.0, deadline - time.monotonic()))
+    except asyncio.TimeoutError:
+        raise timed_out(settings.request_timeout_s) from None
 
 
 async def _read_json(request: Request, limit: int):
