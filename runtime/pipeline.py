@@ -22,6 +22,7 @@ from zspa.runtime.positions import SCHEMES, position_extent, prefill_positions
 from zspa.runtime.prompting import Prompt, PromptBuilder
 from zspa.runtime.sampling import SamplingParams, next_token
 from zspa.runtime.stops import first_stop, held_back
+from zspa.runtime.vision_cache import VisionCache
 
 STAGES = ("preprocess", "vision", "embed", "prune", "prefill", "decode")
 
@@ -34,6 +35,7 @@ class GenerationStats:
     tokens_generated: int = 0
     timings_ms: dict[str, float] = field(default_factory=lambda: dict.fromkeys(STAGES, 0.0))
     time_to_first_token_ms: float = 0.0
+    vision_cache_hit: bool | None = None  # None: no vision cache
 
     @property
     def decode_tokens_per_s(self) -> float:
@@ -77,10 +79,12 @@ class _Timer:
 
 class Pipeline:
     def __init__(self, bundle: Bundle, backend: Backend, *, positions: str | None = None,
-                 max_image_pixels: int = DEFAULT_MAX_PIXELS, max_context: int | None = None):
+                 max_image_pixels: int = DEFAULT_MAX_PIXELS, max_context: int | None = None,
+                 vision_cache_bytes: int = 0):
         """`max_context` caps the positions a request may use (prompt, image tokens, answer) below
         the model's context; it also sizes the KV buffers that shared-KV and TensorRT decoders
-        allocate up front, so it is the memory knob on small devices."""
+        allocate up front, so it is the memory knob on small devices. `vision_cache_bytes` > 0
+        keeps that many bytes of vision outputs for images seen again."""
         manifest = bundle.manifest
         self.bundle = bundle
         limit = manifest.text.max_context
@@ -92,6 +96,7 @@ class Pipeline:
         if self.positions not in SCHEMES:
             raise InvalidInputError(f"positions must be one of {SCHEMES}, got {self.positions!r}")
         self.max_image_pixels = max_image_pixels
+        self.vision_cache = VisionCache(vision_cache_bytes) if vision_cache_bytes > 0 else None
         self.providers = backend.providers
         self.vision = backend.graph(bundle.graph_file("vision"))
         self.embed = backend.graph(bundle.graph_file("embed"))
@@ -102,13 +107,14 @@ class Pipeline:
     @classmethod
     def load(cls, path: str | Path, *, backend: str = "ort-cpu", threads: int | None = None,
              positions: str | None = None, max_image_pixels: int = DEFAULT_MAX_PIXELS,
-             max_context: int | None = None, verify_key: str | Path | None = None) -> Pipeline:
+             max_context: int | None = None, verify_key: str | Path | None = None,
+             vision_cache_bytes: int = 0) -> Pipeline:
         """Opens a bundle (schema and sha256 checked; its signature too with `verify_key`) and
         creates a session per graph on `backend` (one of `BACKENDS`: onnxruntime on CPU, CUDA or
         TensorRT, or zspa-build's TensorRT engines)."""
         bundle = Bundle.open(path, verify_key=verify_key)
         return cls(bundle, make_backend(backend, bundle, threads), positions=positions,
-                   max_image_pixels=max_image_pixels, max_context=max_context)
+                   max_image_pixels=max_image_pixels, max_context=max_context, vision_cache_bytes=vision_cache_bytes)
 
     def generate(
         self,
@@ -170,9 +176,17 @@ class Pipeline:
         num_tokens = vision_input.num_tokens
         stats = GenerationStats(num_tokens, kept_count, 0)
         timings = stats.timings_ms
+        features, cache_key = None, None
+        if self.vision_cache is not None:  # the digest counts as preprocessing; a hit skips the vision stage
+            cache_key = self.vision_cache.key(vision_input.feeds)
+            features = self.vision_cache.get(cache_key)
+            stats.vision_cache_hit = features is not None
         timings["preprocess"] = (time.perf_counter() - started) * 1000.0
-        with _Timer(timings, "vision"):
-            features = self.vision.run(vision_input.feeds)[0]
+        if features is None:
+            with _Timer(timings, "vision"):
+                features = self.vision.run(vision_input.feeds)[0]
+            if cache_key is not None:
+                self.vision_cache.put(cache_key, features)
         with _Timer(timings, "embed"):
             prompt_embeds = self.embed.run({"input_ids": built.input_ids[None]})[0]
         with _Timer(timings, "prune"):

@@ -208,6 +208,14 @@ def test_missing_or_wrong_key_is_401(server, photo_url, key):
         openai.OpenAI(base_url=f"{server.url}/v1", api_key=key or "none", max_retries=0).models.list()
 
 
+def test_vision_cache_hits_show_in_metrics(server, client, photo_url):
+    hits = server.metric('zspa_vision_cache_lookups_total{result="hit"}')
+    for question in ("What is it?", "What colour is it?"):  # the same image twice: the second is a hit
+        client.chat.completions.create(model=MODEL, messages=_messages(photo_url, question), temperature=0,
+                                       max_tokens=1)
+    assert server.metric('zspa_vision_cache_lookups_total{result="hit"}') >= hits + 1
+
+
 def test_probes_and_metrics_need_no_key(server, client, photo_url):
     client.chat.completions.create(model=MODEL, messages=_messages(photo_url, "hi"), max_tokens=3)
     assert httpx.get(f"{server.url}/health").json() == {"status": "ok"}

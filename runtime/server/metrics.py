@@ -42,6 +42,8 @@ class ServerMetrics:
         self.completion_tokens = Counter("zspa_completion_tokens", "Tokens generated", registry=r)
         self.visual_tokens = Counter("zspa_visual_tokens", "Visual tokens, as produced and as kept", ["kind"],
                                      registry=r)
+        self.vision_cache = Counter("zspa_vision_cache_lookups", "Vision-cache lookups, by result (hit, miss)",
+                                    ["result"], registry=r)
 
     def observe_generation(self, stats: GenerationStats, keep: float, method: str) -> None:
         for stage in STAGES:
@@ -54,6 +56,8 @@ class ServerMetrics:
         self.completion_tokens.inc(stats.tokens_generated)
         self.visual_tokens.labels("total").inc(stats.visual_tokens_total)
         self.visual_tokens.labels("kept").inc(stats.visual_tokens_kept)
+        if stats.vision_cache_hit is not None:
+            self.vision_cache.labels("hit" if stats.vision_cache_hit else "miss").inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

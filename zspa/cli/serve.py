@@ -60,6 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="with --allow-remote-images: only these domains and their subdomains, comma-separated")
     limits.add_argument("--remote-image-timeout", type=float, default=defaults.remote_image_timeout_s,
                         help="seconds for a whole image download, redirects included")
+    limits.add_argument("--vision-cache-mb", type=float, default=64.0,
+                        help="memory for vision outputs of images seen again (several questions about one frame); "
+                             "0 turns the cache off")
     limits.add_argument("--drain-timeout", type=float, default=30.0,
                         help="seconds SIGTERM waits for in-flight requests before cancelling them")
     runtime = parser.add_argument_group("runtime")
@@ -98,8 +101,11 @@ def _serve(args: argparse.Namespace) -> None:
         )
     except ValueError as exc:
         raise ZspaError(str(exc)) from None
+    if args.vision_cache_mb < 0:
+        raise ZspaError(f"--vision-cache-mb must be ≥ 0, got {args.vision_cache_mb:g}")
     pipeline = Pipeline.load(args.bundle, **backend_options(args), positions=args.positions,
-                             max_image_pixels=args.max_image_pixels)
+                             max_image_pixels=args.max_image_pixels,
+                             vision_cache_bytes=int(args.vision_cache_mb * 1024 * 1024))
     if args.host not in _LOOPBACK and settings.api_key is None:
         logging.getLogger("zspa.serve").warning(
             "listening on %s without an API key: anyone who can reach this port can use the model "

@@ -1,0 +1,53 @@
+"""The vision-feature cache: LRU by bytes, keyed by the preprocessed pixels, invisible in answers."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from zspa.runtime.pipeline import Pipeline
+from zspa.runtime.vision_cache import VisionCache
+
+
+def _feeds(value: float, shape=(1, 3, 4, 4), dtype=np.float32):
+    return {"pixel_values": np.full(shape, value, dtype=dtype)}
+
+
+def test_keys_follow_content_dtype_and_shape():
+    assert VisionCache.key(_feeds(1.0)) == VisionCache.key(_feeds(1.0))
+    others = [_feeds(2.0), _feeds(1.0, dtype=np.float16), _feeds(1.0, shape=(1, 3, 2, 8)),
+              {"pixel_values2": _feeds(1.0)["pixel_values"]}]
+    assert len({VisionCache.key(f) for f in [_feeds(1.0), *others]}) == 5
+
+
+def test_least_recently_used_entries_leave_first_and_size_stays_bounded():
+    cache = VisionCache(max_bytes=3 * 400)
+    arrays = {name: np.zeros(100, np.float32) for name in "abcd"}  # 400 bytes each
+    for name in "abc":
+        cache.put(name, arrays[name])
+    assert cache.get("a") is arrays["a"]  # a is now the most recent
+    cache.put("d", arrays["d"])
+    assert cache.get("b") is None and len(cache) == 3 and cache.size_bytes == 1200
+    assert cache.get("c") is not None and cache.get("d") is not None
+    assert (cache.hits, cache.misses) == (3, 1)
+    cache.put("huge", np.zeros(1000, np.float32))  # larger than the whole cache: not kept
+    assert cache.get("huge") is None and len(cache) == 3
+    with pytest.raises(ValueError):
+        arrays["a"][0] = 1.0  # cached outputs are shared: read-only
+    with pytest.raises(ValueError):
+        VisionCache(0)
+
+
+def test_a_second_question_about_the_same_image_skips_the_vision_graph(tiny_bundle, pipeline, photo_path):
+    cached = Pipeline.load(tiny_bundle, vision_cache_bytes=64 * 1024 * 1024)
+    first = cached.generate(photo_path, "What is this?", max_new_tokens=4)
+    again = cached.generate(photo_path, "Where is it?", max_new_tokens=4)
+    assert first.stats.vision_cache_hit is False and first.stats.timings_ms["vision"] > 0
+    assert again.stats.vision_cache_hit is True and again.stats.timings_ms["vision"] == 0.0
+    plain = pipeline.generate(photo_path, "Where is it?", max_new_tokens=4)
+    assert again.token_ids == plain.token_ids and np.array_equal(again.kept_indices, plain.kept_indices)
+    assert plain.stats.vision_cache_hit is None  # the shared pipeline has no cache
+    other = Image.open(photo_path).convert("RGB").transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    assert cached.generate(other, "Where is it?", max_new_tokens=1).stats.vision_cache_hit is False
+    assert (cached.vision_cache.hits, cached.vision_cache.misses) == (1, 2)
