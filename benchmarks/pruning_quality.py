@@ -26,6 +26,7 @@ DATASETS = {"needles": (needles, "needles-llava"), "shapes": (shapes, "shapes-ll
 KEEPS = [0.5, 0.25, 0.1, 0.05]
 ALPHAS = [0.0, 0.25, 0.5, 0.75, 1.0]
 HEADLINE_KEEP = 0.1
+ZSPA_SWEEP = [("zspa", k) for k in KEEPS]
 RIVALS = ("divprune", "cdpruner", "random")
 
 
@@ -75,6 +76,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset", choices=sorted(DATASETS), default="needles")
     parser.add_argument("--examples", type=int, default=1000, help="test-split questions (default: 1000)")
+    parser.add_argument("--ablation-examples", type=int, default=None,
+                        help="questions for the α, pooling and position ablations (default: --examples)")
     parser.add_argument("--out", type=Path, default=None, help="default: benchmarks/results/pruning-quality/DATASET")
     parser.add_argument("--work", type=Path, default=None, help="keep bundles and records here (resumable)")
     args = parser.parse_args()
@@ -83,6 +86,7 @@ def main() -> None:
     work = args.work or Path(tempfile.mkdtemp(prefix="zspa-quality-"))
     out.mkdir(parents=True, exist_ok=True)
     items, _ = read_dataset(dataset.write_jsonl(work / "data", "test", args.examples))
+    ablation_items = items[: args.ablation_examples or len(items)]
     default_alpha = METHOD_DEFAULTS["zspa"]["relevance_ratio"]  # every run but the α sweep uses it
     sections = []
 
@@ -98,23 +102,23 @@ def main() -> None:
     alpha_rows = []
     for alpha in ALPHAS:
         bundle = export(model, work, f"zspa-alpha-{alpha:g}", relevance_ratio=alpha)
-        rows = evaluate(bundle, items, work / f"eval-alpha-{alpha:g}", [("zspa", k) for k in KEEPS]).summary()
+        rows = evaluate(bundle, ablation_items, work / f"eval-alpha-{alpha:g}", ZSPA_SWEEP).summary()
         alpha_rows += relabelled(rows, f"zspa α={alpha:g}")
     sections.append(("ZSPAPrune relevance ratio α (mean pooling)", markdown_table(alpha_rows)))
 
     max_bundle = export(model, work, "zspa-max-pooling", pooling="max")
-    rows = evaluate(max_bundle, items, work / "eval-max-pooling", [("zspa", k) for k in KEEPS]).summary()
-    pooling_rows = relabelled(rows, "zspa max pooling") + relabelled(
-        [r for r in table if r["method"] == "zspa"], "zspa mean pooling")
+    rows = evaluate(max_bundle, ablation_items, work / "eval-max-pooling", ZSPA_SWEEP).summary()
+    mean_rows = evaluate(main_bundle, ablation_items, work / "eval-mean-pooling", ZSPA_SWEEP).summary()
+    pooling_rows = relabelled(rows, "zspa max pooling") + relabelled(mean_rows, "zspa mean pooling")
     sections.append((f"ZSPAPrune question pooling (α = {default_alpha:g})", markdown_table(pooling_rows)))
 
-    contiguous = evaluate(main_bundle, items, work / "eval-contiguous", [("zspa", k) for k in KEEPS],
+    contiguous = evaluate(main_bundle, ablation_items, work / "eval-contiguous", ZSPA_SWEEP,
                           "contiguous").summary()
-    position_rows = relabelled(contiguous, "zspa contiguous") + relabelled(
-        [r for r in table if r["method"] == "zspa"], "zspa original")
+    position_rows = relabelled(contiguous, "zspa contiguous") + relabelled(mean_rows, "zspa original")
     sections.append((f"Position ids of kept tokens (ZSPAPrune, α = {default_alpha:g})", markdown_table(position_rows)))
 
-    report = [f"# Pruning quality on {args.dataset} ({len(items)} test questions, {model})\n\n", headline_text(result)]
+    report = [f"# Pruning quality on {args.dataset} ({len(items)} test questions, {len(ablation_items)} for the "
+              f"ablations; {model})\n\n", headline_text(result)]
     report += [f"\n## {title}\n\n{body}" for title, body in sections]
     (out / "report.md").write_text("".join(report))
     (out / "results.json").write_text(json.dumps({

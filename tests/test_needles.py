@@ -153,3 +153,21 @@ def test_needles_llava_answers_through_the_runtime_as_in_transformers(tmp_path):
             expected = int(model(**inputs).logits[0, -1].argmax())
         ours = pipeline.generate(image_for("test", index), ex.question, keep=1.0, max_new_tokens=1)
         assert ours.token_ids[0] == expected, ex.question
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (NEEDLES_MODEL_DIR / "config.json").is_file(), reason="needles-llava weights not trained")
+def test_cdpruner_keeps_distinct_tokens_on_a_mostly_flat_image(tmp_path):
+    """Test image 290 is mostly background: after a few picks CDPruner's DPP kernel has no new
+    direction left. The graph used to divide by the vanishing residual variance, reach NaN and
+    gather an out-of-range token (found by pruning_quality.py); a spent direction now updates nothing."""
+    from zspa.export.exporter import ExportOptions, export_bundle
+    from zspa.runtime.pipeline import Pipeline
+
+    export_bundle(ExportOptions("needles-llava", tmp_path / "b", keeps=[0.5], methods=["cdpruner"], progress=False))
+    pipeline = Pipeline.load(tmp_path / "b")
+    ex = example("test", 290)
+    for keep, k in ((0.5, 128), (0.25, 64)):
+        kept = pipeline.generate(image_for("test", 290), ex.question, keep=keep, method="cdpruner",
+                                 max_new_tokens=1).kept_indices
+        assert len(kept) == len(set(kept.tolist())) == k and kept.max() < 256

@@ -19,4 +19,10 @@ METHOD_DEFAULTS: dict[str, dict] = {
 }
 METHODS = tuple(METHOD_DEFAULTS)
 
-__all__ = ["METHODS", "METHOD_DEFAULTS", "core_size", "token_budget"]
+# CDPruner's greedy DPP: a token whose residual variance is below this adds no new direction (the
+# kernel's rank is spent, as on images with large uniform areas). It is still picked, but the
+# Cholesky update is skipped: dividing by its near-zero variance sent the residuals to ±inf and
+# NaN, and the graph then picked an out-of-range token.
+DPP_EPSILON = 1e-6
+
+__all__ = ["DPP_EPSILON", "METHODS", "METHOD_DEFAULTS", "core_size", "token_budget"]

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from zspa.pruning import DPP_EPSILON
 from zspa.pruning.random_order import random_indices
 from zspa.pruning.zspa_prune import farthest_point_fill, greedy_top, question_relevance
 
@@ -136,8 +137,8 @@ def greedy_dpp_map(kernel: torch.Tensor, k: int) -> torch.Tensor:
             stacked = torch.stack(factors, dim=1)  # [B,t,N]
             at_pick = torch.gather(stacked, 2, pick.unsqueeze(1).expand(-1, len(factors), 1))  # [B,t,1]
             row = row - (at_pick * stacked).sum(1)
-        scale = torch.gather(residual, 1, pick).clamp_min(1e-10).sqrt()
-        factor = row / scale
+        variance = torch.gather(residual, 1, pick)
+        factor = torch.where(variance > DPP_EPSILON, row / variance.clamp_min(DPP_EPSILON).sqrt(), 0.0)
         factors.append(factor)
         residual = residual - factor * factor
         picks.append(pick)

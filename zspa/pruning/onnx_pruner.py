@@ -25,7 +25,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from zspa.onnx_ir import declare_oldest_ir_version
-from zspa.pruning import METHOD_DEFAULTS
+from zspa.pruning import DPP_EPSILON, METHOD_DEFAULTS
 from zspa.pruning.random_order import HASH_MODULUS, HASH_MULTIPLIER
 
 _ELEM = {"float32": TensorProto.FLOAT, "float16": TensorProto.FLOAT16}
@@ -237,7 +237,9 @@ def _cdpruner(p: _Pruner) -> None:
     row = body.op("Sub", body.op("Squeeze", row, axis), body.op("ReduceSum", body.op("Mul", at_pick, written), axis,
                                                                 keepdims=0))
     variance = body.op("GatherElements", "residual_in", pick, axis=1)
-    factor = body.op("Div", row, body.op("Sqrt", body.op("Max", variance, g.const(1e-10, np.float32))))
+    epsilon = g.const(DPP_EPSILON, np.float32)  # a spent direction updates nothing
+    factor = body.op("Where", body.op("Greater", variance, epsilon),
+                     body.op("Div", row, body.op("Sqrt", body.op("Max", variance, epsilon))), g.const(0.0, np.float32))
     rows_at_t = body.op("Expand", body.op("Reshape", "iteration", g.const([1, 1, 1])), row_shape)
     factors_out = body.op("ScatterElements", "factors_in", rows_at_t, body.op("Unsqueeze", factor, axis), axis=1)
     residual_out = body.op("ScatterElements", body.op("Sub", "residual_in", body.op("Mul", factor, factor)), pick,
