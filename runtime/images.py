@@ -44,7 +44,7 @@ def load_image(source: ImageSource, *, max_pixels: int = DEFAULT_MAX_PIXELS,
             raise InvalidInputError(f"{name}: not a readable {_format_names(formats)} image") from None
         except Image.DecompressionBombError as exc:
             raise InvalidInputError(f"{name}: not a readable image ({exc})") from None
-        except OSError as exc:
+        except (OSError, SyntaxError, ValueError) as exc:  # a damaged header ("Truncated IHDR chunk", …)
             raise InvalidInputError(f"{name}: cannot read ({exc})") from None
     width, height = image.size
     if width * height > max_pixels:
