@@ -20,6 +20,32 @@ class Example:
     objects: tuple
 
 
+@dataclass(frozen=True)
+class QuestionSet:
+    """How a benchmark asks: `scene(split, index)` → (objects, generator after drawing them),
+    `ask(objects, kind, generator)` → (question, answer), the kinds in rotation, the split seeds."""
+
+    scene: Callable
+    ask: Callable
+    kinds: tuple[str, ...]
+    split_seeds: dict[str, int]
+
+    def example(self, split: str, index: int) -> Example:
+        """Example `index`: its scene and one question, kinds in rotation."""
+        objects, rng = self.scene(split, index)
+        kind = self.kinds[index % len(self.kinds)]
+        return Example(*self.ask(objects, kind, rng), kind, objects)
+
+    def training_turns(self, split: str, index: int) -> list[tuple[str, str]]:
+        """Example `index`'s question first, then one question of every other kind about the same
+        scene: several supervised answers per image for the cost of one vision pass."""
+        first = self.example(split, index)
+        objects, _ = self.scene(split, index)
+        rng = np.random.default_rng([self.split_seeds[split], index, 1])
+        others = [self.ask(objects, kind, rng) for kind in self.kinds if kind != first.kind]
+        return [(first.question, first.answer), *others]
+
+
 def textured_background(size: int, rng: np.random.Generator) -> Image.Image:
     """Light grey noise with a slight per-image tint, so no patch is perfectly flat."""
     background = 200 + rng.integers(0, 30, size=(size, size, 1)) + rng.integers(0, 8, (1, 1, 3))

@@ -21,7 +21,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from zspa.datasets import common
-from zspa.datasets.common import Example, dataset_cli, draw_shape, textured_background
+from zspa.datasets.common import Example, QuestionSet, dataset_cli, draw_shape, textured_background
 
 COLOURS = {
     "red": (220, 40, 40),
@@ -69,19 +69,12 @@ def vocabulary() -> list[str]:
 
 def example(split: str, index: int) -> Example:
     """The benchmark's example `index`: its scene and one question, kinds in rotation."""
-    objects, rng = scene(split, index)
-    kind = QUESTION_KINDS[index % len(QUESTION_KINDS)]
-    return Example(*ask(objects, kind, rng), kind, objects)
+    return _QUESTIONS.example(split, index)
 
 
 def training_turns(split: str, index: int) -> list[tuple[str, str]]:
-    """Example `index`'s question first, then one question of every other kind about the same
-    scene: several supervised answers per image for the cost of one vision pass."""
-    first = example(split, index)
-    objects, _ = scene(split, index)
-    rng = np.random.default_rng([SPLIT_SEEDS[split], index, 1])
-    others = [ask(objects, kind, rng) for kind in QUESTION_KINDS if kind != first.kind]
-    return [(first.question, first.answer), *others]
+    """Example `index`'s question first, then one of every other kind about the same scene."""
+    return _QUESTIONS.training_turns(split, index)
 
 
 def caption(objects: tuple[Needle, ...]) -> str:
@@ -203,6 +196,9 @@ def render(objects: tuple[Needle, ...], seed: int = 0) -> Image.Image:
     for obj in objects:
         draw_shape(draw, obj.shape, obj.box, COLOURS[obj.colour])
     return image
+
+
+_QUESTIONS = QuestionSet(scene, ask, QUESTION_KINDS, SPLIT_SEEDS)
 
 
 def image_for(split: str, index: int) -> Image.Image:

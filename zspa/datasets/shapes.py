@@ -16,7 +16,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from zspa.datasets import common
-from zspa.datasets.common import Example, dataset_cli, draw_shape, textured_background
+from zspa.datasets.common import Example, QuestionSet, dataset_cli, draw_shape, textured_background
 
 COLOURS = {
     "red": (220, 40, 40),
@@ -50,19 +50,12 @@ def vocabulary() -> list[str]:
 
 def example(split: str, index: int) -> Example:
     """The benchmark's example `index`: its scene and one question, kinds in rotation."""
-    objects, rng = _scene(split, index)
-    kind = QUESTION_KINDS[index % len(QUESTION_KINDS)]
-    return Example(*ask(objects, kind, rng), kind, objects)
+    return _QUESTIONS.example(split, index)
 
 
 def training_turns(split: str, index: int) -> list[tuple[str, str]]:
-    """Example `index`'s question first, then one question of every other kind about the same
-    scene: several supervised answers per image for the cost of one vision pass."""
-    first = example(split, index)
-    objects, _ = _scene(split, index)
-    rng = np.random.default_rng([SPLIT_SEEDS[split], index, 1])
-    others = [ask(objects, kind, rng) for kind in QUESTION_KINDS if kind != first.kind]
-    return [(first.question, first.answer), *others]
+    """Example `index`'s question first, then one of every other kind about the same scene."""
+    return _QUESTIONS.training_turns(split, index)
 
 
 def _scene(split: str, index: int) -> tuple[tuple[ShapeObject, ...], np.random.Generator]:
@@ -107,6 +100,9 @@ def render(example_: Example, seed: int = 0) -> Image.Image:
     for obj in example_.objects:
         draw_shape(draw, obj.shape, obj.box, COLOURS[obj.colour])
     return image
+
+
+_QUESTIONS = QuestionSet(_scene, ask, QUESTION_KINDS, SPLIT_SEEDS)
 
 
 def image_for(split: str, index: int) -> Image.Image:
