@@ -84,6 +84,8 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=3000)
     parser.add_argument("--bundle", type=Path, default=None, help="default: shapes-llava exported at keep 0.1")
     parser.add_argument("--concurrency", type=int, default=8)
+    parser.add_argument("--vision-cache-mb", type=float, default=64.0,
+                        help="the server's vision cache (it grows with fresh images up to this bound; 0: off)")
     args = parser.parse_args()
     print(describe_machine())
     with tempfile.TemporaryDirectory() as tmp:
@@ -94,7 +96,8 @@ def main() -> None:
             bundle = Path(tmp) / "shapes"
             export_bundle(ExportOptions("shapes-llava", bundle, keeps=[0.1], progress=False))
         with running_server(bundle, Path(tmp) / "server.log", "--served-model-name", "soak", "--log-level",
-                            "warning", "--max-queue", str(4 * args.concurrency)) as server, \
+                            "warning", "--max-queue", str(4 * args.concurrency), "--vision-cache-mb",
+                            str(args.vision_cache_mb)) as server, \
                 httpx.Client(timeout=60) as client, ThreadPoolExecutor(args.concurrency) as pool:
             url = f"{server.url}/v1/chat/completions"
             samples, unexpected = [(0, _resident_mb(server.process.pid))], collections.Counter()
