@@ -164,3 +164,46 @@ def test_allowed_domains(port):
     with pytest.raises(FetchRefused, match="not in --allowed-image-domains"):
         fetch(f"http://evil.example:{port}/image", policy, resolver)
     assert resolver.calls == ["cdn.good.example"]  # a refused name is not even resolved
+
+
+def test_https_checks_the_certificate_against_the_name_while_connecting_to_the_checked_address(tmp_path):
+    """The connection goes to 127.0.0.1 (the resolved, checked address) but TLS verifies the
+    certificate against the URL's name: a certificate for images.example passes, the same server
+    reached as other.example fails."""
+    import datetime
+    import ssl
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "images.example")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(days=1))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName("images.example")]), critical=False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(key, hashes.SHA256()))
+    (tmp_path / "cert.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    (tmp_path / "key.pem").write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                                         serialization.PrivateFormat.PKCS8,
+                                                         serialization.NoEncryption()))
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    tls.load_cert_chain(tmp_path / "cert.pem", tmp_path / "key.pem")
+    server.socket = tls.wrap_socket(server.socket, server_side=True)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        port = server.server_address[1]
+        policy = LoopbackOnly(max_bytes=2000, timeout_s=5, ca_file=str(tmp_path / "cert.pem"))
+        resolver = named({"images.example": "127.0.0.1", "other.example": "127.0.0.1"})
+        assert fetch(f"https://images.example:{port}/image", policy, resolver) == IMAGE
+        with pytest.raises(FetchRefused, match="certificate|hostname"):
+            fetch(f"https://other.example:{port}/image", policy, resolver)
+        with pytest.raises(FetchRefused, match="certificate"):  # the system's CAs do not know this one
+            fetch(f"https://images.example:{port}/image", LoopbackOnly(max_bytes=2000, timeout_s=5), resolver)
+    finally:
+        server.shutdown()

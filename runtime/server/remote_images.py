@@ -43,6 +43,7 @@ class FetchPolicy:
     timeout_s: float  # the whole download, redirects included
     allow_private: bool = False
     allowed_domains: tuple[str, ...] = ()  # empty: any public host
+    ca_file: str | None = None  # trust this CA bundle for https instead of the system's (a fleet's private PKI)
 
     def check_host(self, host: str) -> None:
         if self.allowed_domains and not any(host == d or host.endswith("." + d) for d in self.allowed_domains):
@@ -84,8 +85,8 @@ def fetch(url: str, policy: FetchPolicy, resolver: Resolver = resolve) -> bytes:
         policy.check_host(host)
         address = resolver(host, port)
         policy.check_address(address)
-        connection = _PinnedConnection(address, host, port, _remaining(deadline),
-                                       ssl.create_default_context() if parts.scheme == "https" else None)
+        tls = ssl.create_default_context(cafile=policy.ca_file) if parts.scheme == "https" else None
+        connection = _PinnedConnection(address, host, port, _remaining(deadline), tls)
         try:
             connection.request("GET", (parts.path or "/") + (f"?{parts.query}" if parts.query else ""),
                                headers={"User-Agent": "zspa-serve", "Accept": "image/*"})

@@ -25,6 +25,7 @@ class ServerSettings:
     remote_image_timeout_s: float = 10.0  # the whole download, redirects included
     allow_private_image_hosts: bool = False  # loopback, private, link-local … addresses too
     allowed_image_domains: tuple[str, ...] = ()  # empty: any public host
+    image_ca_file: str | None = None  # https image hosts are checked against this CA bundle, not the system's
     warmup: bool = True
     # Host header names requests may carry (any port); None: any. zspa-serve fills it from the bound
     # address: loopback names when bound to loopback, so a web page cannot reach the service
@@ -37,7 +38,7 @@ class ServerSettings:
         if not self.allow_remote_images:
             return None
         return FetchPolicy(self.max_image_bytes, self.remote_image_timeout_s, self.allow_private_image_hosts,
-                           self.allowed_image_domains)
+                           self.allowed_image_domains, self.image_ca_file)
 
     def __post_init__(self) -> None:
         for name in ("max_queue", "max_body_bytes", "max_image_bytes", "max_image_pixels", "default_max_tokens"):

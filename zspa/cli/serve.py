@@ -58,6 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="with --allow-remote-images: also loopback, private and link-local addresses")
     limits.add_argument("--allowed-image-domains", type=_names, default=[], metavar="DOMAINS",
                         help="with --allow-remote-images: only these domains and their subdomains, comma-separated")
+    limits.add_argument("--image-ca-file", default=None, metavar="PEM",
+                        help="with --allow-remote-images: trust this CA bundle for https image hosts (a private PKI)")
     limits.add_argument("--remote-image-timeout", type=float, default=defaults.remote_image_timeout_s,
                         help="seconds for a whole image download, redirects included")
     limits.add_argument("--vision-cache-mb", type=float, default=64.0,
@@ -96,7 +98,7 @@ def _serve(args: argparse.Namespace) -> None:
             max_prompt_tokens=args.max_prompt_tokens, default_max_tokens=args.default_max_tokens,
             allow_remote_images=args.allow_remote_images, remote_image_timeout_s=args.remote_image_timeout,
             allow_private_image_hosts=args.allow_private_image_hosts,
-            allowed_image_domains=tuple(args.allowed_image_domains),
+            allowed_image_domains=tuple(args.allowed_image_domains), image_ca_file=args.image_ca_file,
             warmup=not args.no_warmup, allowed_hosts=allowed_hosts(args.host, args.allowed_hosts),
         )
     except ValueError as exc:
