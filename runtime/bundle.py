@@ -62,9 +62,6 @@ class Bundle:
             raise BundleError(f"manifest.json names {name!r}, which leads outside the bundle (a symlink)")
         return path
 
-    def file(self, name: str) -> Path:
-        return self.member(name)
-
     def graph_file(self, graph: str) -> Path:
         try:
             return self.member(self.manifest.graphs[graph].file)

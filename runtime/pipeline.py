@@ -102,7 +102,7 @@ class Pipeline:
         self.embed = backend.graph(bundle.graph_file("embed"))
         self.pruners = {p.graph: backend.graph(bundle.graph_file(p.graph)) for p in manifest.pruners}
         self.decoder = backend.decoder(bundle.graph_file("decoder"), manifest.decoder, self.max_context)
-        self.prompts = PromptBuilder.from_file(bundle.file("tokenizer.json"), manifest.text)
+        self.prompts = PromptBuilder.from_file(bundle.member("tokenizer.json"), manifest.text)
 
     @classmethod
     def load(cls, path: str | Path, *, backend: str = "ort-cpu", threads: int | None = None,

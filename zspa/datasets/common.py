@@ -11,6 +11,17 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+# The palette and the shapes both benchmarks draw (draw_shape knows each of them).
+COLOURS = {
+    "red": (220, 40, 40),
+    "green": (40, 170, 60),
+    "blue": (40, 80, 220),
+    "yellow": (235, 210, 40),
+    "purple": (140, 60, 180),
+    "orange": (245, 140, 30),
+}
+SHAPES = ("circle", "square", "triangle", "diamond")
+
 
 @dataclass(frozen=True)
 class Example:

@@ -21,17 +21,8 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from zspa.datasets import common
-from zspa.datasets.common import Example, QuestionSet, dataset_cli, draw_shape, textured_background
+from zspa.datasets.common import COLOURS, SHAPES, Example, QuestionSet, dataset_cli, draw_shape, textured_background
 
-COLOURS = {
-    "red": (220, 40, 40),
-    "green": (40, 170, 60),
-    "blue": (40, 80, 220),
-    "yellow": (235, 210, 40),
-    "purple": (140, 60, 180),
-    "orange": (245, 140, 30),
-}
-SHAPES = ("circle", "square", "triangle", "diamond")
 # A 3×3 grid of named regions over the 16×16 patch grid: patch rows/columns 0–4, 5–10, 11–15.
 REGION_BOUNDS = (0, 5, 11, 16)
 REGIONS = ("top-left", "top", "top-right", "left", "centre", "right", "bottom-left", "bottom", "bottom-right")

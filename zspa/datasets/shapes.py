@@ -16,17 +16,8 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from zspa.datasets import common
-from zspa.datasets.common import Example, QuestionSet, dataset_cli, draw_shape, textured_background
+from zspa.datasets.common import COLOURS, SHAPES, Example, QuestionSet, dataset_cli, draw_shape, textured_background
 
-COLOURS = {
-    "red": (220, 40, 40),
-    "green": (40, 170, 60),
-    "blue": (40, 80, 220),
-    "yellow": (235, 210, 40),
-    "purple": (140, 60, 180),
-    "orange": (245, 140, 30),
-}
-SHAPES = ("circle", "square", "triangle", "diamond")
 QUADRANTS = ("top-left", "top-right", "bottom-left", "bottom-right")
 QUESTION_KINDS = ("colour", "shape", "where", "exists")
 SPLIT_SEEDS = {"train": 1, "test": 2}
