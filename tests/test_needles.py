@@ -130,7 +130,6 @@ def test_module_cli_writes_a_zspa_eval_data_file(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not (NEEDLES_MODEL_DIR / "config.json").is_file(), reason="needles-llava weights not trained")
 def test_needles_llava_answers_through_the_runtime_as_in_transformers(tmp_path):
     """The shipped weights, exported and run unpruned by the runtime, pick the same first answer
     token as transformers on the same weights for held-out questions."""
@@ -156,7 +155,6 @@ def test_needles_llava_answers_through_the_runtime_as_in_transformers(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not (NEEDLES_MODEL_DIR / "config.json").is_file(), reason="needles-llava weights not trained")
 def test_cdpruner_keeps_distinct_tokens_on_a_mostly_flat_image(tmp_path):
     """Test image 290 is mostly background: after a few picks CDPruner's DPP kernel has no new
     direction left. The graph used to divide by the vanishing residual variance, reach NaN and

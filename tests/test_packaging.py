@@ -58,3 +58,15 @@ def test_zspa_run_end_to_end_imports_no_torch(tiny_bundle, photo_path):
     modules = _imported_after(code)
     assert "torch" not in modules and "transformers" not in modules
     assert "onnxruntime" in modules  # it really ran the graphs
+
+
+@pytest.mark.skipif(not (ROOT / ".git").exists(), reason="not a git checkout")
+def test_shipped_weights_are_tracked_by_git():
+    """A built-in's weights that .gitignore swallows exist here but not in a clean clone."""
+    from zspa.export.loading import _trained_builtins
+
+    for name, (directory, _) in _trained_builtins().items():
+        weights = (directory / "model.safetensors").relative_to(ROOT)
+        tracked = subprocess.run(["git", "ls-files", "--error-unmatch", str(weights)], cwd=ROOT,
+                                 capture_output=True, text=True)
+        assert tracked.returncode == 0, f"{name}: {weights} is not tracked by git"
