@@ -27,6 +27,7 @@ from zspa.pruning import METHOD_DEFAULTS
 from zspa.pruning.budget import validate_keep
 from zspa.pruning.methods import make_selector
 from zspa.pruning.onnx_pruner import save_pruner
+from zspa.signing import SigningKey, sign_bundle
 
 DTYPES = {"fp32": (torch.float32, "float32"), "fp16": (torch.float16, "float16")}
 DEFAULT_OPSET = 18
@@ -49,7 +50,7 @@ class ExportOptions:
     force: bool = False
     revision: str | None = None
     progress: bool = True
-    sign_key: Path | None = None  # sign the bundle (zspa.signing) before it replaces the output
+    signing: SigningKey | None = None  # sign the bundle before it replaces the output
 
 
 @dataclass
@@ -62,8 +63,8 @@ class ExportReport:
 
 def export_bundle(options: ExportOptions) -> ExportReport:
     _validate(options)
-    if options.sign_key is not None and not Path(options.sign_key).expanduser().is_file():
-        raise InvalidInputError(f"--sign-key {options.sign_key}: no such file")  # before minutes of export
+    if options.signing is not None:
+        options.signing.check()  # before minutes of export
     steps = 6 + len(options.methods)
     with tqdm(total=steps, desc="loading model", unit="step", disable=not options.progress) as bar:
         loaded = load_model(options.model, options.revision)
@@ -73,10 +74,8 @@ def export_bundle(options: ExportOptions) -> ExportReport:
         with staged_directory(options.output, force=options.force) as staging:
             manifest, counts = _write_bundle(loaded, options, staging, torch_dtype, dtype_name, bar)
             sizes = {name: (staging / g.file).stat().st_size for name, g in manifest.graphs.items()}
-            if options.sign_key is not None:
-                from zspa.signing import sign_bundle
-
-                sign_bundle(staging, options.sign_key)
+            if options.signing is not None:
+                sign_bundle(staging, options.signing)
     return ExportReport(manifest, options.output.resolve(), counts, sizes)
 
 

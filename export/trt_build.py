@@ -19,6 +19,7 @@ from zspa.errors import BundleError, ZspaError
 from zspa.runtime import engines
 from zspa.runtime.bundle import Bundle
 from zspa.runtime.cuda import cuda_device, import_tensorrt
+from zspa.signing import TrustPolicy
 
 TIMING_CACHE = "timing.cache"
 
@@ -31,11 +32,11 @@ class BuildOptions:
     workspace_gb: float = 4.0
     force: bool = False
     progress: bool = True
-    verify_key: Path | None = None  # refuse a bundle this public key did not sign
+    trust: TrustPolicy | None = None  # refuse a bundle no signer it names signed
 
 
 def build_engines(options: BuildOptions) -> Path:
-    bundle = Bundle.open(options.bundle, verify_key=options.verify_key)
+    bundle = Bundle.open(options.bundle, trust=options.trust)
     trt = import_tensorrt()
     gpu, capability = cuda_device()
     engines.check_precision(options.precision, capability)

@@ -10,6 +10,7 @@ from zspa.errors import BundleError, InvalidInputError
 from zspa.integrity import sha256_file
 from zspa.manifest import MANIFEST_NAME, Manifest, PrunerSpec
 from zspa.pruning.budget import token_budget, validate_keep
+from zspa.signing import TrustPolicy, verify_bundle
 
 
 @dataclass(frozen=True)
@@ -18,16 +19,14 @@ class Bundle:
     manifest: Manifest
 
     @classmethod
-    def open(cls, path: str | Path, *, verify: bool = True, verify_key: str | Path | None = None) -> Bundle:
+    def open(cls, path: str | Path, *, verify: bool = True, trust: TrustPolicy | None = None) -> Bundle:
         """Reads the manifest and, unless `verify` is False, refuses any missing or altered file;
-        with `verify_key` (a PEM public key), also any bundle that key did not sign as it is."""
+        with `trust`, also any bundle a signer it names did not sign as it is."""
         root = Path(path).expanduser()
         if not root.is_dir():
             raise BundleError(f"{root}: not a directory (expected a zspa bundle)")
-        if verify_key is not None:
-            from zspa.signing import verify_bundle
-
-            verify_bundle(root, verify_key)  # before the manifest is read: it is one of the signed files
+        if trust is not None:
+            verify_bundle(root, trust)  # before the manifest is read: it is one of the signed files
         manifest = Manifest.read(root / MANIFEST_NAME)
         bundle = cls(root, manifest)
         if verify:

@@ -23,6 +23,7 @@ from zspa.runtime.prompting import Prompt, PromptBuilder
 from zspa.runtime.sampling import SamplingParams, next_token
 from zspa.runtime.stops import first_stop, held_back
 from zspa.runtime.vision_cache import VisionCache
+from zspa.signing import TrustPolicy
 
 STAGES = ("preprocess", "vision", "embed", "prune", "prefill", "decode")
 
@@ -107,12 +108,12 @@ class Pipeline:
     @classmethod
     def load(cls, path: str | Path, *, backend: str = "ort-cpu", threads: int | None = None,
              positions: str | None = None, max_image_pixels: int = DEFAULT_MAX_PIXELS,
-             max_context: int | None = None, verify_key: str | Path | None = None,
+             max_context: int | None = None, trust: TrustPolicy | None = None,
              vision_cache_bytes: int = 0) -> Pipeline:
-        """Opens a bundle (schema and sha256 checked; its signature too with `verify_key`) and
+        """Opens a bundle (schema and sha256 checked; its signature too with `trust`) and
         creates a session per graph on `backend` (one of `BACKENDS`: onnxruntime on CPU, CUDA or
         TensorRT, or zspa-build's TensorRT engines)."""
-        bundle = Bundle.open(path, verify_key=verify_key)
+        bundle = Bundle.open(path, trust=trust)
         return cls(bundle, make_backend(backend, bundle, threads), positions=positions,
                    max_image_pixels=max_image_pixels, max_context=max_context, vision_cache_bytes=vision_cache_bytes)
 

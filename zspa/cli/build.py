@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from zspa.cli.common import add_debug_flag, add_verify_flag, run_command
+from zspa.cli.common import add_debug_flag, add_verify_flag, run_command, trust_policy
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -32,7 +32,7 @@ def _build(args: argparse.Namespace) -> None:
     from zspa.export.trt_build import BuildOptions, build_engines
 
     target = build_engines(BuildOptions(args.bundle, args.precision, args.max_context, args.workspace, args.force,
-                                        verify_key=args.verify_key))
+                                        trust=trust_policy(args)))
     print(f"engines written to {target}")
 
 

@@ -7,7 +7,8 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from zspa.errors import ZspaError
+from zspa.errors import InvalidInputError, ZspaError
+from zspa.signing import PASSWORD_ENV, SigningKey, TrustPolicy
 
 
 def ratio_list(text: str) -> list[float]:
@@ -51,14 +52,49 @@ def add_backend_flags(parser) -> None:
 
 
 def add_verify_flag(parser) -> None:
-    parser.add_argument("--verify-key", type=Path, default=None, metavar="PUB",
-                        help="refuse the bundle unless this public key (PEM) signed it as it is (zspa-sign)")
+    """--verify-key or --verify-certificate-chain: who a device accepts bundles from (zspa-sign)."""
+    trusted = parser.add_mutually_exclusive_group()
+    trusted.add_argument("--verify-key", type=Path, default=None, metavar="PUB",
+                         help="refuse the bundle unless this public key (PEM) signed it as it is")
+    trusted.add_argument("--verify-certificate-chain", type=Path, action="append", default=None, metavar="PEM",
+                         help="refuse the bundle unless it was signed as it is with a code-signing certificate that "
+                              "chains to these root certificates (PEM; repeatable)")
+
+
+def trust_policy(args: argparse.Namespace) -> TrustPolicy | None:
+    """The `TrustPolicy` the flags of `add_verify_flag` name; None when neither is given."""
+    if args.verify_key is None and not args.verify_certificate_chain:
+        return None
+    return TrustPolicy(public_key=args.verify_key, certificate_roots=tuple(args.verify_certificate_chain or ()))
+
+
+def add_signing_flags(parser: argparse._ActionsContainer, prefix: str = "", *, required: bool = False) -> None:
+    """The signer's key and, for certificate mode, its certificate and chain (zspa-sign, zspa-export)."""
+    parser.add_argument(f"--{prefix}key", type=Path, default=None, required=required, metavar="KEY",
+                        help=f"elliptic-curve private key, PEM (password, if any, in ${PASSWORD_ENV})")
+    parser.add_argument(f"--{prefix}certificate", type=Path, default=None, metavar="CERT",
+                        help="certificate mode: the key's code-signing certificate (PEM); devices then trust its "
+                             "root with --verify-certificate-chain instead of one public key")
+    parser.add_argument(f"--{prefix}certificate-chain", type=Path, action="append", default=None, metavar="PEM",
+                        help="certificate mode: intermediate and root certificates (PEM; repeatable)")
+
+
+def signing_key(args: argparse.Namespace, prefix: str = "") -> SigningKey | None:
+    """The `SigningKey` the flags of `add_signing_flags(prefix=...)` name; None without a key."""
+    dest = prefix.replace("-", "_")
+    key, certificate = getattr(args, f"{dest}key"), getattr(args, f"{dest}certificate")
+    chain = tuple(getattr(args, f"{dest}certificate_chain") or ())
+    if key is None:
+        if certificate is not None or chain:
+            raise InvalidInputError(f"--{prefix}certificate needs --{prefix}key, the certificate's private key")
+        return None
+    return SigningKey(key, certificate, chain)
 
 
 def backend_options(args: argparse.Namespace) -> dict:
     """`Pipeline.load` keywords from the flags `add_backend_flags` defined."""
     return {"backend": args.backend, "threads": args.threads, "max_context": args.max_context,
-            "verify_key": args.verify_key}
+            "trust": trust_policy(args)}
 
 
 def add_debug_flag(parser: argparse.ArgumentParser) -> None:

@@ -7,7 +7,15 @@ import sys
 import time
 from pathlib import Path
 
-from zspa.cli.common import add_debug_flag, int_list, method_list, ratio_list, run_command
+from zspa.cli.common import (
+    add_debug_flag,
+    add_signing_flags,
+    int_list,
+    method_list,
+    ratio_list,
+    run_command,
+    signing_key,
+)
 from zspa.families import MODEL_ALIASES
 from zspa.pruning import METHOD_DEFAULTS, METHODS
 
@@ -46,8 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--opset", type=int, default=18, help="ONNX opset for every graph (default: 18)")
     parser.add_argument("--revision", help="hub revision (branch, tag or commit) to export")
     parser.add_argument("--force", action="store_true", help="replace an existing bundle at the output path")
-    parser.add_argument("--sign-key", type=Path, default=None, metavar="KEY",
-                        help="sign the bundle with this elliptic-curve private key, PEM (as zspa-sign does)")
+    add_signing_flags(parser.add_argument_group("signing (as zspa-sign does)"), prefix="sign-")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     add_debug_flag(parser)
     return parser
@@ -65,7 +72,7 @@ def _export(args: argparse.Namespace) -> None:
         model=args.model, output=args.output or _default_output(args.model), keeps=keeps,
         keep_tokens=args.keep_tokens, methods=args.method, relevance_ratio=args.relevance_ratio, pooling=args.pooling,
         dtype=args.dtype, kv_cache=args.kv_cache, opset=args.opset, force=args.force, revision=args.revision,
-        sign_key=args.sign_key, progress=not args.quiet,
+        signing=signing_key(args, prefix="sign-"), progress=not args.quiet,
     )
     started = time.perf_counter()
     report = export_bundle(options)
