@@ -422,3 +422,51 @@ def test_a_dripped_body_or_a_slow_image_cannot_hold_a_request_past_its_deadline(
         assert time.monotonic() - started < 5
     finally:
         http.shutdown()
+
+
+class _FailsOnce:
+    """The decoder's real session, made to fail its next run the way a GPU out-of-memory or a
+    cancelled run does: onnxruntime's own error, raised by onnxruntime (a terminating RunOptions)."""
+
+    def __init__(self, session):
+        self.session, self.armed = session, True
+
+    def run_with_iobinding(self, binding, run_options=None):
+        if self.armed:
+            import onnxruntime as ort
+
+            self.armed, run_options = False, ort.RunOptions()
+            run_options.terminate = True
+        return self.session.run_with_iobinding(binding, run_options)
+
+    def io_binding(self):
+        return self.session.io_binding()
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["plain", "stream"])
+def test_an_onnxruntime_failure_fails_only_its_request(tiny_bundle, photo_path, photo_url, stream, caplog):
+    from fastapi.testclient import TestClient
+
+    from zspa.runtime.pipeline import Pipeline
+    from zspa.runtime.server.app import create_app
+    from zspa.runtime.server.settings import ServerSettings
+
+    pipeline = Pipeline.load(tiny_bundle)
+    expected = pipeline.generate(photo_path, "Describe it.", max_new_tokens=6)
+    pipeline.decoder.session = _FailsOnce(pipeline.decoder.session)
+    body = chat_body(photo_url, "Describe it.", max_tokens=6, temperature=0, stream=stream)
+    with TestClient(create_app(pipeline, ServerSettings(MODEL, warmup=False))) as http:
+        failed = http.post("/v1/chat/completions", json=body)
+        if stream:  # the status went out with the first chunk; the failure arrives as an error event
+            events = [json.loads(line[6:]) for line in failed.text.splitlines() if line.startswith("data: {")]
+            assert failed.status_code == 200 and "error" in events[-1]
+            error = events[-1]["error"]
+        else:
+            assert failed.status_code == 500
+            error = failed.json()["error"]
+        assert (error["type"], error["code"]) == ("server_error", "internal_error")
+        assert "Traceback" not in failed.text and "terminate" not in failed.text  # details stay in the log
+        assert "terminate flag" in caplog.text
+        served = http.post("/v1/chat/completions", json={**body, "stream": False})
+    assert served.status_code == 200, served.text
+    assert served.json()["choices"][0]["message"]["content"] == expected.text
