@@ -154,7 +154,8 @@ class Evaluation:
         baseline = self._answer(item, *BASELINE)
         expected = item.expected()
         for method, keep in settings:
-            result = baseline if (method, keep) == BASELINE else self._answer(item, method, keep)
+            reference = (method, keep) == BASELINE  # agreement with itself would say nothing
+            result = baseline if reference else self._answer(item, method, keep)
             yield {
                 "line": item.line,
                 "kind": item.kind,
@@ -162,10 +163,10 @@ class Evaluation:
                 "keep": keep,
                 "answer": result.text,
                 "correct": predicted(item, result.text) == expected,
-                "first_token_agrees": int(np.argmax(result.first_token_logits))
+                "first_token_agrees": None if reference else int(np.argmax(result.first_token_logits))
                 == int(np.argmax(baseline.first_token_logits)),
-                "answer_agrees": result.token_ids == baseline.token_ids,
-                "kl": kl_divergence(baseline.first_token_logits, result.first_token_logits),
+                "answer_agrees": None if reference else result.token_ids == baseline.token_ids,
+                "kl": None if reference else kl_divergence(baseline.first_token_logits, result.first_token_logits),
                 "visual_tokens_kept": result.stats.visual_tokens_kept,
                 "time_to_first_token_ms": result.stats.time_to_first_token_ms,
             }
@@ -207,9 +208,7 @@ class Evaluation:
                 "retained_interval": bootstrap_interval(ratio_of_means, *zip(*paired)) if paired and reference
                 else (float("nan"), float("nan")),
                 "accuracy_by_kind": {kind: float(np.mean(v)) for kind, v in sorted(kinds.items())},
-                "first_token_agreement": float(np.mean([r["first_token_agrees"] for r in group])),
-                "answer_agreement": float(np.mean([r["answer_agrees"] for r in group])),
-                "mean_kl": float(np.mean([r["kl"] for r in group])),
+                **_agreement(group, reference_row=(method, keep) == BASELINE),
                 "time_to_first_token_ms": float(np.median([r["time_to_first_token_ms"] for r in group])),
             })
         return table
@@ -230,6 +229,19 @@ class Evaluation:
                 "interval": bootstrap_interval(difference_of_means, a, b)}
 
 
+def _agreement(group: list[dict], *, reference_row: bool) -> dict:
+    """Agreement with the unpruned run; None on the unpruned row itself, which is the reference."""
+    if reference_row:
+        return {"first_token_agreement": None, "answer_agreement": None, "mean_kl": None}
+    return {"first_token_agreement": float(np.mean([r["first_token_agrees"] for r in group])),
+            "answer_agreement": float(np.mean([r["answer_agrees"] for r in group])),
+            "mean_kl": float(np.mean([r["kl"] for r in group]))}
+
+
+def _cell(value: float | None, digits: int) -> str:
+    return "ref" if value is None else f"{value:.{digits}f}"
+
+
 def markdown_table(table: list[dict]) -> str:
     """The summary as Markdown; intervals are 95 % bootstrap ones over questions."""
     header = ("| method | keep | tokens kept | n | accuracy (95 % CI) | retained (95 % CI) | first-token agreement "
@@ -237,8 +249,8 @@ def markdown_table(table: list[dict]) -> str:
     return header + "".join(
         f"| {r['method']} | {r['keep']:g} | {r['visual_tokens_kept']:.0f} | {r['n']} | "
         f"{r['accuracy']:.3f} {_interval(r['accuracy_interval'])} | "
-        f"{r['retained_accuracy']:.3f} {_interval(r['retained_interval'])} | {r['first_token_agreement']:.3f} | "
-        f"{r['answer_agreement']:.3f} | {r['mean_kl']:.4f} | {r['time_to_first_token_ms']:.1f} |\n"
+        f"{r['retained_accuracy']:.3f} {_interval(r['retained_interval'])} | {_cell(r['first_token_agreement'], 3)} | "
+        f"{_cell(r['answer_agreement'], 3)} | {_cell(r['mean_kl'], 4)} | {r['time_to_first_token_ms']:.1f} |\n"
         for r in table
     )
 

@@ -154,7 +154,7 @@ BAD_REQUESTS = {
     "bad base64": (_with_image("data:image/png;base64,not*base64"), IMAGE_PARAM, "base64"),
     "not an image type": (_with_image("data:text/plain;base64,aGk="), IMAGE_PARAM, "text/plain"),
     "corrupt image": (_with_image(data_url(_png(Image.new("RGB", (64, 64)))[:60], "image/png")), IMAGE_PARAM,
-                      "image"),
+                      "corrupt or truncated image"),
     "oversized image": (_with_image(data_url(_png(Image.fromarray(NOISE)), "image/png")), IMAGE_PARAM,
                         "300,000-byte limit"),
     "too many pixels": (_with_image(data_url(_png(Image.new("L", (2100, 2100))), "image/png")), IMAGE_PARAM,
@@ -304,11 +304,16 @@ class _QuietHandler(SimpleHTTPRequestHandler):
         pass
 
 
-def test_remote_images_when_allowed(busy_server, photo_path):
+def test_remote_images_from_a_loopback_host_need_both_flags(busy_server, tiny_bundle, photo_path, tmp_path):
     http = ThreadingHTTPServer(("127.0.0.1", 0), partial(_QuietHandler, directory=str(photo_path.parent)))
     threading.Thread(target=http.serve_forever, daemon=True).start()
     try:
         base = f"http://127.0.0.1:{http.server_address[1]}"
+        with running_server(tiny_bundle, tmp_path / "public-only.log", "--served-model-name", MODEL,
+                            "--allow-remote-images") as public_only:  # the default: public hosts only
+            refused = _post(public_only, chat_body(f"{base}/{photo_path.name}", max_tokens=2), key=None)
+            assert refused.status_code == 400 and refused.json()["error"]["code"] == "image_fetch_failed"
+            assert "127.0.0.1 is not a public address" in public_only.log.read_text()
         fetched = _post(busy_server, chat_body(f"{base}/{photo_path.name}", max_tokens=2), key=None)
         assert fetched.status_code == 200, fetched.text
         missing = _post(busy_server, chat_body(f"{base}/missing.png", max_tokens=2), key=None)
