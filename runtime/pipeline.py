@@ -7,53 +7,39 @@ from __future__ import annotations
 
 import time
 from collections.abc import Generator, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from zspa.errors import InvalidInputError
+from zspa.manifest import PrunerSpec
 from zspa.pruning.budget import token_budget, validate_keep
 from zspa.runtime.backends import Backend, make_backend
+from zspa.runtime.batching import SoloDecode
 from zspa.runtime.bundle import Bundle
-from zspa.runtime.detokenize import IncrementalDetokenizer
-from zspa.runtime.images import DEFAULT_MAX_PIXELS, ImageSource, load_image, prepare_vision
+from zspa.runtime.images import DEFAULT_MAX_PIXELS, ImageSource, VisionInput, load_image, prepare_vision
 from zspa.runtime.positions import SCHEMES, position_extent, prefill_positions
 from zspa.runtime.prompting import Prompt, PromptBuilder
-from zspa.runtime.sampling import SamplingParams, next_token
-from zspa.runtime.stops import first_stop, held_back
+from zspa.runtime.sampling import SamplingParams
+from zspa.runtime.sequence import STAGES, GenerationResult, GenerationStats, Limits, Sequence
 from zspa.runtime.vision_cache import VisionCache
 from zspa.signing import TrustPolicy
 
-STAGES = ("preprocess", "vision", "embed", "prune", "prefill", "decode")
+__all__ = ["STAGES", "GenerationResult", "GenerationStats", "GenerationStream", "Pipeline", "Request"]
 
 
-@dataclass
-class GenerationStats:
-    visual_tokens_total: int
-    visual_tokens_kept: int
-    prompt_tokens: int  # what the decoder prefilled: text plus kept visual tokens
-    tokens_generated: int = 0
-    timings_ms: dict[str, float] = field(default_factory=lambda: dict.fromkeys(STAGES, 0.0))
-    time_to_first_token_ms: float = 0.0
-    vision_cache_hit: bool | None = None  # None: no vision cache
+@dataclass(frozen=True)
+class Request:
+    """A checked request with its image decoded: what `Pipeline.prefill` needs."""
 
-    @property
-    def decode_tokens_per_s(self) -> float:
-        """Tokens after the first (which prefill produces) over the decode loop's time."""
-        steps = self.tokens_generated - 1
-        seconds = self.timings_ms["decode"] / 1000.0
-        return steps / seconds if steps > 0 and seconds > 0 else 0.0
-
-
-@dataclass
-class GenerationResult:
-    text: str
-    token_ids: list[int]
-    kept_indices: np.ndarray  # int64 [K], ascending: which visual tokens the decoder saw
-    finish_reason: str  # "stop" (EOS or stop string) or "length"
-    stats: GenerationStats
-    first_token_logits: np.ndarray  # float32 [V]: what prefill predicted, for agreement metrics
+    vision_input: VisionInput
+    prompt: Prompt
+    pruner: PrunerSpec | None
+    kept_count: int
+    params: SamplingParams
+    limits: Limits
+    started: float
 
 
 class GenerationStream:
@@ -137,13 +123,28 @@ class Pipeline:
         `image`. keep/method None use the bundle's defaults (its first method, smallest keep); keep
         1.0 disables pruning. With stream=True returns a
         `GenerationStream` of text deltas. ignore_eos generates exactly max_new_tokens (profiling)."""
+        request = self.request(image, prompt, keep=keep, method=method, max_new_tokens=max_new_tokens,
+                               temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, stop=stop,
+                               ignore_eos=ignore_eos)
+        stream_ = GenerationStream(self._generate(request))
+        if stream:
+            return stream_
+        for _ in stream_:
+            pass
+        return stream_.result
+
+    def request(self, image: ImageSource, prompt: str | Prompt, *, keep: float | None = None,
+                method: str | None = None, max_new_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0,
+                top_k: int = 0, seed: int | None = None, stop: list[str] | None = None,
+                ignore_eos: bool = False) -> Request:
+        """Checks a request and decodes its image (so a bad one fails here, not mid-stream); the
+        keywords are `generate`'s."""
         keep = self.bundle.keeps(method)[0] if keep is None else validate_keep(keep)
         pruner = self.bundle.pruner_for(keep, method)
         params = SamplingParams(temperature, top_p, top_k, seed)
         if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise InvalidInputError(f"max_new_tokens must be an integer ≥ 1, got {max_new_tokens!r}")
         built = prompt if isinstance(prompt, Prompt) else self.prompts.build(prompt)
-        # Decode the image now, so that a bad one fails the call rather than the stream's first step.
         started = time.perf_counter()
         vision_input = prepare_vision(load_image(image, max_pixels=self.max_image_pixels), self.bundle.manifest.vision)
         num_tokens = vision_input.num_tokens
@@ -156,33 +157,28 @@ class Pipeline:
         mrope = self.bundle.manifest.decoder.mrope
         extent = position_extent(text_before, kept_count, vision_input.grid, text_after, self.positions, mrope)
         needed = max(extent, text_before + kept_count + text_after)  # positions, and the KV cache's length
-        max_context = self.max_context
-        if needed >= max_context:
+        if needed >= self.max_context:
             raise InvalidInputError(
-                f"prompt needs {needed} positions with the image, over the context of {max_context}; shorten it"
+                f"prompt needs {needed} positions with the image, over the context of {self.max_context}; shorten it"
             )
         eos = set() if ignore_eos else set(self.bundle.manifest.text.eos_token_ids)
-        steps = self._generate(vision_input, built, pruner, kept_count, params, max_new_tokens, list(stop or []),
-                               eos, max_context, started)
-        stream_ = GenerationStream(steps)
-        if stream:
-            return stream_
-        for _ in stream_:
-            pass
-        return stream_.result
+        limits = Limits(max_new_tokens, list(stop or []), eos, self.max_context)
+        return Request(vision_input, built, pruner, kept_count, params, limits, started)
 
-    def _generate(self, vision_input, built, pruner, kept_count, params, max_new_tokens, stop, eos, max_context,
-                  started):
+    def prefill(self, request: Request) -> tuple[Sequence, np.ndarray]:
+        """Vision, embed, prune and prefill for one request, on `self.decoder` (whose KV cache then
+        holds this request alone); returns its sequence and the first token's logits [V]."""
+        vision_input, built = request.vision_input, request.prompt
         mrope = self.bundle.manifest.decoder.mrope
         num_tokens = vision_input.num_tokens
-        stats = GenerationStats(num_tokens, kept_count, 0)
+        stats = GenerationStats(num_tokens, request.kept_count, 0)
         timings = stats.timings_ms
         features, cache_key = None, None
         if self.vision_cache is not None:  # the digest counts as preprocessing; a hit skips the vision stage
             cache_key = self.vision_cache.key(vision_input.feeds)
             features = self.vision_cache.get(cache_key)
             stats.vision_cache_hit = features is not None
-        timings["preprocess"] = (time.perf_counter() - started) * 1000.0
+        timings["preprocess"] = (time.perf_counter() - request.started) * 1000.0
         if features is None:
             with _Timer(timings, "vision"):
                 features = self.vision.run(vision_input.feeds)[0]
@@ -191,14 +187,14 @@ class Pipeline:
         with _Timer(timings, "embed"):
             prompt_embeds = self.embed.run({"input_ids": built.input_ids[None]})[0]
         with _Timer(timings, "prune"):
-            if pruner is None:
+            if request.pruner is None:
                 kept, kept_indices = features, np.arange(num_tokens, dtype=np.int64)
             else:
                 feeds = {"image_features": features, "prompt_embeds": prompt_embeds,
                          "prompt_mask": built.question_mask[None]}
-                if pruner.k is None:
-                    feeds["budget"] = np.array([kept_count], dtype=np.int64)
-                kept, kept_indices = self.pruners[pruner.graph].run(feeds)
+                if request.pruner.k is None:
+                    feeds["budget"] = np.array([request.kept_count], dtype=np.int64)
+                kept, kept_indices = self.pruners[request.pruner.graph].run(feeds)
                 kept_indices = kept_indices[0]
         with _Timer(timings, "prefill"):
             at = built.image_position
@@ -209,45 +205,32 @@ class Pipeline:
             stats.prompt_tokens = sequence.shape[1]
             self.decoder.reset()
             logits = self.decoder.step(sequence, np.ones((1, sequence.shape[1]), np.int64), positions[..., None, :])
+        answer = Sequence(stats, kept_indices, request.params, request.limits, self.prompts.decode,
+                          int(positions.max()) + 1, request.started)
+        return answer, logits[0]
 
-        first_token_logits = logits[0].copy()
-        rng = np.random.default_rng(params.seed)
-        detokenizer = IncrementalDetokenizer(self.prompts.decode)
-        tokens = detokenizer.tokens
-        text, emitted, finish = "", 0, "length"
-        next_position = int(positions.max()) + 1
-        position_shape = (3, 1, 1) if mrope else (1, 1)
-        decode_start = time.perf_counter()
+    def embed_tokens(self, tokens: list[int]) -> np.ndarray:
+        """Embeddings [B, 1, H] of one next token per row."""
+        return self.embed.run({"input_ids": np.array(tokens, dtype=np.int64)[:, None]})[0]
+
+    def position_ids(self, positions: list[int]) -> np.ndarray:
+        """Decoder position_ids for one new token per row: [B, 1], or [3, B, 1] under M-RoPE."""
+        ids = np.array(positions, dtype=np.int64)[:, None]
+        return np.broadcast_to(ids, (3, *ids.shape)).copy() if self.bundle.manifest.decoder.mrope else ids
+
+    def _generate(self, request: Request) -> Generator[str, None, GenerationResult]:
+        answer, logits = self.prefill(request)
+        solo = SoloDecode(self.decoder)
+        solo.add(self.decoder)
         while True:
-            token = next_token(logits[0], params, rng)
-            if not tokens:
-                stats.time_to_first_token_ms = (time.perf_counter() - started) * 1000.0
-                decode_start = time.perf_counter()
-            if token in eos:
-                finish = "stop"
+            delta = answer.accept(logits)
+            if delta:
+                yield delta
+            if answer.done:
                 break
-            before = len(text)
-            text = detokenizer.add(token)
-            cut = first_stop(text, stop, len(text) - before)
-            if cut is not None:
-                finish = "stop"
-                break
-            safe = len(text) - held_back(text, stop)
-            if safe > emitted:
-                yield text[emitted:safe]
-                emitted = safe
-            if len(tokens) >= max_new_tokens or max(next_position, self.decoder.past_length) >= max_context:
-                break
-            embeds = self.embed.run({"input_ids": np.array([[token]], dtype=np.int64)})[0]
-            mask = np.ones((1, self.decoder.past_length + 1), np.int64)
-            logits = self.decoder.step(embeds, mask, np.full(position_shape, next_position, dtype=np.int64))
-            next_position += 1
-        timings["decode"] = (time.perf_counter() - decode_start) * 1000.0
-        text = detokenizer.flush()
-        cut = first_stop(text, stop, len(text))
-        if cut is not None:
-            text, finish = text[:cut], "stop"
-        if len(text) > emitted:
-            yield text[emitted:]
-        stats.tokens_generated = len(tokens)
-        return GenerationResult(text, tokens, kept_indices, finish, stats, first_token_logits)
+            logits = solo.step(self.embed_tokens([answer.token]), self.position_ids([answer.position]))[0]
+            answer.advance()
+        tail = answer.finish()
+        if tail:
+            yield tail
+        return answer.result

@@ -430,26 +430,29 @@ def test_a_dripped_body_or_a_slow_image_cannot_hold_a_request_past_its_deadline(
 
 
 class _FailsOnce:
-    """The decoder's real session, made to fail its next run the way a GPU out-of-memory or a
+    """The decoder's real session, made to fail its `nth` run the way a GPU out-of-memory or a
     cancelled run does: onnxruntime's own error, raised by onnxruntime (a terminating RunOptions)."""
 
-    def __init__(self, session):
-        self.session, self.armed = session, True
+    def __init__(self, session, nth: int):
+        self.session, self.runs, self.nth = session, 0, nth
 
     def run_with_iobinding(self, binding, run_options=None):
-        if self.armed:
+        self.runs += 1
+        if self.runs == self.nth:
             import onnxruntime as ort
 
-            self.armed, run_options = False, ort.RunOptions()
+            run_options = ort.RunOptions()
             run_options.terminate = True
         return self.session.run_with_iobinding(binding, run_options)
 
-    def io_binding(self):
-        return self.session.io_binding()
+    def __getattr__(self, name):
+        return getattr(self.session, name)
 
 
-@pytest.mark.parametrize("stream", [False, True], ids=["plain", "stream"])
-def test_an_onnxruntime_failure_fails_only_its_request(tiny_bundle, photo_path, photo_url, stream, caplog):
+@pytest.mark.parametrize("stream, nth", [(False, 1), (True, 1), (False, 3), (True, 3)],
+                         ids=["plain-prefill", "stream-prefill", "plain-decode", "stream-decode"])
+def test_an_onnxruntime_failure_fails_only_its_request(tiny_bundle, photo_path, photo_url, stream, nth, caplog):
+    """Run 1 is the request's prefill, run 3 its second decode step (in the batch)."""
     from fastapi.testclient import TestClient
 
     from zspa.runtime.pipeline import Pipeline
@@ -458,15 +461,15 @@ def test_an_onnxruntime_failure_fails_only_its_request(tiny_bundle, photo_path, 
 
     pipeline = Pipeline.load(tiny_bundle)
     expected = pipeline.generate(photo_path, "Describe it.", max_new_tokens=6)
-    pipeline.decoder.session = _FailsOnce(pipeline.decoder.session)
+    pipeline.decoder.session = _FailsOnce(pipeline.decoder.session, nth)
     body = chat_body(photo_url, "Describe it.", max_tokens=6, temperature=0, stream=stream)
     with TestClient(create_app(pipeline, ServerSettings(MODEL, warmup=False))) as http:
         failed = http.post("/v1/chat/completions", json=body)
-        if stream:  # the status went out with the first chunk; the failure arrives as an error event
+        if stream and nth > 1:  # the status went out with the first chunk; the failure arrives as an error event
             events = [json.loads(line[6:]) for line in failed.text.splitlines() if line.startswith("data: {")]
             assert failed.status_code == 200 and "error" in events[-1]
             error = events[-1]["error"]
-        else:
+        else:  # before any text: a plain 500
             assert failed.status_code == 500
             error = failed.json()["error"]
         assert (error["type"], error["code"]) == ("server_error", "internal_error")

@@ -20,6 +20,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
+from zspa.runtime.batching import batch_size
 from zspa.runtime.pipeline import Pipeline
 from zspa.runtime.server.conversation import prepare
 from zspa.runtime.server.errors import INTERNAL, APIError, invalid, timed_out
@@ -85,7 +86,7 @@ def host_name(host: str) -> str:
 
 def create_app(pipeline: Pipeline, settings: ServerSettings) -> FastAPI:
     metrics = ServerMetrics()
-    scheduler = Scheduler(pipeline, settings.max_queue, metrics)
+    scheduler = Scheduler(pipeline, settings.max_queue, metrics, batch_size(pipeline.decoder, settings.max_batch))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):

@@ -1,9 +1,11 @@
-"""One pipeline, one worker thread, a bounded queue in front of it.
+"""One pipeline, one worker thread, a bounded queue in front of it: continuous batching.
 
-The pipeline owns one KV cache and onnxruntime sessions sized for one request, so requests run
-one at a time; the queue bounds how many may wait (past it the service answers 429), and each
-job carries a cancel flag that a disconnect or a timeout sets, which the worker checks between
-tokens. Events go back to the request's event loop with `call_soon_threadsafe`.
+Up to `max_batch` requests decode together, one decoder call per step (`runtime/batching.py`).
+Between steps the worker admits waiting requests (each runs its own vision, pruning and
+prefill, then joins the batch) and drops rows that are done, stopped or cancelled; the others
+never wait for them. The queue bounds how many may wait (past it the service answers 429); each
+job carries a cancel flag that a disconnect or a timeout sets, checked every step. Events go
+back to the request's event loop with `call_soon_threadsafe`.
 """
 
 from __future__ import annotations
@@ -20,8 +22,10 @@ from typing import Any
 from PIL import Image
 
 from zspa.errors import ZspaError
+from zspa.runtime.batching import decode_rows
 from zspa.runtime.pipeline import Pipeline
 from zspa.runtime.prompting import Prompt
+from zspa.runtime.sequence import Sequence
 from zspa.runtime.server.errors import INTERNAL, from_zspa_error
 from zspa.runtime.server.metrics import ServerMetrics
 
@@ -60,13 +64,22 @@ class Job:
             pass
 
 
+@dataclass
+class _Row:
+    job: Job
+    answer: Sequence
+    admitted: float
+
+
 class Scheduler:
-    def __init__(self, pipeline: Pipeline, max_queue: int, metrics: ServerMetrics):
+    def __init__(self, pipeline: Pipeline, max_queue: int, metrics: ServerMetrics, max_batch: int = 1):
         self.pipeline = pipeline
         self.metrics = metrics
+        self.max_batch = max_batch
+        self._rows = decode_rows(pipeline.decoder, max_batch)  # refuses a bundle that cannot batch, at start-up
         self._queue: queue.Queue[Job | None] = queue.Queue(maxsize=max_queue)
         self._thread = threading.Thread(target=self._work, name="zspa-pipeline", daemon=True)
-        self._service_s = 1.0  # moving average of a job's run time, for Retry-After
+        self._service_s = 1.0  # moving average of a job's time in the batch, for Retry-After
         self.ready = threading.Event()
         self.failure: str | None = None
 
@@ -90,7 +103,7 @@ class Scheduler:
         try:
             self._queue.put_nowait(job)
         except queue.Full:
-            raise QueueFull(max(1, math.ceil(self._service_s * (self.depth + 1)))) from None
+            raise QueueFull(max(1, math.ceil(self._service_s * (self.depth + 1) / self.max_batch))) from None
         self.metrics.queue_depth.set(self.depth)
 
     def _work(self) -> None:
@@ -102,11 +115,23 @@ class Scheduler:
             log.exception("warm-up failed")
             self.failure = f"warm-up failed: {exc}"
             return
-        while (job := self._queue.get()) is not None:
-            self.metrics.queue_depth.set(self.depth)
-            started = time.monotonic()
-            self._run(job)
-            self._service_s = 0.8 * self._service_s + 0.2 * (time.monotonic() - started)
+        rows: list[_Row] = []
+        stopping = False
+        while rows or not stopping:
+            while not stopping and len(rows) < self.max_batch:
+                try:
+                    job = self._queue.get(block=not rows)  # wait only when nothing is decoding
+                except queue.Empty:
+                    break
+                self.metrics.queue_depth.set(self.depth)
+                if job is None:
+                    stopping = True
+                elif (row := self._admit(job)) is not None:
+                    rows.append(row)
+            self.metrics.running.set(len(rows))
+            if rows:
+                rows = self._step(rows)
+                self.metrics.running.set(len(rows))
 
     def _warm_up(self) -> None:
         """One short generation per keep of every method, so the first request pays no first-run costs."""
@@ -118,27 +143,62 @@ class Scheduler:
             self.pipeline.generate(image, "warm up", keep=keep, method=method, max_new_tokens=2)
         log.info("warmed up %d setting(s)", len(settings))
 
-    def _run(self, job: Job) -> None:
+    def _admit(self, job: Job) -> _Row | None:
+        """Vision, pruning and prefill for a waiting job, then its first token; it joins the batch
+        unless that token already ends it."""
         if job.cancelled.is_set():
             self.metrics.cancelled.labels(job.cancel_reason).inc()
-            return
+            return None
         self.metrics.queue_wait.observe(time.monotonic() - job.arrived)
-        self.metrics.running.set(1)
         try:
-            stream = self.pipeline.generate(job.image, job.prompt, stream=True, **job.options)
+            answer, logits = self.pipeline.prefill(self.pipeline.request(job.image, job.prompt, **job.options))
             job.emit("started")
-            for delta in stream:
-                if job.stream:
-                    job.emit("delta", delta)
-                if job.cancelled.is_set():
-                    self.metrics.cancelled.labels(job.cancel_reason).inc()
-                    return
-            self.metrics.observe_generation(stream.result.stats, job.keep, job.method)
-            job.emit("done", stream.result)
+            row = _Row(job, answer, time.monotonic())
+            if self._take(row, logits):
+                self._rows.add(self.pipeline.decoder)
+                return row
         except ZspaError as exc:
             job.emit("error", from_zspa_error(exc, "messages"))
         except Exception:
             log.exception("generation failed")
             job.emit("error", INTERNAL)
-        finally:
-            self.metrics.running.set(0)
+        return None
+
+    def _step(self, rows: list[_Row]) -> list[_Row]:
+        """One decoder call for every row; returns the rows that go on."""
+        pipeline = self.pipeline
+        try:
+            logits = self._rows.step(pipeline.embed_tokens([row.answer.token for row in rows]),
+                                     pipeline.position_ids([row.answer.position for row in rows]))
+        except Exception:  # the batch's cache is lost with it: every row fails, the service goes on
+            log.exception("generation failed (a batch of %d)", len(rows))
+            for row in rows:
+                row.job.emit("error", INTERNAL)
+            self._rows.remove(set(range(len(rows))))
+            return []
+        ended = set()
+        for index, row in enumerate(rows):
+            row.answer.advance()
+            if not self._take(row, logits[index]):
+                ended.add(index)
+        self._rows.remove(ended)
+        return [row for index, row in enumerate(rows) if index not in ended]
+
+    def _take(self, row: _Row, logits) -> bool:
+        """Hands a row its logits and its client the text; False once the row is over."""
+        job, answer = row.job, row.answer
+        delta = answer.accept(logits)
+        if delta and job.stream:
+            job.emit("delta", delta)
+        if job.cancelled.is_set():
+            self.metrics.cancelled.labels(job.cancel_reason).inc()
+            return False
+        if not answer.done:
+            return True
+        tail = answer.finish()
+        if tail and job.stream:
+            job.emit("delta", tail)
+        self.metrics.observe_generation(answer.result.stats, job.keep, job.method)
+        job.emit("done", answer.result)
+        self._service_s = 0.8 * self._service_s + 0.2 * (time.monotonic() - row.admitted)
+        return False

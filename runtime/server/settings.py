@@ -15,6 +15,7 @@ class ServerSettings:
     model_name: str
     api_key: str | None = None
     max_queue: int = 64  # requests waiting for the pipeline; past it, 429
+    max_batch: int | None = None  # rows decoding together; None: DEFAULT_MAX_BATCH where the bundle can batch, else 1
     request_timeout_s: float = 300.0  # queueing plus generation
     max_body_bytes: int = 32 * MiB
     max_image_bytes: int = 20 * MiB
@@ -44,6 +45,8 @@ class ServerSettings:
         for name in ("max_queue", "max_body_bytes", "max_image_bytes", "max_image_pixels", "default_max_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be ≥ 1, got {getattr(self, name)}")
+        if self.max_batch is not None and not 1 <= self.max_batch <= 256:
+            raise ValueError(f"max_batch must be in [1, 256], got {self.max_batch}")
         if self.max_prompt_tokens is not None and self.max_prompt_tokens < 1:
             raise ValueError(f"max_prompt_tokens must be ≥ 1, got {self.max_prompt_tokens}")
         for name in ("request_timeout_s", "remote_image_timeout_s"):

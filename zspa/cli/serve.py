@@ -43,6 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
     limits = parser.add_argument_group("load and limits")
     limits.add_argument("--max-queue", type=int, default=defaults.max_queue,
                         help="requests that may wait for the pipeline; past it, 429 with Retry-After")
+    limits.add_argument("--max-batch", type=int, default=None,
+                        help="requests decoding together, one decoder call per step (continuous batching); "
+                             "default 8 where the bundle can batch (portable decoder on onnxruntime), else 1")
     limits.add_argument("--request-timeout", type=float, default=defaults.request_timeout_s,
                         help="seconds a request may take, queueing included; past it, 504")
     limits.add_argument("--max-body-bytes", type=int, default=defaults.max_body_bytes)
@@ -93,7 +96,8 @@ def _serve(args: argparse.Namespace) -> None:
         settings = ServerSettings(
             model_name=args.served_model_name or Path(args.bundle).resolve().name,
             api_key=args.api_key or os.environ.get(API_KEY_ENV) or None,
-            max_queue=args.max_queue, request_timeout_s=args.request_timeout, max_body_bytes=args.max_body_bytes,
+            max_queue=args.max_queue, max_batch=args.max_batch, request_timeout_s=args.request_timeout,
+            max_body_bytes=args.max_body_bytes,
             max_image_bytes=args.max_image_bytes, max_image_pixels=args.max_image_pixels,
             max_prompt_tokens=args.max_prompt_tokens, default_max_tokens=args.default_max_tokens,
             allow_remote_images=args.allow_remote_images, remote_image_timeout_s=args.remote_image_timeout,

@@ -1,0 +1,123 @@
+"""Continuous batching: rows that join, decode together and leave answer exactly as they would alone."""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from zspa.errors import ZspaError
+from zspa.runtime.batching import SoloDecode, batch_size, decode_rows
+from zspa.runtime.server.metrics import ServerMetrics
+from zspa.runtime.server.scheduler import Job, Scheduler
+
+# Different prompt lengths (keep 0.1 keeps 58 of 576 tokens, keep 1.0 all), budgets, stops and
+# sampling, so rows join a batch of other lengths and leave it at different steps.
+REQUESTS = [
+    ("photo", "What is in the picture?", {"keep": 0.1, "max_new_tokens": 12}),
+    ("rgba", "Describe it.", {"keep": 1.0, "max_new_tokens": 5}),
+    ("photo", "Who is this?", {"keep": 0.25, "max_new_tokens": 9, "temperature": 1.0, "seed": 7}),
+    ("rgba", "Where is it?", {"keep": 0.1, "max_new_tokens": 16, "temperature": 0.7, "top_k": 5, "seed": 3}),
+    ("photo", "Why?", {"keep": 1.0, "max_new_tokens": 3}),
+    ("photo", "Is it day or night?", {"keep": 0.1, "max_new_tokens": 20, "ignore_eos": True}),
+]
+
+
+@pytest.fixture
+def images(photo_path, rgba_png_path):
+    return {"photo": Image.open(photo_path).convert("RGB"), "rgba": Image.open(rgba_png_path)}
+
+
+async def _serve(pipeline, images, requests, max_batch: int) -> tuple[list, list[int]]:
+    """Submits every request at once to a scheduler of `max_batch`; returns each one's final event
+    and the batch size of every decoder step."""
+    scheduler = Scheduler(pipeline, 64, ServerMetrics(), max_batch)
+    sizes = []
+    step = scheduler._rows.step
+
+    def counted(inputs_embeds, position_ids):
+        sizes.append(inputs_embeds.shape[0])
+        return step(inputs_embeds, position_ids)
+
+    scheduler._rows.step = counted
+    loop = asyncio.get_running_loop()
+    jobs = [Job(images[image], pipeline.prompts.build(question), options, options["keep"], "zspa", True, loop)
+            for image, question, options in requests]
+    scheduler.start(warmup=False)
+    for job in jobs:
+        scheduler.submit(job)
+    finals = []
+    for job in jobs:
+        streamed = ""
+        while (event := await asyncio.wait_for(job.events.get(), 120))[0] not in ("done", "error"):
+            streamed += event[1] or ""
+        finals.append((event, streamed))
+    scheduler.stop()
+    return finals, sizes
+
+
+def test_batched_rows_answer_as_they_would_alone(pipeline, images):
+    finals, sizes = asyncio.run(_serve(pipeline, images, REQUESTS, max_batch=3))
+    assert max(sizes) == 3 and min(sizes) < 3  # rows really shared steps, and the batch shrank and refilled
+    for (image, question, options), ((kind, result), streamed) in zip(REQUESTS, finals):
+        assert kind == "done", result
+        alone = pipeline.generate(images[image], question, **options)
+        assert result.token_ids == alone.token_ids, (question, options)
+        assert result.text == alone.text == streamed and result.finish_reason == alone.finish_reason
+        assert result.stats.prompt_tokens == alone.stats.prompt_tokens
+
+
+def test_stop_strings_end_one_row_only(pipeline, images):
+    full = pipeline.generate(images["photo"], "What is in the picture?", keep=0.1, max_new_tokens=12).text
+    stop = full[len(full) // 2: len(full) // 2 + 2]
+    requests = [("photo", "What is in the picture?", {"keep": 0.1, "max_new_tokens": 12, "stop": [stop]}),
+                ("rgba", "Describe it.", {"keep": 0.1, "max_new_tokens": 12})]
+    finals, _ = asyncio.run(_serve(pipeline, images, requests, max_batch=2))
+    (stopped, _), (other, _) = [event for event, _ in finals]
+    assert stopped == "done" and finals[0][0][1].text == full[: full.find(stop)]
+    assert finals[0][0][1].finish_reason == "stop"
+    assert other == "done" and finals[1][0][1].text == pipeline.generate(images["rgba"], "Describe it.", keep=0.1,
+                                                                         max_new_tokens=12).text
+
+
+def _alone(pipeline, image, keep: float) -> np.ndarray:
+    """The logits of a request's second token, decoded by itself."""
+    answer, logits = pipeline.prefill(pipeline.request(image, "Hi", keep=keep, max_new_tokens=4))
+    answer.accept(logits)
+    solo = SoloDecode(pipeline.decoder)
+    solo.add(pipeline.decoder)
+    return solo.step(pipeline.embed_tokens([answer.token]), pipeline.position_ids([answer.position]))[0]
+
+
+def test_padding_is_masked_and_trimmed(pipeline, images):
+    """A short row beside a long one: the short one's cache is padded on the left, the mask hides
+    the padding (same logits as alone), and the padding goes when the long row leaves."""
+    batch = decode_rows(pipeline.decoder, 2)
+    rows = []
+    for keep in (0.1, 1.0):
+        answer, logits = pipeline.prefill(pipeline.request(images["photo"], "Hi", keep=keep, max_new_tokens=4))
+        answer.accept(logits)
+        batch.add(pipeline.decoder)
+        rows.append(answer)
+    short, long = rows
+    assert batch.lengths == [short.length, long.length] and batch.decoder.past_length == long.length
+    logits = batch.step(pipeline.embed_tokens([r.token for r in rows]), pipeline.position_ids([r.position
+                                                                                              for r in rows]))
+    for row, keep in enumerate((0.1, 1.0)):
+        np.testing.assert_allclose(logits[row], _alone(pipeline, images["photo"], keep), rtol=0, atol=1e-4)
+    batch.remove({1})
+    assert batch.lengths == [short.length + 1] and batch.decoder.past_length == short.length + 1
+
+
+def test_batch_size_defaults_and_refusals(pipeline):
+    assert batch_size(pipeline.decoder, None) == 8 and batch_size(pipeline.decoder, 3) == 3
+    assert isinstance(decode_rows(pipeline.decoder, 1), SoloDecode)
+
+    class OtherDecoder:  # a TensorRT or shared-KV decoder: no rows to re-lay out
+        past_length = 0
+
+    assert batch_size(OtherDecoder(), None) == 1
+    with pytest.raises(ZspaError, match="--max-batch 4 needs the portable decoder"):
+        decode_rows(OtherDecoder(), 4)
