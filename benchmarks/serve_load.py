@@ -1,11 +1,14 @@
-"""Load test of `zspa-serve`: many concurrent streaming chat completions against one bundle.
+"""Load test of `zspa-serve`, continuous batching against one request at a time.
 
-Starts a real server (the same launcher the tests use), fires `--requests` streaming requests
-with at most `--concurrency` in flight through httpx, and prints what a capacity plan needs:
-errors by status, complete streams, time to first token and total latency (p50/p99, measured at
-the client, queueing included), and throughput. Default bundle: shapes-llava exported at keep 0.1.
+Each side is a real server process (the launcher the tests use) with its own `--max-batch`;
+the sides alternate over `--rounds`. Each is loaded with streaming requests at every
+`--concurrency` (concurrency × `--requests-per-slot` requests, each generating exactly
+`--max-tokens`), and the script prints, per side and concurrency, time to first token p50/p99
+(at the client, queueing included), generated tokens/s and errors, as median (min–max) over
+rounds, then the tokens/s ratio between the sides. Default: tiny-random-llava (576 visual
+tokens) exported at keep 0.1.
 
-    python benchmarks/serve_load.py --requests 128 --concurrency 32
+    python benchmarks/serve_load.py --batches 1,8 --concurrency 1,8,32,64 --rounds 3
 """
 
 from __future__ import annotations
@@ -24,6 +27,9 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
+from zspa.cli.common import int_list  # noqa: E402
+
+from machine import describe_machine  # noqa: E402
 from serving import chat_body, data_url, running_server  # noqa: E402 (the tests' server launcher)
 
 IMAGE = ROOT / "zspa" / "assets" / "shapes-example.png"
@@ -61,46 +67,84 @@ async def _load(url: str, bodies: list[dict], concurrency: int) -> tuple[list[di
         return results, time.perf_counter() - started
 
 
-def _report(results: list[dict], wall_s: float, concurrency: int) -> None:
-    statuses = collections.Counter(r["status"] for r in results)
+def _summary(results: list[dict], wall_s: float) -> dict:
     complete = [r for r in results if r["status"] == 200 and r["done"]]
-    print(f"requests {len(results)}, concurrency {concurrency}: {len(complete)} complete streams; "
-          f"statuses {dict(statuses)}")
-    if not complete:
-        return
-    ttft = np.array([r["ttft"] for r in complete if r["ttft"] is not None]) * 1000
-    latency = np.array([r["latency"] for r in complete]) * 1000
-    tokens = sum(r["tokens"] for r in complete)
-    print(f"time to first token: p50 {np.percentile(ttft, 50):.0f} ms, p99 {np.percentile(ttft, 99):.0f} ms")
-    print(f"request latency:     p50 {np.percentile(latency, 50):.0f} ms, p99 {np.percentile(latency, 99):.0f} ms")
-    print(f"throughput: {len(complete) / wall_s:.1f} requests/s, {tokens / wall_s:.0f} generated tokens/s "
-          f"over {wall_s:.1f} s")
+    ttft = np.array([r["ttft"] for r in complete if r["ttft"] is not None] or [np.nan]) * 1000
+    return {"errors": len(results) - len(complete), "statuses": collections.Counter(r["status"] for r in results),
+            "ttft_p50": float(np.percentile(ttft, 50)), "ttft_p99": float(np.percentile(ttft, 99)),
+            "tokens_per_s": sum(r["tokens"] for r in complete) / wall_s,
+            "requests_per_s": len(complete) / wall_s}
+
+
+def _spread(values: list[float], digits: int = 0) -> str:
+    """Median (min–max) over rounds."""
+    return f"{np.median(values):.{digits}f} ({min(values):.{digits}f}–{max(values):.{digits}f})"
+
+
+def _bodies(args: argparse.Namespace, count: int) -> list[dict]:
+    image = data_url(IMAGE.read_bytes(), "image/png")
+    extra = {"keep": args.keep} if args.keep is not None else {}
+    return [chat_body(image, QUESTIONS[i % len(QUESTIONS)], model="bench", stream=True, temperature=0,
+                      max_tokens=args.max_tokens, ignore_eos=True, stream_options={"include_usage": True}, **extra)
+            for i in range(count)]
+
+
+def _run_side(bundle: Path, max_batch: int, args: argparse.Namespace, log: Path) -> dict[int, dict]:
+    """One server process with `--max-batch max_batch`, loaded at every concurrency in turn."""
+    figures = {}
+    with running_server(bundle, log, "--served-model-name", "bench", "--max-batch", str(max_batch),
+                        "--max-queue", str(max(args.concurrency) * args.requests_per_slot), "--log-level",
+                        "warning") as server:
+        url = f"{server.url}/v1/chat/completions"
+        asyncio.run(_load(url, _bodies(args, 4), 4))  # untimed: first calls at new batch shapes
+        for concurrency in args.concurrency:
+            count = max(16, concurrency * args.requests_per_slot)
+            figures[concurrency] = _summary(*asyncio.run(_load(url, _bodies(args, count), concurrency)))
+    return figures
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--bundle", type=Path, default=None, help="default: shapes-llava exported at keep 0.1")
-    parser.add_argument("--requests", type=int, default=128)
-    parser.add_argument("--concurrency", type=int, default=32)
-    parser.add_argument("--max-tokens", type=int, default=16)
-    parser.add_argument("--keep", type=float, default=None, help="default: the bundle's smallest")
+    parser.add_argument("--model", default="tiny-random-llava", help="built-in model to export at --keep")
+    parser.add_argument("--bundle", type=Path, default=None, help="an exported bundle instead of --model")
+    parser.add_argument("--keep", type=float, default=0.1)
+    parser.add_argument("--batches", type=int_list, default=[1, 8], help="the --max-batch of each side")
+    parser.add_argument("--concurrency", type=int_list, default=[1, 8, 32, 64])
+    parser.add_argument("--requests-per-slot", type=int, default=4, help="requests = concurrency × this (≥ 16)")
+    parser.add_argument("--max-tokens", type=int, default=32, help="generated per request (EOS ignored)")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds; the sides alternate within each")
     args = parser.parse_args()
+    print(describe_machine())
     with tempfile.TemporaryDirectory() as tmp:
         bundle = args.bundle
         if bundle is None:
             from zspa.export.exporter import ExportOptions, export_bundle
 
-            bundle = Path(tmp) / "shapes"
-            export_bundle(ExportOptions("shapes-llava", bundle, keeps=[0.1], progress=False))
-        image = data_url(IMAGE.read_bytes(), "image/png")
-        extra = {"keep": args.keep} if args.keep is not None else {}
-        bodies = [chat_body(image, QUESTIONS[i % len(QUESTIONS)], model="bench", stream=True, temperature=0,
-                            max_tokens=args.max_tokens, stream_options={"include_usage": True}, **extra)
-                  for i in range(args.requests)]
-        with running_server(bundle, Path(tmp) / "server.log", "--served-model-name", "bench",
-                            "--max-queue", str(args.requests), "--log-level", "warning") as server:
-            results, wall_s = asyncio.run(_load(f"{server.url}/v1/chat/completions", bodies, args.concurrency))
-        _report(results, wall_s, args.concurrency)
+            bundle = Path(tmp) / "bundle"
+            export_bundle(ExportOptions(args.model, bundle, keeps=[args.keep], progress=False))
+        rounds: dict[int, list[dict[int, dict]]] = {side: [] for side in args.batches}
+        for index in range(args.rounds):
+            order = args.batches if index % 2 == 0 else args.batches[::-1]
+            for side in order:
+                rounds[side].append(_run_side(bundle, side, args, Path(tmp) / f"server-{side}-{index}.log"))
+                print(f"round {index + 1}, --max-batch {side}: done", flush=True)
+    print(f"\n{bundle.name if args.bundle else args.model}, keep {args.keep:g}, {args.max_tokens} tokens per request, "
+          f"{args.rounds} rounds, median (min–max):")
+    print(f"{'max-batch':>9} {'conc.':>5} {'TTFT p50 ms':>22} {'TTFT p99 ms':>22} {'tokens/s':>22} {'errors':>6}")
+    for side in args.batches:
+        for concurrency in args.concurrency:
+            runs = [r[concurrency] for r in rounds[side]]
+            print(f"{side:>9} {concurrency:>5} {_spread([r['ttft_p50'] for r in runs]):>22} "
+                  f"{_spread([r['ttft_p99'] for r in runs]):>22} {_spread([r['tokens_per_s'] for r in runs]):>22} "
+                  f"{sum(r['errors'] for r in runs):>6}")
+    base = args.batches[0]
+    for batched in args.batches[1:]:
+        for concurrency in args.concurrency:
+            pairs = list(zip(rounds[base], rounds[batched]))  # the same round: neighbours in time
+            ratios = [b[concurrency]["tokens_per_s"] / a[concurrency]["tokens_per_s"] for a, b in pairs]
+            p99 = [b[concurrency]["ttft_p99"] / a[concurrency]["ttft_p99"] for a, b in pairs]
+            print(f"concurrency {concurrency}: tokens/s --max-batch {batched} ÷ {base} = {_spread(ratios, 2)}; "
+                  f"TTFT p99 ratio {_spread(p99, 2)}")
 
 
 if __name__ == "__main__":

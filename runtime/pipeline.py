@@ -39,7 +39,8 @@ class Request:
     kept_count: int
     params: SamplingParams
     limits: Limits
-    started: float
+    started: float  # when the request was made: its time to first token counts from here
+    prepared_ms: float  # decoding and preprocessing the image
 
 
 class GenerationStream:
@@ -137,8 +138,9 @@ class Pipeline:
                 method: str | None = None, max_new_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0,
                 top_k: int = 0, seed: int | None = None, stop: list[str] | None = None,
                 ignore_eos: bool = False) -> Request:
-        """Checks a request and decodes its image (so a bad one fails here, not mid-stream); the
-        keywords are `generate`'s."""
+        """Checks a request and decodes and preprocesses its image (so a bad one fails here, not
+        mid-stream); the keywords are `generate`'s. Thread-safe: the service runs it in the
+        request's thread, off the decoding worker."""
         keep = self.bundle.keeps(method)[0] if keep is None else validate_keep(keep)
         pruner = self.bundle.pruner_for(keep, method)
         params = SamplingParams(temperature, top_p, top_k, seed)
@@ -163,7 +165,8 @@ class Pipeline:
             )
         eos = set() if ignore_eos else set(self.bundle.manifest.text.eos_token_ids)
         limits = Limits(max_new_tokens, list(stop or []), eos, self.max_context)
-        return Request(vision_input, built, pruner, kept_count, params, limits, started)
+        return Request(vision_input, built, pruner, kept_count, params, limits, started,
+                       (time.perf_counter() - started) * 1000.0)
 
     def prefill(self, request: Request) -> tuple[Sequence, np.ndarray]:
         """Vision, embed, prune and prefill for one request, on `self.decoder` (whose KV cache then
@@ -173,12 +176,12 @@ class Pipeline:
         num_tokens = vision_input.num_tokens
         stats = GenerationStats(num_tokens, request.kept_count, 0)
         timings = stats.timings_ms
-        features, cache_key = None, None
+        features, cache_key, looked_up = None, None, time.perf_counter()
         if self.vision_cache is not None:  # the digest counts as preprocessing; a hit skips the vision stage
             cache_key = self.vision_cache.key(vision_input.feeds)
             features = self.vision_cache.get(cache_key)
             stats.vision_cache_hit = features is not None
-        timings["preprocess"] = (time.perf_counter() - request.started) * 1000.0
+        timings["preprocess"] = request.prepared_ms + (time.perf_counter() - looked_up) * 1000.0
         if features is None:
             with _Timer(timings, "vision"):
                 features = self.vision.run(vision_input.feeds)[0]

@@ -43,7 +43,7 @@ async def _serve(pipeline, images, requests, max_batch: int) -> tuple[list, list
 
     scheduler._rows.step = counted
     loop = asyncio.get_running_loop()
-    jobs = [Job(images[image], pipeline.prompts.build(question), options, options["keep"], "zspa", True, loop)
+    jobs = [Job(pipeline.request(images[image], question, **options), options["keep"], "zspa", True, loop)
             for image, question, options in requests]
     scheduler.start(warmup=False)
     for job in jobs:

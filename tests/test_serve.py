@@ -374,8 +374,8 @@ def test_foreign_host_names_and_non_json_posts_are_refused(server, photo_url):
     ("127.0.0.1", ["*"], None),
 ])
 def test_allowed_hosts_follow_the_bound_address(bound, extra, expected):
-    from zspa.cli.serve import allowed_hosts
     from zspa.runtime.server.app import host_name
+    from zspa.runtime.server.settings import allowed_hosts
 
     assert allowed_hosts(bound, extra) == (None if expected is None else frozenset(expected))
     assert [host_name(h) for h in ("LocalHost:8000", "[::1]:80", "::1", "10.0.0.1")] == [

@@ -116,13 +116,13 @@ def create_app(pipeline: Pipeline, settings: ServerSettings) -> FastAPI:
 
     @app.get("/health")
     async def health():
-        if scheduler.failure:
-            return JSONResponse({"status": "error", "error": scheduler.failure}, status_code=503)
+        if scheduler.problem:
+            return JSONResponse({"status": "error", "error": scheduler.problem}, status_code=503)
         return {"status": "ok"}
 
     @app.get("/ready")
     async def ready():
-        state = ("error" if scheduler.failure else "draining" if app.state.draining
+        state = ("error" if scheduler.problem else "draining" if app.state.draining
                  else "ready" if scheduler.ready.is_set() else "loading")
         return JSONResponse({"status": state}, status_code=200 if state == "ready" else 503)
 
@@ -160,8 +160,8 @@ def create_app(pipeline: Pipeline, settings: ServerSettings) -> FastAPI:
                            f"{settings.model_name!r} (GET /v1/models)", param="model", code="model_not_found")
         # Image download and decoding run in a thread: the client gets its 504 at the deadline.
         prepared = await _within(deadline, settings, run_in_threadpool(prepare, body, pipeline, settings))
-        job = Job(prepared.image, prepared.prompt, prepared.options, prepared.keep, prepared.method, body.stream,
-                  asyncio.get_running_loop(), arrived=arrived)
+        job = Job(prepared.request, prepared.keep, prepared.method, body.stream, asyncio.get_running_loop(),
+                  arrived=arrived)
         try:
             scheduler.submit(job)
         except QueueFull as full:
@@ -210,8 +210,8 @@ def _require_json(request: Request) -> None:
 def _require_serving(app: FastAPI, scheduler: Scheduler) -> None:
     if app.state.draining:
         raise APIError(503, "the server is shutting down", type="server_error", code="draining")
-    if scheduler.failure:
-        raise APIError(503, f"the model cannot run: {scheduler.failure}", type="server_error", code="not_ready")
+    if scheduler.problem:
+        raise APIError(503, f"the model cannot run: {scheduler.problem}", type="server_error", code="not_ready")
     if not scheduler.ready.is_set():
         raise APIError(503, "the model is still warming up; poll GET /ready", type="server_error", code="not_ready",
                        headers={"Retry-After": "1"})
@@ -254,6 +254,8 @@ async def _next_event(job: Job, deadline: float, settings: ServerSettings, reque
         if remaining <= 0:
             job.cancel("timeout")
             raise timed_out(settings.request_timeout_s)
+        if not job.events.empty():  # under load the next event is usually there: no timer task for it
+            return job.events.get_nowait()
         wait = min(remaining, _DISCONNECT_POLL_S) if request is not None else remaining
         try:
             return await asyncio.wait_for(job.events.get(), wait)
@@ -276,13 +278,20 @@ async def _sse(job: Job, deadline: float, settings: ServerSettings, request_id: 
 
     try:
         yield chunk({"role": "assistant", "content": ""})
+        pending = None
         while True:
             try:
-                kind, value = await _next_event(job, deadline, settings)
+                kind, value = pending or await _next_event(job, deadline, settings)
             except APIError as error:
                 yield event(error.body())
                 return
+            pending = None
             if kind == "delta":
+                while not job.events.empty():  # deltas the client has not taken yet leave as one chunk
+                    pending = job.events.get_nowait()
+                    if pending[0] != "delta":
+                        break
+                    value, pending = value + pending[1], None
                 yield chunk({"content": value})
             elif kind == "error":
                 yield event(value.body())

@@ -1,4 +1,4 @@
-"""A validated chat request → what the pipeline takes: one decoded image, a templated prompt, options.
+"""A validated chat request → what the pipeline takes: one preprocessed image, a templated prompt, options.
 
 Everything here can fail on the client's input, so every error names the request field it came
 from; it runs in a worker thread of the event loop (image decoding is CPU work).
@@ -9,13 +9,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from PIL import Image
-
 from zspa.errors import InvalidInputError
 from zspa.pruning.budget import validate_keep
 from zspa.runtime.images import load_image
-from zspa.runtime.pipeline import Pipeline
-from zspa.runtime.prompting import Prompt
+from zspa.runtime.pipeline import Pipeline, Request
 from zspa.runtime.server.errors import invalid
 from zspa.runtime.server.image_urls import image_bytes
 from zspa.runtime.server.protocol import ChatCompletionRequest, Message
@@ -24,9 +21,7 @@ from zspa.runtime.server.settings import ServerSettings
 
 @dataclass(frozen=True)
 class PreparedRequest:
-    image: Image.Image
-    prompt: Prompt
-    options: dict[str, Any]  # Pipeline.generate keywords
+    request: Request  # checked, its image preprocessed: the worker only prefills and decodes it
     keep: float
     method: str  # "none" when keep is 1.0
 
@@ -53,7 +48,11 @@ def prepare(request: ChatCompletionRequest, pipeline: Pipeline, settings: Server
         "temperature": request.temperature, "top_p": request.top_p, "top_k": request.top_k, "seed": request.seed,
         "stop": request.stop, "ignore_eos": request.ignore_eos,
     }
-    return PreparedRequest(image, prompt, options, keep, method)
+    try:
+        prepared = pipeline.request(image, prompt, **options)
+    except InvalidInputError as exc:
+        raise invalid(str(exc), "messages") from None
+    return PreparedRequest(prepared, keep, method)
 
 
 def _transformers_messages(messages: list[Message]) -> tuple[list[dict[str, Any]], tuple[str, str]]:

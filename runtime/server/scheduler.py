@@ -23,8 +23,7 @@ from PIL import Image
 
 from zspa.errors import ZspaError
 from zspa.runtime.batching import decode_rows
-from zspa.runtime.pipeline import Pipeline
-from zspa.runtime.prompting import Prompt
+from zspa.runtime.pipeline import Pipeline, Request
 from zspa.runtime.sequence import Sequence
 from zspa.runtime.server.errors import INTERNAL, from_zspa_error
 from zspa.runtime.server.metrics import ServerMetrics
@@ -40,9 +39,7 @@ class QueueFull(Exception):
 
 @dataclass
 class Job:
-    image: Image.Image
-    prompt: Prompt
-    options: dict[str, Any]  # Pipeline.generate keywords
+    request: Request
     keep: float
     method: str
     stream: bool  # send text deltas; a plain request waits for the result only
@@ -96,6 +93,15 @@ class Scheduler:
         self._thread.join(timeout_s)
 
     @property
+    def problem(self) -> str | None:
+        """Why this scheduler cannot serve (a failed warm-up, a dead worker), or None."""
+        if self.failure:
+            return self.failure
+        if self.ready.is_set() and not self._thread.is_alive():
+            return "the pipeline worker has stopped"
+        return None
+
+    @property
     def depth(self) -> int:
         return self._queue.qsize()
 
@@ -109,7 +115,7 @@ class Scheduler:
     def _work(self) -> None:
         try:
             if self._warmup:
-                self._warm_up()
+                warm_up(self.pipeline)
             self.ready.set()
         except Exception as exc:  # a bundle that loads but cannot run: /health reports it
             log.exception("warm-up failed")
@@ -133,16 +139,6 @@ class Scheduler:
                 rows = self._step(rows)
                 self.metrics.running.set(len(rows))
 
-    def _warm_up(self) -> None:
-        """One short generation per keep of every method, so the first request pays no first-run costs."""
-        bundle = self.pipeline.bundle
-        height, width = bundle.manifest.vision.image_size or (448, 448)  # dynamic resolution: a typical size
-        image = Image.new("RGB", (width, height), (128, 128, 128))
-        settings = {(keep, method) for method in bundle.methods or [None] for keep in bundle.keeps(method)}
-        for keep, method in sorted(settings, key=str):
-            self.pipeline.generate(image, "warm up", keep=keep, method=method, max_new_tokens=2)
-        log.info("warmed up %d setting(s)", len(settings))
-
     def _admit(self, job: Job) -> _Row | None:
         """Vision, pruning and prefill for a waiting job, then its first token; it joins the batch
         unless that token already ends it."""
@@ -151,7 +147,7 @@ class Scheduler:
             return None
         self.metrics.queue_wait.observe(time.monotonic() - job.arrived)
         try:
-            answer, logits = self.pipeline.prefill(self.pipeline.request(job.image, job.prompt, **job.options))
+            answer, logits = self.pipeline.prefill(job.request)
             job.emit("started")
             row = _Row(job, answer, time.monotonic())
             if self._take(row, logits):
@@ -202,3 +198,14 @@ class Scheduler:
         job.emit("done", answer.result)
         self._service_s = 0.8 * self._service_s + 0.2 * (time.monotonic() - row.admitted)
         return False
+
+
+def warm_up(pipeline: Pipeline) -> None:
+    """One short generation per keep of every method, so the first request pays no first-run costs."""
+    bundle = pipeline.bundle
+    height, width = bundle.manifest.vision.image_size or (448, 448)  # dynamic resolution: a typical size
+    image = Image.new("RGB", (width, height), (128, 128, 128))
+    settings = {(keep, method) for method in bundle.methods or [None] for keep in bundle.keeps(method)}
+    for keep, method in sorted(settings, key=str):
+        pipeline.generate(image, "warm up", keep=keep, method=method, max_new_tokens=2)
+    log.info("warmed up %d setting(s)", len(settings))

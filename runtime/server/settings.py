@@ -8,6 +8,9 @@ from zspa.runtime.images import DEFAULT_MAX_PIXELS
 from zspa.runtime.server.remote_images import FetchPolicy
 
 MiB = 1024 * 1024
+API_KEY_ENV = "ZSPA_API_KEY"
+LOOPBACK = frozenset({"127.0.0.1", "::1", "localhost"})
+WILDCARD = frozenset({"0.0.0.0", "::", ""})
 
 
 @dataclass(frozen=True)
@@ -52,3 +55,13 @@ class ServerSettings:
         for name in ("request_timeout_s", "remote_image_timeout_s"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+
+
+def allowed_hosts(bound: str, extra: list[str] | None) -> frozenset[str] | None:
+    """The Host names the service answers: loopback names on loopback, the bound address when bound
+    to one, anything on a wildcard bind; plus `extra` ('*': anything)."""
+    extra = extra or []
+    if "*" in extra or (bound in WILDCARD and not extra):
+        return None
+    own = LOOPBACK if bound in LOOPBACK else set() if bound in WILDCARD else {bound.strip("[]").lower()}
+    return frozenset(own | set(extra))

@@ -14,10 +14,7 @@ from pathlib import Path
 
 from zspa.cli.common import add_backend_flags, add_debug_flag, backend_options, run_command
 from zspa.errors import ZspaError
-
-API_KEY_ENV = "ZSPA_API_KEY"
-_LOOPBACK = {"127.0.0.1", "::1", "localhost"}
-_WILDCARD = {"0.0.0.0", "::", ""}
+from zspa.runtime.server.settings import API_KEY_ENV, LOOPBACK, allowed_hosts
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -76,8 +73,29 @@ def build_parser() -> argparse.ArgumentParser:
                          help="position ids of kept visual tokens (default: the bundle's)")
     runtime.add_argument("--no-warmup", action="store_true", help="report ready without a warm-up generation")
     runtime.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    scale = parser.add_argument_group("scale-out on Ray Serve (pip install 'zspa[ray]')")
+    scale.add_argument("--ray", action="store_true",
+                       help="serve through Ray Serve: one pipeline per replica, health checks and restarts; Ray's "
+                            "proxy listens on --host/--port (a local Ray instance, or the cluster RAY_ADDRESS names)")
+    scale.add_argument("--replicas", type=int, default=1, help="with --ray: replicas (fixed)")
+    scale.add_argument("--autoscale", type=_replica_range, default=None, metavar="MIN:MAX",
+                       help="with --ray: autoscale between MIN and MAX replicas on requests waiting per replica")
+    scale.add_argument("--replica-cpus", type=float, default=1.0, help="with --ray: CPUs each replica reserves")
+    scale.add_argument("--replica-gpus", type=float, default=0.0,
+                       help="with --ray: GPUs each replica reserves (0.5: two replicas share one)")
     add_debug_flag(parser)
     return parser
+
+
+def _replica_range(text: str) -> tuple[int, int]:
+    low, _, high = text.partition(":")
+    try:
+        low_n, high_n = int(low), int(high)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected MIN:MAX replicas, got {text!r}") from None
+    if not 0 <= low_n <= high_n or high_n < 1:
+        raise argparse.ArgumentTypeError(f"need 0 ≤ MIN ≤ MAX and MAX ≥ 1, got {text!r}")
+    return low_n, high_n
 
 
 def _serve(args: argparse.Namespace) -> None:
@@ -109,13 +127,16 @@ def _serve(args: argparse.Namespace) -> None:
         raise ZspaError(str(exc)) from None
     if args.vision_cache_mb < 0:
         raise ZspaError(f"--vision-cache-mb must be ≥ 0, got {args.vision_cache_mb:g}")
-    pipeline = Pipeline.load(args.bundle, **backend_options(args), positions=args.positions,
-                             max_image_pixels=args.max_image_pixels,
-                             vision_cache_bytes=int(args.vision_cache_mb * 1024 * 1024))
-    if args.host not in _LOOPBACK and settings.api_key is None:
+    options = {**backend_options(args), "positions": args.positions, "max_image_pixels": args.max_image_pixels,
+               "vision_cache_bytes": int(args.vision_cache_mb * 1024 * 1024)}
+    if args.host not in LOOPBACK and settings.api_key is None:
         logging.getLogger("zspa.serve").warning(
             "listening on %s without an API key: anyone who can reach this port can use the model "
             "(set %s or --api-key)", args.host, API_KEY_ENV)
+    if args.ray:
+        _serve_on_ray(args, settings, options)
+        return
+    pipeline = Pipeline.load(args.bundle, **options)
     app = create_app(pipeline, settings)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                             timeout_graceful_shutdown=args.drain_timeout)
@@ -130,18 +151,45 @@ def _serve(args: argparse.Namespace) -> None:
     DrainingServer(config).run()
 
 
+def _serve_on_ray(args: argparse.Namespace, settings, options: dict) -> None:
+    """The same app on Ray Serve; returns after SIGTERM or Ctrl-C, once Serve has shut down."""
+    import signal
+    import threading
+
+    from zspa.runtime.bundle import Bundle
+
+    if args.replicas < 1:
+        raise ZspaError(f"--replicas must be ≥ 1, got {args.replicas}")
+    Bundle.open(args.bundle, trust=options["trust"])  # a bad bundle fails here, not in every replica
+    try:
+        import ray
+        from ray import serve
+
+        from zspa.runtime.server.ray_serve import ReplicaSpec, zspa_application
+    except ImportError as exc:
+        raise ZspaError(f"--ray needs the ray extra ({exc.name} is missing): pip install 'zspa[ray]'") from None
+    autoscaling = None if args.autoscale is None else {"min_replicas": args.autoscale[0],
+                                                       "max_replicas": args.autoscale[1]}
+    spec = ReplicaSpec(str(Path(args.bundle).resolve()), options, settings)
+    ray.init(**({} if os.environ.get("RAY_ADDRESS") else {"include_dashboard": False}))
+    try:
+        serve.start(http_options={"host": args.host, "port": args.port})
+        serve.run(zspa_application(spec, replicas=args.replicas, autoscaling=autoscaling, num_cpus=args.replica_cpus,
+                                   num_gpus=args.replica_gpus, drain_timeout_s=args.drain_timeout),
+                  name="zspa", route_prefix="/")
+        logging.getLogger("zspa.serve").info("serving on Ray Serve at http://%s:%d", args.host, args.port)
+        stop = threading.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):  # after ray.init: replaces Ray's own stack-dumping handler
+            signal.signal(sig, lambda *_: stop.set())
+        while not stop.wait(1.0):
+            pass
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
 def _names(text: str) -> list[str]:
     return [name.strip().lower() for name in text.split(",") if name.strip()]
-
-
-def allowed_hosts(bound: str, extra: list[str] | None) -> frozenset[str] | None:
-    """The Host names the service answers: loopback names on loopback, the bound address when bound
-    to one, anything on a wildcard bind; plus `extra` ('*': anything)."""
-    extra = extra or []
-    if "*" in extra or (bound in _WILDCARD and not extra):
-        return None
-    own = _LOOPBACK if bound in _LOOPBACK else set() if bound in _WILDCARD else {bound.strip("[]").lower()}
-    return frozenset(own | set(extra))
 
 
 def main(argv: list[str] | None = None) -> int:
