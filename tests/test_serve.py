@@ -53,9 +53,10 @@ def long_bundle(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def busy_server(long_bundle, tmp_path_factory):
-    """One waiting slot, a 2-second timeout, remote images allowed (loopback ones too)."""
+    """Two rows decoding, one waiting slot, a 2-second timeout, remote images allowed (loopback ones too)."""
     log = tmp_path_factory.mktemp("serve-busy") / "server.log"
-    with running_server(long_bundle, log, "--served-model-name", MODEL, "--max-queue", "1", "--request-timeout", "2",
+    with running_server(long_bundle, log, "--served-model-name", MODEL, "--max-batch", "2", "--max-queue", "1",
+                        "--request-timeout", "2",
                         "--allow-remote-images", "--allow-private-image-hosts") as running:
         yield running
 
