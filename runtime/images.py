@@ -96,8 +96,8 @@ def _normalisation_table(rescale_factor: float, mean: tuple[float, ...], std: tu
     return np.ascontiguousarray(table.T)
 
 
-def preprocess(image: Image.Image, spec: VisionSpec) -> np.ndarray:
-    """RGB PIL image → `pixel_values` float32 [1, 3, H, W] (the "clip" kind)."""
+def clip_pixels(image: Image.Image, spec: VisionSpec) -> np.ndarray:
+    """RGB PIL image → the resized, center-cropped uint8 pixels [H, W, 3] (the "clip" kind)."""
     if spec.resize_shortest_edge is not None:
         height, width = resized_size(image.height, image.width, spec.resize_shortest_edge)
         image = image.resize((width, height), resample=Image.Resampling(spec.resample))
@@ -109,7 +109,12 @@ def preprocess(image: Image.Image, spec: VisionSpec) -> np.ndarray:
         if top < 0 or left < 0:
             raise InvalidInputError(f"image of {pixels.shape[1]}x{pixels.shape[0]} is smaller than the crop")
         pixels = pixels[top : top + crop_h, left : left + crop_w]
-    return normalise(pixels, spec)[None]
+    return pixels
+
+
+def preprocess(image: Image.Image, spec: VisionSpec) -> np.ndarray:
+    """RGB PIL image → `pixel_values` float32 [1, 3, H, W] (the "clip" kind)."""
+    return normalise(clip_pixels(image, spec), spec)[None]
 
 
 @dataclass(frozen=True)
@@ -118,6 +123,7 @@ class VisionInput:
 
     feeds: dict[str, np.ndarray]
     grid: tuple[int, int, int]  # (t, h, w) of the visual tokens, in the order the graph emits them
+    pixels: np.ndarray  # the resized uint8 image [H, W, 3] the feeds are computed from, and from it alone
 
     @property
     def num_tokens(self) -> int:
@@ -133,5 +139,6 @@ def prepare_vision(image: Image.Image, spec: VisionSpec) -> VisionInput:
     if spec.kind == "clip":
         side = math.isqrt(spec.num_tokens)
         grid = (1, side, side) if side * side == spec.num_tokens else (1, 1, spec.num_tokens)
-        return VisionInput({"pixel_values": preprocess(image, spec)}, grid)
+        pixels = clip_pixels(image, spec)
+        return VisionInput({"pixel_values": normalise(pixels, spec)[None]}, grid, pixels)
     raise BundleError(f"manifest.json: unknown vision preprocessing kind {spec.kind!r}; upgrade zspa")

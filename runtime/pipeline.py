@@ -166,7 +166,7 @@ class Pipeline:
             )
         eos = set() if ignore_eos else set(self.bundle.manifest.text.eos_token_ids)
         limits = Limits(max_new_tokens, list(stop or []), eos, self.max_context)
-        vision_key = None if self.vision_cache is None else self.vision_cache.key(vision_input.feeds)
+        vision_key = None if self.vision_cache is None else self.vision_cache.key(vision_input.pixels)
         return Request(vision_input, built, pruner, kept_count, params, limits, started,
                        (time.perf_counter() - started) * 1000.0, vision_key)
 

@@ -85,18 +85,20 @@ def window_slots(bounds: np.ndarray, window_patches: int) -> tuple[np.ndarray, n
     return slots, positions
 
 
-def prepare_qwen(image: Image.Image, spec: VisionSpec) -> tuple[dict[str, np.ndarray], tuple[int, int, int]]:
-    """RGB image → the vision graph's feeds and the merged token grid (t, h, w)."""
+def prepare_qwen(image: Image.Image, spec: VisionSpec
+                 ) -> tuple[dict[str, np.ndarray], tuple[int, int, int], np.ndarray]:
+    """RGB image → the vision graph's feeds, the merged token grid (t, h, w) and the resized
+    uint8 pixels the feeds come from."""
     from zspa.runtime.images import normalise
 
     factor = spec.patch_size * spec.merge_size
     height, width = smart_resize(image.height, image.width, factor, spec.min_pixels, spec.max_pixels)
     resized = image.resize((width, height), resample=Image.Resampling(spec.resample))
-    pixels = normalise(np.asarray(resized), spec)
+    pixels = np.asarray(resized)
     grid_h, grid_w = height // spec.patch_size, width // spec.patch_size
-    feeds = {"pixel_values": patchify(pixels, spec),
+    feeds = {"pixel_values": patchify(normalise(pixels, spec), spec),
              **vision_indices(grid_h, grid_w, spec.merge_size, spec.window_size, spec.patch_size)}
-    return feeds, (1, grid_h // spec.merge_size, grid_w // spec.merge_size)
+    return feeds, (1, grid_h // spec.merge_size, grid_w // spec.merge_size), pixels
 
 
 def vision_indices(grid_h: int, grid_w: int, merge: int, window_size: int, patch_size: int) -> dict[str, np.ndarray]:

@@ -1,9 +1,11 @@
 """An LRU of vision-graph outputs, bounded in bytes: several questions about one camera frame,
 or a multi-turn chat about one photo, run the vision graph once.
 
-Keyed by a digest of the vision graph's feeds, i.e. of the decoded pixels after this bundle's
-preprocessing: the same image sent as PNG and as a byte-identical re-encode hits; a resized one
-does not. Thread-safe (a server may prepare requests on several threads).
+Keyed by a digest of the image after this bundle's resize and crop (uint8, before
+normalisation): the vision graph's feeds are a function of those pixels alone, and hashing
+them costs a seventh of hashing the float32 feeds. The same image sent as PNG and as a
+byte-identical re-encode hits; a resized one does not. One cache serves one bundle (the
+preprocessing is the bundle's). Thread-safe (a server may prepare requests on several threads).
 """
 
 from __future__ import annotations
@@ -26,12 +28,11 @@ class VisionCache:
         self.hits = self.misses = 0
 
     @staticmethod
-    def key(feeds: dict[str, np.ndarray]) -> str:
-        digest = hashlib.blake2b(digest_size=32)
-        for name in sorted(feeds):
-            array = np.ascontiguousarray(feeds[name])
-            digest.update(f"{name}:{array.dtype.str}:{array.shape};".encode())
-            digest.update(array.data)
+    def key(pixels: np.ndarray) -> str:
+        """The digest of a preprocessed image (`VisionInput.pixels`): its shape, dtype and bytes."""
+        array = np.ascontiguousarray(pixels)
+        digest = hashlib.sha256(f"{array.dtype.str}:{array.shape};".encode())
+        digest.update(array.data)
         return digest.hexdigest()
 
     def get(self, key: str) -> np.ndarray | None:

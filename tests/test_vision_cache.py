@@ -10,15 +10,17 @@ from zspa.runtime.pipeline import Pipeline
 from zspa.runtime.vision_cache import VisionCache
 
 
-def _feeds(value: float, shape=(1, 3, 4, 4), dtype=np.float32):
-    return {"pixel_values": np.full(shape, value, dtype=dtype)}
+def _pixels(value: int, shape=(4, 4, 3), dtype=np.uint8):
+    return np.full(shape, value, dtype=dtype)
 
 
 def test_keys_follow_content_dtype_and_shape():
-    assert VisionCache.key(_feeds(1.0)) == VisionCache.key(_feeds(1.0))
-    others = [_feeds(2.0), _feeds(1.0, dtype=np.float16), _feeds(1.0, shape=(1, 3, 2, 8)),
-              {"pixel_values2": _feeds(1.0)["pixel_values"]}]
-    assert len({VisionCache.key(f) for f in [_feeds(1.0), *others]}) == 5
+    assert VisionCache.key(_pixels(1)) == VisionCache.key(_pixels(1))
+    others = [_pixels(2), _pixels(1, dtype=np.uint16), _pixels(1, shape=(2, 8, 3)),
+              np.asfortranarray(_pixels(1, shape=(4, 5, 3)))]
+    assert len({VisionCache.key(p) for p in [_pixels(1), *others]}) == 5
+    pixels = np.arange(60, dtype=np.uint8).reshape(4, 5, 3)
+    assert VisionCache.key(pixels[:, ::-1]) == VisionCache.key(np.ascontiguousarray(pixels[:, ::-1]))
 
 
 def test_least_recently_used_entries_leave_first_and_size_stays_bounded():
