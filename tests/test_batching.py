@@ -58,7 +58,11 @@ async def _serve(pipeline, images, requests, max_batch: int) -> tuple[list, list
     return finals, sizes
 
 
-def test_batched_rows_answer_as_they_would_alone(pipeline, images):
+@pytest.mark.parametrize("family", ["pipeline", "qwen_pipeline"])
+def test_batched_rows_answer_as_they_would_alone(family, images, request):
+    """LLaVA's 576-token grid, and Qwen2.5-VL's dynamic grids with M-RoPE positions ([3, B, 1]
+    per step, each row at its own position) under the same left padding."""
+    pipeline = request.getfixturevalue(family)
     finals, sizes = asyncio.run(_serve(pipeline, images, REQUESTS, max_batch=3))
     assert max(sizes) == 3 and min(sizes) < 3  # rows really shared steps, and the batch shrank and refilled
     for (image, question, options), ((kind, result), streamed) in zip(REQUESTS, finals):
