@@ -1,7 +1,8 @@
 """Load test of `zspa-serve`, continuous batching against one request at a time.
 
 Each side is a real server process (the launcher the tests use) with its own `--max-batch`;
-the sides alternate over `--rounds`. Each is loaded with streaming requests at every
+all run at once (the others idle while one is loaded) and take turns at each concurrency, in an order that flips every
+round, over `--rounds`. Each is loaded with streaming requests at every
 `--concurrency` (concurrency × `--requests-per-slot` requests, each generating exactly
 `--max-tokens`), and the script prints, per side and concurrency, time to first token p50/p99
 (at the client, queueing included), generated tokens/s and errors, as median (min–max) over
@@ -16,6 +17,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
+import contextlib
 import io
 import itertools
 import json
@@ -117,18 +119,35 @@ def _size(text: str) -> tuple[int, int]:
     return int(width), int(height)
 
 
-def _run_side(bundle: Path, max_batch: int, args: argparse.Namespace, log: Path) -> dict[int, dict]:
-    """One server process with `--max-batch max_batch`, loaded at every concurrency in turn."""
-    figures = {}
-    with running_server(bundle, log, "--served-model-name", "bench", "--max-batch", str(max_batch),
-                        "--max-queue", str(max(args.concurrency) * args.requests_per_slot), "--log-level",
-                        "warning") as server:
-        url = f"{server.url}/v1/chat/completions"
-        asyncio.run(_load(url, _bodies(args, 4), 4))  # untimed: first calls at new batch shapes
+def _measure(urls: dict[int, str], args: argparse.Namespace) -> dict[int, list[dict[int, dict]]]:
+    """Every side at every concurrency, round after round; within a round the sides take turns at
+    each concurrency (their order flips every round), so the two figures of a pair are seconds
+    apart and the machine's drift over minutes falls on both."""
+    rounds: dict[int, list[dict[int, dict]]] = {side: [] for side in urls}
+    for index in range(args.rounds):
+        order = list(urls) if index % 2 == 0 else list(urls)[::-1]
+        for side in order:
+            rounds[side].append({})
         for concurrency in args.concurrency:
             count = max(16, concurrency * args.requests_per_slot)
-            figures[concurrency] = _summary(*asyncio.run(_load(url, _bodies(args, count), concurrency)))
-    return figures
+            for side in order:
+                rounds[side][index][concurrency] = _summary(*asyncio.run(_load(urls[side], _bodies(args, count),
+                                                                               concurrency)))
+        print(f"round {index + 1}: done", flush=True)
+    return rounds
+
+
+def _servers(bundle: Path, args: argparse.Namespace, logs: Path, stack: contextlib.ExitStack) -> dict[int, str]:
+    """One server process per side (`--max-batch`), started, ready and warmed up; an idle one costs
+    the other nothing measurable (its worker blocks on an empty queue)."""
+    urls = {}
+    for side in args.batches:
+        server = stack.enter_context(running_server(
+            bundle, logs / f"server-{side}.log", "--served-model-name", "bench", "--max-batch", str(side),
+            "--max-queue", str(max(args.concurrency) * args.requests_per_slot), "--log-level", "warning"))
+        urls[side] = f"{server.url}/v1/chat/completions"
+        asyncio.run(_load(urls[side], _bodies(args, 4), 4))  # untimed: first calls at new batch shapes
+    return urls
 
 
 def main() -> None:
@@ -140,7 +159,7 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int_list, default=[1, 8, 32, 64])
     parser.add_argument("--requests-per-slot", type=int, default=4, help="requests = concurrency × this (≥ 16)")
     parser.add_argument("--max-tokens", type=int, default=32, help="generated per request (EOS ignored)")
-    parser.add_argument("--rounds", type=int, default=3, help="rounds; the sides alternate within each")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds; the sides take turns within each")
     parser.add_argument("--image-size", type=_size, default=None, metavar="WxH",
                         help="resize the example image (224x224) to this; 672x672 gives Qwen2.5-VL 576 visual tokens")
     parser.add_argument("--same-image", action="store_true",
@@ -154,12 +173,8 @@ def main() -> None:
 
             bundle = Path(tmp) / "bundle"
             export_bundle(ExportOptions(args.model, bundle, keeps=[args.keep], progress=False))
-        rounds: dict[int, list[dict[int, dict]]] = {side: [] for side in args.batches}
-        for index in range(args.rounds):
-            order = args.batches if index % 2 == 0 else args.batches[::-1]
-            for side in order:
-                rounds[side].append(_run_side(bundle, side, args, Path(tmp) / f"server-{side}-{index}.log"))
-                print(f"round {index + 1}, --max-batch {side}: done", flush=True)
+        with contextlib.ExitStack() as stack:
+            rounds = _measure(_servers(bundle, args, Path(tmp), stack), args)
     size = "x".join(map(str, args.image_size or Image.open(IMAGE).size))
     images = f"{size} images, " + ("one for all (vision-cache hits)" if args.same_image else "a distinct one each")
     print(f"\n{bundle.name if args.bundle else args.model}, keep {args.keep:g}, {args.max_tokens} tokens per request, "
