@@ -107,8 +107,8 @@ def _bodies(args: argparse.Namespace, count: int) -> list[dict]:
     extra = {"keep": args.keep} if args.keep is not None else {}
     base = Image.open(IMAGE).convert("RGB")
     base = base.resize(args.image_size) if args.image_size else base
-    same = _frame(base, distinct=False)
-    return [chat_body(same if args.same_image else _frame(base, distinct=True), QUESTIONS[i % len(QUESTIONS)],
+    same = _frame(base, distinct=False) if args.same_image else None
+    return [chat_body(same or _frame(base, distinct=True), QUESTIONS[i % len(QUESTIONS)],
                       model="bench", stream=True, temperature=0, max_tokens=args.max_tokens, ignore_eos=True,
                       stream_options={"include_usage": True}, **extra)
             for i in range(count)]

@@ -1,6 +1,6 @@
 """Image loading with limits, and preprocessing that matches transformers' PIL image processors.
 
-`preprocess` reproduces CLIPImageProcessor's PIL path step for step: RGB conversion compositing
+`prepare_vision` reproduces CLIPImageProcessor's PIL path step for step: RGB conversion compositing
 transparency on white, shortest-edge resize with the same output-size arithmetic and PIL filter,
 center crop at floor offsets, rescale in float64 then float32, normalise in float32.
 """
@@ -115,11 +115,6 @@ def clip_pixels(image: Image.Image, spec: VisionSpec) -> np.ndarray:
             raise InvalidInputError(f"image of {pixels.shape[1]}x{pixels.shape[0]} is smaller than the crop")
         pixels = pixels[top : top + crop_h, left : left + crop_w]
     return pixels
-
-
-def preprocess(image: Image.Image, spec: VisionSpec) -> np.ndarray:
-    """RGB PIL image → `pixel_values` float32 [1, 3, H, W] (the "clip" kind)."""
-    return normalise(clip_pixels(image, spec), spec)[None]
 
 
 @dataclass(frozen=True)

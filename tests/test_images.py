@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from zspa.errors import InvalidInputError
-from zspa.runtime.images import load_image, preprocess
+from zspa.runtime.images import load_image, prepare_vision
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +44,7 @@ def test_preprocess_matches_transformers_pil_processor(tiny_hf, vision_spec, pho
     for name, image in cases:
         buffer = io.BytesIO()  # through encoded bytes, as the runtime receives images
         image.save(buffer, format="JPEG" if image.mode == "CMYK" else "PNG")
-        ours = preprocess(load_image(buffer.getvalue()), vision_spec)
+        ours = prepare_vision(load_image(buffer.getvalue()), vision_spec).feeds["pixel_values"]
         theirs = processor.image_processor(Image.open(io.BytesIO(buffer.getvalue())), return_tensors="np")
         theirs = theirs["pixel_values"]
         assert ours.shape == theirs.shape == (1, 3, 336, 336), name
