@@ -3,7 +3,11 @@
 - INT8 static Q/DQ (onnxruntime): symmetric int8 activations and per-channel int8 weights on
   Conv/MatMul/Gemm, ranges by MinMax over the calibration feeds. Symmetric because ARM cores
   (Jetson) and TensorRT both want it; only the matrix products, because LayerNorm and softmax
-  lose more accuracy in int8 than they save.
+  lose more accuracy in int8 than they save. Weights use 7 bits of the 8 (`reduce_range`): x86
+  CPUs without VNNI (AVX2 only, AMD Zen 2/3 among them) run u8×s8 products with VPMADDUBSW, which
+  saturates a pair of products at 16 bits; with |w| ≤ 64 a pair is at most 2·255·64 = 32,640 and
+  never saturates, so a bundle keeps the same accuracy on whatever CPU runs it (onnxruntime's
+  quantization docs: reduce_range or U8U8 there).
 - INT4 weight-only (onnxruntime MatMulNBits): block-wise symmetric round-to-nearest weights,
   activations kept in float; the decoder's memory traffic per token drops about 8x from fp32.
 - ModelOpt ONNX PTQ (INT8 / FP8): explicit Q/DQ graphs for TensorRT, calibrated on the same feeds.
@@ -51,12 +55,14 @@ def quantize_int8_static(source: Path, target: Path, feeds: list[Feeds], externa
         str(source), str(target), _FeedReader(feeds), quant_format=QuantFormat.QDQ,
         op_types_to_quantize=["Conv", "MatMul", "Gemm"], per_channel=True, activation_type=QuantType.QInt8,
         weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax,
-        use_external_data_format=external_data,
+        reduce_range=True, use_external_data_format=external_data,
         extra_options={"ActivationSymmetric": True, "WeightSymmetric": True},
     )
     declare_oldest_ir_version_in_file(target)
     return {"precision": "int8", "method": "onnxruntime static QDQ", "activations": "int8 symmetric, MinMax",
-            "weights": "int8 symmetric per-channel", "ops": ["Conv", "MatMul", "Gemm"], "samples": len(feeds)}
+            "weights": "int8 symmetric per-channel, 7-bit range [-64, 64]", "reduce_range": True,
+            "why_reduce_range": "no 16-bit saturation in x86 u8s8 kernels without VNNI (AVX2-only CPUs)",
+            "ops": ["Conv", "MatMul", "Gemm"], "samples": len(feeds)}
 
 
 def quantize_int4_weights(source: Path, target: Path, block_size: int = 32,

@@ -20,7 +20,9 @@ from zspa.runtime.bundle import Bundle
 from zspa.runtime.pipeline import Pipeline
 
 # Relative L2 error against fp32 on the calibration feeds, tiny random-weight model.
-VISION_INT8_TOLERANCE = 0.05  # measured 0.022
+# INT8 vision measured 0.029 on an Intel Xeon (AVX-512 VNNI) and under qemu's EPYC-Rome CPU (AVX2
+# only): 7-bit weights. Full 8-bit weights gave 0.022 on the Xeon but 0.104 on EPYC-Rome (saturation).
+VISION_INT8_TOLERANCE = 0.05
 DECODER_INT4_TOLERANCE = 0.5  # measured 0.32-0.39: Gaussian weights (σ 0.2) lose ~10 % per product to int4
 
 
@@ -129,6 +131,20 @@ def test_quantized_graphs_agree_with_fp32_within_tolerance(calibrated, tiny_bund
         for feeds in backend.records[name]:
             reference, output = fp32.run(None, feeds)[0], quantized.run(None, feeds)[0]
             assert np.linalg.norm(output - reference) / np.linalg.norm(reference) < tolerance, name
+
+
+def test_int8_weights_cannot_saturate_x86_kernels_without_vnni(calibrated):
+    """AVX2-only CPUs multiply u8 activations by s8 weights in pairs summed at 16 bits (VPMADDUBSW):
+    the graph must keep every pair within int16 whatever the activations, so |w| ≤ 64."""
+    model = onnx.load(str(calibrated / "vision.onnx"))
+    weights = {init.name: onnx.numpy_helper.to_array(init) for init in model.graph.initializer
+               if init.data_type == onnx.TensorProto.INT8}
+    dequantized = [weights[node.input[0]] for node in model.graph.node
+                   if node.op_type == "DequantizeLinear" and node.input[0] in weights]
+    assert len(dequantized) >= 4  # the projector and tower products
+    assert max(int(np.abs(w.astype(np.int32)).max()) for w in dequantized) * 255 * 2 <= np.iinfo(np.int16).max
+    record = Bundle.open(calibrated).manifest.graphs["vision"].quantization
+    assert record["reduce_range"] is True and "VNNI" in record["why_reduce_range"]
 
 
 def test_quantized_bundle_answers_through_the_runtime(calibrated, photo_path):
