@@ -3,6 +3,11 @@
 `prepare_vision` reproduces CLIPImageProcessor's PIL path step for step: RGB conversion compositing
 transparency on white, shortest-edge resize with the same output-size arithmetic and PIL filter,
 center crop at floor offsets, rescale in float64 then float32, normalise in float32.
+
+Memory per image is bounded by what is decoded, not by what a resize would make of it: a 98-byte
+6000×1 PNG resized to a shortest edge of 336 is a 2-million-pixel-wide image (6.7 GB in PIL), so
+past `FULL_RESIZE_PIXELS` only the region the crop keeps is resized, and aspect ratios past
+`MAX_ASPECT_RATIO` are refused before decoding.
 """
 
 from __future__ import annotations
@@ -21,6 +26,10 @@ from zspa.manifest import VisionSpec
 
 # Pixels, not bytes: a 50 MP photo is plausible, a 1 GP PNG of a few KB is a decompression bomb.
 DEFAULT_MAX_PIXELS = 50_000_000
+MAX_ASPECT_RATIO = 200  # Qwen2-VL's processor's own limit, applied to every family
+# A shortest-edge resize up to this many pixels is done whole, bit-identical to transformers (every
+# photo of a sane shape: 4032×3024 → 448×336); past it, only the cropped region is resized.
+FULL_RESIZE_PIXELS = 4_000_000
 
 ImageSource = str | Path | bytes | Image.Image
 # The decoders input may reach: the formats VLM inputs come in. Pillow knows dozens more, some
@@ -52,6 +61,8 @@ def load_image(source: ImageSource, *, max_pixels: int = DEFAULT_MAX_PIXELS,
         raise InvalidInputError(f"{name}: {width}x{height} is over the {max_pixels:,}-pixel limit")
     if width < 1 or height < 1:
         raise InvalidInputError(f"{name}: empty image")
+    if max(width, height) > MAX_ASPECT_RATIO * min(width, height):
+        raise InvalidInputError(f"{name}: {width}x{height} has an aspect ratio over {MAX_ASPECT_RATIO}:1")
     try:
         image.load()
         return _to_rgb(image)
@@ -64,12 +75,23 @@ def _format_names(formats: tuple[str, ...]) -> str:
     return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} or {names[-1]}"
 
 
+_COMPOSITE_ROWS = 256  # transparency is composited a band of rows at a time
+
+
 def _to_rgb(image: Image.Image) -> Image.Image:
-    if "A" in image.getbands() or image.info.get("transparency") is not None:
-        rgba = image.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
-    return image if image.mode == "RGB" else image.convert("RGB")  # RGB already: no copy
+    """RGB, transparency composited on white as transformers' `convert_rgb` does; band by band,
+    so a 50 MP RGBA image costs its RGB copy (3 bytes a pixel) and not four full-size buffers."""
+    if "A" not in image.getbands() and image.info.get("transparency") is None:
+        return image if image.mode == "RGB" else image.convert("RGB")  # RGB already: no copy
+    rgb = Image.new("RGB", image.size)
+    for top in range(0, image.height, _COMPOSITE_ROWS):
+        band = image.crop((0, top, image.width, min(top + _COMPOSITE_ROWS, image.height)))
+        if band.mode == "P":  # a palette's transparency travels in `info`, which crop keeps
+            band.info = image.info
+        composited = Image.new("RGBA", band.size, (255, 255, 255, 255))
+        composited.alpha_composite(band.convert("RGBA"))
+        rgb.paste(composited.convert("RGB"), (0, top))
+    return rgb
 
 
 def resized_size(height: int, width: int, shortest_edge: int) -> tuple[int, int]:
@@ -103,18 +125,43 @@ def _normalisation_table(rescale_factor: float, mean: tuple[float, ...], std: tu
 
 def clip_pixels(image: Image.Image, spec: VisionSpec) -> np.ndarray:
     """RGB PIL image → the resized, center-cropped uint8 pixels [H, W, 3] (the "clip" kind)."""
-    if spec.resize_shortest_edge is not None:
-        height, width = resized_size(image.height, image.width, spec.resize_shortest_edge)
-        image = image.resize((width, height), resample=Image.Resampling(spec.resample))
-    pixels = np.asarray(image)
-    if spec.center_crop:
-        crop_h, crop_w = spec.image_size
-        top = (pixels.shape[0] - crop_h) // 2
-        left = (pixels.shape[1] - crop_w) // 2
-        if top < 0 or left < 0:
-            raise InvalidInputError(f"image of {pixels.shape[1]}x{pixels.shape[0]} is smaller than the crop")
-        pixels = pixels[top : top + crop_h, left : left + crop_w]
-    return pixels
+    if spec.resize_shortest_edge is None:
+        return _center_crop(np.asarray(image), spec)
+    height, width = resized_size(image.height, image.width, spec.resize_shortest_edge)
+    resample = Image.Resampling(spec.resample)
+    if not spec.center_crop or height * width <= FULL_RESIZE_PIXELS:
+        return _center_crop(np.asarray(image.resize((width, height), resample=resample)), spec)
+    return np.asarray(_resize_cropped(image, (height, width), spec.image_size, resample))
+
+
+def _resize_cropped(image: Image.Image, resized: tuple[int, int], crop: tuple[int, int],
+                    resample: Image.Resampling) -> Image.Image:
+    """The center crop of `image` resized to `resized`, computing only the cropped pixels: one pass
+    per axis, horizontal first as PIL's full resize, each over the source span the crop maps to.
+    The same filter taps as the full resize; a coefficient's float rounding can move a pixel by 1."""
+    if resample == Image.Resampling.NEAREST:
+        raise InvalidInputError(f"image of {image.width}x{image.height} would resize to {resized[1]}x{resized[0]}, "
+                                f"over the {FULL_RESIZE_PIXELS:,}-pixel preprocessing bound")
+    (height, width), (crop_h, crop_w) = resized, crop
+    top, left = (height - crop_h) // 2, (width - crop_w) // 2
+    if top < 0 or left < 0:
+        raise InvalidInputError(f"image of {width}x{height} is smaller than the crop")
+    x_scale, y_scale = image.width / width, image.height / height
+    columns = image.resize((crop_w, image.height), resample=resample,
+                           box=(left * x_scale, 0, (left + crop_w) * x_scale, image.height))
+    return columns.resize((crop_w, crop_h), resample=resample,
+                          box=(0, top * y_scale, crop_w, (top + crop_h) * y_scale))
+
+
+def _center_crop(pixels: np.ndarray, spec: VisionSpec) -> np.ndarray:
+    if not spec.center_crop:
+        return pixels
+    crop_h, crop_w = spec.image_size
+    top = (pixels.shape[0] - crop_h) // 2
+    left = (pixels.shape[1] - crop_w) // 2
+    if top < 0 or left < 0:
+        raise InvalidInputError(f"image of {pixels.shape[1]}x{pixels.shape[0]} is smaller than the crop")
+    return pixels[top : top + crop_h, left : left + crop_w]
 
 
 @dataclass(frozen=True)

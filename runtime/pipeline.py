@@ -147,7 +147,7 @@ class Pipeline:
         params = SamplingParams(temperature, top_p, top_k, seed)
         if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise InvalidInputError(f"max_new_tokens must be an integer ≥ 1, got {max_new_tokens!r}")
-        built = prompt if isinstance(prompt, Prompt) else self.prompts.build(prompt)
+        built = prompt if isinstance(prompt, Prompt) else self.prompts.build(prompt, self.max_context)
         started = time.perf_counter()
         vision_input = prepare_vision(load_image(image, max_pixels=self.max_image_pixels), self.bundle.manifest.vision)
         num_tokens = vision_input.num_tokens

@@ -7,6 +7,7 @@ question's span in the rendered template back to token positions.
 
 from __future__ import annotations
 
+import secrets
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,9 +20,14 @@ from zspa.manifest import TextSpec
 from zspa.runtime.chat_template import render
 
 
-def _sentinel(index: int) -> str:
-    """A marker no tokenizer or template produces, standing in for the question's index-th text part."""
-    return f"\x00zspa-question-{index}\x00"
+class PromptTooLong(InvalidInputError):
+    """The prompt is over its token limit (told by its characters, or by its tokens)."""
+
+
+def _sentinel(nonce: str, index: int) -> str:
+    """A marker standing in for the question's index-th text part; the per-call nonce keeps a
+    client who types a marker into a message from being taken for the question."""
+    return f"\x00zspa-question-{nonce}-{index}\x00"
 
 
 @dataclass(frozen=True)
@@ -35,6 +41,10 @@ class PromptBuilder:
     def __init__(self, tokenizer: Tokenizer, spec: TextSpec):
         self.tokenizer = tokenizer
         self.spec = spec
+        # No token covers more characters than the longest vocabulary entry, so a text of more than
+        # `limit × max_token_chars` characters is over `limit` tokens: refused before templating
+        # and tokenizing (a 30 MB prompt cost 71 s of tokenizer time to learn it was too long).
+        self.max_token_chars = max(map(len, tokenizer.get_vocab(with_added_tokens=True)), default=1)
 
     @classmethod
     def from_file(cls, path: Path, spec: TextSpec) -> PromptBuilder:
@@ -50,21 +60,25 @@ class PromptBuilder:
     def _token(self, token_id: int | None) -> str:
         return (self.tokenizer.id_to_token(token_id) or "") if token_id is not None else ""
 
-    def build(self, question: str) -> Prompt:
+    def build(self, question: str, max_tokens: int | None = None) -> Prompt:
         """One user turn: the image, then the question."""
         if not isinstance(question, str) or not question.strip():
             raise InvalidInputError("prompt is empty")
-        return self.build_chat([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}])
+        return self.build_chat([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}],
+                               max_tokens)
 
-    def build_chat(self, messages: list[dict[str, Any]]) -> Prompt:
+    def build_chat(self, messages: list[dict[str, Any]], max_tokens: int | None = None) -> Prompt:
         """A conversation in transformers' format (content: a list of {"type": "image"} and
         {"type": "text", "text": ...} parts) holding one image; the question is the text of the
-        last message, which must be the user's."""
+        last message, which must be the user's. Past `max_tokens` it is refused, by its length in
+        characters when that alone proves it, before any templating or tokenizing."""
         if not messages or messages[-1].get("role") != "user":
             raise InvalidInputError("the conversation must end with a user message")
         texts = [part["text"] for part in messages[-1]["content"] if part.get("type") == "text"]
         if not any(text.strip() for text in texts):
             raise InvalidInputError("the last user message has no text: nothing to ask about the image")
+        if max_tokens is not None:
+            self._check_characters(messages, max_tokens)
         text = self.render(messages)
         spans = self._question_spans(messages, texts)
         if any(text[start:end] != question for (start, end), question in zip(spans, texts)):
@@ -77,6 +91,8 @@ class PromptBuilder:
                 f"the prompt must hold exactly one image placeholder after templating, found {len(image_positions)}"
                 f" (remove {self.spec.image_token!r} from the prompt text)"
             )
+        if max_tokens is not None and len(ids) > max_tokens:
+            raise PromptTooLong(f"the prompt is {len(ids)} tokens, over the limit of {max_tokens}")
         offsets = np.asarray(encoding.offsets, dtype=np.int64).reshape(-1, 2)
         special = np.asarray(encoding.special_tokens_mask, dtype=bool)
         in_question = np.zeros(len(ids), dtype=bool)
@@ -84,10 +100,18 @@ class PromptBuilder:
             in_question |= (offsets[:, 1] > start) & (offsets[:, 0] < end)
         return Prompt(ids, (in_question & ~special).astype(np.int64), int(image_positions[0]))
 
+    def _check_characters(self, messages: list[dict[str, Any]], max_tokens: int) -> None:
+        characters = sum(len(content) if isinstance(content := message.get("content") or "", str)
+                         else sum(len(part.get("text") or "") for part in content) for message in messages)
+        if characters > max_tokens * self.max_token_chars:
+            raise PromptTooLong(f"the prompt's text is {characters:,} characters, more than {max_tokens} tokens "
+                                f"can hold ({self.max_token_chars} characters at most per token)")
+
     def _question_spans(self, messages: list[dict[str, Any]], texts: list[str]) -> list[tuple[int, int]]:
         """Character spans of the last message's text parts in the rendered prompt, found by
         rendering numbered sentinels in their place."""
-        sentinels = map(_sentinel, range(len(texts)))
+        nonce = secrets.token_hex(8)
+        sentinels = (_sentinel(nonce, i) for i in range(len(texts)))
         content = messages[-1]["content"]
         last = {**messages[-1], "content": [
             {**part, "text": next(sentinels)} if part.get("type") == "text" else part for part in content
@@ -95,7 +119,7 @@ class PromptBuilder:
         marked = self.render([*messages[:-1], last])
         spans, shift, search_from = [], 0, 0
         for i, question in enumerate(texts):
-            sentinel = _sentinel(i)
+            sentinel = _sentinel(nonce, i)
             found = marked.find(sentinel, search_from)
             if found < 0:
                 raise BundleError("chat template does not render the user's text; cannot mark the question")

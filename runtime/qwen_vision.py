@@ -15,8 +15,7 @@ from PIL import Image
 
 from zspa.errors import InvalidInputError
 from zspa.manifest import VisionSpec
-
-MAX_ASPECT_RATIO = 200  # the processor's own limit
+from zspa.runtime.images import MAX_ASPECT_RATIO
 
 
 def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:

@@ -120,3 +120,80 @@ def test_rgb_png_with_a_transparent_colour_is_composited_on_white():
     loaded = load_image(buffer.getvalue())
     assert loaded.mode == "RGB"
     assert loaded.getpixel((0, 0)) == (255, 255, 255) and loaded.getpixel((1, 1)) == (10, 20, 30)
+
+
+def test_extreme_but_allowed_shapes_resize_only_the_crop_within_one_level(tiny_hf, vision_spec, photo_path):
+    """150:1 and 1:150 images resize to 50,400×336, over FULL_RESIZE_PIXELS: only the crop is
+    resized, and it matches transformers' whole-image resize to one level of 255."""
+    from zspa.runtime.images import FULL_RESIZE_PIXELS
+
+    _, processor = tiny_hf
+    photo = Image.open(photo_path).convert("RGB")
+    one_level = 1.0 / 255 / min(vision_spec.std) + 1e-6
+    for size in ((3000, 20), (20, 3000)):
+        image = photo.resize(size)
+        assert 336 * 336 * 150 > FULL_RESIZE_PIXELS
+        ours = prepare_vision(load_image(image), vision_spec).feeds["pixel_values"]
+        theirs = processor.image_processor(image, return_tensors="np")["pixel_values"]
+        difference = np.abs(ours - theirs)
+        assert difference.max() <= one_level, size
+        assert (difference > 1e-5).mean() < 0.01, size
+
+
+@pytest.mark.parametrize("size, fmt", [  # WebP stops at 16,383 pixels a side
+    *[(size, "PNG") for size in ((6000, 1), (1, 6000), (20000, 1), (200000, 1), (201, 1))],
+    *[(size, "WEBP") for size in ((6000, 1), (1, 6000), (16383, 1), (201, 1))],
+])
+def test_aspect_ratios_past_200_to_1_are_refused_before_decoding(size, fmt):
+    buffer = io.BytesIO()
+    Image.new("RGB", size, (200, 10, 10)).save(buffer, format=fmt)
+    assert len(buffer.getvalue()) < 2000  # a few hundred bytes: the bomb is in the resize, not the file
+    with pytest.raises(InvalidInputError, match=f"{size[0]}x{size[1]} has an aspect ratio over 200:1"):
+        load_image(buffer.getvalue())
+
+
+_PEAK_RSS = """
+import json, resource, sys
+from pathlib import Path
+from PIL import Image
+from zspa.errors import InvalidInputError
+from zspa.manifest import Manifest
+from zspa.runtime.images import load_image, prepare_vision
+spec = Manifest.read(Path(sys.argv[1])).vision
+prepare_vision(load_image(Image.new("RGB", (64, 48))), spec)  # numpy and PIL paths warmed
+peak = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+results = {}
+for path in sys.argv[2:]:
+    idle = peak()
+    try:
+        prepare_vision(load_image(Path(path).read_bytes()), spec)
+        outcome = "answered"
+    except InvalidInputError as exc:
+        outcome = str(exc)
+    results[Path(path).name] = [peak() - idle, outcome]
+print(json.dumps(results))
+"""
+
+
+def test_hostile_images_stay_within_100_mb_of_idle(tiny_bundle, tmp_path):
+    """Each in a fresh process, peak RSS over idle: refused, or answered at ≤ 100 MB. Before the
+    crop-only resize a 6000×30 PNG (690 bytes) took 211 MB, and 6000×1 took 6.7 GB."""
+    import json
+    import subprocess
+    import sys
+
+    paths = []
+    for width, height, fmt in [(6000, 1, "PNG"), (1, 6000, "WEBP"), (20000, 1, "PNG"), (200000, 1, "PNG"),
+                               (16383, 1, "WEBP"),
+                               (6000, 30, "PNG"), (30, 6000, "WEBP"), (6700, 34, "PNG")]:
+        path = tmp_path / f"{width}x{height}.{fmt.lower()}"
+        Image.new("RGB", (width, height), (200, 10, 10)).save(path, format=fmt)
+        paths.append(path)
+    for path in paths:
+        run = subprocess.run([sys.executable, "-c", _PEAK_RSS, str(tiny_bundle / "manifest.json"), str(path)],
+                             capture_output=True, text=True, timeout=120, check=True)
+        ((name, (peak_mb, outcome)),) = json.loads(run.stdout).items()
+        assert peak_mb <= 100, (name, peak_mb)
+        assert outcome == "answered" or "aspect ratio over 200:1" in outcome, (name, outcome)
+        if min(int(n) for n in name.split(".")[0].split("x")) >= 30:
+            assert outcome == "answered", name

@@ -63,3 +63,38 @@ def test_generation_tag_and_raise_exception_are_supported():
 def test_bad_prompts_are_refused(pipeline, bad):
     with pytest.raises(InvalidInputError):
         pipeline.prompts.build(bad)
+
+
+def test_overlong_prompts_are_refused_before_templating_or_tokenizing(pipeline, monkeypatch):
+    """A text of more characters than `max_tokens` tokens can hold never reaches the template or the
+    tokenizer (a 30 MB prompt took 71 s of tokenizing before its 400); one just under is counted."""
+    from zspa.runtime import prompting
+
+    builder = prompting.PromptBuilder(pipeline.prompts.tokenizer, pipeline.prompts.spec)
+    calls = []
+    monkeypatch.setattr(prompting, "render", lambda *a, **k: calls.append("render") or render(*a, **k))
+    limit = 50
+    bound = limit * builder.max_token_chars
+    assert builder.max_token_chars == max(len(t) for t in builder.tokenizer.get_vocab(with_added_tokens=True))
+    with pytest.raises(prompting.PromptTooLong, match=f"{bound + 1:,} characters, more than 50 tokens"):
+        builder.build("x" * (bound + 1), max_tokens=limit)
+    with pytest.raises(prompting.PromptTooLong, match="more than 50 tokens"):
+        builder.build("x" * 30_000_000, max_tokens=limit)
+    assert calls == []
+    with pytest.raises(prompting.PromptTooLong, match=r"the prompt is \d+ tokens, over the limit of 50"):
+        builder.build("x " * 60, max_tokens=limit)  # few characters, many tokens: counted
+    assert calls and len(builder.build("x " * 10, max_tokens=limit).input_ids) <= limit
+
+
+def test_a_typed_question_marker_is_text_like_any_other(pipeline):
+    """The question's markers carry a per-call nonce: a client typing the old fixed marker into an
+    earlier message gets an answer, not a 'bundle fault'."""
+    marker = "\x00zspa-question-0\x00"
+    messages = [
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": f"first {marker} turn"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "ok"}]},
+        {"role": "user", "content": [{"type": "text", "text": "What is it?"}]},
+    ]
+    prompt = pipeline.prompts.build_chat(messages)
+    marked = pipeline.prompts.decode(prompt.input_ids[prompt.question_mask == 1].tolist())
+    assert marked.strip() == "What is it?"

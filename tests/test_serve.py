@@ -145,9 +145,13 @@ BAD_REQUESTS = {
     "unknown field": (lambda b: {**b, "tools": []}, "tools", "unknown field"),
     "missing messages": (lambda b: {k: v for k, v in b.items() if k != "messages"}, "messages", "required"),
     "keep not a number": (lambda b: {**b, "keep": "half"}, "keep", "valid number"),
-    "keep out of range": (lambda b: {**b, "keep": 1.5}, "keep", "(0, 1]"),
+    "keep out of range": (lambda b: {**b, "keep": 1.5}, "keep", "less than or equal to 1"),
+    "keep true": (lambda b: {**b, "keep": True}, "keep", "valid number"),
+    "max_tokens a string": (lambda b: {**b, "max_tokens": "4"}, "max_tokens", "valid integer"),
+    "stream a string": (lambda b: {**b, "stream": "yes"}, "stream", "valid boolean"),
+    "five stops": (lambda b: {**b, "stop": ["a", "b", "c", "d", "e"]}, "stop", "at most 4 items"),
     "unknown method": (lambda b: {**b, "pruning_method": "fastv"}, "pruning_method", "'fastv'"),
-    "overlong stop": (lambda b: {**b, "stop": ["ok", "x" * 257]}, "stop", "at most 256 characters"),
+    "overlong stop": (lambda b: {**b, "stop": ["ok", "x" * 257]}, "stop[1]", "at most 256 characters"),
     "negative seed": (lambda b: {**b, "seed": -1}, "seed", "greater than or equal to 0"),
     "huge max_tokens": (lambda b: {**b, "max_tokens": 10**30}, "max_tokens", "less than or equal to"),
     "too many messages": (lambda b: {**b, "messages": [{"role": "user", "content": "hi"}] * 65}, "messages",
@@ -165,11 +169,17 @@ BAD_REQUESTS = {
     "tiff": (_with_image(data_url(_encoded(Image.new("RGB", (64, 64)), "TIFF"), "image/png")), IMAGE_PARAM,
              "not a readable PNG image"),
     "remote image": (_with_image("http://127.0.0.1:9/cat.png"), IMAGE_PARAM, "--allow-remote-images"),
+    "6000x1 image (98 bytes)": (_with_image(data_url(_png(Image.new("RGB", (6000, 1))), "image/png")), IMAGE_PARAM,
+                                "aspect ratio over 200:1"),
+    "1x20000 image": (_with_image(data_url(_png(Image.new("L", (1, 20000))), "image/png")), IMAGE_PARAM,
+                      "aspect ratio over 200:1"),
     "no image": (lambda b: {**b, "messages": [{"role": "user", "content": "hi"}]}, "messages", "found 0"),
     "two images": (lambda b: {**b, "messages": [{"role": "user", "content": [*b["messages"][0]["content"]] * 2}]},
                    "messages", "found 2"),
     "overlong prompt": (lambda b: {**b, "messages": _messages(b["messages"][0]["content"][0]["image_url"]["url"],
                                                               "word " * 300)}, "messages", "--max-prompt-tokens"),
+    "prompt past the character bound": (lambda b: {**b, "messages": _messages(
+        b["messages"][0]["content"][0]["image_url"]["url"], "x" * 200_000)}, "messages", "characters, more than 200"),
     "ends with the assistant": (lambda b: {**b, "messages": [*b["messages"], {"role": "assistant", "content": "x"}]},
                                 "messages", "end with a user message"),
 }
@@ -199,6 +209,25 @@ def test_malformed_and_oversized_bodies(server, photo_url):
     assert wrong_model.status_code == 404 and wrong_model.json()["error"]["param"] == "model"
     unknown_route = httpx.get(f"{server.url}/v1/engines")
     assert unknown_route.status_code == 404 and "error" in unknown_route.json()
+
+
+def test_hostile_bodies_are_400s_without_tracebacks(server, photo_url):
+    """Inputs that gave 500s: a 5,000-digit integer, a lone surrogate, the internal question marker
+    in an earlier message (answered: it is text), a 30 MB prompt (refused by its characters)."""
+    headers = {"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"}
+    url = f"{server.url}/v1/chat/completions"
+    body = json.dumps(chat_body(photo_url, max_tokens=2))
+    huge_int = httpx.post(url, content=body[:-1] + ', "seed": ' + "9" * 5000 + "}", headers=headers)
+    assert huge_int.status_code == 400 and "number out of range" in huge_int.json()["error"]["message"]
+    surrogate = httpx.post(url, content=body.replace("What is in the picture?", "\\ud800 hi"), headers=headers)
+    error = surrogate.json()["error"]
+    assert surrogate.status_code == 400 and "lone UTF-16 surrogate" in error["message"]
+    assert error["param"] == "messages[0].content[1].text"
+    marker = {"role": "assistant", "content": "\u0000zspa-question-0\u0000"}
+    earlier = chat_body(photo_url, max_tokens=2)
+    earlier["messages"] = [{"role": "user", "content": "hello"}, marker, *earlier["messages"]]
+    assert _post(server, earlier).status_code == 200
+    assert "Traceback" not in server.log.read_text()
 
 
 @pytest.mark.parametrize("key", [None, "wrong-key"])

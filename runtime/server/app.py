@@ -10,6 +10,7 @@ import asyncio
 import hmac
 import json
 import logging
+import threading
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -19,6 +20,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 
 from zspa.runtime.batching import batch_size
 from zspa.runtime.pipeline import Pipeline
@@ -26,7 +28,7 @@ from zspa.runtime.server.conversation import prepare
 from zspa.runtime.server.errors import INTERNAL, APIError, invalid, timed_out
 from zspa.runtime.server.metrics import ServerMetrics
 from zspa.runtime.server.openapi import openapi_schema
-from zspa.runtime.server.protocol import chunk_body, completion_body, completion_id, parse_request, usage_body
+from zspa.runtime.server.protocol import chunk_body, completion_body, completion_id, parse_body, usage_body
 from zspa.runtime.server.scheduler import Job, QueueFull, Scheduler
 from zspa.runtime.server.settings import ServerSettings
 
@@ -86,6 +88,7 @@ def host_name(host: str) -> str:
 
 def create_app(pipeline: Pipeline, settings: ServerSettings) -> FastAPI:
     metrics = ServerMetrics()
+    image_slots = threading.BoundedSemaphore(settings.max_concurrent_images)
     scheduler = Scheduler(pipeline, settings.max_queue, metrics, batch_size(pipeline.decoder, settings.max_batch))
 
     @asynccontextmanager
@@ -154,12 +157,13 @@ def create_app(pipeline: Pipeline, settings: ServerSettings) -> FastAPI:
         _require_json(request)
         _require_serving(app, scheduler)
         deadline = arrived + settings.request_timeout_s
-        body = parse_request(await _within(deadline, settings, _read_json(request, settings.max_body_bytes)))
+        raw = await _within(deadline, settings, _read_body(request, settings.max_body_bytes))
+        body = await run_in_threadpool(parse_body, raw)  # a 32 MiB body parses off the event loop
         if body.model != settings.model_name:
             raise APIError(404, f"model {body.model!r} is not served here; this server serves "
                            f"{settings.model_name!r} (GET /v1/models)", param="model", code="model_not_found")
         # Image download and decoding run in a thread: the client gets its 504 at the deadline.
-        prepared = await _within(deadline, settings, run_in_threadpool(prepare, body, pipeline, settings))
+        prepared = await _within(deadline, settings, run_in_threadpool(prepare, body, pipeline, settings, image_slots))
         job = Job(prepared.request, prepared.keep, prepared.method, body.stream, asyncio.get_running_loop(),
                   arrived=arrived)
         try:
@@ -226,24 +230,22 @@ async def _within(deadline: float, settings: ServerSettings, work):
         raise timed_out(settings.request_timeout_s) from None
 
 
-async def _read_json(request: Request, limit: int):
-    """The body, refused past `limit` bytes whatever Content-Length claims, then parsed."""
+async def _read_body(request: Request, limit: int) -> bytes:
+    """The body, refused past `limit` bytes whatever Content-Length claims."""
     declared = request.headers.get("content-length", "")
     too_large = APIError(413, f"request body is over the {limit:,}-byte limit (server --max-body-bytes)",
                          code="body_too_large")
     if declared.isdigit() and int(declared) > limit:
         raise too_large
     body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            raise too_large
     try:
-        return json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise invalid(f"request body is not valid JSON ({exc})", code="invalid_json") from None
-    except RecursionError:
-        raise invalid("request body is nested too deeply", code="invalid_json") from None
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > limit:
+                raise too_large
+    except ClientDisconnect:
+        raise APIError(499, "client closed the request", code="client_closed") from None
+    return bytes(body)
 
 
 async def _next_event(job: Job, deadline: float, settings: ServerSettings, request: Request | None = None):

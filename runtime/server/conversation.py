@@ -6,6 +6,7 @@ from; it runs in a worker thread of the event loop (image decoding is CPU work).
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -13,7 +14,8 @@ from zspa.errors import InvalidInputError
 from zspa.pruning.budget import validate_keep
 from zspa.runtime.images import load_image
 from zspa.runtime.pipeline import Pipeline, Request
-from zspa.runtime.server.errors import invalid
+from zspa.runtime.prompting import PromptTooLong
+from zspa.runtime.server.errors import invalid, timed_out
 from zspa.runtime.server.image_urls import image_bytes
 from zspa.runtime.server.protocol import ChatCompletionRequest, Message
 from zspa.runtime.server.settings import ServerSettings
@@ -26,33 +28,47 @@ class PreparedRequest:
     method: str  # "none" when keep is 1.0
 
 
-def prepare(request: ChatCompletionRequest, pipeline: Pipeline, settings: ServerSettings) -> PreparedRequest:
+def prepare(request: ChatCompletionRequest, pipeline: Pipeline, settings: ServerSettings,
+            image_slots: threading.Semaphore) -> PreparedRequest:
+    """`image_slots` bounds the images decoded and preprocessed at once (each may take several
+    bytes per pixel of --max-image-pixels), whatever the number of request threads."""
     messages, (param, url) = _transformers_messages(request.messages)
-    data, formats = image_bytes(url, param, max_bytes=settings.max_image_bytes, remote=settings.fetch_policy)
     try:
-        image = load_image(data, max_pixels=settings.max_image_pixels, formats=formats)
-    except InvalidInputError as exc:
-        raise invalid(str(exc).removeprefix("image bytes: "), param, "invalid_image") from None
-    try:
-        prompt = pipeline.prompts.build_chat(messages)
+        prompt = pipeline.prompts.build_chat(messages, _token_limit(pipeline, settings))
+    except PromptTooLong as exc:
+        raise invalid(f"{exc} ({_limit_source(settings)})", "messages", "prompt_too_long") from None
     except InvalidInputError as exc:
         raise invalid(str(exc), "messages") from None
-    limit = settings.max_prompt_tokens
-    if limit is not None and len(prompt.input_ids) > limit:
-        raise invalid(f"the prompt is {len(prompt.input_ids)} tokens, over this server's limit of {limit} "
-                      "(--max-prompt-tokens)", "messages", "prompt_too_long")
     keep, method = _pruning(request, pipeline)
+    data, formats = image_bytes(url, param, max_bytes=settings.max_image_bytes, remote=settings.fetch_policy)
     options = {
         "keep": keep, "method": request.pruning_method,
         "max_new_tokens": request.completion_limit or settings.default_max_tokens,
         "temperature": request.temperature, "top_p": request.top_p, "top_k": request.top_k, "seed": request.seed,
         "stop": request.stop, "ignore_eos": request.ignore_eos,
     }
+    if not image_slots.acquire(timeout=settings.request_timeout_s):
+        raise timed_out(settings.request_timeout_s)
     try:
-        prepared = pipeline.request(image, prompt, **options)
-    except InvalidInputError as exc:
-        raise invalid(str(exc), "messages") from None
+        try:
+            image = load_image(data, max_pixels=settings.max_image_pixels, formats=formats)
+        except InvalidInputError as exc:
+            raise invalid(str(exc).removeprefix("image bytes: "), param, "invalid_image") from None
+        try:
+            prepared = pipeline.request(image, prompt, **options)
+        except InvalidInputError as exc:
+            raise invalid(str(exc), "messages") from None
+    finally:
+        image_slots.release()
     return PreparedRequest(prepared, keep, method)
+
+
+def _token_limit(pipeline: Pipeline, settings: ServerSettings) -> int:
+    return min(pipeline.max_context, settings.max_prompt_tokens or pipeline.max_context)
+
+
+def _limit_source(settings: ServerSettings) -> str:
+    return "--max-prompt-tokens" if settings.max_prompt_tokens else "the model's context"
 
 
 def _transformers_messages(messages: list[Message]) -> tuple[list[dict[str, Any]], tuple[str, str]]:

@@ -7,6 +7,7 @@ and `ignore_eos` follow vLLM's extensions. Sampling defaults are OpenAI's (tempe
 
 from __future__ import annotations
 
+import json
 import time
 from typing import Annotated, Any, Literal
 
@@ -19,11 +20,15 @@ from zspa.runtime.server.errors import invalid
 MAX_MESSAGES = 64
 MAX_PARTS = 64  # content parts in one message
 MAX_STOP_CHARS = 256
+MAX_STOPS = 4  # OpenAI's limit
 MAX_NAME_CHARS = 256
 
 
+_StopString = Annotated[str, Field(max_length=MAX_STOP_CHARS)]
+
+
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)  # "4", "yes" and true-as-1.0 are refused
 
 
 class TextPart(_Strict):
@@ -63,7 +68,7 @@ class ChatCompletionRequest(_Strict):
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     top_k: int = Field(0, ge=0, le=2**31)
     seed: int | None = Field(None, ge=0, lt=2**63)
-    stop: str | list[str] | None = None
+    stop: _StopString | Annotated[list[_StopString], Field(max_length=MAX_STOPS)] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: Literal[1] = 1
@@ -71,18 +76,13 @@ class ChatCompletionRequest(_Strict):
     frequency_penalty: float = 0.0
     user: str | None = Field(None, max_length=MAX_NAME_CHARS)
     ignore_eos: bool = False
-    keep: float | None = Field(None, description="fraction of the image's visual tokens kept, in (0, 1]")
+    keep: float | None = Field(None, gt=0.0, le=1.0, description="fraction of the image's visual tokens kept")
     pruning_method: str | None = None
 
     @field_validator("stop")
     @classmethod
-    def _at_most_four_stops(cls, stop: str | list[str] | None) -> list[str]:
-        stops = [stop] if isinstance(stop, str) else list(stop or [])
-        if len(stops) > 4:
-            raise ValueError("at most 4 stop sequences")
-        if any(len(s) > MAX_STOP_CHARS for s in stops):
-            raise ValueError(f"a stop sequence may have at most {MAX_STOP_CHARS} characters")
-        return stops
+    def _stop_list(cls, stop: str | list[str] | None) -> list[str]:
+        return [stop] if isinstance(stop, str) else list(stop or [])
 
     @field_validator("presence_penalty", "frequency_penalty")
     @classmethod
@@ -98,6 +98,42 @@ class ChatCompletionRequest(_Strict):
     @property
     def include_usage_in_stream(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
+
+
+def parse_body(body: bytes) -> ChatCompletionRequest:
+    """A request body → a validated request; malformed JSON, integers past Python's 4,300-digit
+    conversion limit and lone surrogates (which no tokenizer encodes) are 400s naming the problem."""
+    try:
+        payload = json.loads(body)
+        where = _lone_surrogate(payload)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise invalid(f"request body is not valid JSON ({exc})", code="invalid_json") from None
+    except RecursionError:
+        raise invalid("request body is nested too deeply", code="invalid_json") from None
+    except ValueError as exc:  # "Exceeds the limit (4300 digits) for integer string conversion"
+        raise invalid(f"request body has a number out of range ({exc})", code="invalid_json") from None
+    if where is not None:
+        raise invalid(f"{where or 'the body'}: text holds a lone UTF-16 surrogate (not a character)", where or None,
+                      "invalid_json")
+    return parse_request(payload)
+
+
+def _lone_surrogate(value: Any, where: str = "") -> str | None:
+    """The location of the first string holding a lone surrogate, or None."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return where
+        return None
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, item in items:
+        if isinstance(key, str) and _lone_surrogate(key) is not None:
+            return where
+        found = _lone_surrogate(item, f"{where}[{key}]" if isinstance(key, int) else f"{where}.{key}".lstrip("."))
+        if found is not None:
+            return found
+    return None
 
 
 def parse_request(payload: Any) -> ChatCompletionRequest:
@@ -118,7 +154,8 @@ def _first_problem(exc: ValidationError) -> tuple[str, str]:
     for error in exc.errors():
         parts: list[str | int] = []
         for item in error["loc"]:
-            if isinstance(item, str) and ("[" in item or item in {"str", "int", "float", "bool"}):
+            if isinstance(item, str) and ("[" in item or item.startswith("constrained-")
+                                          or item in {"str", "int", "float", "bool"}):
                 continue
             if parts and item == parts[-1]:  # a tagged union repeats the tag before the field of that name
                 continue
