@@ -25,7 +25,7 @@ from starlette.requests import ClientDisconnect
 from zspa.runtime.batching import batch_size
 from zspa.runtime.pipeline import Pipeline
 from zspa.runtime.server.conversation import prepare
-from zspa.runtime.server.errors import INTERNAL, APIError, invalid, timed_out
+from zspa.runtime.server.errors import INTERNAL, APIError, timed_out
 from zspa.runtime.server.metrics import ServerMetrics
 from zspa.runtime.server.openapi import openapi_schema
 from zspa.runtime.server.protocol import chunk_body, completion_body, completion_id, parse_body, usage_body
