@@ -53,6 +53,12 @@ class Handler(BaseHTTPRequestHandler):
                 self.wfile.write(b"x")
                 self.wfile.flush()
                 time.sleep(0.05)
+        elif route == "slowhead":  # the status line and headers a byte at a time, each well within a read timeout
+            for byte in b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nabcd":
+                self.wfile.write(bytes([byte]))
+                self.wfile.flush()
+                time.sleep(0.1)
+            self.close_connection = True
         elif route == "big":
             self._send(200, b"x" * 5000)
         elif route == "liar":  # no Content-Length, more bytes than allowed
@@ -118,8 +124,47 @@ def test_only_http_and_https_with_a_host(url):
 
 
 def test_public_addresses_pass():
-    assert all(map(is_public, ["8.8.8.8", "1.1.1.1", "2001:4860:4860::8888"]))
+    assert all(map(is_public, ["8.8.8.8", "1.1.1.1", "2001:4860:4860::8888", "64:ff9b::808:808"]))
     assert not any(map(is_public, ["::ffff:10.0.0.1", "2002:c0a8:0001::1", "ff02::1", "::"]))
+
+
+@pytest.mark.parametrize("address", [
+    "::7f00:1", "::a00:1", "::808:808",  # IPv4-compatible (deprecated), even of a public IPv4
+    "64:ff9b::7f00:1", "64:ff9b::a9fe:a9fe", "64:ff9b::a00:1",  # NAT64 of loopback, metadata, private
+    "64:ff9b:1::808:808", "64:ff9b:1::1",  # local-use NAT64
+    "::ffff:0:7f00:1", "::ffff:0:808:808",  # IPv4-translated
+    "fec0::1", "feff::1",  # site-local
+    "192.0.0.8", "192.0.0.170", "192.0.0.1",  # IETF protocol assignments
+])
+def test_every_non_global_range_is_refused(address):
+    assert not is_public(address)
+    with pytest.raises(FetchRefused, match="not a public address"):
+        fetch(f"http://[{address}]/" if ":" in address else f"http://{address}/", FetchPolicy(2000, 2))
+
+
+@pytest.mark.parametrize("url", ["http://example.com:99999/a.png", "http://example.com:abc/a.png",
+                                 "http://[::1/x", "http://[::1]:-1/"])
+def test_malformed_urls_are_refused_not_raised(url):
+    with pytest.raises(FetchRefused, match="malformed URL"):
+        fetch(url, FetchPolicy(2000, 2))
+
+
+def test_one_deadline_covers_the_status_line_and_headers(port):
+    """A server dripping its headers a byte every 0.1 s never lets a single read time out; the
+    deadline's timer ends the fetch anyway, and takes the socket with it."""
+    started = time.monotonic()
+    with pytest.raises(FetchRefused, match="deadline passed"):
+        fetch(f"http://127.0.0.1:{port}/slowhead", LoopbackOnly(max_bytes=2000, timeout_s=1.0))
+    assert time.monotonic() - started < 2.0  # the headers alone take 4 s
+    assert fetch(f"http://127.0.0.1:{port}/slowhead", LoopbackOnly(max_bytes=2000, timeout_s=8.0)) == b"abcd"
+
+
+def test_the_request_deadline_ends_a_fetch_before_its_own(port):
+    started = time.monotonic()
+    with pytest.raises(FetchRefused, match="deadline passed"):
+        fetch(f"http://127.0.0.1:{port}/slowhead", LoopbackOnly(max_bytes=2000, timeout_s=30.0),
+              deadline=time.monotonic() + 0.5)
+    assert time.monotonic() - started < 1.5
 
 
 def test_every_redirect_is_checked_and_counted(port):

@@ -61,6 +61,34 @@ class StatusCounter:
             self.metrics.requests.labels(route, str(status)).inc()
 
 
+class InternalErrors:
+    """ASGI middleware answering an unexpected exception with OpenAI's 500 shape, details in the
+    log. Inside the app rather than Starlette's `exception_handler(Exception)`, which re-raises
+    after answering, so uvicorn closes the keep-alive connection and a pooled client's next
+    request on it is reset; here the 500 is a complete response and the connection lives on."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started = False
+
+        async def tracking_send(message):
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracking_send)
+        except Exception as exc:  # noqa: BLE001 (the whole point: nothing unexpected reaches uvicorn)
+            log.error("unhandled error on %s", scope["path"], exc_info=exc)
+            if started:  # a stream cut short: uvicorn closes the connection, as it must
+                raise
+            await INTERNAL.response()(scope, receive, send)
+
+
 class HostCheck:
     """ASGI middleware refusing requests whose Host header names no allowed host (DNS rebinding: a
     web page whose name resolves to 127.0.0.1 would otherwise reach a loopback-only service)."""
@@ -100,6 +128,7 @@ def create_app(pipeline: Pipeline, settings: ServerSettings) -> FastAPI:
     app = FastAPI(title="zspa-serve", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.draining = False
     app.state.scheduler = scheduler
+    app.add_middleware(InternalErrors)
     app.add_middleware(HostCheck, allowed=settings.allowed_hosts)
     app.add_middleware(StatusCounter, metrics=metrics)  # added last, so it also counts HostCheck's refusals
 
@@ -111,11 +140,6 @@ def create_app(pipeline: Pipeline, settings: ServerSettings) -> FastAPI:
     async def http_error(request: Request, exc: HTTPException):
         kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
         return APIError(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}", type=kind).response()
-
-    @app.exception_handler(Exception)
-    async def unexpected(request: Request, exc: Exception):
-        log.error("unhandled error on %s", request.url.path, exc_info=exc)
-        return INTERNAL.response()
 
     @app.get("/health")
     async def health():
@@ -163,7 +187,8 @@ def create_app(pipeline: Pipeline, settings: ServerSettings) -> FastAPI:
             raise APIError(404, f"model {body.model!r} is not served here; this server serves "
                            f"{settings.model_name!r} (GET /v1/models)", param="model", code="model_not_found")
         # Image download and decoding run in a thread: the client gets its 504 at the deadline.
-        prepared = await _within(deadline, settings, run_in_threadpool(prepare, body, pipeline, settings, image_slots))
+        prepared = await _within(deadline, settings, run_in_threadpool(prepare, body, pipeline, settings, image_slots,
+                                                                   deadline))
         job = Job(prepared.request, prepared.keep, prepared.method, body.stream, asyncio.get_running_loop(),
                   arrived=arrived)
         try:

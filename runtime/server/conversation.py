@@ -7,6 +7,7 @@ from; it runs in a worker thread of the event loop (image decoding is CPU work).
 from __future__ import annotations
 
 import threading
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,9 +30,10 @@ class PreparedRequest:
 
 
 def prepare(request: ChatCompletionRequest, pipeline: Pipeline, settings: ServerSettings,
-            image_slots: threading.Semaphore) -> PreparedRequest:
+            image_slots: threading.Semaphore, deadline: float) -> PreparedRequest:
     """`image_slots` bounds the images decoded and preprocessed at once (each may take several
-    bytes per pixel of --max-image-pixels), whatever the number of request threads."""
+    bytes per pixel of --max-image-pixels), whatever the number of request threads; nothing here
+    (a download, a wait for a slot) outlives the request's `deadline` (time.monotonic())."""
     messages, (param, url) = _transformers_messages(request.messages)
     try:
         prompt = pipeline.prompts.build_chat(messages, _token_limit(pipeline, settings))
@@ -40,14 +42,15 @@ def prepare(request: ChatCompletionRequest, pipeline: Pipeline, settings: Server
     except InvalidInputError as exc:
         raise invalid(str(exc), "messages") from None
     keep, method = _pruning(request, pipeline)
-    data, formats = image_bytes(url, param, max_bytes=settings.max_image_bytes, remote=settings.fetch_policy)
+    data, formats = image_bytes(url, param, max_bytes=settings.max_image_bytes, remote=settings.fetch_policy,
+                                deadline=deadline)
     options = {
         "keep": keep, "method": request.pruning_method,
         "max_new_tokens": request.completion_limit or settings.default_max_tokens,
         "temperature": request.temperature, "top_p": request.top_p, "top_k": request.top_k, "seed": request.seed,
         "stop": request.stop, "ignore_eos": request.ignore_eos,
     }
-    if not image_slots.acquire(timeout=settings.request_timeout_s):
+    if not image_slots.acquire(timeout=max(0.0, deadline - time.monotonic())):
         raise timed_out(settings.request_timeout_s)
     try:
         try:

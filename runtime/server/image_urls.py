@@ -22,17 +22,18 @@ IMAGE_TYPES = {"image/png": "PNG", "image/jpeg": "JPEG", "image/jpg": "JPEG", "i
 _DATA_URL = re.compile(r"data:(?P<mime>[^;,]*)(?P<params>(?:;[^;,]*)*),(?P<data>.*)", re.DOTALL)
 
 
-def image_bytes(url: str, param: str, *, max_bytes: int,
-                remote: FetchPolicy | None) -> tuple[bytes, tuple[str, ...]]:
+def image_bytes(url: str, param: str, *, max_bytes: int, remote: FetchPolicy | None,
+                deadline: float | None = None) -> tuple[bytes, tuple[str, ...]]:
     """The image's bytes and the formats they may decode as: a data URL's declared one, or any
-    allowed one for a download (servers often mislabel). `remote` None: downloads disabled."""
+    allowed one for a download (servers often mislabel). `remote` None: downloads disabled; a
+    download ends by `deadline` (time.monotonic()) at the latest."""
     if url.startswith("data:"):
         return _from_data_url(url, param, max_bytes)
     if url.startswith(("http://", "https://")):
         if remote is None:
             raise invalid("remote image URLs are disabled on this server; send the image as a data: URL "
                           "(or start zspa-serve with --allow-remote-images)", param, "remote_images_disabled")
-        return _download(url, param, remote), IMAGE_FORMATS
+        return _download(url, param, remote, deadline), IMAGE_FORMATS
     raise invalid("image_url must be a data: URL (data:image/png;base64,...) or an http(s) URL", param)
 
 
@@ -52,9 +53,9 @@ def _from_data_url(url: str, param: str, max_bytes: int) -> tuple[bytes, tuple[s
         raise invalid(f"image data is not valid base64 ({exc})", param) from None
 
 
-def _download(url: str, param: str, policy: FetchPolicy) -> bytes:
+def _download(url: str, param: str, policy: FetchPolicy, deadline: float | None) -> bytes:
     try:
-        return fetch(url, policy)
+        return fetch(url, policy, deadline=deadline)
     except ImageTooLarge:
         raise _too_large(param, policy.max_bytes) from None
     except FetchRefused as exc:

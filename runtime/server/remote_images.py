@@ -5,7 +5,8 @@ unspecified addresses (IPv4, IPv6, IPv4-mapped and odd spellings alike: the chec
 resolved address) unless the operator allows private hosts, and connects to exactly that address,
 with the original name kept for TLS and the Host header, so DNS rebinding cannot swap it between
 check and connect. Every redirect is checked again (at most 3), and one deadline covers the whole
-download, so a slow-drip server cannot hold a worker. What went wrong goes to the log; the client
+download, status line and headers included: a timer shuts the socket down when it passes, so a
+server dripping its headers a byte at a time cannot hold a worker past it. What went wrong goes to the log; the client
 learns only that the image could not be fetched (no port scanner).
 """
 
@@ -16,6 +17,7 @@ import ipaddress
 import logging
 import socket
 import ssl
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -54,14 +56,30 @@ class FetchPolicy:
             raise FetchRefused(f"{address} is not a public address (--allow-private-image-hosts)")
 
 
+# Ranges `ipaddress`'s is_global misses on some Python versions, or that embed an IPv4 address in a
+# way the checks below do not decode: refused outright.
+_NOT_GLOBAL = tuple(ipaddress.ip_network(net) for net in (
+    "192.0.0.0/24",  # IETF protocol assignments: 192.0.0.8 (dummy), 192.0.0.170/171 (NAT64 discovery), …
+    "::/96",  # IPv4-compatible (deprecated), loopback and unspecified among them
+    "::ffff:0:0:0/96",  # IPv4-translated (RFC 2765)
+    "64:ff9b:1::/48",  # local-use NAT64 (RFC 8215)
+    "fec0::/10",  # site-local (deprecated)
+))
+_NAT64 = ipaddress.ip_network("64:ff9b::/96")  # well-known NAT64 prefix: the IPv4 address in the last 32 bits
+
+
 def is_public(address: str) -> bool:
     """Globally routable unicast: not loopback, private, link-local, shared, reserved, unspecified
-    or multicast; IPv4 inside IPv6 (mapped, 6to4, Teredo) judged by its IPv4 address."""
+    or multicast; IPv4 inside IPv6 (mapped, 6to4, Teredo, NAT64) judged by its IPv4 address."""
     ip = ipaddress.ip_address(address.split("%")[0])
     if isinstance(ip, ipaddress.IPv6Address):
         embedded = ip.ipv4_mapped or ip.sixtofour or (ip.teredo[1] if ip.teredo else None)
+        if embedded is None and ip in _NAT64:
+            embedded = ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
         if embedded is not None:
             return is_public(str(embedded))
+    if any(ip in network for network in _NOT_GLOBAL if network.version == ip.version):
+        return False
     return ip.is_global and not ip.is_multicast
 
 
@@ -73,20 +91,28 @@ def resolve(host: str, port: int) -> str:
         raise FetchRefused(f"cannot resolve {host}: {exc}") from None
 
 
-def fetch(url: str, policy: FetchPolicy, resolver: Resolver = resolve) -> bytes:
-    """The body of `url` after at most MAX_REDIRECTS checked redirects, within policy.timeout_s."""
-    deadline = time.monotonic() + policy.timeout_s
+def fetch(url: str, policy: FetchPolicy, resolver: Resolver = resolve, deadline: float | None = None) -> bytes:
+    """The body of `url` after at most MAX_REDIRECTS checked redirects, within policy.timeout_s
+    and before `deadline` (time.monotonic(); the request's own) when that comes first."""
+    own = time.monotonic() + policy.timeout_s
+    deadline = own if deadline is None else min(own, deadline)
     for _ in range(MAX_REDIRECTS + 1):
-        parts = urlsplit(url)
+        try:
+            parts = urlsplit(url)
+            port = parts.port or (443 if parts.scheme == "https" else 80)
+        except ValueError as exc:  # "Port out of range 0-65535", "Invalid IPv6 URL", a non-numeric port
+            raise FetchRefused(f"{url!r}: malformed URL ({exc})") from None
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise FetchRefused(f"{url!r}: only http and https URLs with a host are fetched")
         host = parts.hostname.lower()
-        port = parts.port or (443 if parts.scheme == "https" else 80)
         policy.check_host(host)
         address = resolver(host, port)
         policy.check_address(address)
         tls = ssl.create_default_context(cafile=policy.ca_file) if parts.scheme == "https" else None
         connection = _PinnedConnection(address, host, port, _remaining(deadline), tls)
+        cutoff = threading.Timer(_remaining(deadline), connection.abort)  # status line and headers too
+        cutoff.daemon = True
+        cutoff.start()
         try:
             connection.request("GET", (parts.path or "/") + (f"?{parts.query}" if parts.query else ""),
                                headers={"User-Agent": "zspa-serve", "Accept": "image/*"})
@@ -100,9 +126,12 @@ def fetch(url: str, policy: FetchPolicy, resolver: Resolver = resolve) -> bytes:
             if response.status != 200:
                 raise FetchRefused(f"{url}: HTTP {response.status}")
             return _read_body(response, connection, policy.max_bytes, deadline)
-        except (OSError, http.client.HTTPException) as exc:
+        except (OSError, http.client.HTTPException, ValueError) as exc:
+            if connection.aborted:
+                raise FetchRefused(f"{url}: deadline passed") from None
             raise FetchRefused(f"{url}: {exc}") from None
         finally:
+            cutoff.cancel()
             connection.close()
     raise FetchRefused(f"more than {MAX_REDIRECTS} redirects")
 
@@ -116,6 +145,8 @@ def _read_body(response, connection, max_bytes: int, deadline: float) -> bytes:
         body += chunk
         if len(body) > max_bytes:
             raise ImageTooLarge(f"body over {max_bytes} bytes")
+    if connection.aborted:  # the shut-down socket reads as the end of the body
+        raise FetchRefused("deadline passed")
     return bytes(body)
 
 
@@ -138,9 +169,26 @@ class _PinnedConnection(http.client.HTTPConnection):
     def __init__(self, address: str, host: str, port: int, timeout: float, tls: ssl.SSLContext | None):
         super().__init__(host, port, timeout=timeout)
         self._address, self._tls = address, tls
+        self.socket: socket.socket | None = None
+        self.aborted = False
+        self._lock = threading.Lock()
 
     def connect(self) -> None:
-        self.sock = socket.create_connection((self._address, self.port), self.timeout)
+        sock = socket.create_connection((self._address, self.port), self.timeout)
         if self._tls is not None:
-            self.sock = self._tls.wrap_socket(self.sock, server_hostname=self.host)
-        self.socket = self.sock  # http.client drops `sock` once a response owns it; reads still need timeouts
+            sock = self._tls.wrap_socket(sock, server_hostname=self.host)
+        with self._lock:
+            self.sock = self.socket = sock  # http.client drops `sock` once a response owns it
+            if self.aborted:
+                sock.close()
+                raise TimeoutError("deadline passed while connecting")
+
+    def abort(self) -> None:
+        """From the deadline's timer: a read blocked in the fetching thread fails at once."""
+        with self._lock:
+            self.aborted = True
+            if self.socket is not None:
+                try:
+                    self.socket.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass  # already closed

@@ -32,6 +32,9 @@ class ServerSettings:
     allowed_image_domains: tuple[str, ...] = ()  # empty: any public host
     image_ca_file: str | None = None  # https image hosts are checked against this CA bundle, not the system's
     warmup: bool = True
+    max_connections: int = 512  # open connections and requests in flight; past it, uvicorn answers 503
+    header_timeout_s: float = 10.0  # a request's headers must be complete this long after connecting or a response
+    keep_alive_timeout_s: float = 5.0  # an idle keep-alive connection is closed after this
     # Host header names requests may carry (any port); None: any. zspa-serve fills it from the bound
     # address: loopback names when bound to loopback, so a web page cannot reach the service
     # through DNS rebinding.
@@ -47,14 +50,14 @@ class ServerSettings:
 
     def __post_init__(self) -> None:
         for name in ("max_queue", "max_body_bytes", "max_image_bytes", "max_image_pixels", "max_concurrent_images",
-                     "default_max_tokens"):
+                     "default_max_tokens", "max_connections"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be ≥ 1, got {getattr(self, name)}")
         if self.max_batch is not None and not 1 <= self.max_batch <= 256:
             raise ValueError(f"max_batch must be in [1, 256], got {self.max_batch}")
         if self.max_prompt_tokens is not None and self.max_prompt_tokens < 1:
             raise ValueError(f"max_prompt_tokens must be ≥ 1, got {self.max_prompt_tokens}")
-        for name in ("request_timeout_s", "remote_image_timeout_s"):
+        for name in ("request_timeout_s", "remote_image_timeout_s", "header_timeout_s", "keep_alive_timeout_s"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
 

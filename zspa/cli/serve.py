@@ -68,6 +68,14 @@ def build_parser() -> argparse.ArgumentParser:
     limits.add_argument("--vision-cache-mb", type=float, default=64.0,
                         help="memory for vision outputs of images seen again (several questions about one frame); "
                              "0 turns the cache off")
+    limits.add_argument("--max-connections", type=int, default=defaults.max_connections,
+                        help="open connections and requests in flight; past it, 503 (the open-file limit is raised "
+                             "to fit at start-up)")
+    limits.add_argument("--header-timeout", type=float, default=defaults.header_timeout_s,
+                        help="seconds a connection has to send a request's headers, after connecting or after its "
+                             "previous response; then it is closed (idle sockets, slowloris)")
+    limits.add_argument("--keep-alive-timeout", type=float, default=defaults.keep_alive_timeout_s,
+                        help="seconds an idle keep-alive connection stays open")
     limits.add_argument("--drain-timeout", type=float, default=30.0,
                         help="seconds SIGTERM waits for in-flight requests before cancelling them")
     runtime = parser.add_argument_group("runtime")
@@ -106,6 +114,7 @@ def _serve(args: argparse.Namespace) -> None:
         import uvicorn
 
         from zspa.runtime.server.app import create_app
+        from zspa.runtime.server.connections import connection_limit, http_protocol
     except ImportError as exc:
         raise ZspaError(f"zspa-serve needs the serve extra ({exc.name} is missing): "
                         "pip install 'zspa[serve]'") from None
@@ -126,6 +135,8 @@ def _serve(args: argparse.Namespace) -> None:
             allow_private_image_hosts=args.allow_private_image_hosts,
             allowed_image_domains=tuple(args.allowed_image_domains), image_ca_file=args.image_ca_file,
             warmup=not args.no_warmup, allowed_hosts=allowed_hosts(args.host, args.allowed_hosts),
+            max_connections=args.max_connections, header_timeout_s=args.header_timeout,
+            keep_alive_timeout_s=args.keep_alive_timeout,
         )
     except ValueError as exc:
         raise ZspaError(str(exc)) from None
@@ -143,7 +154,9 @@ def _serve(args: argparse.Namespace) -> None:
     pipeline = Pipeline.load(args.bundle, **options)
     app = create_app(pipeline, settings)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
-                            timeout_graceful_shutdown=args.drain_timeout)
+                            timeout_graceful_shutdown=args.drain_timeout, http=http_protocol(settings.header_timeout_s),
+                            limit_concurrency=connection_limit(settings.max_connections),
+                            timeout_keep_alive=settings.keep_alive_timeout_s)
 
     class DrainingServer(uvicorn.Server):
         """Marks the app as draining the moment a shutdown signal arrives, so /ready turns 503."""
