@@ -256,6 +256,26 @@ def test_probes_and_metrics_need_no_key(server, client, photo_url):
     assert server.metric('zspa_visual_tokens_total{kind="total"}') >= 576
 
 
+def test_metrics_labels_are_bounded_and_the_metrics_key_is_required(pipeline, photo_url):
+    """Keep values a client invents are counted as "other", not as a series each; with a metrics
+    key, /metrics wants it and /health still does not."""
+    from fastapi.testclient import TestClient
+
+    from zspa.runtime.server.app import create_app
+    from zspa.runtime.server.settings import ServerSettings
+
+    with TestClient(create_app(pipeline, ServerSettings(MODEL, warmup=False, metrics_key="scrape"))) as http:
+        for keep in (0.1, 0.123, 0.37, 0.2501):
+            body = chat_body(photo_url, max_tokens=1, keep=keep)
+            assert http.post("/v1/chat/completions", json=body).status_code == 200
+        assert http.get("/metrics").status_code == 401
+        assert http.get("/health").status_code == 200
+        text = http.get("/metrics", headers={"Authorization": "Bearer scrape"}).text
+    assert 'zspa_keep_ratio_requests_total{keep="other",method="zspa"} 3.0' in text
+    assert 'zspa_keep_ratio_requests_total{keep="0.1",method="zspa"} 1.0' in text
+    assert "0.123" not in text and "0.37" not in text
+
+
 def test_concurrent_streams_complete_without_mixing(client, pipeline, photo_path, photo_url):
     """32 streams at once over 4 prompts: each stream's text is its own prompt's greedy answer."""
     prompts = ["What is this?", "Who is it?", "Where was it taken?", "Describe the colours."]
@@ -368,6 +388,25 @@ def test_sigterm_drains_the_running_stream_then_exits(long_bundle, photo_url, tm
         assert server.process.wait(20) in (0, -signal.SIGTERM)
         with pytest.raises(httpx.TransportError):
             httpx.get(f"{server.url}/health", timeout=2)
+
+
+def test_a_drain_that_times_out_ends_the_stream_with_an_error_event(long_bundle, photo_url, tmp_path):
+    """--drain-timeout 1 against a 12,000-token answer: the stream ends with OpenAI's error event
+    (not a cut connection), and the process exits soon after the timeout."""
+    with running_server(long_bundle, tmp_path / "server.log", "--served-model-name", MODEL,
+                        "--drain-timeout", "1") as server:
+        body = chat_body(photo_url, stream=True, **LONG)
+        with httpx.stream("POST", f"{server.url}/v1/chat/completions", json=body, timeout=60) as response:
+            lines = (line for line in response.iter_lines() if line.startswith("data:"))
+            events = [next(lines), next(lines)]
+            signalled = time.monotonic()
+            server.process.send_signal(signal.SIGTERM)
+            events += list(lines)
+        error = json.loads(events[-1].removeprefix("data: "))["error"]
+        assert (error["type"], error["code"]) == ("server_error", "shutdown")
+        assert server.process.wait(20) in (0, -signal.SIGTERM)
+        assert time.monotonic() - signalled < 5.0  # the drain's 1 s and the events' grace, not 5 s more
+    assert "Traceback" not in (tmp_path / "server.log").read_text()
 
 
 def test_serve_refuses_a_bad_bundle_fast(tmp_path):

@@ -35,6 +35,7 @@ from zspa.runtime.server.settings import ServerSettings
 log = logging.getLogger("zspa.serve")
 ROUTES = ("/v1/chat/completions", "/v1/models", "/health", "/ready", "/metrics", "/openapi.json")
 _DISCONNECT_POLL_S = 0.25
+_CANNOT_RUN = "the model cannot run; the server log has the details"
 
 
 class StatusCounter:
@@ -115,7 +116,8 @@ def host_name(host: str) -> str:
 
 
 def create_app(pipeline: Pipeline, settings: ServerSettings) -> FastAPI:
-    metrics = ServerMetrics()
+    metrics = ServerMetrics(keeps={keep for method in pipeline.bundle.methods
+                                   for keep in pipeline.bundle.keeps(method)})
     image_slots = threading.BoundedSemaphore(settings.max_concurrent_images)
     scheduler = Scheduler(pipeline, settings.max_queue, metrics, batch_size(pipeline.decoder, settings.max_batch))
 
@@ -143,8 +145,8 @@ def create_app(pipeline: Pipeline, settings: ServerSettings) -> FastAPI:
 
     @app.get("/health")
     async def health():
-        if scheduler.problem:
-            return JSONResponse({"status": "error", "error": scheduler.problem}, status_code=503)
+        if scheduler.problem:  # its text (an onnxruntime error, paths) is for the log, not for any caller
+            return JSONResponse({"status": "error", "error": _CANNOT_RUN}, status_code=503)
         return {"status": "ok"}
 
     @app.get("/ready")
@@ -154,9 +156,13 @@ def create_app(pipeline: Pipeline, settings: ServerSettings) -> FastAPI:
         return JSONResponse({"status": state}, status_code=200 if state == "ready" else 503)
 
     @app.get("/metrics")
-    async def metrics_endpoint():
+    async def metrics_endpoint(request: Request):
+        if settings.metrics_key is not None:
+            _require_key(request, settings.metrics_key)
         metrics.queue_depth.set(scheduler.depth)
-        return Response(metrics.render(), media_type=metrics.content_type)
+        # Rendering takes the registry's locks and walks every series: off the event loop, so that
+        # scrapes cannot delay requests.
+        return Response(await run_in_threadpool(metrics.render), media_type=metrics.content_type)
 
     schema = openapi_schema()
 
@@ -219,10 +225,13 @@ def create_app(pipeline: Pipeline, settings: ServerSettings) -> FastAPI:
 
 
 def _authorize(request: Request, settings: ServerSettings) -> None:
-    if settings.api_key is None:
-        return
+    if settings.api_key is not None:
+        _require_key(request, settings.api_key)
+
+
+def _require_key(request: Request, key: str) -> None:
     scheme, _, token = request.headers.get("authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), settings.api_key.encode()):
+    if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), key.encode()):
         raise APIError(401, "missing or wrong API key: send the header 'Authorization: Bearer <key>'",
                        code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
 
@@ -240,7 +249,7 @@ def _require_serving(app: FastAPI, scheduler: Scheduler) -> None:
     if app.state.draining:
         raise APIError(503, "the server is shutting down", type="server_error", code="draining")
     if scheduler.problem:
-        raise APIError(503, f"the model cannot run: {scheduler.problem}", type="server_error", code="not_ready")
+        raise APIError(503, _CANNOT_RUN, type="server_error", code="not_ready")
     if not scheduler.ready.is_set():
         raise APIError(503, "the model is still warming up; poll GET /ready", type="server_error", code="not_ready",
                        headers={"Retry-After": "1"})

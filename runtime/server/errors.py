@@ -43,3 +43,7 @@ def timed_out(seconds: float) -> APIError:
 
 INTERNAL = APIError(500, "internal server error; the server log has the details", type="server_error",
                     code="internal_error")
+
+
+DRAIN_TIMED_OUT = APIError(503, "the server shut down before this answer was finished (its drain timed out); "
+                           "retry", type="server_error", code="shutdown")

@@ -1,7 +1,9 @@
 """Prometheus metrics for `/metrics`: what a dashboard of a VLM service plots.
 
 A registry per server instance, not prometheus_client's global one, so that two servers in one
-process (tests) never share counters.
+process (tests) never share counters. Label values come from fixed sets, never from a client: a
+request's keep ratio is labelled only when it is one the bundle was exported at ("other"
+otherwise), so 20,000 requests with 20,000 keep values stay a handful of series.
 """
 
 from __future__ import annotations
@@ -17,7 +19,8 @@ _RATE_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000)
 class ServerMetrics:
     content_type = CONTENT_TYPE_LATEST
 
-    def __init__(self) -> None:
+    def __init__(self, keeps: set[float] | frozenset[float] = frozenset()) -> None:
+        self.keep_labels = {f"{keep:g}" for keep in (*keeps, 1.0)}  # 1.0: unpruned
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter("zspa_http_requests", "HTTP requests by route and status code", ["route", "status"],
@@ -51,7 +54,8 @@ class ServerMetrics:
         self.time_to_first_token.observe(stats.time_to_first_token_ms / 1000.0)
         if stats.decode_tokens_per_s > 0:
             self.decode_rate.observe(stats.decode_tokens_per_s)
-        self.keep.labels(f"{keep:g}", method).inc()
+        label = f"{keep:g}"
+        self.keep.labels(label if label in self.keep_labels else "other", method).inc()
         self.prompt_tokens.inc(stats.prompt_tokens)
         self.completion_tokens.inc(stats.tokens_generated)
         self.visual_tokens.labels("total").inc(stats.visual_tokens_total)

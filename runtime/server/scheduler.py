@@ -25,7 +25,7 @@ from zspa.errors import ZspaError
 from zspa.runtime.batching import decode_rows
 from zspa.runtime.pipeline import Pipeline, Request
 from zspa.runtime.sequence import Sequence
-from zspa.runtime.server.errors import INTERNAL, from_zspa_error
+from zspa.runtime.server.errors import INTERNAL, APIError, from_zspa_error
 from zspa.runtime.server.metrics import ServerMetrics
 
 log = logging.getLogger("zspa.serve")
@@ -78,6 +78,7 @@ class Scheduler:
         self._thread = threading.Thread(target=self._work, name="zspa-pipeline", daemon=True)
         self._service_s = 1.0  # moving average of a job's time in the batch, for Retry-After
         self.ready = threading.Event()
+        self._cut: APIError | None = None  # set by `cut_all`: every job still running or waiting gets it
         self.failure: str | None = None
 
     def start(self, warmup: bool = True) -> None:
@@ -91,6 +92,11 @@ class Scheduler:
         except queue.Full:
             return
         self._thread.join(timeout_s)
+
+    def cut_all(self, error: APIError) -> None:
+        """Ends every running and waiting job with `error` at the worker's next step (a drain that
+        ran out of time): each stream gets an error event rather than a cut connection."""
+        self._cut = error
 
     @property
     def problem(self) -> str | None:
@@ -145,6 +151,9 @@ class Scheduler:
         if job.cancelled.is_set():
             self.metrics.cancelled.labels(job.cancel_reason).inc()
             return None
+        if self._cut is not None:
+            job.emit("error", self._cut)
+            return None
         self.metrics.queue_wait.observe(time.monotonic() - job.arrived)
         try:
             answer, logits = self.pipeline.prefill(job.request)
@@ -188,6 +197,10 @@ class Scheduler:
             job.emit("delta", delta)
         if job.cancelled.is_set():
             self.metrics.cancelled.labels(job.cancel_reason).inc()
+            return False
+        if self._cut is not None and not answer.done:
+            self.metrics.cancelled.labels("shutdown").inc()
+            job.emit("error", self._cut)
             return False
         if not answer.done:
             return True

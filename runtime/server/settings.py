@@ -9,6 +9,7 @@ from zspa.runtime.server.remote_images import FetchPolicy
 
 MiB = 1024 * 1024
 API_KEY_ENV = "ZSPA_API_KEY"
+METRICS_KEY_ENV = "ZSPA_METRICS_KEY"
 LOOPBACK = frozenset({"127.0.0.1", "::1", "localhost"})
 WILDCARD = frozenset({"0.0.0.0", "::", ""})
 
@@ -17,6 +18,7 @@ WILDCARD = frozenset({"0.0.0.0", "::", ""})
 class ServerSettings:
     model_name: str
     api_key: str | None = None
+    metrics_key: str | None = None  # when set, /metrics needs 'Authorization: Bearer <metrics key>'
     max_queue: int = 64  # requests waiting for the pipeline; past it, 429
     max_batch: int | None = None  # rows decoding together; None: DEFAULT_MAX_BATCH where the bundle can batch, else 1
     request_timeout_s: float = 300.0  # queueing plus generation

@@ -10,11 +10,14 @@ import argparse
 import logging
 import os
 import sys
+import threading
 from pathlib import Path
 
 from zspa.cli.common import add_backend_flags, add_debug_flag, backend_options, run_command
 from zspa.errors import ZspaError
-from zspa.runtime.server.settings import API_KEY_ENV, LOOPBACK, allowed_hosts
+from zspa.runtime.server.settings import API_KEY_ENV, LOOPBACK, METRICS_KEY_ENV, allowed_hosts
+
+_CUT_GRACE_S = 2.0  # after the drain timeout, for the error events that end the cut answers to go out
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -37,6 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--api-key", default=None,
                         help=f"require 'Authorization: Bearer KEY' on /v1 (prefer the {API_KEY_ENV} environment "
                              "variable: arguments show in `ps`)")
+    parser.add_argument("--metrics-key", default=None,
+                        help=f"require 'Authorization: Bearer KEY' on /metrics (prefer {METRICS_KEY_ENV}; default: "
+                             "/metrics is open, like /health, to whoever can reach the port)")
     limits = parser.add_argument_group("load and limits")
     limits.add_argument("--max-queue", type=int, default=defaults.max_queue,
                         help="requests that may wait for the pipeline; past it, 429 with Retry-After")
@@ -115,6 +121,7 @@ def _serve(args: argparse.Namespace) -> None:
 
         from zspa.runtime.server.app import create_app
         from zspa.runtime.server.connections import connection_limit, http_protocol
+        from zspa.runtime.server.errors import DRAIN_TIMED_OUT
     except ImportError as exc:
         raise ZspaError(f"zspa-serve needs the serve extra ({exc.name} is missing): "
                         "pip install 'zspa[serve]'") from None
@@ -126,6 +133,7 @@ def _serve(args: argparse.Namespace) -> None:
         settings = ServerSettings(
             model_name=args.served_model_name or Path(args.bundle).resolve().name,
             api_key=args.api_key or os.environ.get(API_KEY_ENV) or None,
+            metrics_key=args.metrics_key or os.environ.get(METRICS_KEY_ENV) or None,
             max_queue=args.max_queue, max_batch=args.max_batch, request_timeout_s=args.request_timeout,
             max_body_bytes=args.max_body_bytes,
             max_image_bytes=args.max_image_bytes, max_image_pixels=args.max_image_pixels,
@@ -153,8 +161,11 @@ def _serve(args: argparse.Namespace) -> None:
         return
     pipeline = Pipeline.load(args.bundle, **options)
     app = create_app(pipeline, settings)
+    # uvicorn cancels what is left at its own timeout: first the scheduler ends every answer with an
+    # error event, and uvicorn waits a little longer for those to go out.
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
-                            timeout_graceful_shutdown=args.drain_timeout, http=http_protocol(settings.header_timeout_s),
+                            timeout_graceful_shutdown=args.drain_timeout + _CUT_GRACE_S,
+                            http=http_protocol(settings.header_timeout_s),
                             limit_concurrency=connection_limit(settings.max_connections),
                             timeout_keep_alive=settings.keep_alive_timeout_s)
 
@@ -162,7 +173,11 @@ def _serve(args: argparse.Namespace) -> None:
         """Marks the app as draining the moment a shutdown signal arrives, so /ready turns 503."""
 
         def handle_exit(self, sig, frame) -> None:
-            app.state.draining = True
+            if not app.state.draining:
+                app.state.draining = True
+                cut = threading.Timer(args.drain_timeout, app.state.scheduler.cut_all, (DRAIN_TIMED_OUT,))
+                cut.daemon = True
+                cut.start()
             super().handle_exit(sig, frame)
 
     DrainingServer(config).run()
