@@ -16,7 +16,7 @@ import numpy as np
 import onnxruntime as ort
 
 from zspa.errors import BundleError, InvalidInputError, ZspaError
-from zspa.manifest import DecoderSpec
+from zspa.manifest import DecoderSpec, GraphSpec
 from zspa.runtime.bundle import Bundle
 
 ORT_BACKENDS = ("ort-cpu", "ort-cuda", "ort-trt")
@@ -58,7 +58,7 @@ def make_backend(name: str, bundle: Bundle, threads: int | None = None) -> Backe
 
         return TrtBackend(bundle)
     providers = execution_providers(name, bundle.path / "engines" / "ort-trt", fp16=bundle.manifest.dtype == "float16")
-    return OrtBackend(providers, threads)
+    return OrtBackend(providers, threads, bundle.manifest.graphs)
 
 
 class OrtGraph:
@@ -171,7 +171,11 @@ def execution_providers(backend: str, engine_cache: Path, fp16: bool) -> list[Pr
 class OrtBackend:
     """onnxruntime with the given execution providers (CPU by default)."""
 
-    def __init__(self, providers: list[Provider] | None = None, threads: int | None = None):
+    def __init__(self, providers: list[Provider] | None = None, threads: int | None = None,
+                 graphs: dict[str, GraphSpec] | None = None):
+        """`graphs`: the manifest's graph entries; a graph whose inputs or outputs differ from its
+        entry's is refused on load, not with an onnxruntime error mid-request."""
+        self.graphs = {Path(spec.file).name: spec for spec in (graphs or {}).values()}
         available = ort.get_available_providers()
         self.provider_list = providers or ["CPUExecutionProvider"]
         self.providers = [p if isinstance(p, str) else p[0] for p in self.provider_list]
@@ -196,9 +200,17 @@ class OrtBackend:
 
     def session(self, path: Path) -> ort.InferenceSession:
         try:
-            return ort.InferenceSession(os.fspath(path), self.options, providers=self.provider_list)
+            session = ort.InferenceSession(os.fspath(path), self.options, providers=self.provider_list)
         except Exception as exc:  # onnxruntime raises its own untyped errors for bad graphs
             raise BundleError(f"{path}: onnxruntime cannot load this graph ({exc})") from None
+        spec = self.graphs.get(path.name)
+        if spec is not None:
+            for kind, declared, actual in (("inputs", spec.inputs, session.get_inputs()),
+                                           ("outputs", spec.outputs, session.get_outputs())):
+                if sorted(t.name for t in declared) != sorted(t.name for t in actual):
+                    raise BundleError(f"{path.name}: the graph's {kind} {sorted(t.name for t in actual)} are not "
+                                      f"manifest.json's {sorted(t.name for t in declared)}; re-export the bundle")
+        return session
 
     def graph(self, path: Path) -> GraphRunner:
         return OrtGraph(self.session(path))

@@ -54,7 +54,7 @@ class Bundle:
         path, `..`, or a symlink whose target lies outside the bundle."""
         relative = PurePosixPath(name)
         if (not name or relative.is_absolute() or PureWindowsPath(name).drive or "\\" in name
-                or ".." in relative.parts):
+                or ".." in relative.parts or "\x00" in name):
             raise BundleError(f"manifest.json names {name!r}, which is not a path inside the bundle")
         path = self.path / relative
         if not path.resolve().is_relative_to(self.path.resolve()):

@@ -164,3 +164,50 @@ def test_a_zspa_0_1_bundle_still_answers(bundle_copy, photo_path, pipeline):
     assert old.token_ids == new.token_ids
     with pytest.raises(InvalidInputError, match="Re-export"):
         Pipeline.load(bundle_copy).generate(photo_path, "What is it?", keep=0.3, max_new_tokens=1)
+
+
+def _set(section: str, **values):
+    return lambda d: d[section].update(values)
+
+
+MALFORMED = {  # each ended as "unexpected error", exit 1, or was accepted and failed later
+    "empty eos_token_ids": (_set("text", eos_token_ids=[]), "text.eos_token_ids is empty"),
+    "eos outside the vocabulary": (_set("text", eos_token_ids=[10**9]), r"text.eos_token_ids\[0\] is 1000000000"),
+    "max_context 10^30": (_set("text", max_context=10**30), "text.max_context is 10000000000000"),
+    "zero std": (_set("vision", std=[0.2, 0.0, 0.2]), r"vision.std\[1\] is 0.0"),
+    "resample 99": (_set("vision", resample=99), "vision.resample is 99"),
+    "unknown kv_cache": (_set("decoder", kv_cache="paged"), "decoder.kv_cache is 'paged'"),
+    "unknown kind": (_set("vision", kind="siglip"), "vision.kind is 'siglip'"),
+    "no layers": (_set("decoder", num_layers=0), "decoder.num_layers is 0"),
+    "two-channel mean": (_set("vision", mean=[0.5, 0.5]), "one value per RGB channel"),
+    "keep 3": (lambda d: d["pruners"][0].update(keep=3.0), r"pruners\[0\] \(keep 3.0"),
+    "NUL in a file name": (lambda d: d["files"].update({"tok\u0000en.json": d["files"].pop("tokenizer.json")}),
+                           "control character"),
+}
+
+
+@pytest.mark.parametrize("case", MALFORMED, ids=list(MALFORMED))
+def test_malformed_manifest_values_are_refused_naming_the_field(bundle_copy, case, capsys):
+    from zspa.cli.run import main
+
+    change, message = MALFORMED[case]
+    _edit_manifest(bundle_copy, change)
+    with pytest.raises(BundleError, match=message):
+        Bundle.open(bundle_copy)
+    assert main([str(bundle_copy), "--image", "unused.png", "--prompt", "hi"]) == 3
+    assert "unexpected" not in capsys.readouterr().err
+
+
+def test_a_5000_digit_integer_in_the_manifest_is_a_bundle_error(bundle_copy):
+    path = bundle_copy / "manifest.json"
+    path.write_text(path.read_text().replace('"num_layers": ', '"num_layers": ' + "9" * 5000 + ", \"x\": ", 1))
+    with pytest.raises(BundleError, match="a value cannot be read"):
+        Bundle.open(bundle_copy)
+
+
+def test_graph_inputs_that_differ_from_the_manifest_are_refused_on_load(bundle_copy):
+    from zspa.runtime.pipeline import Pipeline
+
+    _edit_manifest(bundle_copy, lambda d: d["graphs"]["embed"]["inputs"][0].update(name="token_ids"))
+    with pytest.raises(BundleError, match=r"embed.onnx: the graph's inputs \['input_ids'\] are not manifest.json's"):
+        Pipeline.load(bundle_copy)

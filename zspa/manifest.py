@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -146,7 +147,9 @@ class Manifest:
             )
         if version < SCHEMA_VERSION:
             raise BundleError(f"manifest.json: schema_version {version} is no longer supported; re-export the bundle")
-        return _build(cls, data, "manifest")
+        manifest = _build(cls, data, "manifest")
+        check_values(manifest)
+        return manifest
 
     @classmethod
     def read(cls, path: Path) -> Manifest:
@@ -158,6 +161,8 @@ class Manifest:
             data = json.loads(text)
         except json.JSONDecodeError as exc:
             raise BundleError(f"{path}: not valid JSON ({exc})") from None
+        except (ValueError, RecursionError) as exc:  # a 5,000-digit integer, nesting past the recursion limit
+            raise BundleError(f"{path}: a value cannot be read ({exc})") from None
         return cls.from_dict(data)
 
 
@@ -207,3 +212,62 @@ def _convert(hint: Any, value: Any, where: str) -> Any:
     if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
         raise BundleError(f"manifest.json: {where} should be {hint.__name__}, got {type(value).__name__}")
     return value
+
+
+# Ranges for the manifest's values: a tampered or hand-edited manifest fails here naming the field,
+# not later as an "unexpected error" deep in preprocessing or a session.
+_KNOWN = {"vision.kind": ("clip", "qwen2_vl"), "decoder.kv_cache": ("concat", "shared"),
+          "decoder.positions": ("contiguous", "original"), "decoder.kv_dtype": ("float32", "float16", "bfloat16"),
+          "vision.resample": tuple(range(6))}  # PIL's filters: NEAREST, LANCZOS, BILINEAR, BICUBIC, BOX, HAMMING
+_MAX_TOKENS_ID = 2**24  # vocabularies are ~10^5; a context or vocabulary past this is a corrupt value
+
+
+def check_values(manifest: Manifest) -> None:
+    """Refuses values out of range, naming the field (BundleError, the CLIs' exit 3)."""
+    vision, text, decoder = manifest.vision, manifest.text, manifest.decoder
+    for where, value in (("vision.kind", vision.kind), ("decoder.kv_cache", decoder.kv_cache),
+                         ("decoder.positions", decoder.positions), ("decoder.kv_dtype", decoder.kv_dtype),
+                         ("vision.resample", vision.resample)):
+        if value not in _KNOWN[where]:
+            raise BundleError(f"manifest.json: {where} is {value!r}, not one of {list(_KNOWN[where])}; "
+                              "re-export the bundle, or upgrade zspa if a newer one wrote it")
+    _in_range("text.max_context", text.max_context, 2, _MAX_TOKENS_ID)
+    _in_range("decoder.vocab_size", decoder.vocab_size, 1, _MAX_TOKENS_ID)
+    for where, value in (("decoder.num_layers", decoder.num_layers), ("decoder.num_kv_heads", decoder.num_kv_heads),
+                         ("decoder.head_dim", decoder.head_dim), ("vision.hidden_size", vision.hidden_size),
+                         ("vision.patch_size", vision.patch_size), ("vision.merge_size", vision.merge_size),
+                         ("vision.temporal_patch_size", vision.temporal_patch_size)):
+        _in_range(where, value, 1, 2**16)
+    _in_range("vision.num_tokens", vision.num_tokens, 1, _MAX_TOKENS_ID)
+    if not text.eos_token_ids:
+        raise BundleError("manifest.json: text.eos_token_ids is empty; a generation could never end")
+    for i, token in enumerate(text.eos_token_ids):
+        _in_range(f"text.eos_token_ids[{i}]", token, 0, decoder.vocab_size - 1)
+    _in_range("text.image_token_id", text.image_token_id, 0, decoder.vocab_size - 1)
+    if len(vision.mean) != 3 or len(vision.std) != 3:
+        raise BundleError("manifest.json: vision.mean and vision.std need one value per RGB channel")
+    for i, value in enumerate(vision.std):
+        if not math.isfinite(value) or value <= 0:
+            raise BundleError(f"manifest.json: vision.std[{i}] is {value!r}; it must be a positive number")
+    for where, value in (("vision.rescale_factor", vision.rescale_factor), *(
+            (f"vision.mean[{i}]", m) for i, m in enumerate(vision.mean))):
+        if not math.isfinite(value) or (where == "vision.rescale_factor" and value <= 0):
+            raise BundleError(f"manifest.json: {where} is {value!r}; it must be a finite number")
+    if vision.image_size and (len(vision.image_size) != 2 or not all(1 <= side <= 2**14 for side in vision.image_size)):
+        raise BundleError(f"manifest.json: vision.image_size is {vision.image_size!r}; expected [height, width]")
+    if not 0 <= vision.min_pixels <= vision.max_pixels <= 2**30:
+        raise BundleError("manifest.json: vision.min_pixels and max_pixels must satisfy 0 ≤ min ≤ max ≤ 2^30")
+    for i, pruner in enumerate(manifest.pruners):
+        if not 0 < pruner.keep <= 1 or (pruner.k is not None and pruner.k < 1) or pruner.graph not in manifest.graphs:
+            raise BundleError(f"manifest.json: pruners[{i}] (keep {pruner.keep!r}, k {pruner.k!r}, graph "
+                              f"{pruner.graph!r}) is not a pruner this bundle can run")
+    names = [*(g.file for g in manifest.graphs.values()), *manifest.files,
+             *(name for g in manifest.graphs.values() for name in g.data_files)]
+    for name in names:
+        if any(ord(ch) < 32 for ch in name):
+            raise BundleError(f"manifest.json: the file name {name!r} holds a control character")
+
+
+def _in_range(where: str, value: int, low: int, high: int) -> None:
+    if not low <= value <= high:
+        raise BundleError(f"manifest.json: {where} is {value}, outside [{low}, {high:,}]")
