@@ -98,3 +98,23 @@ def test_a_typed_question_marker_is_text_like_any_other(pipeline):
     prompt = pipeline.prompts.build_chat(messages)
     marked = pipeline.prompts.decode(prompt.input_ids[prompt.question_mask == 1].tolist())
     assert marked.strip() == "What is it?"
+
+
+@pytest.mark.parametrize("template, problem", [
+    ("{% for i in range(100000) %}{% for j in range(100000) %}x{% endfor %}{% endfor %}", "loop steps"),
+    ("{{ 'x' * 10**9 }}", "'\\*' would build"),
+    ("{% set ns = namespace(s='xx') %}{% for i in range(40) %}{% set ns.s = ns.s + ns.s %}{% endfor %}", "'\\+'"),
+    ("{{ 10 ** 100000 }}", "'\\*\\*'"),
+])
+def test_a_hostile_chat_template_is_stopped_within_its_budget(template, problem):
+    """Nested ranges took hours, a doubling string all memory: each is a bundle error in well under
+    the 2 s render limit."""
+    import time
+
+    from zspa.errors import BundleError
+
+    started = time.monotonic()
+    with pytest.raises(BundleError, match=problem):
+        render(template, [{"content": "hi"}])
+    assert time.monotonic() - started < 2.0
+    assert render("{% for i in range(3) %}{{ i }}{% endfor %}", []) == "012"  # loops still work

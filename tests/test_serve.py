@@ -451,6 +451,29 @@ def test_allowed_hosts_follow_the_bound_address(bound, extra, expected):
         "localhost", "::1", "::1", "10.0.0.1"]
 
 
+@pytest.mark.parametrize("header", ["[::1]evil.example", "[::1]:80evil", "localhost:evil.example", "[::1]:",
+                                    "localhost:80:80"])
+def test_host_headers_with_junk_after_the_name_match_nothing(header):
+    from zspa.runtime.server.app import host_name
+
+    assert host_name(header) not in {"::1", "localhost", "127.0.0.1"}
+
+
+def test_probes_answer_head_and_wrapped_base64_is_an_image(server, photo_path):
+    """HEAD /health is what load balancers send; base64 wrapped at 76 columns (MIME, `base64` without
+    -w0) is the same image."""
+    assert httpx.head(f"{server.url}/health").status_code == 200
+    assert httpx.head(f"{server.url}/ready").status_code == 200
+    import base64
+    import textwrap
+
+    wrapped = "\r\n".join(textwrap.wrap(base64.b64encode(photo_path.read_bytes()).decode(), 76))
+    plain = _post(server, chat_body(data_url(photo_path.read_bytes()), max_tokens=3, temperature=0))
+    response = _post(server, chat_body(f"data:image/jpeg;base64,{wrapped}", max_tokens=3, temperature=0))
+    assert response.status_code == 200, response.text
+    assert response.json()["choices"][0]["message"]["content"] == plain.json()["choices"][0]["message"]["content"]
+
+
 def test_a_dripped_body_or_a_slow_image_cannot_hold_a_request_past_its_deadline(busy_server, photo_url):
     """busy_server's --request-timeout is 2 s: a client sending its body a byte at a time, and an
     image host sending its image a byte at a time, both end in a 504 at about that deadline."""

@@ -188,3 +188,24 @@ def test_trust_and_signing_flags(bundle_copy, pki, keys):
                             timeout=120)
     assert no_key.returncode != 0 and "--sign-certificate needs --sign-key" in no_key.stderr
     assert not target.exists()
+
+
+def test_a_symlink_and_a_malformed_verify_key_are_named(bundle_copy, keys, tmp_path):
+    """model-signing's own errors blamed the signing key for a symlink in the bundle, and gave an
+    'unexpected ValueError' for a --verify-key that is not a PEM public key."""
+    from zspa.errors import InvalidInputError
+    from zspa.signing import SigningKey, sign_bundle
+
+    (bundle_copy / "extra.txt").symlink_to(bundle_copy / "tokenizer.json")
+    with pytest.raises(InvalidInputError, match="extra.txt: a symlink"):
+        sign_bundle(bundle_copy, SigningKey(keys[0]))
+    assert not (bundle_copy / "model.sig").exists()
+    (bundle_copy / "extra.txt").unlink()
+    sign_bundle(bundle_copy, SigningKey(keys[0]))
+    garbage = tmp_path / "garbage.pub"
+    garbage.write_text("-----BEGIN PUBLIC KEY-----\nnot base64 at all\n-----END PUBLIC KEY-----\n")
+    with pytest.raises(InvalidInputError, match="garbage.pub: not a usable public key"):
+        Bundle.open(bundle_copy, trust=TrustPolicy(public_key=garbage))
+    run = subprocess.run([sys.executable, "-m", "zspa.cli.run", str(bundle_copy), "--image", "x.png", "--prompt", "hi",
+                          "--verify-key", str(garbage)], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2 and "not a usable public key" in run.stderr and "unexpected" not in run.stderr

@@ -76,6 +76,7 @@ def sign_bundle(path: str | Path, key: SigningKey) -> Path:
     """Writes PATH/model.sig over every file but itself and engines/."""
     root = Path(path).resolve()
     key.check()
+    _refuse_links(root)
     config = _model_signing().signing.Config()
     private = Path(key.private_key).expanduser()
     try:
@@ -102,15 +103,31 @@ def verify_bundle(path: str | Path, trust: TrustPolicy) -> None:
         raise BundleError(f"{root}: not signed (no {SIGNATURE_NAME}); sign it with zspa-sign, or run without "
                           "--verify-key / --verify-certificate-chain")
     _require_mode(root / SIGNATURE_NAME, "publicKey" if trust.public_key is not None else "x509CertificateChain")
-    if trust.public_key is not None:
-        config.use_elliptic_key_verifier(public_key=Path(trust.public_key).expanduser())
-    else:
-        config.use_certificate_verifier(certificate_chain=[Path(c).expanduser() for c in trust.certificate_roots])
+    try:
+        if trust.public_key is not None:
+            config.use_elliptic_key_verifier(public_key=Path(trust.public_key).expanduser())
+        else:
+            config.use_certificate_verifier(certificate_chain=[Path(c).expanduser() for c in trust.certificate_roots])
+    except (ValueError, TypeError, OSError) as exc:  # not PEM, not an EC key, not a certificate
+        files = ", ".join(map(str, (trust.public_key,) if trust.public_key else trust.certificate_roots))
+        raise InvalidInputError(f"{files}: not a usable {'public key' if trust.public_key else 'root certificate'} "
+                                f"({str(exc) or type(exc).__name__})") from None
     try:
         config.set_hashing_config(_hashing(root)).verify(root, root / SIGNATURE_NAME)
     except (ValueError, InvalidSignature, X509StoreContextError) as exc:
         reason = str(exc) or type(exc).__name__
         raise BundleError(f"{root}: signature check failed: {reason[:500]}") from None
+
+
+def _refuse_links(root: Path) -> None:
+    """A signature covers regular files; a symlink would be signed as whatever it points at today."""
+    for current, folders, files in os.walk(root):
+        folders[:] = [f for f in folders if not (Path(current) == root and f in UNSIGNED)]
+        for name in (*folders, *files):
+            path = Path(current) / name
+            if path.is_symlink():
+                raise InvalidInputError(f"{path}: a symlink; a signed bundle holds regular files only (copy the "
+                                        "file in its place)")
 
 
 _MODES = {"publicKey": "a bare key", "x509CertificateChain": "a certificate", "certificate": "Sigstore"}

@@ -108,11 +108,16 @@ class HostCheck:
 
 
 def host_name(host: str) -> str:
-    """The name in a Host header without its port: 'localhost:8000' → 'localhost', '[::1]:80' → '::1'."""
+    """The name in a Host header without its port: 'localhost:8000' → 'localhost', '[::1]:80' → '::1';
+    anything after ']' but a port leaves the header whole, so it matches no allowed name."""
     host = host.strip().lower()
     if host.startswith("["):
-        return host[1:].partition("]")[0]
-    return host.rpartition(":")[0] if host.count(":") == 1 else host
+        name, _, rest = host[1:].partition("]")
+        return name if rest == "" or (rest.startswith(":") and rest[1:].isdigit()) else host
+    name, colon, port = host.rpartition(":")
+    if host.count(":") == 1:
+        return name if port.isdigit() or not port else host
+    return host
 
 
 def create_app(pipeline: Pipeline, settings: ServerSettings) -> FastAPI:
@@ -143,13 +148,13 @@ def create_app(pipeline: Pipeline, settings: ServerSettings) -> FastAPI:
         kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
         return APIError(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}", type=kind).response()
 
-    @app.get("/health")
+    @app.api_route("/health", methods=["GET", "HEAD"])
     async def health():
         if scheduler.problem:  # its text (an onnxruntime error, paths) is for the log, not for any caller
             return JSONResponse({"status": "error", "error": _CANNOT_RUN}, status_code=503)
         return {"status": "ok"}
 
-    @app.get("/ready")
+    @app.api_route("/ready", methods=["GET", "HEAD"])
     async def ready():
         state = ("error" if scheduler.problem else "draining" if app.state.draining
                  else "ready" if scheduler.ready.is_set() else "loading")

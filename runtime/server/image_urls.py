@@ -19,6 +19,8 @@ log = logging.getLogger("zspa.serve")
 
 # A data URL's declared type → the one format its bytes may decode as.
 IMAGE_TYPES = {"image/png": "PNG", "image/jpeg": "JPEG", "image/jpg": "JPEG", "image/webp": "WEBP"}
+_WRAPPING = re.compile(r"[\r\n\t ]")
+_NO_WHITESPACE = str.maketrans("", "", "\r\n\t ")
 _DATA_URL = re.compile(r"data:(?P<mime>[^;,]*)(?P<params>(?:;[^;,]*)*),(?P<data>.*)", re.DOTALL)
 
 
@@ -45,6 +47,8 @@ def _from_data_url(url: str, param: str, max_bytes: int) -> tuple[bytes, tuple[s
     if mime not in IMAGE_TYPES:
         raise invalid(f"unsupported image type {mime or 'none'!r}; send PNG, JPEG or WebP", param)
     data = match["data"]
+    if _WRAPPING.search(data):  # MIME-style base64 wrapped at 76 columns: the line breaks are not data
+        data = data.translate(_NO_WHITESPACE)
     if len(data) * 3 // 4 > max_bytes:
         raise _too_large(param, max_bytes)
     try:
