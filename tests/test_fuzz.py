@@ -149,3 +149,79 @@ def _random_field(tree, data):
         parent, key = node, data.draw(st.sampled_from(keys))
         node = node[key]
     return (parent, key) if parent is not None else (tree, next(iter(tree)))
+
+
+HOSTILE_TEXT = st.lists(st.sampled_from(["\x00zspa-question-0\x00", "\x00zspa-question-1\x00", "\ud800", "\udfff",
+                                         "<image>", "{{ x }}", "\x00", "ok", " ", "é", "\U0001f600"]),
+                        max_size=6).map("".join)
+HUGE_NUMBER = st.integers(4300, 6000).map(lambda digits: "9" * digits)
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(texts=st.lists(HOSTILE_TEXT, min_size=1, max_size=3), number=st.none() | HUGE_NUMBER,
+       field=st.sampled_from(["seed", "max_tokens", "top_k", "temperature", "keep"]))
+def test_hostile_bodies_are_400s_or_prompts(pipeline, texts, number, field):
+    """Lone surrogates, the question markers, NULs and template syntax in any turn, a number past
+    Python's 4,300-digit limit in any numeric field: parse_body refuses with a 400, or the prompt
+    builds (the markers are text); nothing else escapes."""
+    from zspa.runtime.server.protocol import parse_body
+
+    turns = [{"role": role, "content": text} for role, text in zip(["user", "assistant"] * 2, texts[:-1])]
+    last = {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,AA=="}},
+                                        {"type": "text", "text": texts[-1] or "?"}]}
+    body = json.dumps({"model": "tiny", "messages": [*turns, last]})
+    if number is not None:
+        body = body[:-1] + f', "{field}": {number}}}'
+    try:
+        request = parse_body(body.encode("utf-8", "surrogatepass"))
+    except APIError as error:
+        assert error.status == 400 and error.message
+        return
+    messages = [{"role": m.role, "content": [{"type": "text", "text": m.content}] if isinstance(m.content, str) else
+                 [{"type": "image"} if p.type == "image_url" else {"type": "text", "text": p.text} for p in m.content]}
+                for m in request.messages]
+    try:
+        prompt = pipeline.prompts.build_chat(messages, max_tokens=2048)
+    except InvalidInputError:
+        return  # "no text", "one image placeholder": the client's to fix
+    assert prompt.question_mask.sum() >= 0 and len(prompt.input_ids) > 0
+
+
+_SHAPES_PEAK = """
+import json, resource, sys
+from pathlib import Path
+import numpy as np
+from PIL import Image
+from zspa.errors import InvalidInputError
+from zspa.manifest import Manifest
+from zspa.runtime.images import load_image, prepare_vision
+spec = Manifest.read(Path(sys.argv[1])).vision
+prepare_vision(load_image(Image.new("RGB", (64, 48))), spec)
+peak = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+idle, answered, refused = peak(), 0, 0
+for width, height in json.loads(sys.argv[2]):
+    try:
+        vision = prepare_vision(load_image(Image.new("RGB", (width, height), (width % 256, 7, 9))), spec)
+        assert vision.feeds["pixel_values"].shape == (1, 3, 336, 336)
+        answered += 1
+    except InvalidInputError as exc:
+        assert "aspect ratio over 200:1" in str(exc), exc
+        refused += 1
+print(json.dumps([peak() - idle, answered, refused]))
+"""
+
+
+@settings(max_examples=1, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(st.tuples(st.integers(1, 30_000), st.integers(1, 200)).map(
+    lambda wh: wh if wh[0] % 2 else wh[::-1]), min_size=60, max_size=60))
+def test_extreme_aspect_ratios_stay_within_100_mb(tiny_bundle, shapes):
+    """60 shapes from 1×1 to 30,000×200 either way round, in one process: every one refused by its
+    aspect ratio or preprocessed to 336², and the process's high-water mark ≤ 100 MB over idle."""
+    import subprocess
+    import sys
+
+    run = subprocess.run([sys.executable, "-c", _SHAPES_PEAK, str(tiny_bundle / "manifest.json"), json.dumps(shapes)],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    peak_mb, answered, refused = json.loads(run.stdout)
+    assert peak_mb <= 100 and answered + refused == len(shapes)
