@@ -60,25 +60,27 @@ class PromptBuilder:
     def _token(self, token_id: int | None) -> str:
         return (self.tokenizer.id_to_token(token_id) or "") if token_id is not None else ""
 
-    def build(self, question: str, max_tokens: int | None = None) -> Prompt:
+    def build(self, question: str, max_tokens: int | None = None, limit: str = "context") -> Prompt:
         """One user turn: the image, then the question."""
         if not isinstance(question, str) or not question.strip():
             raise InvalidInputError("prompt is empty")
         return self.build_chat([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}],
-                               max_tokens)
+                               max_tokens, limit)
 
-    def build_chat(self, messages: list[dict[str, Any]], max_tokens: int | None = None) -> Prompt:
+    def build_chat(self, messages: list[dict[str, Any]], max_tokens: int | None = None,
+                   limit: str = "context") -> Prompt:
         """A conversation in transformers' format (content: a list of {"type": "image"} and
         {"type": "text", "text": ...} parts) holding one image; the question is the text of the
-        last message, which must be the user's. Past `max_tokens` it is refused, by its length in
-        characters when that alone proves it, before any templating or tokenizing."""
+        last message, which must be the user's. Past `max_tokens` (`limit` names that bound in the
+        message) it is refused, by its length in characters when that alone proves it, before any
+        templating or tokenizing."""
         if not messages or messages[-1].get("role") != "user":
             raise InvalidInputError("the conversation must end with a user message")
         texts = [part["text"] for part in messages[-1]["content"] if part.get("type") == "text"]
         if not any(text.strip() for text in texts):
             raise InvalidInputError("the last user message has no text: nothing to ask about the image")
         if max_tokens is not None:
-            self._check_characters(messages, max_tokens)
+            self._check_characters(messages, max_tokens, limit)
         text = self.render(messages)
         spans = self._question_spans(messages, texts)
         if any(text[start:end] != question for (start, end), question in zip(spans, texts)):
@@ -92,7 +94,7 @@ class PromptBuilder:
                 f" (remove {self.spec.image_token!r} from the prompt text)"
             )
         if max_tokens is not None and len(ids) > max_tokens:
-            raise PromptTooLong(f"the prompt is {len(ids)} tokens, over the limit of {max_tokens}")
+            raise PromptTooLong(f"the prompt is {len(ids)} tokens, over the {limit} of {max_tokens}")
         offsets = np.asarray(encoding.offsets, dtype=np.int64).reshape(-1, 2)
         special = np.asarray(encoding.special_tokens_mask, dtype=bool)
         in_question = np.zeros(len(ids), dtype=bool)
@@ -100,12 +102,12 @@ class PromptBuilder:
             in_question |= (offsets[:, 1] > start) & (offsets[:, 0] < end)
         return Prompt(ids, (in_question & ~special).astype(np.int64), int(image_positions[0]))
 
-    def _check_characters(self, messages: list[dict[str, Any]], max_tokens: int) -> None:
+    def _check_characters(self, messages: list[dict[str, Any]], max_tokens: int, limit: str) -> None:
         characters = sum(len(content) if isinstance(content := message.get("content") or "", str)
                          else sum(len(part.get("text") or "") for part in content) for message in messages)
         if characters > max_tokens * self.max_token_chars:
-            raise PromptTooLong(f"the prompt's text is {characters:,} characters, more than {max_tokens} tokens "
-                                f"can hold ({self.max_token_chars} characters at most per token)")
+            raise PromptTooLong(f"the prompt's text is {characters:,} characters, more than the {limit} of "
+                                f"{max_tokens} tokens can hold ({self.max_token_chars} characters at most per token)")
 
     def _question_spans(self, messages: list[dict[str, Any]], texts: list[str]) -> list[tuple[int, int]]:
         """Character spans of the last message's text parts in the rendered prompt, found by

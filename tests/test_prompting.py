@@ -76,12 +76,13 @@ def test_overlong_prompts_are_refused_before_templating_or_tokenizing(pipeline, 
     limit = 50
     bound = limit * builder.max_token_chars
     assert builder.max_token_chars == max(len(t) for t in builder.tokenizer.get_vocab(with_added_tokens=True))
-    with pytest.raises(prompting.PromptTooLong, match=f"{bound + 1:,} characters, more than 50 tokens"):
+    too_long = f"{bound + 1:,} characters, more than the context of 50 tokens"
+    with pytest.raises(prompting.PromptTooLong, match=too_long):
         builder.build("x" * (bound + 1), max_tokens=limit)
-    with pytest.raises(prompting.PromptTooLong, match="more than 50 tokens"):
+    with pytest.raises(prompting.PromptTooLong, match="more than the context of 50 tokens"):
         builder.build("x" * 30_000_000, max_tokens=limit)
     assert calls == []
-    with pytest.raises(prompting.PromptTooLong, match=r"the prompt is \d+ tokens, over the limit of 50"):
+    with pytest.raises(prompting.PromptTooLong, match=r"the prompt is \d+ tokens, over the context of 50"):
         builder.build("x " * 60, max_tokens=limit)  # few characters, many tokens: counted
     assert calls and len(builder.build("x " * 10, max_tokens=limit).input_ids) <= limit
 

@@ -179,7 +179,8 @@ BAD_REQUESTS = {
     "overlong prompt": (lambda b: {**b, "messages": _messages(b["messages"][0]["content"][0]["image_url"]["url"],
                                                               "word " * 300)}, "messages", "--max-prompt-tokens"),
     "prompt past the character bound": (lambda b: {**b, "messages": _messages(
-        b["messages"][0]["content"][0]["image_url"]["url"], "x" * 200_000)}, "messages", "characters, more than 200"),
+        b["messages"][0]["content"][0]["image_url"]["url"], "x" * 200_000)}, "messages",
+        "characters, more than the server's limit (--max-prompt-tokens) of 200"),
     "ends with the assistant": (lambda b: {**b, "messages": [*b["messages"], {"role": "assistant", "content": "x"}]},
                                 "messages", "end with a user message"),
 }

@@ -36,9 +36,9 @@ def prepare(request: ChatCompletionRequest, pipeline: Pipeline, settings: Server
     (a download, a wait for a slot) outlives the request's `deadline` (time.monotonic())."""
     messages, (param, url) = _transformers_messages(request.messages)
     try:
-        prompt = pipeline.prompts.build_chat(messages, _token_limit(pipeline, settings))
+        prompt = pipeline.prompts.build_chat(messages, *_token_limit(pipeline, settings))
     except PromptTooLong as exc:
-        raise invalid(f"{exc} ({_limit_source(settings)})", "messages", "prompt_too_long") from None
+        raise invalid(str(exc), "messages", "prompt_too_long") from None
     except InvalidInputError as exc:
         raise invalid(str(exc), "messages") from None
     keep, method = _pruning(request, pipeline)
@@ -66,12 +66,11 @@ def prepare(request: ChatCompletionRequest, pipeline: Pipeline, settings: Server
     return PreparedRequest(prepared, keep, method)
 
 
-def _token_limit(pipeline: Pipeline, settings: ServerSettings) -> int:
-    return min(pipeline.max_context, settings.max_prompt_tokens or pipeline.max_context)
-
-
-def _limit_source(settings: ServerSettings) -> str:
-    return "--max-prompt-tokens" if settings.max_prompt_tokens else "the model's context"
+def _token_limit(pipeline: Pipeline, settings: ServerSettings) -> tuple[int, str]:
+    """The prompt's token bound and its name, for the refusal."""
+    if settings.max_prompt_tokens and settings.max_prompt_tokens < pipeline.max_context:
+        return settings.max_prompt_tokens, "server's limit (--max-prompt-tokens)"
+    return pipeline.max_context, "context"
 
 
 def _transformers_messages(messages: list[Message]) -> tuple[list[dict[str, Any]], tuple[str, str]]:
