@@ -94,6 +94,32 @@ def test_a_keep_alive_connection_outlives_its_response(strict_server):
             time.sleep(0.5)
 
 
+def test_a_broken_upload_is_no_server_error(strict_server, photo_path):
+    """A client that hangs up halfway through its body, and one whose chunked body is malformed: no
+    500 and no traceback (both were 500s with tracebacks), and the server answers the next client."""
+    port = int(strict_server.url.rsplit(":", 1)[1])
+    body = json.dumps(chat_body(data_url(photo_path.read_bytes()), model=MODEL, max_tokens=2)).encode()
+    head = (f"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n").encode()
+    with socket.create_connection(("127.0.0.1", port)) as sock:
+        sock.sendall(head + body[: len(body) // 2])
+        time.sleep(0.3)
+    chunked = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+               b"Transfer-Encoding: chunked\r\n\r\n5\r\n{\"mod\r\nzz-not-hex\r\n\r\n")
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(chunked)
+        reply = b""
+        try:
+            while chunk := sock.recv(4096):
+                reply += chunk
+        except (ConnectionResetError, TimeoutError):
+            pass
+    assert not reply.startswith(b"HTTP/1.1 5"), reply[:200]
+    assert httpx.get(f"{strict_server.url}/health", timeout=5).status_code == 200
+    time.sleep(0.5)  # the abandoned upload's handler finishes
+    assert "Traceback" not in strict_server.log.read_text()
+
+
 _LIMIT_PROBE = """
 import json, resource, sys
 soft, hard = (int(v) for v in sys.argv[1:3])

@@ -70,12 +70,24 @@ def test_overlong_prompts_are_refused_before_templating_or_tokenizing(pipeline, 
     tokenizer (a 30 MB prompt took 71 s of tokenizing before its 400); one just under is counted."""
     from zspa.runtime import prompting
 
-    builder = prompting.PromptBuilder(pipeline.prompts.tokenizer, pipeline.prompts.spec)
     calls = []
+
+    class CountingTokenizer:
+        def __init__(self, tokenizer):
+            self.tokenizer = tokenizer
+
+        def encode(self, *args, **kwargs):
+            calls.append("encode")
+            return self.tokenizer.encode(*args, **kwargs)
+
+        def __getattr__(self, name):
+            return getattr(self.tokenizer, name)
+
+    builder = prompting.PromptBuilder(CountingTokenizer(pipeline.prompts.tokenizer), pipeline.prompts.spec)
     monkeypatch.setattr(prompting, "render", lambda *a, **k: calls.append("render") or render(*a, **k))
     limit = 50
     bound = limit * builder.max_token_chars
-    assert builder.max_token_chars == max(len(t) for t in builder.tokenizer.get_vocab(with_added_tokens=True))
+    assert builder.max_token_chars == max(len(t) for t in pipeline.prompts.tokenizer.get_vocab(with_added_tokens=True))
     too_long = f"{bound + 1:,} characters, more than the context of 50 tokens"
     with pytest.raises(prompting.PromptTooLong, match=too_long):
         builder.build("x" * (bound + 1), max_tokens=limit)
@@ -84,7 +96,8 @@ def test_overlong_prompts_are_refused_before_templating_or_tokenizing(pipeline, 
     assert calls == []
     with pytest.raises(prompting.PromptTooLong, match=r"the prompt is \d+ tokens, over the context of 50"):
         builder.build("x " * 60, max_tokens=limit)  # few characters, many tokens: counted
-    assert calls and len(builder.build("x " * 10, max_tokens=limit).input_ids) <= limit
+    assert calls == ["render", "render", "encode"]  # the template, the question markers, the tokenizer
+    assert len(builder.build("x " * 10, max_tokens=limit).input_ids) <= limit
 
 
 def test_a_typed_question_marker_is_text_like_any_other(pipeline):
