@@ -22,7 +22,6 @@ import socket
 import statistics
 import sys
 import tempfile
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -34,7 +33,7 @@ from machine import describe_machine
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
-from serving import chat_body, data_url, running_server  # noqa: E402 (the tests' server launcher)
+from serving import builtin_bundle, chat_body, data_url, running_server, slowloris  # noqa: E402
 
 IMAGES = [(6000, 1, "PNG"), (6000, 1, "WEBP"), (1, 6000, "PNG"), (20000, 1, "PNG"), (200000, 1, "PNG"),
           (6000, 30, "PNG"), (30, 6000, "WEBP"), (6700, 34, "PNG"), (7000, 7000, "PNG")]
@@ -98,19 +97,7 @@ def _expect_400(response: httpx.Response) -> None:
 def idle(server, count: int) -> None:
     host, port = server.url.removeprefix("http://").split(":")
     held = [socket.create_connection((host, int(port))) for _ in range(count)]
-    slow = socket.create_connection((host, int(port)))
-    stop = threading.Event()
-
-    def drip() -> None:
-        for byte in b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: " + b"a" * 10_000:
-            if stop.is_set():
-                return
-            try:
-                slow.send(bytes([byte]))
-            except OSError:
-                return
-            time.sleep(0.5)
-    threading.Thread(target=drip, daemon=True).start()
+    slow, stop = slowloris(server.url, interval_s=0.5)
     opened = time.monotonic()
     latencies = []
     for _ in range(5):
@@ -148,12 +135,7 @@ def main() -> None:
     resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, max(soft, args.idle + 256)), hard))  # the client's own
     print(describe_machine())
     with tempfile.TemporaryDirectory() as workdir:
-        bundle = args.bundle
-        if bundle is None:
-            from zspa.export.exporter import ExportOptions, export_bundle
-
-            bundle = Path(workdir) / "hostile"
-            export_bundle(ExportOptions("tiny-random-llava", bundle, keeps=[0.1], progress=False))
+        bundle = builtin_bundle("tiny-random-llava", Path(workdir), args.bundle)
         with running_server(bundle, Path(workdir) / "server.log", "--served-model-name", "hostile",
                             "--max-connections", str(args.idle + 100)) as server, httpx.Client(timeout=120) as client:
             images(server, client)

@@ -29,7 +29,7 @@ from machine import describe_machine
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
-from serving import chat_body, data_url, running_server  # noqa: E402 (the tests' server launcher)
+from serving import builtin_bundle, chat_body, data_url, running_server  # noqa: E402 (the tests' launcher)
 
 IMAGE = data_url((ROOT / "zspa" / "assets" / "shapes-example.png").read_bytes(), "image/png")
 KINDS = ["plain"] * 6 + ["stream"] * 3 + ["fresh_image"] * 3 + ["abandoned"] * 2 + ["bad_keep", "bad_base64",
@@ -89,12 +89,7 @@ def main() -> None:
     args = parser.parse_args()
     print(describe_machine())
     with tempfile.TemporaryDirectory() as tmp:
-        bundle = args.bundle
-        if bundle is None:
-            from zspa.export.exporter import ExportOptions, export_bundle
-
-            bundle = Path(tmp) / "shapes"
-            export_bundle(ExportOptions("shapes-llava", bundle, keeps=[0.1], progress=False))
+        bundle = builtin_bundle("shapes-llava", Path(tmp), args.bundle)
         with running_server(bundle, Path(tmp) / "server.log", "--served-model-name", "soak", "--log-level",
                             "warning", "--max-queue", str(4 * args.concurrency), "--vision-cache-mb",
                             str(args.vision_cache_mb)) as server, \

@@ -7,6 +7,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -81,3 +82,33 @@ def data_url(data: bytes, mime: str = "image/jpeg") -> str:
 def chat_body(image_url: str, text: str = "What is in the picture?", model: str = "tiny", **fields) -> dict:
     return {"model": model, "messages": [{"role": "user", "content": [
         {"type": "image_url", "image_url": {"url": image_url}}, {"type": "text", "text": text}]}], **fields}
+
+
+def slowloris(url: str, interval_s: float) -> tuple[socket.socket, threading.Event]:
+    """A connection to `url`'s server sending one header byte every `interval_s`, its headers never
+    complete; set the returned event to stop it."""
+    host, port = url.removeprefix("http://").split(":")
+    sock = socket.create_connection((host, int(port)))
+    stop = threading.Event()
+
+    def drip() -> None:
+        for byte in b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: " + b"a" * 100_000:
+            if stop.wait(interval_s):
+                return
+            try:
+                sock.send(bytes([byte]))
+            except OSError:
+                return
+    threading.Thread(target=drip, daemon=True).start()
+    return sock, stop
+
+
+def builtin_bundle(model: str, workdir: Path, given: Path | None = None) -> Path:
+    """`given`, or the built-in `model` exported at keep 0.1 into `workdir` (benchmarks' default)."""
+    if given is not None:
+        return given
+    from zspa.export.exporter import ExportOptions, export_bundle
+
+    bundle = workdir / model
+    export_bundle(ExportOptions(model, bundle, keeps=[0.1], progress=False))
+    return bundle

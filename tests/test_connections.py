@@ -13,7 +13,7 @@ import time
 import httpx
 import pytest
 
-from serving import chat_body, data_url, free_port, running_server
+from serving import chat_body, data_url, free_port, running_server, slowloris
 
 MODEL = "tiny"
 
@@ -57,20 +57,7 @@ def strict_server(tiny_bundle, tmp_path_factory):
 def test_idle_sockets_and_a_slowloris_are_closed_while_health_answers(strict_server):
     port = int(strict_server.url.rsplit(":", 1)[1])
     idle = [socket.create_connection(("127.0.0.1", port)) for _ in range(150)]
-    slow = socket.create_connection(("127.0.0.1", port))
-    stop = threading.Event()
-
-    def drip() -> None:  # one header byte every 0.2 s: each read is quick, the headers never end
-        for byte in b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: " + b"a" * 1000:
-            if stop.is_set():
-                return
-            try:
-                slow.send(bytes([byte]))
-            except OSError:
-                return
-            time.sleep(0.2)
-    dripper = threading.Thread(target=drip, daemon=True)
-    dripper.start()
+    slow, stop = slowloris(strict_server.url, interval_s=0.2)  # each read is quick, the headers never end
     try:
         assert httpx.get(f"{strict_server.url}/health", timeout=5).json() == {"status": "ok"}
         assert all(_closed_by_peer(sock, within_s=3.0) for sock in idle)
