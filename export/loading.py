@@ -16,7 +16,7 @@ from types import ModuleType
 from typing import Any
 
 from zspa.errors import ModelLoadError
-from zspa.families import MODEL_ALIASES, family_for_model_type
+from zspa.families import MODEL_ALIASES, TINY_MODELS, build_tiny_model, family_for_model_type
 from zspa.manifest import SourceSpec
 
 HUB_PROBE_TIMEOUT_S = 5.0
@@ -33,9 +33,6 @@ class LoadedModel:
 
 
 def load_model(name: str, revision: str | None = None) -> LoadedModel:
-    from zspa.export.tiny import TINY_MODEL_NAME, build_tiny_llava
-    from zspa.export.tiny_qwen import TINY_QWEN_NAME, build_tiny_qwen
-
     trained = _trained_builtins()
     if name in trained:
         directory, script = trained[name]
@@ -44,9 +41,8 @@ def load_model(name: str, revision: str | None = None) -> LoadedModel:
         family = family_for_model_type(_local_model_type(directory))
         model, processor = _load(family, str(directory), revision=None, local_files_only=True)
         return LoadedModel(model, processor, family, SourceSpec(name, None, random_weights=False))
-    builders = {TINY_MODEL_NAME: build_tiny_llava, TINY_QWEN_NAME: build_tiny_qwen}
-    if name in builders:
-        model, processor = builders[name]()
+    if name in TINY_MODELS:
+        model, processor = build_tiny_model(name)
         family = family_for_model_type(model.config.model_type)
         return LoadedModel(model, processor, family, SourceSpec(name, None, random_weights=True))
 
@@ -65,7 +61,7 @@ def load_model(name: str, revision: str | None = None) -> LoadedModel:
         aliases = ", ".join(sorted(MODEL_ALIASES))
         raise ModelLoadError(
             f"unknown model {name!r}: give a Hugging Face id (org/name), a local directory, "
-            f"an alias ({aliases}), {', '.join(trained)}, {TINY_MODEL_NAME} or {TINY_QWEN_NAME}"
+            f"an alias ({aliases}), or a built-in model ({', '.join([*trained, *TINY_MODELS])})"
         )
     return _load_from_hub(model_id, revision)
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import torch
 
-TINY_MODEL_NAME = "tiny-random-llava"
 IMAGE_TOKEN = "<image>"
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>", IMAGE_TOKEN]
 

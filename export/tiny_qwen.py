@@ -1,8 +1,10 @@
-"""`tiny-random-qwen2.5-vl`: a seeded, few-MB Qwen2.5-VL-shaped model built from configs, no download.
+"""`tiny-random-qwen2.5-vl` and `tiny-random-qwen2-vl`: seeded, few-MB Qwen-VL-shaped models built
+from configs, no download.
 
 Qwen2.5-VL's structure (14 px patches, temporal patch 2, 2×2 merger, 112 px windows with
 full-attention blocks, the processor's dynamic resolution and defaults, M-RoPE in a Qwen2
-decoder, Qwen's special tokens and chat template) at toy widths. Its answers are gibberish.
+decoder, Qwen's special tokens and chat template) at toy widths; Qwen2-VL's the same with its own
+tower (LayerNorm blocks, no windows). Their answers are gibberish.
 """
 
 from __future__ import annotations
@@ -11,7 +13,6 @@ import torch
 
 from zspa.families.qwen2_5_vl import ImageTextProcessor
 
-TINY_QWEN_NAME = "tiny-random-qwen2.5-vl"
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
                   "<|image_pad|>", "<|video_pad|>"]
 
@@ -52,10 +53,11 @@ def build_processor(*, min_pixels: int = 56 * 56, max_pixels: int = 28 * 28 * 12
 
 def build_model(processor: ImageTextProcessor, *, vision_hidden: int = 64, vision_depth: int = 4,
                 text_hidden: int = 64, text_layers: int = 2, initializer_range: float = 0.2,
-                max_context: int = 4096, seed: int = 0):
-    """A random-weight `Qwen2_5_VLForConditionalGeneration`, identical for identical arguments (wide
-    weights, as tiny-random-llava, so greedy decoding compares backends without coin flips)."""
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+                max_context: int = 4096, seed: int = 0, family: str = "qwen2_5_vl"):
+    """A random-weight `Qwen2_5_VLForConditionalGeneration` (or, with family "qwen2_vl",
+    `Qwen2VLForConditionalGeneration`), identical for identical arguments (wide weights, as
+    tiny-random-llava, so greedy decoding compares backends without coin flips)."""
+    import transformers
 
     tokenizer = processor.tokenizer
     heads = max(4, text_hidden // 64)
@@ -63,13 +65,19 @@ def build_model(processor: ImageTextProcessor, *, vision_hidden: int = 64, visio
     half = head_dim // 2  # M-RoPE splits the rotary frequencies (t, h, w) as Qwen's 16:24:24 of 64
     sections = [half // 4, 3 * half // 8, half - half // 4 - 3 * half // 8]
     ids = {name: tokenizer.convert_tokens_to_ids(name) for name in SPECIAL_TOKENS}
-    config = Qwen2_5_VLConfig(
-        vision_config={
-            "depth": vision_depth, "hidden_size": vision_hidden, "intermediate_size": vision_hidden * 2,
-            "num_heads": 4, "out_hidden_size": text_hidden, "fullatt_block_indexes": [1, vision_depth - 1],
-            "window_size": 112, "patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2,
-            "initializer_range": initializer_range,
-        },
+    patches = {"patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2,
+               "initializer_range": initializer_range}
+    if family == "qwen2_vl":  # embed_dim is the tower's width, hidden_size its output (the decoder's)
+        vision = {"depth": vision_depth, "embed_dim": vision_hidden, "hidden_size": text_hidden, "num_heads": 4,
+                  "mlp_ratio": 2, **patches}
+    else:
+        vision = {"depth": vision_depth, "hidden_size": vision_hidden, "intermediate_size": vision_hidden * 2,
+                  "num_heads": 4, "out_hidden_size": text_hidden, "fullatt_block_indexes": [1, vision_depth - 1],
+                  "window_size": 112, **patches}
+    config_class, model_class = {"qwen2_5_vl": ("Qwen2_5_VLConfig", "Qwen2_5_VLForConditionalGeneration"),
+                                 "qwen2_vl": ("Qwen2VLConfig", "Qwen2VLForConditionalGeneration")}[family]
+    config = getattr(transformers, config_class)(
+        vision_config=vision,
         text_config={
             "vocab_size": len(tokenizer), "hidden_size": text_hidden, "intermediate_size": text_hidden * 2,
             "num_hidden_layers": text_layers, "num_attention_heads": heads, "num_key_value_heads": max(2, heads // 2),
@@ -83,7 +91,7 @@ def build_model(processor: ImageTextProcessor, *, vision_hidden: int = 64, visio
         initializer_range=initializer_range,
     )
     torch.manual_seed(seed)
-    model = Qwen2_5_VLForConditionalGeneration(config)
+    model = getattr(transformers, model_class)(config)
     model.config._attn_implementation = "eager"
     model.generation_config.eos_token_id = [ids["<|im_end|>"], ids["<|endoftext|>"]]
     model.generation_config.pad_token_id = ids["<|endoftext|>"]
@@ -104,3 +112,8 @@ def save_checkpoint(model, processor: ImageTextProcessor, directory) -> None:
 def build_tiny_qwen():
     processor = build_processor()
     return build_model(processor), processor
+
+
+def build_tiny_qwen2():
+    processor = build_processor()
+    return build_model(processor, family="qwen2_vl"), processor

@@ -101,7 +101,10 @@ def prepare_qwen(image: Image.Image, spec: VisionSpec
 
 
 def vision_indices(grid_h: int, grid_w: int, merge: int, window_size: int, patch_size: int) -> dict[str, np.ndarray]:
-    """The vision graph's index inputs for a grid of patches (DESIGN §4)."""
+    """The vision graph's index inputs for a grid of patches (DESIGN §4); without windows
+    (`window_size` 0: Qwen2-VL) the rotary positions alone."""
+    if not window_size:
+        return {"vision_position_ids": rotary_positions(grid_h, grid_w, merge)}
     order, bounds = window_order(grid_h, grid_w, merge, window_size, patch_size)
     slots, positions = window_slots(bounds, (window_size // patch_size) ** 2)
     return {"vision_position_ids": rotary_positions(grid_h, grid_w, merge), "window_index": order,

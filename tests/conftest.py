@@ -72,6 +72,27 @@ def qwen_pipeline(qwen_bundle):
     return Pipeline.load(qwen_bundle)
 
 
+@pytest.fixture(scope="session")
+def qwen2_hf():
+    """(model, processor parts) of tiny-random-qwen2-vl, as transformers objects."""
+    from zspa.export.tiny_qwen import build_tiny_qwen2
+
+    return build_tiny_qwen2()
+
+
+@pytest.fixture(scope="session")
+def qwen2_bundle(tmp_path_factory) -> Path:
+    """tiny-random-qwen2-vl exported at keep 0.1 and 0.25 (read-only)."""
+    return _export_builtin(tmp_path_factory, "tiny-random-qwen2-vl", "tiny-qwen2")
+
+
+@pytest.fixture(scope="session")
+def qwen2_pipeline(qwen2_bundle):
+    from zspa.runtime.pipeline import Pipeline
+
+    return Pipeline.load(qwen2_bundle)
+
+
 def _sample(name: str) -> Path:
     import matplotlib.cbook
 

@@ -58,7 +58,7 @@ async def _serve(pipeline, images, requests, max_batch: int) -> tuple[list, list
     return finals, sizes
 
 
-@pytest.mark.parametrize("family", ["pipeline", "qwen_pipeline"])
+@pytest.mark.parametrize("family", ["pipeline", "qwen_pipeline", "qwen2_pipeline"])
 def test_batched_rows_answer_as_they_would_alone(family, images, request):
     """LLaVA's 576-token grid, and Qwen2.5-VL's dynamic grids with M-RoPE positions ([3, B, 1]
     per step, each row at its own position) under the same left padding."""

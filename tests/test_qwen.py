@@ -1,5 +1,6 @@
-"""Qwen2.5-VL against transformers on the same weights (issue 11): preprocessing, the vision graph's
-index inputs, M-RoPE positions, keep 1.0 = `generate`, pruned answers = a PyTorch reference."""
+"""Qwen2.5-VL and Qwen2-VL against transformers on the same weights (issues 11, 22): preprocessing,
+the vision graph's index inputs, M-RoPE positions, keep 1.0 = `generate`, pruned answers = a
+PyTorch reference. Tests that take `family` run on each family's tiny model."""
 
 from __future__ import annotations
 
@@ -22,6 +23,13 @@ QUESTION = "What is the man wearing on his head?"
 MAX_NEW = 10
 # (width, height): the photo as shipped, wide, tall, tiny, 1:20 strips, and above max_pixels.
 SIZES = [(512, 600), (896, 672), (300, 500), (28, 28), (40, 800), (800, 40), (1600, 1300)]
+
+
+@pytest.fixture(scope="module", params=["qwen2.5-vl", "qwen2-vl"])
+def family(request):
+    """(transformers model and processor, bundle, pipeline) of the family's tiny model."""
+    prefix = "qwen" if request.param == "qwen2.5-vl" else "qwen2"
+    return tuple(request.getfixturevalue(f"{prefix}_{part}") for part in ("hf", "bundle", "pipeline"))
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +77,8 @@ def test_vision_indices_match_transformers(grid):
 
 
 @pytest.mark.parametrize("size", [(512, 600), (896, 672), (40, 800)])
-def test_vision_graph_matches_transformers(qwen_hf, qwen_pipeline, photo, size):
+def test_vision_graph_matches_transformers(family, photo, size):
+    qwen_hf, _, qwen_pipeline = family
     model, processor = qwen_hf
     image = photo.resize(size)
     inputs = _hf_inputs(processor, image)
@@ -93,7 +102,8 @@ def _hf_sequence(qwen_hf, pipeline, photo_path, size):
 
 
 @pytest.mark.parametrize("size", [(512, 600), (896, 672), (300, 500)])
-def test_mrope_positions_match_get_rope_index(qwen_hf, qwen_pipeline, photo_path, size):
+def test_mrope_positions_match_get_rope_index(family, photo_path, size):
+    qwen_hf, _, qwen_pipeline = family
     hf = qwen_hf[0]
     ids, inputs, image, prompt = _hf_sequence(qwen_hf, qwen_pipeline, photo_path, size)
     expected, _ = hf.model.get_rope_index(ids, mm_token_type_ids=(ids == hf.config.image_token_id).int(),
@@ -106,7 +116,8 @@ def test_mrope_positions_match_get_rope_index(qwen_hf, qwen_pipeline, photo_path
 
 
 @pytest.mark.parametrize("size", [(512, 600), (896, 672), (300, 500)])
-def test_keep_one_reproduces_hf_generate(qwen_hf, qwen_pipeline, photo_path, size):
+def test_keep_one_reproduces_hf_generate(family, photo_path, size):
+    qwen_hf, _, qwen_pipeline = family
     hf = qwen_hf[0]
     ids, inputs, image, _ = _hf_sequence(qwen_hf, qwen_pipeline, photo_path, size)
     with torch.no_grad():
@@ -154,9 +165,10 @@ def torch_reference(qwen_hf, pipeline, photo_path, keep, scheme):
 
 @pytest.mark.parametrize("keep", [0.1, 0.25])
 @pytest.mark.parametrize("scheme", ["original", "contiguous"])
-def test_pruned_chain_reproduces_torch_reference(qwen_hf, qwen_bundle, photo_path, keep, scheme):
+def test_pruned_chain_reproduces_torch_reference(family, photo_path, keep, scheme):
     from zspa.runtime.pipeline import Pipeline
 
+    qwen_hf, qwen_bundle, _ = family
     pipeline = Pipeline.load(qwen_bundle, positions=scheme)
     image = load_image(photo_path).resize((512, 600))
     result = pipeline.generate(image, QUESTION, keep=keep, max_new_tokens=MAX_NEW)
@@ -166,10 +178,21 @@ def test_pruned_chain_reproduces_torch_reference(qwen_hf, qwen_bundle, photo_pat
     assert result.stats.visual_tokens_kept == len(expected_idx) == token_budget(keep, result.stats.visual_tokens_total)
 
 
-def test_any_keep_runs_without_re_export(qwen_pipeline, photo_path):
+def test_any_keep_runs_without_re_export(family, photo_path):
     """0.37 was never exported: the per-request pruner takes K from the image's own N."""
+    qwen_pipeline = family[2]
     for size in [(512, 600), (896, 672)]:
         image = load_image(photo_path).resize(size)
         result = qwen_pipeline.generate(image, QUESTION, keep=0.37, max_new_tokens=2)
         n = result.stats.visual_tokens_total
         assert result.stats.visual_tokens_kept == token_budget(0.37, n) < n
+
+
+def test_qwen2_vl_graph_takes_patches_and_positions_only_and_answers_vary(qwen2_pipeline, photo_path):
+    """No attention windows in Qwen2-VL's tower: its graph has no window inputs, and the runtime feeds
+    none; the tiny model's greedy answer is not one token repeated (the parity tests would prove little)."""
+    manifest = qwen2_pipeline.bundle.manifest
+    assert [t.name for t in manifest.graphs["vision"].inputs] == ["pixel_values", "vision_position_ids"]
+    assert manifest.family == "qwen2_vl" and manifest.vision.window_size == 0 and manifest.decoder.mrope
+    result = qwen2_pipeline.generate(load_image(photo_path), QUESTION, keep=1.0, max_new_tokens=MAX_NEW)
+    assert len(set(result.token_ids)) >= 4

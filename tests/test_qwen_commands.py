@@ -1,5 +1,6 @@
-"""Every command on a Qwen2.5-VL bundle (issue 11, point 7): run, serve, eval, profile, calibrate, and
-zspa-build's optimisation profiles from the processor's min/max pixels."""
+"""Every command on the Qwen bundles (issue 11, point 7; issue 22 for Qwen2-VL): run, serve, eval,
+profile, calibrate, and zspa-build's optimisation profiles from the processor's min/max pixels.
+Tests that take `family` run on both Qwen2.5-VL's and Qwen2-VL's tiny models."""
 
 from __future__ import annotations
 
@@ -22,12 +23,20 @@ from serving import chat_body, data_url, running_server
 QUESTION = "What is the man wearing on his head?"
 
 
+@pytest.fixture(scope="module", params=["qwen2.5-vl", "qwen2-vl"])
+def family(request):
+    """(family name, transformers model and processor, bundle, pipeline) of the family's tiny model."""
+    prefix, name = ("qwen", "qwen2_5_vl") if request.param == "qwen2.5-vl" else ("qwen2", "qwen2_vl")
+    return name, *(request.getfixturevalue(f"{prefix}_{part}") for part in ("hf", "bundle", "pipeline"))
+
+
 def cli(module: str, *args) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", f"zspa.cli.{module}", *map(str, args)], capture_output=True,
                           text=True, timeout=600)
 
 
-def test_run_prunes_by_the_image_s_own_token_count(qwen_bundle, qwen_pipeline, photo_path):
+def test_run_prunes_by_the_image_s_own_token_count(family, photo_path):
+    _, _, qwen_bundle, qwen_pipeline = family
     out = cli("run", qwen_bundle, "--image", photo_path, "--prompt", QUESTION, "--keep", "0.3", "--json",
               "--max-new-tokens", "4")
     assert out.returncode == 0, out.stderr
@@ -38,11 +47,12 @@ def test_run_prunes_by_the_image_s_own_token_count(qwen_bundle, qwen_pipeline, p
     assert result["text"] == expected.text and result["random_weights"] is True
 
 
-def test_serve_answers_like_the_pipeline(qwen_bundle, qwen_pipeline, photo_path, tmp_path):
+def test_serve_answers_like_the_pipeline(family, photo_path, tmp_path):
+    _, _, qwen_bundle, qwen_pipeline = family
     expected = qwen_pipeline.generate(photo_path, QUESTION, keep=0.2, max_new_tokens=6)
     with running_server(qwen_bundle, tmp_path / "serve.log") as server:
         client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused")
-        body = chat_body(data_url(photo_path.read_bytes()), QUESTION, model="tiny-qwen")
+        body = chat_body(data_url(photo_path.read_bytes()), QUESTION, model=qwen_bundle.name)
         answer = client.chat.completions.create(**{k: v for k, v in body.items() if k != "messages"},
                                                 messages=body["messages"], temperature=0, max_tokens=6,
                                                 extra_body={"keep": 0.2})
@@ -52,7 +62,8 @@ def test_serve_answers_like_the_pipeline(qwen_bundle, qwen_pipeline, photo_path,
         expected.stats.visual_tokens_total, expected.stats.visual_tokens_kept)
 
 
-def test_eval_and_profile_run_on_the_bundle(qwen_bundle, qwen_pipeline, photo_path, tmp_path):
+def test_eval_and_profile_run_on_the_bundle(family, photo_path, tmp_path):
+    _, _, qwen_bundle, qwen_pipeline = family
     answer = qwen_pipeline.generate(photo_path, QUESTION, keep=1.0, max_new_tokens=4).text
     data = tmp_path / "set.jsonl"
     data.write_text(json.dumps({"image": str(photo_path), "question": QUESTION, "answer": answer}) + "\n")
@@ -72,7 +83,8 @@ def test_eval_and_profile_run_on_the_bundle(qwen_bundle, qwen_pipeline, photo_pa
     assert tokens == {1.0: {"total": n, "kept": n}, 0.1: {"total": n, "kept": token_budget(0.1, n)}}
 
 
-def test_calibrated_bundle_answers(qwen_bundle, photo_path, tmp_path):
+def test_calibrated_bundle_answers(family, photo_path, tmp_path):
+    qwen_bundle = family[2]
     from PIL import Image
 
     images = tmp_path / "images"
@@ -103,23 +115,26 @@ def test_build_profiles_follow_min_and_max_pixels(qwen_bundle):
     assert decoder["position_ids"][2] == (3, 1, ranges.max_prefill)
 
 
-@pytest.mark.parametrize("model", ["qwen2.5-vl-3b", "Qwen/Qwen2.5-VL-7B-Instruct"])
-def test_offline_hub_ids_fail_fast_with_the_way_out(model, tmp_path):
+@pytest.mark.parametrize("model, repository", [("qwen2.5-vl-3b", "Qwen/Qwen2.5-VL-3B-Instruct"),
+                                               ("Qwen/Qwen2.5-VL-7B-Instruct", "Qwen/Qwen2.5-VL-7B-Instruct"),
+                                               ("qwen2-vl-2b", "Qwen/Qwen2-VL-2B-Instruct")])
+def test_offline_hub_ids_fail_fast_with_the_way_out(model, repository, tmp_path):
     out = subprocess.run([sys.executable, "-m", "zspa.cli.export", "--model", model, "-o", tmp_path / "b"],
                          capture_output=True, text=True, timeout=120, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    assert out.returncode == 4 and "Qwen/Qwen2.5-VL-" in out.stderr and "hf download" in out.stderr
+    assert out.returncode == 4 and repository in out.stderr and "hf download" in out.stderr
 
 
-def test_export_from_a_checkpoint_directory(qwen_hf, qwen_pipeline, photo_path, tmp_path):
+def test_export_from_a_checkpoint_directory(family, photo_path, tmp_path):
     """The real loading path (from_pretrained on a directory laid out as the hub's): same weights, same answers."""
     from zspa.export.tiny_qwen import save_checkpoint
 
+    name, qwen_hf, _, qwen_pipeline = family
     model, processor = qwen_hf
     save_checkpoint(model, processor, tmp_path / "checkpoint")
     out = cli("export", "--model", tmp_path / "checkpoint", "--keep", "0.1", "-o", tmp_path / "bundle", "--quiet")
     assert out.returncode == 0, out.stderr
     manifest = Manifest.read(tmp_path / "bundle" / "manifest.json")
-    assert manifest.family == "qwen2_5_vl" and not manifest.source.random_weights
+    assert manifest.family == name and not manifest.source.random_weights
     assert manifest.source.model_id == str((tmp_path / "checkpoint").resolve())
     result = Pipeline.load(tmp_path / "bundle").generate(photo_path, QUESTION, keep=0.1, max_new_tokens=6)
     assert result.token_ids == qwen_pipeline.generate(photo_path, QUESTION, keep=0.1, max_new_tokens=6).token_ids

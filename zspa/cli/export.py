@@ -16,7 +16,7 @@ from zspa.cli.common import (
     run_command,
     signing_key,
 )
-from zspa.families import MODEL_ALIASES
+from zspa.families import MODEL_ALIASES, TINY_MODELS
 from zspa.pruning import METHOD_DEFAULTS, METHODS
 
 
@@ -29,8 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--model", required=True,
                         help=f"Hugging Face id, local save_pretrained directory, alias ({aliases}), "
-                        "or a built-in model (offline): shapes-llava, needles-llava (trained), tiny-random-llava or "
-                        "tiny-random-qwen2.5-vl (random weights)")
+                        "or a built-in model (offline): shapes-llava, needles-llava (trained), "
+                        f"{', '.join(TINY_MODELS)} (random weights)")
     parser.add_argument("-o", "--output", type=Path, help="bundle directory (default: bundles/<model name>)")
     parser.add_argument("--keep", type=ratio_list, default=None,
                         help="default keep ratio(s), comma-separated (default: 0.1); the pruner graphs run any "

@@ -19,10 +19,28 @@ MODEL_ALIASES = {
     "llava-13b": "llava-hf/llava-1.5-13b-hf",
     "qwen2.5-vl-3b": "Qwen/Qwen2.5-VL-3B-Instruct",
     "qwen2.5-vl-7b": "Qwen/Qwen2.5-VL-7B-Instruct",
+    "qwen2-vl-2b": "Qwen/Qwen2-VL-2B-Instruct",
+    "qwen2-vl-7b": "Qwen/Qwen2-VL-7B-Instruct",
 }
 
 # transformers `model_type` → family module name
-FAMILY_BY_MODEL_TYPE = {"llava": "llava", "qwen2_5_vl": "qwen2_5_vl"}
+FAMILY_BY_MODEL_TYPE = {"llava": "llava", "qwen2_5_vl": "qwen2_5_vl", "qwen2_vl": "qwen2_vl"}
+
+# Built-in random-weight models, built from configs (no download): name → "module:function"
+# returning (model, processor). A family adds its tiny model here.
+TINY_MODELS = {
+    "tiny-random-llava": "zspa.export.tiny:build_tiny_llava",
+    "tiny-random-qwen2.5-vl": "zspa.export.tiny_qwen:build_tiny_qwen",
+    "tiny-random-qwen2-vl": "zspa.export.tiny_qwen:build_tiny_qwen2",
+}
+
+
+def build_tiny_model(name: str):
+    """(model, processor) of the built-in tiny model `name`."""
+    import importlib
+
+    module, _, function = TINY_MODELS[name].partition(":")
+    return getattr(importlib.import_module(module), function)()
 
 
 @dataclass

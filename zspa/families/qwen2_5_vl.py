@@ -39,9 +39,16 @@ class ImageTextProcessor:
 
 
 def load(source: str | Path, *, revision: str | None, local_files_only: bool):
-    from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration, Qwen2VLImageProcessorPil
+    from transformers import Qwen2_5_VLForConditionalGeneration
 
-    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
+    return load_qwen(Qwen2_5_VLForConditionalGeneration, source, revision=revision, local_files_only=local_files_only)
+
+
+def load_qwen(model_class: type, source: str | Path, *, revision: str | None, local_files_only: bool):
+    """A Qwen-VL model of `model_class` with its PIL image processor, tokenizer and chat template."""
+    from transformers import AutoTokenizer, Qwen2VLImageProcessorPil
+
+    model = model_class.from_pretrained(
         source, revision=revision, local_files_only=local_files_only, dtype=torch.float32,
         attn_implementation="eager",
     )
@@ -69,15 +76,17 @@ def _chat_template(source, tokenizer, kwargs) -> str | None:
 class VisionGraph(nn.Module):
     """`pixel_values, vision_position_ids, window_index, window_slots, window_positions →
     image_features [1,N,D]`: the steps of `Qwen2_5_VisionTransformerPretrainedModel.forward` for one
-    image, with transformers' per-window attention loop (which does not trace) as batched windows."""
+    image, with transformers' per-window attention loop (which does not trace) as batched windows.
+    Qwen2-VL's tower has no windows: `pixel_values, vision_position_ids` only, full attention in
+    every block."""
 
     def __init__(self, model: nn.Module):
         super().__init__()
         self.visual = model.model.visual
         self.merge_unit = self.visual.spatial_merge_size**2
-        self.full_attention = set(self.visual.fullatt_block_indexes)
+        self.full_attention = set(getattr(self.visual, "fullatt_block_indexes", range(len(self.visual.blocks))))
 
-    def forward(self, pixel_values, vision_position_ids, window_index, window_slots, window_positions):
+    def forward(self, pixel_values, vision_position_ids, window_index=None, window_slots=None, window_positions=None):
         from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import apply_rotary_pos_emb_vision
 
         visual = self.visual
@@ -88,13 +97,16 @@ class VisionGraph(nn.Module):
         patches = hidden.shape[0]
 
         def by_window(t):  # merge units reordered window by window, as transformers does
+            if window_index is None:
+                return t
             return t.reshape(patches // self.merge_unit, self.merge_unit, -1)[window_index].reshape(patches, -1)
 
         hidden = by_window(hidden)
         cos, sin = map(by_window, visual.rotary_pos_emb(hidden, vision_position_ids))
-        valid = window_slots >= 0
-        slots = window_slots.clamp(min=0)
-        padding = torch.zeros(valid.shape, dtype=torch.float32).masked_fill(~valid, torch.finfo(torch.float32).min)
+        if window_slots is not None:
+            valid = window_slots >= 0
+            slots = window_slots.clamp(min=0)
+            padding = torch.zeros(valid.shape, dtype=torch.float32).masked_fill(~valid, torch.finfo(torch.float32).min)
         for index, block in enumerate(visual.blocks):
             attention = block.attn
             states = block.norm1(hidden)
@@ -108,6 +120,8 @@ class VisionGraph(nn.Module):
             hidden = hidden + attention.proj(out.reshape(patches, -1))
             hidden = hidden + block.mlp(block.norm2(hidden))
         merged = visual.merger(hidden)
+        if window_index is None:
+            return merged.unsqueeze(0)
         order = torch.arange(window_index.shape[0], device=hidden.device)
         reverse = torch.zeros_like(window_index).scatter(0, window_index, order)
         return merged[reverse].unsqueeze(0)
@@ -129,13 +143,19 @@ def vision_export(model: nn.Module, processor, generator: torch.Generator, dtype
     cfg = model.config.vision_config
     grid_h, grid_w = _EXAMPLE_GRID
     patch_dim = cfg.in_channels * cfg.temporal_patch_size * cfg.patch_size**2
-    indices = vision_indices(grid_h, grid_w, cfg.spatial_merge_size, cfg.window_size, cfg.patch_size)
+    indices = vision_indices(grid_h, grid_w, cfg.spatial_merge_size, _window_size(cfg), cfg.patch_size)
     example = {"pixel_values": torch.randn(grid_h * grid_w, patch_dim, generator=generator).to(dtype),
                **{name: torch.from_numpy(value) for name, value in indices.items()}}
     axes = {"pixel_values": {0: "num_patches"}, "vision_position_ids": {0: "num_patches"},
             "window_index": {0: "num_visual_tokens"}, "window_slots": {0: "num_windows"},
             "window_positions": {0: "num_patches"}, "image_features": {1: "num_visual_tokens"}}
-    return VisionExport(VisionGraph(model).eval(), example, axes, example)
+    return VisionExport(VisionGraph(model).eval(), example, {k: v for k, v in axes.items()
+                                                            if k in example or k == "image_features"}, example)
+
+
+def _window_size(vision_config) -> int:
+    """Qwen2.5-VL's attention window in pixels; 0 for Qwen2-VL, whose tower has none."""
+    return int(getattr(vision_config, "window_size", 0) or 0)
 
 
 def embedding(model: nn.Module) -> nn.Module:
@@ -171,7 +191,7 @@ def vision_spec(model: nn.Module, processor, num_tokens: int) -> VisionSpec:
         merge_size=int(cfg.spatial_merge_size),
         min_pixels=min_pixels,
         max_pixels=max_pixels,
-        window_size=int(cfg.window_size),
+        window_size=_window_size(cfg),
     )
 
 
