@@ -10,6 +10,7 @@ from zspa.errors import BundleError, InvalidInputError
 from zspa.integrity import sha256_file
 from zspa.manifest import MANIFEST_NAME, Manifest, PrunerSpec
 from zspa.pruning.budget import token_budget, validate_keep
+from zspa.runtime.vision_kinds import vision_kind
 from zspa.signing import TrustPolicy, verify_bundle
 
 
@@ -102,7 +103,7 @@ class Bundle:
         per_request = next((p for p in candidates if p.k is None), None)
         if per_request is not None:
             return dataclasses.replace(per_request, keep=keep)
-        if self.manifest.vision.kind != "clip":
+        if not vision_kind(self.manifest.vision).fixed_tokens:
             raise BundleError(f"{method} has only static-K pruners, which cannot prune images whose token count "
                               "varies; re-export the bundle")
         k = token_budget(keep, self.manifest.vision.num_tokens)

@@ -15,6 +15,7 @@ from pathlib import Path
 from zspa.errors import BundleError, InvalidInputError
 from zspa.manifest import GraphSpec, Manifest
 from zspa.pruning.budget import token_budget
+from zspa.runtime.vision_kinds import vision_kind
 
 PRECISIONS = ("fp32", "fp16", "bf16", "fp8", "int8", "int4")
 # Minimum compute capability per precision (TensorRT 10 support matrix): bf16 from Ampere, fp8
@@ -50,9 +51,8 @@ class ShapeRanges:
         num_tokens = manifest.vision.num_tokens
         smallest_k = min((p.k or token_budget(p.keep, num_tokens) for p in manifest.pruners), default=num_tokens)
         vision = manifest.vision
-        merged_patch_area = (vision.patch_size * vision.merge_size) ** 2
-        fixed = vision.kind == "clip"
-        low = num_tokens if fixed else max(1, vision.min_pixels // merged_patch_area)
+        kind = vision_kind(vision)
+        fixed, low = kind.fixed_tokens, kind.fewest_tokens(vision)
         return cls(context, max_prefill, opt_prefill=min(max_prefill, smallest_k + 64),
                    opt_context=min(context, smallest_k + 64 + 256), min_visual_tokens=low,
                    opt_visual_tokens=num_tokens if fixed else min(num_tokens, 1024), max_visual_tokens=num_tokens,

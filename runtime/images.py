@@ -1,8 +1,9 @@
 """Image loading with limits, and preprocessing that matches transformers' PIL image processors.
 
-`prepare_vision` reproduces CLIPImageProcessor's PIL path step for step: RGB conversion compositing
-transparency on white, shortest-edge resize with the same output-size arithmetic and PIL filter,
-center crop at floor offsets, rescale in float64 then float32, normalise in float32.
+`load_image`, `clip_pixels` and `normalise` reproduce CLIPImageProcessor's PIL path step for step:
+RGB conversion compositing transparency on white, shortest-edge resize with the same output-size
+arithmetic and PIL filter, center crop at floor offsets, rescale in float64 then float32, normalise
+in float32. Each kind's whole preparation is in `runtime/vision_kinds.py`.
 
 Memory per image is bounded by what is decoded, not by what a resize would make of it: a 98-byte
 6000×1 PNG resized to a shortest edge of 336 is a 2-million-pixel-wide image (6.7 GB in PIL), so
@@ -14,14 +15,13 @@ from __future__ import annotations
 
 import functools
 import io
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from zspa.errors import BundleError, InvalidInputError
+from zspa.errors import InvalidInputError
 from zspa.manifest import VisionSpec
 
 # Pixels, not bytes: a 50 MP photo is plausible, a 1 GP PNG of a few KB is a decompression bomb.
@@ -175,17 +175,3 @@ class VisionInput:
     @property
     def num_tokens(self) -> int:
         return self.grid[0] * self.grid[1] * self.grid[2]
-
-
-def prepare_vision(image: Image.Image, spec: VisionSpec) -> VisionInput:
-    """RGB image → the vision graph's feeds, by the manifest's preprocessing kind."""
-    if spec.kind == "qwen2_vl":
-        from zspa.runtime.qwen_vision import prepare_qwen
-
-        return VisionInput(*prepare_qwen(image, spec))
-    if spec.kind == "clip":
-        side = math.isqrt(spec.num_tokens)
-        grid = (1, side, side) if side * side == spec.num_tokens else (1, 1, spec.num_tokens)
-        pixels = clip_pixels(image, spec)
-        return VisionInput({"pixel_values": normalise(pixels, spec)[None]}, grid, pixels)
-    raise BundleError(f"manifest.json: unknown vision preprocessing kind {spec.kind!r}; upgrade zspa")

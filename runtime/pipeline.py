@@ -18,12 +18,13 @@ from zspa.pruning.budget import token_budget, validate_keep
 from zspa.runtime.backends import Backend, make_backend
 from zspa.runtime.batching import SoloDecode
 from zspa.runtime.bundle import Bundle
-from zspa.runtime.images import DEFAULT_MAX_PIXELS, ImageSource, VisionInput, load_image, prepare_vision
+from zspa.runtime.images import DEFAULT_MAX_PIXELS, ImageSource, VisionInput, load_image
 from zspa.runtime.positions import SCHEMES, position_extent, prefill_positions
 from zspa.runtime.prompting import Prompt, PromptBuilder
 from zspa.runtime.sampling import SamplingParams
 from zspa.runtime.sequence import STAGES, GenerationResult, GenerationStats, Limits, Sequence
 from zspa.runtime.vision_cache import VisionCache
+from zspa.runtime.vision_kinds import prepare_vision
 from zspa.signing import TrustPolicy
 
 __all__ = ["STAGES", "GenerationResult", "GenerationStats", "GenerationStream", "Pipeline", "Request"]

@@ -194,7 +194,8 @@ import numpy as np
 from PIL import Image
 from zspa.errors import InvalidInputError
 from zspa.manifest import Manifest
-from zspa.runtime.images import load_image, prepare_vision
+from zspa.runtime.images import load_image
+from zspa.runtime.vision_kinds import prepare_vision
 spec = Manifest.read(Path(sys.argv[1])).vision
 prepare_vision(load_image(Image.new("RGB", (64, 48))), spec)
 peak = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -9,7 +9,8 @@ import pytest
 from PIL import Image
 
 from zspa.errors import InvalidInputError
-from zspa.runtime.images import load_image, prepare_vision
+from zspa.runtime.images import load_image
+from zspa.runtime.vision_kinds import prepare_vision
 
 
 @pytest.fixture(scope="module")
@@ -158,7 +159,8 @@ from pathlib import Path
 from PIL import Image
 from zspa.errors import InvalidInputError
 from zspa.manifest import Manifest
-from zspa.runtime.images import load_image, prepare_vision
+from zspa.runtime.images import load_image
+from zspa.runtime.vision_kinds import prepare_vision
 spec = Manifest.read(Path(sys.argv[1])).vision
 prepare_vision(load_image(Image.new("RGB", (64, 48))), spec)  # numpy and PIL paths warmed
 peak = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -197,3 +199,12 @@ def test_hostile_images_stay_within_100_mb_of_idle(tiny_bundle, tmp_path):
         assert outcome == "answered" or "aspect ratio over 200:1" in outcome, (name, outcome)
         if min(int(n) for n in name.split(".")[0].split("x")) >= 30:
             assert outcome == "answered", name
+
+
+def test_every_manifest_vision_kind_has_a_runtime_half():
+    """The manifest's list of kinds and the runtime's registry are the same set: a kind added to one
+    and not the other would pass the manifest check and then fail on the first image."""
+    from zspa.manifest import VISION_KINDS
+    from zspa.runtime.vision_kinds import KINDS
+
+    assert set(KINDS) == set(VISION_KINDS)

@@ -13,9 +13,10 @@ from zspa.pruning import METHOD_DEFAULTS
 from zspa.pruning.budget import token_budget
 from zspa.pruning.graph import PrunerGraph
 from zspa.pruning.zspa_prune import ZSPASelector
-from zspa.runtime.images import load_image, prepare_vision
+from zspa.runtime.images import load_image
 from zspa.runtime.positions import prefill_positions
 from zspa.runtime.qwen_vision import rotary_positions, window_order, window_slots
+from zspa.runtime.vision_kinds import prepare_vision
 
 from references import greedy_continue
 

@@ -216,7 +216,8 @@ def _convert(hint: Any, value: Any, where: str) -> Any:
 
 # Ranges for the manifest's values: a tampered or hand-edited manifest fails here naming the field,
 # not later as an "unexpected error" deep in preprocessing or a session.
-_KNOWN = {"vision.kind": ("clip", "qwen2_vl"), "decoder.kv_cache": ("concat", "shared"),
+VISION_KINDS = ("clip", "qwen2_vl")  # what runtime/vision_kinds.py implements (a test keeps them equal)
+_KNOWN = {"vision.kind": VISION_KINDS, "decoder.kv_cache": ("concat", "shared"),
           "decoder.positions": ("contiguous", "original"), "decoder.kv_dtype": ("float32", "float16", "bfloat16"),
           "vision.resample": tuple(range(6))}  # PIL's filters: NEAREST, LANCZOS, BILINEAR, BICUBIC, BOX, HAMMING
 _MAX_TOKENS_ID = 2**24  # vocabularies are ~10^5; a context or vocabulary past this is a corrupt value

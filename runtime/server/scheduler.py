@@ -27,6 +27,7 @@ from zspa.runtime.pipeline import Pipeline, Request
 from zspa.runtime.sequence import Sequence
 from zspa.runtime.server.errors import INTERNAL, APIError, from_zspa_error
 from zspa.runtime.server.metrics import ServerMetrics
+from zspa.runtime.vision_kinds import vision_kind
 
 log = logging.getLogger("zspa.serve")
 
@@ -216,7 +217,7 @@ class Scheduler:
 def warm_up(pipeline: Pipeline) -> None:
     """One short generation per keep of every method, so the first request pays no first-run costs."""
     bundle = pipeline.bundle
-    height, width = bundle.manifest.vision.image_size or (448, 448)  # dynamic resolution: a typical size
+    height, width = vision_kind(bundle.manifest.vision).warmup_size(bundle.manifest.vision)
     image = Image.new("RGB", (width, height), (128, 128, 128))
     settings = {(keep, method) for method in bundle.methods or [None] for keep in bundle.keeps(method)}
     for keep, method in sorted(settings, key=str):
