@@ -33,8 +33,7 @@ class _RecordingDecoder:
                  records: list[Feeds]):
         self.decoder, self.backend, self.records = decoder, backend, records
         empty = np.zeros((1, spec.num_kv_heads, 0, spec.head_dim), dtype=dtype)
-        self.empty_past = {f"past_key_values.{i}.{kind}": empty for i in range(spec.num_layers)
-                           for kind in ("key", "value")}
+        self.empty_past = dict.fromkeys(spec.past_names, empty)
 
     @property
     def past_length(self) -> int:

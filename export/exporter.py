@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 import zspa
 from zspa.errors import InvalidInputError
 from zspa.export.attention import grouped_attention_export
-from zspa.export.graphs import DecoderGraph, EmbedGraph, kv_names
+from zspa.export.graphs import DecoderGraph, EmbedGraph
 from zspa.export.loading import LoadedModel, load_model
 from zspa.export.onnx_io import describe_graph, export_graph, node_count
 from zspa.export.parity import check_parity
@@ -199,8 +199,7 @@ def _export_decoder(decoder: torch.nn.Module, spec, hidden: int, torch_dtype, pa
         torch.arange(past_len, past_len + seq).expand(*positions_shape, seq).contiguous(),
         *past,
     )
-    past_names = kv_names(spec.num_layers, "past_key_values")
-    present_names = kv_names(spec.num_layers, "present")
+    past_names, present_names = spec.past_names, spec.present_names
     shared = spec.kv_cache == "shared"  # past and present are one buffer: its capacity, not a length
     past_axis, present_axis = ("max_cache_length",) * 2 if shared else ("past_sequence_length", "total_sequence_length")
     axes = {

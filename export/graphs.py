@@ -6,11 +6,6 @@ import torch
 from torch import nn
 
 
-def kv_names(num_layers: int, prefix: str) -> list[str]:
-    """`past_key_values.{i}.key|value` / `present.{i}.key|value`, the optimum / ORT-genai names."""
-    return [f"{prefix}.{i}.{kind}" for i in range(num_layers) for kind in ("key", "value")]
-
-
 class DecoderGraph(nn.Module):
     """One graph for prefill and decode: embeddings, mask, positions and past KV in; logits of the
     last position only (prefill never materialises S×V logits) and the updated KV out."""

@@ -80,8 +80,7 @@ class _OrtDecoderBase:
         self.spec = spec
         self.device = device
         self.embeds_dtype = _numpy_dtype(session.get_inputs()[0].type)
-        self.past_names = [f"past_key_values.{i}.{kind}" for i in range(spec.num_layers) for kind in ("key", "value")]
-        self.present_names = [n.replace("past_key_values", "present") for n in self.past_names]
+        self.past_names, self.present_names = spec.past_names, spec.present_names
         self.binding = session.io_binding()
         self.past_length = 0
 

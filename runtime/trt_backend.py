@@ -107,8 +107,7 @@ class TrtDecoder(_EngineRunner):
     def __init__(self, trt, engine, device: _Device, spec: DecoderSpec, capacity: int):
         super().__init__(trt, engine, device)
         self.spec, self.capacity, self.past_length = spec, capacity, 0
-        self.past_names = [f"past_key_values.{i}.{kind}" for i in range(spec.num_layers) for kind in ("key", "value")]
-        self.present_names = [n.replace("past_key_values", "present") for n in self.past_names]
+        self.past_names, self.present_names = spec.past_names, spec.present_names
         itemsize = np.dtype(self.dtype(self.past_names[0])).itemsize
         nbytes = spec.num_kv_heads * capacity * spec.head_dim * itemsize
         self.caches = [(device.alloc(nbytes), device.alloc(nbytes)) for _ in self.past_names]

@@ -91,6 +91,21 @@ class DecoderSpec:
     # onnxruntime's GroupQueryAttention (export/shared_kv.py), onnxruntime only.
     kv_cache: str = "concat"
 
+    @property
+    def past_names(self) -> list[str]:
+        """`past_key_values.{i}.key|value`, the decoder's KV inputs (optimum / onnxruntime-genai names)."""
+        return kv_names(self.num_layers, "past_key_values")
+
+    @property
+    def present_names(self) -> list[str]:
+        """`present.{i}.key|value`, its KV outputs, in the same order."""
+        return kv_names(self.num_layers, "present")
+
+
+def kv_names(num_layers: int, prefix: str) -> list[str]:
+    """`{prefix}.{i}.key|value` for every layer: the one place the KV-cache names are spelled."""
+    return [f"{prefix}.{i}.{kind}" for i in range(num_layers) for kind in ("key", "value")]
+
 
 @dataclass(frozen=True)
 class PrunerSpec:
