@@ -51,46 +51,31 @@ def pipeline(tiny_bundle):
     return Pipeline.load(tiny_bundle)
 
 
-@pytest.fixture(scope="session")
-def qwen_hf():
-    """(model, processor parts) of tiny-random-qwen2.5-vl, as transformers objects."""
-    from zspa.export.tiny_qwen import build_tiny_qwen
+def _builtin_fixtures(prefix: str, model: str, folder: str):
+    """Session fixtures `{prefix}_hf` (model, processor parts as transformers objects), `{prefix}_bundle`
+    (the model exported at KEEPS into `folder`, read-only) and `{prefix}_pipeline` of a built-in model."""
 
-    return build_tiny_qwen()
+    @pytest.fixture(scope="session", name=f"{prefix}_hf")
+    def hf():
+        from zspa.families import build_tiny_model
 
+        return build_tiny_model(model)
 
-@pytest.fixture(scope="session")
-def qwen_bundle(tmp_path_factory) -> Path:
-    """tiny-random-qwen2.5-vl exported at keep 0.1 and 0.25 (read-only)."""
-    return _export_builtin(tmp_path_factory, "tiny-random-qwen2.5-vl", "tiny-qwen")
+    @pytest.fixture(scope="session", name=f"{prefix}_bundle")
+    def bundle(tmp_path_factory) -> Path:
+        return _export_builtin(tmp_path_factory, model, folder)
 
+    @pytest.fixture(scope="session", name=f"{prefix}_pipeline")
+    def pipeline_(request):
+        from zspa.runtime.pipeline import Pipeline
 
-@pytest.fixture(scope="session")
-def qwen_pipeline(qwen_bundle):
-    from zspa.runtime.pipeline import Pipeline
+        return Pipeline.load(request.getfixturevalue(f"{prefix}_bundle"))
 
-    return Pipeline.load(qwen_bundle)
-
-
-@pytest.fixture(scope="session")
-def qwen2_hf():
-    """(model, processor parts) of tiny-random-qwen2-vl, as transformers objects."""
-    from zspa.export.tiny_qwen import build_tiny_qwen2
-
-    return build_tiny_qwen2()
+    return hf, bundle, pipeline_
 
 
-@pytest.fixture(scope="session")
-def qwen2_bundle(tmp_path_factory) -> Path:
-    """tiny-random-qwen2-vl exported at keep 0.1 and 0.25 (read-only)."""
-    return _export_builtin(tmp_path_factory, "tiny-random-qwen2-vl", "tiny-qwen2")
-
-
-@pytest.fixture(scope="session")
-def qwen2_pipeline(qwen2_bundle):
-    from zspa.runtime.pipeline import Pipeline
-
-    return Pipeline.load(qwen2_bundle)
+qwen_hf, qwen_bundle, qwen_pipeline = _builtin_fixtures("qwen", "tiny-random-qwen2.5-vl", "tiny-qwen")
+qwen2_hf, qwen2_bundle, qwen2_pipeline = _builtin_fixtures("qwen2", "tiny-random-qwen2-vl", "tiny-qwen2")
 
 
 def _sample(name: str) -> Path:

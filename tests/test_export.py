@@ -73,7 +73,8 @@ def test_unsupported_model_types_name_the_supported_families(tmp_path):
 
     (tmp_path / "gemma").mkdir()
     (tmp_path / "gemma" / "config.json").write_text('{"model_type": "gemma3"}')
-    with pytest.raises(ModelLoadError, match=r"'gemma3' is not supported yet \(supported: llava, qwen2_5_vl, qwen2_vl\)"):
+    supported = r"'gemma3' is not supported yet \(supported: llava, qwen2_5_vl, qwen2_vl\)"
+    with pytest.raises(ModelLoadError, match=supported):
         load_model(str(tmp_path / "gemma"))
 
 
