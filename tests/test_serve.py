@@ -257,6 +257,37 @@ def test_probes_and_metrics_need_no_key(server, client, photo_url):
     assert server.metric('zspa_visual_tokens_total{kind="total"}') >= 576
 
 
+def test_image_preparation_is_bounded_by_its_own_semaphore(pipeline, photo_url, monkeypatch):
+    """Eight request threads at once, --max-concurrent-images 2: at most two images are decoded and
+    preprocessed at any moment (the thread pool alone let 40 do it, each with its own peak)."""
+    from zspa.runtime.server import conversation
+    from zspa.runtime.server.protocol import parse_body
+    from zspa.runtime.server.settings import ServerSettings
+
+    active, peak, lock = 0, 0, threading.Lock()
+    decode = conversation.load_image
+
+    def slow_decode(*args, **kwargs):
+        nonlocal active, peak
+        with lock:
+            active += 1
+            peak = max(peak, active)
+        time.sleep(0.05)
+        try:
+            return decode(*args, **kwargs)
+        finally:
+            with lock:
+                active -= 1
+    monkeypatch.setattr(conversation, "load_image", slow_decode)
+    settings = ServerSettings(MODEL, max_concurrent_images=2)
+    slots = threading.BoundedSemaphore(settings.max_concurrent_images)
+    body = parse_body(json.dumps(chat_body(photo_url, model=MODEL, max_tokens=1)).encode())
+    with ThreadPoolExecutor(8) as pool:
+        prepared = list(pool.map(lambda _: conversation.prepare(body, pipeline, settings, slots,
+                                                                time.monotonic() + 60), range(8)))
+    assert peak == 2 and len(prepared) == 8
+
+
 def test_metrics_labels_are_bounded_and_the_metrics_key_is_required(pipeline, photo_url):
     """Keep values a client invents are counted as "other", not as a series each; with a metrics
     key, /metrics wants it and /health still does not."""
