@@ -143,9 +143,7 @@ def _resize_cropped(image: Image.Image, resized: tuple[int, int], crop: tuple[in
         raise InvalidInputError(f"image of {image.width}x{image.height} would resize to {resized[1]}x{resized[0]}, "
                                 f"over the {FULL_RESIZE_PIXELS:,}-pixel preprocessing bound")
     (height, width), (crop_h, crop_w) = resized, crop
-    top, left = (height - crop_h) // 2, (width - crop_w) // 2
-    if top < 0 or left < 0:
-        raise InvalidInputError(f"image of {width}x{height} is smaller than the crop")
+    top, left = _crop_offsets(height, width, crop)
     x_scale, y_scale = image.width / width, image.height / height
     columns = image.resize((crop_w, image.height), resample=resample,
                            box=(left * x_scale, 0, (left + crop_w) * x_scale, image.height))
@@ -157,11 +155,16 @@ def _center_crop(pixels: np.ndarray, spec: VisionSpec) -> np.ndarray:
     if not spec.center_crop:
         return pixels
     crop_h, crop_w = spec.image_size
-    top = (pixels.shape[0] - crop_h) // 2
-    left = (pixels.shape[1] - crop_w) // 2
-    if top < 0 or left < 0:
-        raise InvalidInputError(f"image of {pixels.shape[1]}x{pixels.shape[0]} is smaller than the crop")
+    top, left = _crop_offsets(pixels.shape[0], pixels.shape[1], spec.image_size)
     return pixels[top : top + crop_h, left : left + crop_w]
+
+
+def _crop_offsets(height: int, width: int, crop: tuple[int, int]) -> tuple[int, int]:
+    """(top, left) of a center crop at floor offsets, as transformers' `center_crop`."""
+    top, left = (height - crop[0]) // 2, (width - crop[1]) // 2
+    if top < 0 or left < 0:
+        raise InvalidInputError(f"image of {width}x{height} is smaller than the crop")
+    return top, left
 
 
 @dataclass(frozen=True)

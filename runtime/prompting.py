@@ -24,6 +24,11 @@ class PromptTooLong(InvalidInputError):
     """The prompt is over its token limit (told by its characters, or by its tokens)."""
 
 
+def _text_length(content: str | list[dict[str, Any]]) -> int:
+    """Characters of a message's text: a string, or the text parts of a content list."""
+    return len(content) if isinstance(content, str) else sum(len(part.get("text") or "") for part in content)
+
+
 def _sentinel(nonce: str, index: int) -> str:
     """A marker standing in for the question's index-th text part; the per-call nonce keeps a
     client who types a marker into a message from being taken for the question."""
@@ -103,8 +108,7 @@ class PromptBuilder:
         return Prompt(ids, (in_question & ~special).astype(np.int64), int(image_positions[0]))
 
     def _check_characters(self, messages: list[dict[str, Any]], max_tokens: int, limit: str) -> None:
-        characters = sum(len(content) if isinstance(content := message.get("content") or "", str)
-                         else sum(len(part.get("text") or "") for part in content) for message in messages)
+        characters = sum(_text_length(message.get("content") or "") for message in messages)
         if characters > max_tokens * self.max_token_chars:
             raise PromptTooLong(f"the prompt's text is {characters:,} characters, more than the {limit} of "
                                 f"{max_tokens} tokens can hold ({self.max_token_chars} characters at most per token)")

@@ -114,10 +114,10 @@ def host_name(host: str) -> str:
     if host.startswith("["):
         name, _, rest = host[1:].partition("]")
         return name if rest == "" or (rest.startswith(":") and rest[1:].isdigit()) else host
-    name, colon, port = host.rpartition(":")
-    if host.count(":") == 1:
-        return name if port.isdigit() or not port else host
-    return host
+    if host.count(":") != 1:  # no port, or a bare IPv6 address
+        return host
+    name, _, port = host.partition(":")
+    return name if port.isdigit() or not port else host
 
 
 def create_app(pipeline: Pipeline, settings: ServerSettings) -> FastAPI:

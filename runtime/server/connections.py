@@ -5,7 +5,7 @@ connects and sends nothing, or drips its headers a byte at a time (slowloris): t
 held open exhaust the process's file descriptors (systemd's default soft limit is 1,024) and every
 new connection, /health included, fails. Here a connection must complete a request's headers
 within `header_timeout_s` of opening or of its previous response, and the soft descriptor limit is
-raised to the hard one at start-up.
+raised at start-up to fit the connections (as far as the hard limit allows).
 """
 
 from __future__ import annotations

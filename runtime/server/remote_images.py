@@ -6,8 +6,8 @@ resolved address) unless the operator allows private hosts, and connects to exac
 with the original name kept for TLS and the Host header, so DNS rebinding cannot swap it between
 check and connect. Every redirect is checked again (at most 3), and one deadline covers the whole
 download, status line and headers included: a timer shuts the socket down when it passes, so a
-server dripping its headers a byte at a time cannot hold a worker past it. What went wrong goes to the log; the client
-learns only that the image could not be fetched (no port scanner).
+server dripping its headers a byte at a time cannot hold a worker past it. What went wrong goes to
+the log; the client learns only that the image could not be fetched (no port scanner).
 """
 
 from __future__ import annotations

@@ -7,6 +7,7 @@ generic. Importing this package is light; family modules import torch and transf
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,8 +38,6 @@ TINY_MODELS = {
 
 def build_tiny_model(name: str):
     """(model, processor) of the built-in tiny model `name`."""
-    import importlib
-
     module, _, function = TINY_MODELS[name].partition(":")
     return getattr(importlib.import_module(module), function)()
 
@@ -60,6 +59,4 @@ def family_for_model_type(model_type: str):
     if name is None:
         supported = ", ".join(sorted(FAMILY_BY_MODEL_TYPE))
         raise ModelLoadError(f"model type {model_type!r} is not supported yet (supported: {supported})")
-    import importlib
-
     return importlib.import_module(f"zspa.families.{name}")
