@@ -11,6 +11,7 @@ import numpy as np
 
 from zspa.manifest import DecoderSpec
 from zspa.runtime.backends import DecoderSession, GraphRunner, OrtBackend
+from zspa.runtime.deepstack import deepstack_feed
 
 Feeds = dict[str, np.ndarray]
 
@@ -31,7 +32,7 @@ class _RecordingDecoder:
 
     def __init__(self, decoder: DecoderSession, backend: RecordingBackend, spec: DecoderSpec, dtype: type,
                  records: list[Feeds]):
-        self.decoder, self.backend, self.records = decoder, backend, records
+        self.decoder, self.backend, self.records, self.spec = decoder, backend, records, spec
         empty = np.zeros((1, spec.num_kv_heads, 0, spec.head_dim), dtype=dtype)
         self.empty_past = dict.fromkeys(spec.past_names, empty)
 
@@ -42,11 +43,15 @@ class _RecordingDecoder:
     def reset(self) -> None:
         self.decoder.reset()
 
-    def step(self, inputs_embeds: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray) -> np.ndarray:
+    def step(self, inputs_embeds: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray,
+             deepstack: np.ndarray | None = None) -> np.ndarray:
         if self.backend.recording and self.decoder.past_length == 0:
-            self.records.append({"inputs_embeds": np.array(inputs_embeds), "attention_mask": np.array(attention_mask),
-                                 "position_ids": np.array(position_ids), **self.empty_past})
-        return self.decoder.step(inputs_embeds, attention_mask, position_ids)
+            record = {"inputs_embeds": np.array(inputs_embeds), "attention_mask": np.array(attention_mask),
+                      "position_ids": np.array(position_ids), **self.empty_past}
+            if self.spec.deepstack_layers:
+                record["deepstack_embeds"] = np.array(deepstack_feed(self.spec, inputs_embeds, deepstack))
+            self.records.append(record)
+        return self.decoder.step(inputs_embeds, attention_mask, position_ids, deepstack)
 
 
 class RecordingBackend(OrtBackend):

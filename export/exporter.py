@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 import zspa
 from zspa.errors import InvalidInputError
 from zspa.export.attention import grouped_attention_export
-from zspa.export.graphs import DecoderGraph, EmbedGraph
+from zspa.export.graphs import DecoderGraph, DeepstackDecoderGraph, EmbedGraph, vision_outputs
 from zspa.export.loading import LoadedModel, load_model
 from zspa.export.onnx_io import describe_graph, export_graph, node_count
 from zspa.export.parity import check_parity
@@ -111,7 +111,7 @@ def _write_bundle(loaded: LoadedModel, options: ExportOptions, out: Path, torch_
     vision_export = family.vision_export(model, processor, generator, torch_dtype)
     vision = vision_export.module
     with torch.no_grad():
-        example_tokens, hidden = vision(**vision_export.example).shape[1:]
+        example_tokens, hidden = vision_outputs(vision, vision_export.example)[0].shape[1:]
     vision_spec = family.vision_spec(model, processor, int(example_tokens))
     num_tokens = vision_spec.num_tokens  # with dynamic resolution, the most one image can give
     decoder_spec = dataclasses.replace(family.decoder_spec(model, kv_dtype=dtype_name), kv_cache=options.kv_cache)
@@ -122,7 +122,7 @@ def _write_bundle(loaded: LoadedModel, options: ExportOptions, out: Path, torch_
 
     step("exporting vision")
     export_graph(vision, tuple(vision_export.example.values()), out / "vision.onnx",
-                 input_names=list(vision_export.example), output_names=["image_features"],
+                 input_names=list(vision_export.example), output_names=vision_export.output_names,
                  dynamic_axes=vision_export.dynamic_axes, opset=options.opset)
     bar.update()
 
@@ -135,14 +135,15 @@ def _write_bundle(loaded: LoadedModel, options: ExportOptions, out: Path, torch_
     bar.update()
 
     step("exporting decoder")
-    decoder = DecoderGraph(*family.language_model(model)).eval()  # also the parity reference
+    language_model, lm_head = family.language_model(model)
+    decoder = _with_deepstack(DecoderGraph(language_model, lm_head), language_model, decoder_spec)  # the reference
     if options.kv_cache == "shared":
-        language_model, lm_head = family.language_model(model)
         with gqa_attention(language_model):
-            _export_decoder(SharedKVDecoderGraph(language_model, lm_head).eval(), decoder_spec, hidden, torch_dtype,
-                            out / "decoder.onnx", options.opset)
+            _export_decoder(_with_deepstack(SharedKVDecoderGraph(language_model, lm_head), language_model,
+                                            decoder_spec), decoder_spec, hidden, torch_dtype, out / "decoder.onnx",
+                            options.opset)
     else:
-        with grouped_attention_export(decoder.language_model):
+        with grouped_attention_export(language_model):
             _export_decoder(decoder, decoder_spec, hidden, torch_dtype, out / "decoder.onnx", options.opset)
     bar.update()
 
@@ -187,16 +188,25 @@ def _write_bundle(loaded: LoadedModel, options: ExportOptions, out: Path, torch_
     return manifest, {name: node_count(out / f"{name}.onnx") for name in graph_files}
 
 
+def _with_deepstack(decoder: torch.nn.Module, language_model: torch.nn.Module, spec) -> torch.nn.Module:
+    """The decoder graph, taking `deepstack_embeds` where the family adds DeepStack planes."""
+    if not spec.deepstack_layers:
+        return decoder.eval()
+    return DeepstackDecoderGraph(decoder, list(language_model.layers[: spec.deepstack_layers])).eval()
+
+
 def _export_decoder(decoder: torch.nn.Module, spec, hidden: int, torch_dtype, path: Path, opset: int) -> None:
     batch, seq, past_len = 2, 3, 4  # past ≥ 2 so neither axis is specialised
     positions_shape = (3, batch) if spec.mrope else (batch,)  # M-RoPE: (temporal, height, width) × batch
     capacity = past_len + seq + 5 if spec.kv_cache == "shared" else past_len
     past = [torch.randn(batch, spec.num_kv_heads, capacity, spec.head_dim).to(torch_dtype)
             for _ in range(2 * spec.num_layers)]
+    deepstack = [torch.randn(spec.deepstack_layers, batch, seq, hidden).to(torch_dtype)] if spec.deepstack_layers else []
     args = (
         torch.randn(batch, seq, hidden).to(torch_dtype),
         torch.ones(batch, past_len + seq, dtype=torch.int64),
         torch.arange(past_len, past_len + seq).expand(*positions_shape, seq).contiguous(),
+        *deepstack,
         *past,
     )
     past_names, present_names = spec.past_names, spec.present_names
@@ -206,11 +216,13 @@ def _export_decoder(decoder: torch.nn.Module, spec, hidden: int, torch_dtype, pa
         "inputs_embeds": {0: "batch_size", 1: "sequence_length"},
         "attention_mask": {0: "batch_size", 1: "total_sequence_length"},
         "position_ids": {len(positions_shape) - 1: "batch_size", len(positions_shape): "sequence_length"},
+        "deepstack_embeds": {1: "batch_size", 2: "sequence_length"},
         "logits": {0: "batch_size"},
         **{name: {0: "batch_size", 2: past_axis} for name in past_names},
         **{name: {0: "batch_size", 2: present_axis} for name in present_names},
     }
-    export_graph(decoder, args, path, input_names=["inputs_embeds", "attention_mask", "position_ids", *past_names],
+    inputs = ["inputs_embeds", "attention_mask", "position_ids", *(["deepstack_embeds"] if deepstack else [])]
+    export_graph(decoder, args, path, input_names=[*inputs, *past_names],
                  output_names=["logits", *present_names], dynamic_axes=axes, opset=opset,
                  custom_translation_table=TRANSLATION_TABLE if shared else None)
 

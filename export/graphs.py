@@ -41,6 +41,31 @@ class DecoderGraph(nn.Module):
         return (logits, *present)
 
 
+class DeepstackDecoderGraph(nn.Module):
+    """`decoder` with DeepStack's extra input `deepstack_embeds` [L, B, S, D]: plane i is added to
+    the hidden states after decoder layer i, as transformers' `_deepstack_process` adds the visual
+    features at the image positions; rows outside the image are zeros (adding them is exact), so
+    the graph needs no mask and one graph serves prefill (planes at the kept image tokens) and
+    decode steps (zeros). Works for either KV-cache kind: the add is a hook on each layer."""
+
+    def __init__(self, decoder: nn.Module, layers: list[nn.Module]):
+        super().__init__()
+        self.decoder = decoder
+        self.layers = layers
+
+    def forward(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
+                deepstack_embeds: torch.Tensor, *past_key_values: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        def adder(plane: torch.Tensor):
+            return lambda module, args, output: output + plane.to(output.dtype)
+
+        hooks = [layer.register_forward_hook(adder(plane)) for layer, plane in zip(self.layers, deepstack_embeds)]
+        try:
+            return self.decoder(inputs_embeds, attention_mask, position_ids, *past_key_values)
+        finally:
+            for hook in hooks:
+                hook.remove()
+
+
 class EmbedGraph(nn.Module):
     """`input_ids → inputs_embeds`."""
 
@@ -50,3 +75,9 @@ class EmbedGraph(nn.Module):
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.embedding(input_ids)
+
+
+def vision_outputs(vision: torch.nn.Module, inputs: dict) -> tuple[torch.Tensor, ...]:
+    """The vision module's outputs as a tuple: `image_features`, then any DeepStack planes."""
+    outputs = vision(**inputs)
+    return outputs if isinstance(outputs, tuple) else (outputs,)

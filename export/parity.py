@@ -13,6 +13,7 @@ import onnxruntime as ort
 import torch
 
 from zspa.errors import ZspaError
+from zspa.export.graphs import vision_outputs
 from zspa.manifest import DecoderSpec
 from zspa.runtime.backends import OrtBackend
 
@@ -43,16 +44,19 @@ def check_parity(
     torch. The decoder graph runs through the runtime's own session for its KV-cache kind, so a
     shared-buffer graph is checked exactly as it will run, against transformers' attention."""
     report = {}
-    features = vision(**vision_inputs)
-    ours = _session(graphs_dir / "vision.onnx").run(None, {k: v.numpy() for k, v in vision_inputs.items()})[0]
-    report["vision_max_abs_diff"] = _check("vision", ours, features, dtype)
+    features, *planes = vision_outputs(vision, vision_inputs)
+    ours = _session(graphs_dir / "vision.onnx").run(None, {k: v.numpy() for k, v in vision_inputs.items()})
+    report["vision_max_abs_diff"] = max(_check("vision", mine, theirs, dtype)
+                                        for mine, theirs in zip(ours, (features, *planes), strict=True))
 
     embeds = embed(input_ids)
     ours = _session(graphs_dir / "embed.onnx").run(None, {"input_ids": input_ids.numpy()})[0]
     report["embed_max_abs_diff"] = _check("embed", ours, embeds, dtype)
 
     # Prefill: the image features spliced after the text, from an empty cache; then one step.
+    # DeepStack planes sit at the image rows of the prefill and are zeros elsewhere and after.
     sequence = torch.cat([embeds, features], dim=1)
+    deepstack = [torch.cat([torch.zeros(len(planes), *embeds.shape), torch.stack(planes)], dim=2)] if planes else []
     session = OrtBackend().decoder(graphs_dir / "decoder.onnx", decoder_spec, max_context)
     empty = torch.zeros(1, decoder_spec.num_kv_heads, 0, decoder_spec.head_dim, dtype=sequence.dtype)
     past = [empty] * (2 * decoder_spec.num_layers)
@@ -62,11 +66,13 @@ def check_parity(
         mask = torch.ones(1, position + step, dtype=torch.int64)
         positions = torch.arange(position, position + step).view(1, step)
         positions = positions.expand(3, 1, step) if decoder_spec.mrope else positions
-        reference = decoder(step_inputs, mask, positions, *past)
-        ours = session.step(step_inputs.numpy(), mask.numpy(), positions.numpy())
+        reference = decoder(step_inputs, mask, positions, *deepstack, *past)
+        ours = session.step(step_inputs.numpy(), mask.numpy(), positions.numpy(),
+                            deepstack[0].numpy() if deepstack else None)
         worst = max(worst, _check("decoder logits", ours, reference[0][:, -1], dtype))
         past = list(reference[1:])
         position += step
         step_inputs = embed(reference[0].argmax(-1))
+        deepstack = [torch.zeros(len(planes), *step_inputs.shape)] if planes else []
     report["logits_max_abs_diff"] = worst
     return report

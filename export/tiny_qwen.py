@@ -1,10 +1,12 @@
-"""`tiny-random-qwen2.5-vl` and `tiny-random-qwen2-vl`: seeded, few-MB Qwen-VL-shaped models built
-from configs, no download.
+"""`tiny-random-qwen2.5-vl`, `tiny-random-qwen2-vl` and `tiny-random-qwen3-vl`: seeded, few-MB
+Qwen-VL-shaped models built from configs, no download.
 
 Qwen2.5-VL's structure (14 px patches, temporal patch 2, 2×2 merger, 112 px windows with
 full-attention blocks, the processor's dynamic resolution and defaults, M-RoPE in a Qwen2
 decoder, Qwen's special tokens and chat template) at toy widths; Qwen2-VL's the same with its own
-tower (LayerNorm blocks, no windows). Their answers are gibberish.
+tower (LayerNorm blocks, no windows); Qwen3-VL's with 16 px patches, a learned position table,
+DeepStack planes from two tower blocks and a Qwen3 decoder with interleaved M-RoPE. Their answers
+are gibberish.
 """
 
 from __future__ import annotations
@@ -67,7 +69,12 @@ def build_model(processor: ImageTextProcessor, *, vision_hidden: int = 64, visio
     ids = {name: tokenizer.convert_tokens_to_ids(name) for name in SPECIAL_TOKENS}
     patches = {"patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2,
                "initializer_range": initializer_range}
-    if family == "qwen2_vl":  # embed_dim is the tower's width, hidden_size its output (the decoder's)
+    if family == "qwen3_vl":  # 16 px patches, a learned 8×8 position table, DeepStack after blocks 0 and 2
+        patches["patch_size"] = 16
+        vision = {"depth": vision_depth, "hidden_size": vision_hidden, "intermediate_size": vision_hidden * 2,
+                  "num_heads": 4, "out_hidden_size": text_hidden, "num_position_embeddings": 64,
+                  "deepstack_visual_indexes": [0, 2], **patches}
+    elif family == "qwen2_vl":  # embed_dim is the tower's width, hidden_size its output (the decoder's)
         vision = {"depth": vision_depth, "embed_dim": vision_hidden, "hidden_size": text_hidden, "num_heads": 4,
                   "mlp_ratio": 2, **patches}
     else:
@@ -75,15 +82,18 @@ def build_model(processor: ImageTextProcessor, *, vision_hidden: int = 64, visio
                   "num_heads": 4, "out_hidden_size": text_hidden, "fullatt_block_indexes": [1, vision_depth - 1],
                   "window_size": 112, **patches}
     config_class, model_class = {"qwen2_5_vl": ("Qwen2_5_VLConfig", "Qwen2_5_VLForConditionalGeneration"),
-                                 "qwen2_vl": ("Qwen2VLConfig", "Qwen2VLForConditionalGeneration")}[family]
+                                 "qwen2_vl": ("Qwen2VLConfig", "Qwen2VLForConditionalGeneration"),
+                                 "qwen3_vl": ("Qwen3VLConfig", "Qwen3VLForConditionalGeneration")}[family]
+    rope = {"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": sections}
+    if family == "qwen3_vl":  # Qwen3-VL interleaves the (t, h, w) frequencies
+        rope["mrope_interleaved"] = True
     config = getattr(transformers, config_class)(
         vision_config=vision,
         text_config={
             "vocab_size": len(tokenizer), "hidden_size": text_hidden, "intermediate_size": text_hidden * 2,
             "num_hidden_layers": text_layers, "num_attention_heads": heads, "num_key_value_heads": max(2, heads // 2),
             "max_position_embeddings": max_context, "initializer_range": initializer_range,
-            "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0,
-                                "mrope_section": sections},
+            "rope_parameters": rope, **({"head_dim": head_dim} if family == "qwen3_vl" else {}),
             "eos_token_id": ids["<|im_end|>"], "pad_token_id": ids["<|endoftext|>"], "bos_token_id": None,
         },
         image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
@@ -117,3 +127,14 @@ def build_tiny_qwen():
 def build_tiny_qwen2():
     processor = build_processor()
     return build_model(processor, family="qwen2_vl"), processor
+
+
+def build_tiny_qwen3():
+    """Qwen3-VL's processor settings (16 px patches, mean and std 0.5) with the tiny models' pixel range."""
+    from transformers import Qwen2VLImageProcessorPil
+
+    image_processor = Qwen2VLImageProcessorPil(patch_size=16, min_pixels=64 * 64, max_pixels=32 * 32 * 1280,
+                                               image_mean=[0.5] * 3, image_std=[0.5] * 3)
+    processor = ImageTextProcessor(image_processor, build_tokenizer(), QWEN_CHAT_TEMPLATE)
+    # Wider weights than the others: at 0.2 its greedy answers settle on one token within a few steps.
+    return build_model(processor, family="qwen3_vl", initializer_range=0.4), processor

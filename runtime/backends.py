@@ -18,6 +18,7 @@ import onnxruntime as ort
 from zspa.errors import BundleError, InvalidInputError, ZspaError
 from zspa.manifest import DecoderSpec, GraphSpec
 from zspa.runtime.bundle import Bundle
+from zspa.runtime.deepstack import deepstack_feed
 
 ORT_BACKENDS = ("ort-cpu", "ort-cuda", "ort-trt")
 BACKENDS = (*ORT_BACKENDS, "trt")
@@ -36,8 +37,10 @@ class DecoderSession(Protocol):
 
     def reset(self) -> None: ...
 
-    def step(self, inputs_embeds: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray) -> np.ndarray:
-        """Runs one prefill or decode step; returns last-position logits [B, V] as float32."""
+    def step(self, inputs_embeds: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray,
+             deepstack: np.ndarray | None = None) -> np.ndarray:
+        """Runs one prefill or decode step; returns last-position logits [B, V] as float32.
+        `deepstack` [L, B, S, D]: DeepStack planes where the decoder takes them (zeros if None)."""
         ...
 
 
@@ -84,11 +87,15 @@ class _OrtDecoderBase:
         self.binding = session.io_binding()
         self.past_length = 0
 
-    def _run(self, inputs_embeds: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray) -> list:
+    def _run(self, inputs_embeds: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray,
+             deepstack: np.ndarray | None) -> list:
         binding = self.binding
         binding.bind_cpu_input("inputs_embeds", np.ascontiguousarray(inputs_embeds, dtype=self.embeds_dtype))
         binding.bind_cpu_input("attention_mask", np.ascontiguousarray(attention_mask, dtype=np.int64))
         binding.bind_cpu_input("position_ids", np.ascontiguousarray(position_ids, dtype=np.int64))
+        if self.spec.deepstack_layers:
+            planes = deepstack_feed(self.spec, inputs_embeds, deepstack)
+            binding.bind_cpu_input("deepstack_embeds", np.ascontiguousarray(planes, dtype=self.embeds_dtype))
         self.session.run_with_iobinding(binding)
         self.past_length += inputs_embeds.shape[1]
         return binding.get_outputs()
@@ -112,7 +119,8 @@ class OrtDecoder(_OrtDecoderBase):
         self.past = [ort.OrtValue.ortvalue_from_numpy(empty, self.device, 0) for _ in self.past_names]
         self.past_length = 0
 
-    def step(self, inputs_embeds: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray) -> np.ndarray:
+    def step(self, inputs_embeds: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray,
+             deepstack: np.ndarray | None = None) -> np.ndarray:
         # A fresh binding per step, the previous one kept alive: the past is its outputs, and
         # onnxruntime 1.23 (the last for Python 3.10) frees them when their binding is cleared.
         self._previous_binding, self.binding = self.binding, self.session.io_binding()
@@ -121,7 +129,7 @@ class OrtDecoder(_OrtDecoderBase):
             self.binding.bind_output(name, self.device)
         for name, value in zip(self.past_names, self.past):
             self.binding.bind_ortvalue_input(name, value)
-        outputs = self._run(inputs_embeds, attention_mask, position_ids)
+        outputs = self._run(inputs_embeds, attention_mask, position_ids, deepstack)
         self.past = list(outputs[1:])
         return self._last_logits(outputs[0])
 
@@ -144,11 +152,12 @@ class OrtSharedKVDecoder(_OrtDecoderBase):
     def reset(self) -> None:
         self.past_length = 0  # positions past the valid length are never read
 
-    def step(self, inputs_embeds: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray) -> np.ndarray:
+    def step(self, inputs_embeds: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray,
+             deepstack: np.ndarray | None = None) -> np.ndarray:
         if self.past_length + inputs_embeds.shape[1] > self.capacity:
             raise InvalidInputError(f"the KV cache holds {self.capacity} positions; this step needs "
                                     f"{self.past_length + inputs_embeds.shape[1]}")
-        return self._last_logits(self._run(inputs_embeds, attention_mask, position_ids)[0])
+        return self._last_logits(self._run(inputs_embeds, attention_mask, position_ids, deepstack)[0])
 
 
 def execution_providers(backend: str, engine_cache: Path, fp16: bool) -> list[Provider]:

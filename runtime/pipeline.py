@@ -17,6 +17,8 @@ from zspa.manifest import PrunerSpec
 from zspa.pruning.budget import token_budget, validate_keep
 from zspa.runtime.backends import Backend, make_backend
 from zspa.runtime.batching import SoloDecode
+from zspa.runtime.deepstack import gather as deepstack_gather
+from zspa.runtime.deepstack import splice as deepstack_splice
 from zspa.runtime.bundle import Bundle
 from zspa.runtime.images import DEFAULT_MAX_PIXELS, ImageSource, VisionInput, load_image
 from zspa.runtime.positions import SCHEMES, position_extent, prefill_positions
@@ -184,11 +186,13 @@ class Pipeline:
             features = self.vision_cache.get(request.vision_key)
             stats.vision_cache_hit = features is not None
         timings["preprocess"] = request.prepared_ms + (time.perf_counter() - looked_up) * 1000.0
-        if features is None:
+        if features is None:  # [1 + L, N, D]: image_features, then any DeepStack planes
             with _Timer(timings, "vision"):
-                features = self.vision.run(vision_input.feeds)[0]
+                outputs = self.vision.run(vision_input.feeds)
+                features = outputs[0] if len(outputs) == 1 else np.concatenate(outputs)
             if request.vision_key is not None:
                 self.vision_cache.put(request.vision_key, features)
+        features, planes = features[:1], features[1:, None]
         with _Timer(timings, "embed"):
             prompt_embeds = self.embed.run({"input_ids": built.input_ids[None]})[0]
         with _Timer(timings, "prune"):
@@ -205,11 +209,14 @@ class Pipeline:
             at = built.image_position
             sequence = np.concatenate([prompt_embeds[:, :at], kept.astype(prompt_embeds.dtype),
                                        prompt_embeds[:, at + 1 :]], axis=1)
+            deepstack = deepstack_splice(deepstack_gather(planes, kept_indices), at, sequence.shape[1]) if len(
+                planes) else None
             positions = prefill_positions(at, kept_indices, vision_input.grid, len(built.input_ids) - at - 1,
                                           self.positions, mrope)
             stats.prompt_tokens = sequence.shape[1]
             self.decoder.reset()
-            logits = self.decoder.step(sequence, np.ones((1, sequence.shape[1]), np.int64), positions[..., None, :])
+            logits = self.decoder.step(sequence, np.ones((1, sequence.shape[1]), np.int64), positions[..., None, :],
+                                       deepstack)
         answer = Sequence(stats, kept_indices, request.params, request.limits, self.prompts.decode,
                           int(positions.max()) + 1, request.started)
         return answer, logits[0]

@@ -1,5 +1,6 @@
-"""Qwen2-VL / Qwen2.5-VL vision input without torch: smart resize, patchify, and the index tensors
-the vision graph takes (rotary positions, window order, window boundaries).
+"""Qwen2-VL / Qwen2.5-VL / Qwen3-VL vision input without torch: smart resize, patchify, and the index
+tensors the vision graph takes (rotary positions; window order and boundaries; Qwen3-VL's taps into
+its learned position table).
 
 Equal to transformers' `Qwen2VLImageProcessorPil` (resize, rescale, normalise, patchify) and to
 its `vision_utils` helpers, which compute these indices with Python loops the exporter cannot
@@ -84,6 +85,27 @@ def window_slots(bounds: np.ndarray, window_patches: int) -> tuple[np.ndarray, n
     return slots, positions
 
 
+def position_taps(grid_h: int, grid_w: int, merge: int, side: int) -> tuple[np.ndarray, np.ndarray]:
+    """Qwen3-VL's learned `side`×`side` position table resampled to the patch grid: bilinear with
+    aligned corners, per patch in merge-block order, as int64 indices and float32 weights [P, 4]
+    into the flattened table (transformers' `get_vision_interpolation_indices_and_weights`; float32
+    arithmetic in its order, so the weights are bit-identical)."""
+    rows, cols = rotary_positions(grid_h, grid_w, merge).T
+
+    def axis(index: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
+        source = index.astype(np.float32) * np.float32(side - 1) / np.float32(max(size - 1, 1))
+        floor = np.floor(source)
+        offsets = np.arange(2, dtype=np.float32)
+        taps = np.clip(floor.astype(np.int64)[:, None] + np.arange(2), 0, side - 1)
+        weights = np.maximum(np.float32(1) - np.abs(source[:, None] - floor[:, None] - offsets), np.float32(0))
+        return taps, weights
+
+    (row_taps, row_weights), (col_taps, col_weights) = axis(rows, grid_h), axis(cols, grid_w)
+    indices = (row_taps[:, :, None] * side + col_taps[:, None, :]).reshape(-1, 4)
+    weights = (row_weights[:, :, None] * col_weights[:, None, :]).reshape(-1, 4)
+    return indices, weights
+
+
 def prepare_qwen(image: Image.Image, spec: VisionSpec
                  ) -> tuple[dict[str, np.ndarray], tuple[int, int, int], np.ndarray]:
     """RGB image → the vision graph's feeds, the merged token grid (t, h, w) and the resized
@@ -96,13 +118,19 @@ def prepare_qwen(image: Image.Image, spec: VisionSpec
     pixels = np.asarray(resized)
     grid_h, grid_w = height // spec.patch_size, width // spec.patch_size
     feeds = {"pixel_values": patchify(normalise(pixels, spec), spec),
-             **vision_indices(grid_h, grid_w, spec.merge_size, spec.window_size, spec.patch_size)}
+             **vision_indices(grid_h, grid_w, spec.merge_size, spec.window_size, spec.patch_size, spec.position_grid)}
     return feeds, (1, grid_h // spec.merge_size, grid_w // spec.merge_size), pixels
 
 
-def vision_indices(grid_h: int, grid_w: int, merge: int, window_size: int, patch_size: int) -> dict[str, np.ndarray]:
+def vision_indices(grid_h: int, grid_w: int, merge: int, window_size: int, patch_size: int,
+                   position_grid: int = 0) -> dict[str, np.ndarray]:
     """The vision graph's index inputs for a grid of patches (DESIGN §4); without windows
-    (`window_size` 0: Qwen2-VL) the rotary positions alone."""
+    (`window_size` 0: Qwen2-VL, Qwen3-VL) the rotary positions, and with a learned position table
+    (`position_grid` > 0: Qwen3-VL) its interpolation taps."""
+    if position_grid:
+        indices, weights = position_taps(grid_h, grid_w, merge, position_grid)
+        return {"vision_position_ids": rotary_positions(grid_h, grid_w, merge),
+                "position_embed_indices": indices, "position_embed_weights": weights}
     if not window_size:
         return {"vision_position_ids": rotary_positions(grid_h, grid_w, merge)}
     order, bounds = window_order(grid_h, grid_w, merge, window_size, patch_size)

@@ -39,13 +39,17 @@ def _prepare_qwen(image: Image.Image, spec: VisionSpec) -> VisionInput:
     return VisionInput(*prepare_qwen(image, spec))
 
 
+_QWEN = VisionKind(_prepare_qwen, fixed_tokens=False, fewest_tokens=lambda spec: max(
+    1, spec.min_pixels // (spec.patch_size * spec.merge_size) ** 2), warmup_size=lambda spec: (448, 448))
+
 KINDS: dict[str, VisionKind] = {
     # LLaVA: resize the shortest edge, center-crop to the tower's square.
     "clip": VisionKind(_prepare_clip, fixed_tokens=True, fewest_tokens=lambda spec: spec.num_tokens,
                        warmup_size=lambda spec: (spec.image_size[0], spec.image_size[1])),
     # Qwen2-VL, Qwen2.5-VL: native resolution within [min_pixels, max_pixels], 2×2-merged patches.
-    "qwen2_vl": VisionKind(_prepare_qwen, fixed_tokens=False, fewest_tokens=lambda spec: max(
-        1, spec.min_pixels // (spec.patch_size * spec.merge_size) ** 2), warmup_size=lambda spec: (448, 448)),
+    "qwen2_vl": _QWEN,
+    # Qwen3-VL: the same, and the taps into its learned position table (`position_grid`).
+    "qwen3_vl": _QWEN,
 }
 
 

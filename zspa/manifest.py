@@ -56,6 +56,7 @@ class VisionSpec:
     hidden_size: int
     # "clip": resize + crop to a fixed size (LLaVA). "qwen2_vl": smart resize within [min_pixels,
     # max_pixels] to multiples of patch·merge, patchified; N follows the image (runtime/qwen_vision.py).
+    # "qwen3_vl": the same, plus the learned position table's interpolation taps as graph inputs.
     kind: str = "clip"
     patch_size: int = 14
     temporal_patch_size: int = 1
@@ -63,6 +64,7 @@ class VisionSpec:
     min_pixels: int = 0
     max_pixels: int = 0
     window_size: int = 0  # Qwen2.5-VL window attention, in pixels
+    position_grid: int = 0  # Qwen3-VL: side of the learned square position-embedding table
 
 
 @dataclass(frozen=True)
@@ -90,6 +92,9 @@ class DecoderSpec:
     # "concat": past → past+new, portable (TensorRT); "shared": one in-place buffer per layer through
     # onnxruntime's GroupQueryAttention (export/shared_kv.py), onnxruntime only.
     kv_cache: str = "concat"
+    # DeepStack (Qwen3-VL): `deepstack_embeds` [L, B, S, D] is added to the hidden states after each of
+    # the first L decoder layers (zero rows outside the image); the vision graph gives one plane each.
+    deepstack_layers: int = 0
 
     @property
     def past_names(self) -> list[str]:
@@ -231,7 +236,7 @@ def _convert(hint: Any, value: Any, where: str) -> Any:
 
 # Ranges for the manifest's values: a tampered or hand-edited manifest fails here naming the field,
 # not later as an "unexpected error" deep in preprocessing or a session.
-VISION_KINDS = ("clip", "qwen2_vl")  # what runtime/vision_kinds.py implements (a test keeps them equal)
+VISION_KINDS = ("clip", "qwen2_vl", "qwen3_vl")  # what runtime/vision_kinds.py implements (a test keeps them equal)
 _KNOWN = {"vision.kind": VISION_KINDS, "decoder.kv_cache": ("concat", "shared"),
           "decoder.positions": ("contiguous", "original"), "decoder.kv_dtype": ("float32", "float16", "bfloat16"),
           "vision.resample": tuple(range(6))}  # PIL's filters: NEAREST, LANCZOS, BILINEAR, BICUBIC, BOX, HAMMING
@@ -254,6 +259,8 @@ def check_values(manifest: Manifest) -> None:
                          ("vision.patch_size", vision.patch_size), ("vision.merge_size", vision.merge_size),
                          ("vision.temporal_patch_size", vision.temporal_patch_size)):
         _in_range(where, value, 1, 2**16)
+    _in_range("decoder.deepstack_layers", decoder.deepstack_layers, 0, decoder.num_layers)
+    _in_range("vision.position_grid", vision.position_grid, 0, 2**12)
     _in_range("vision.num_tokens", vision.num_tokens, 1, _MAX_TOKENS_ID)
     if not text.eos_token_ids:
         raise BundleError("manifest.json: text.eos_token_ids is empty; a generation could never end")

@@ -8,7 +8,7 @@ generic. Importing this package is light; family modules import torch and transf
 from __future__ import annotations
 
 import importlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from zspa.errors import ModelLoadError
@@ -22,10 +22,19 @@ MODEL_ALIASES = {
     "qwen2.5-vl-7b": "Qwen/Qwen2.5-VL-7B-Instruct",
     "qwen2-vl-2b": "Qwen/Qwen2-VL-2B-Instruct",
     "qwen2-vl-7b": "Qwen/Qwen2-VL-7B-Instruct",
+    "qwen3-vl-2b": "Qwen/Qwen3-VL-2B-Instruct",
+    "qwen3-vl-4b": "Qwen/Qwen3-VL-4B-Instruct",
+    "qwen3-vl-8b": "Qwen/Qwen3-VL-8B-Instruct",
 }
 
 # transformers `model_type` → family module name
-FAMILY_BY_MODEL_TYPE = {"llava": "llava", "qwen2_5_vl": "qwen2_5_vl", "qwen2_vl": "qwen2_vl"}
+FAMILY_BY_MODEL_TYPE = {"llava": "llava", "qwen2_5_vl": "qwen2_5_vl", "qwen2_vl": "qwen2_vl", "qwen3_vl": "qwen3_vl"}
+
+# Model types refused with a reason rather than "not supported yet".
+REFUSED_MODEL_TYPES = {
+    "qwen3_vl_moe": "Qwen3-VL's mixture-of-experts models (30B-A3B) need an expert-routing decoder zspa does not "
+                    "export yet; the dense Qwen3-VL models (qwen3-vl-2b, -4b, -8b) are supported",
+}
 
 # Built-in random-weight models, built from configs (no download): name → "module:function"
 # returning (model, processor). A family adds its tiny model here.
@@ -33,6 +42,7 @@ TINY_MODELS = {
     "tiny-random-llava": "zspa.export.tiny:build_tiny_llava",
     "tiny-random-qwen2.5-vl": "zspa.export.tiny_qwen:build_tiny_qwen",
     "tiny-random-qwen2-vl": "zspa.export.tiny_qwen:build_tiny_qwen2",
+    "tiny-random-qwen3-vl": "zspa.export.tiny_qwen:build_tiny_qwen3",
 }
 
 
@@ -45,17 +55,21 @@ def build_tiny_model(name: str):
 @dataclass
 class VisionExport:
     """What the exporter needs to trace a family's vision graph: the module, example inputs (by
-    graph input name, in order) and which axes are symbolic; `image_features` is its output."""
+    graph input name, in order), which axes are symbolic and its outputs, `image_features` first
+    (then any DeepStack planes, which the pruner's kept indices gather too)."""
 
     module: Any
     example: dict[str, Any]
     dynamic_axes: dict[str, dict[int, str]]
     parity_example: dict[str, Any]  # one image, for the export-time parity check
+    output_names: list[str] = field(default_factory=lambda: ["image_features"])
 
 
 def family_for_model_type(model_type: str):
     """Returns the family module for a transformers `model_type`, or a clear error."""
     name = FAMILY_BY_MODEL_TYPE.get(model_type)
+    if model_type in REFUSED_MODEL_TYPES:
+        raise ModelLoadError(f"model type {model_type!r} is not supported: {REFUSED_MODEL_TYPES[model_type]}")
     if name is None:
         supported = ", ".join(sorted(FAMILY_BY_MODEL_TYPE))
         raise ModelLoadError(f"model type {model_type!r} is not supported yet (supported: {supported})")

@@ -22,7 +22,8 @@ def text_spec(model: Any, tokenizer: Any, image_token: str, chat_template: str) 
     )
 
 
-def decoder_spec(model: Any, kv_dtype: str, positions: str, mrope: bool = False) -> DecoderSpec:
+def decoder_spec(model: Any, kv_dtype: str, positions: str, mrope: bool = False,
+                 deepstack_layers: int = 0) -> DecoderSpec:
     """KV-cache geometry of the language model."""
     cfg = model.config.text_config
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
@@ -34,4 +35,5 @@ def decoder_spec(model: Any, kv_dtype: str, positions: str, mrope: bool = False)
         kv_dtype=kv_dtype,
         positions=positions,
         mrope=mrope,
+        deepstack_layers=deepstack_layers,
     )

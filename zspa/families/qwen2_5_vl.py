@@ -11,6 +11,7 @@ as transformers' per-window loop, where one masked P×P attention would cost O(P
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,7 @@ from zspa.manifest import DecoderSpec, TextSpec, VisionSpec
 NAME = "qwen2_5_vl"
 DEFAULT_POSITIONS = "original"  # DESIGN §6: M-RoPE families keep each token's own (t, h, w)
 # The example image the vision graph is traced with: a grid of patches with several windows.
-_EXAMPLE_GRID = (16, 20)
+EXAMPLE_GRID = (16, 20)
 
 
 @dataclass
@@ -87,13 +88,8 @@ class VisionGraph(nn.Module):
         self.full_attention = set(getattr(self.visual, "fullatt_block_indexes", range(len(self.visual.blocks))))
 
     def forward(self, pixel_values, vision_position_ids, window_index=None, window_slots=None, window_positions=None):
-        from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import apply_rotary_pos_emb_vision
-
         visual = self.visual
-        # The patch embedding is a Conv3d whose kernel is the whole patch: one matrix product (onnxruntime's
-        # Conv took 4x longer than the MatMul on the same weights).
-        projection = visual.patch_embed.proj.weight
-        hidden = pixel_values.to(projection.dtype) @ projection.reshape(projection.shape[0], -1).T
+        hidden = patch_embedding(visual, pixel_values)
         patches = hidden.shape[0]
 
         def by_window(t):  # merge units reordered window by window, as transformers does
@@ -107,24 +103,47 @@ class VisionGraph(nn.Module):
             valid = window_slots >= 0
             slots = window_slots.clamp(min=0)
             padding = torch.zeros(valid.shape, dtype=torch.float32).masked_fill(~valid, torch.finfo(torch.float32).min)
+
+        def windowed(q, k, v, scaling):  # [windows, window_patches, heads, head_dim], padded keys masked
+            windows = _attend(q[slots], k[slots], v[slots], scaling, padding[:, None, None, :])
+            return windows.reshape(-1, *windows.shape[2:])[window_positions]  # padded rows dropped
+
         for index, block in enumerate(visual.blocks):
-            attention = block.attn
-            states = block.norm1(hidden)
-            q, k, v = attention.qkv(states).reshape(patches, 3, attention.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
-            q, k = apply_rotary_pos_emb_vision(q, k, cos, sin)
-            if index in self.full_attention:
-                out = _attend(q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0), attention.scaling, None)[0]
-            else:  # [windows, window_patches, heads, head_dim], padded keys masked, padded rows dropped
-                windows = _attend(q[slots], k[slots], v[slots], attention.scaling, padding[:, None, None, :])
-                out = windows.reshape(-1, *windows.shape[2:])[window_positions]
-            hidden = hidden + attention.proj(out.reshape(patches, -1))
-            hidden = hidden + block.mlp(block.norm2(hidden))
+            hidden = vision_block(block, hidden, cos, sin, full_attention if index in self.full_attention else windowed)
         merged = visual.merger(hidden)
         if window_index is None:
             return merged.unsqueeze(0)
         order = torch.arange(window_index.shape[0], device=hidden.device)
         reverse = torch.zeros_like(window_index).scatter(0, window_index, order)
         return merged[reverse].unsqueeze(0)
+
+
+def patch_embedding(visual: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
+    """The patch embedding, a Conv3d whose kernel is the whole patch, as one matrix product
+    (onnxruntime's Conv took 4x longer than the MatMul on the same weights)."""
+    projection = visual.patch_embed.proj
+    weight = projection.weight
+    hidden = pixel_values.to(weight.dtype) @ weight.reshape(weight.shape[0], -1).T
+    return hidden if projection.bias is None else hidden + projection.bias
+
+
+def vision_block(block: nn.Module, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                 attend: Callable) -> torch.Tensor:
+    """One pre-norm ViT block of the Qwen-VL towers: attention with 2-D rotary through `attend`
+    (q, k, v [patches, heads, head_dim], scaling → [patches, heads, head_dim]), then the MLP."""
+    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import apply_rotary_pos_emb_vision
+
+    attention = block.attn
+    patches = hidden.shape[0]
+    q, k, v = attention.qkv(block.norm1(hidden)).reshape(patches, 3, attention.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
+    q, k = apply_rotary_pos_emb_vision(q, k, cos, sin)
+    hidden = hidden + attention.proj(attend(q, k, v, attention.scaling).reshape(patches, -1))
+    return hidden + block.mlp(block.norm2(hidden))
+
+
+def full_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scaling: float) -> torch.Tensor:
+    """Every patch attends to every patch of its image (one image per call)."""
+    return _attend(q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0), scaling, None)[0]
 
 
 def _attend(q, k, v, scaling: float, mask):
@@ -141,7 +160,7 @@ def vision_export(model: nn.Module, processor, generator: torch.Generator, dtype
     from zspa.runtime.qwen_vision import vision_indices
 
     cfg = model.config.vision_config
-    grid_h, grid_w = _EXAMPLE_GRID
+    grid_h, grid_w = EXAMPLE_GRID
     patch_dim = cfg.in_channels * cfg.temporal_patch_size * cfg.patch_size**2
     indices = vision_indices(grid_h, grid_w, cfg.spatial_merge_size, _window_size(cfg), cfg.patch_size)
     example = {"pixel_values": torch.randn(grid_h * grid_w, patch_dim, generator=generator).to(dtype),
