@@ -76,6 +76,17 @@ def _builtin_fixtures(prefix: str, model: str, folder: str):
 
 qwen_hf, qwen_bundle, qwen_pipeline = _builtin_fixtures("qwen", "tiny-random-qwen2.5-vl", "tiny-qwen")
 qwen2_hf, qwen2_bundle, qwen2_pipeline = _builtin_fixtures("qwen2", "tiny-random-qwen2-vl", "tiny-qwen2")
+qwen3_hf, qwen3_bundle, qwen3_pipeline = _builtin_fixtures("qwen3", "tiny-random-qwen3-vl", "tiny-qwen3")
+
+# The Qwen families (manifest `family`) and their fixtures' prefix.
+QWEN_FAMILIES = {"qwen2_5_vl": "qwen", "qwen2_vl": "qwen2", "qwen3_vl": "qwen3"}
+
+
+@pytest.fixture(scope="module", params=list(QWEN_FAMILIES))
+def qwen_family(request):
+    """(family name, (transformers model, processor), bundle, pipeline) of each Qwen family's tiny model."""
+    prefix = QWEN_FAMILIES[request.param]
+    return request.param, *(request.getfixturevalue(f"{prefix}_{part}") for part in ("hf", "bundle", "pipeline"))
 
 
 def _sample(name: str) -> Path:

@@ -58,10 +58,11 @@ async def _serve(pipeline, images, requests, max_batch: int) -> tuple[list, list
     return finals, sizes
 
 
-@pytest.mark.parametrize("family", ["pipeline", "qwen_pipeline", "qwen2_pipeline"])
+@pytest.mark.parametrize("family", ["pipeline", "qwen_pipeline", "qwen2_pipeline", "qwen3_pipeline"])
 def test_batched_rows_answer_as_they_would_alone(family, images, request):
-    """LLaVA's 576-token grid, and Qwen2.5-VL's dynamic grids with M-RoPE positions ([3, B, 1]
-    per step, each row at its own position) under the same left padding."""
+    """LLaVA's 576-token grid, and the Qwen families' dynamic grids with M-RoPE positions ([3, B, 1]
+    per step, each row at its own position) under the same left padding; Qwen3-VL's decode steps
+    with zero DeepStack planes."""
     pipeline = request.getfixturevalue(family)
     finals, sizes = asyncio.run(_serve(pipeline, images, REQUESTS, max_batch=3))
     assert max(sizes) == 3 and min(sizes) < 3  # rows really shared steps, and the batch shrank and refilled

@@ -1,6 +1,7 @@
-"""Qwen2.5-VL and Qwen2-VL against transformers on the same weights (issues 11, 22): preprocessing,
-the vision graph's index inputs, M-RoPE positions, keep 1.0 = `generate`, pruned answers = a
-PyTorch reference. Tests that take `family` run on each family's tiny model."""
+"""Qwen2.5-VL, Qwen2-VL and Qwen3-VL against transformers on the same weights (issues 11, 22):
+preprocessing, the vision graph's index inputs, M-RoPE positions, keep 1.0 = `generate`, pruned
+answers = a PyTorch reference (with DeepStack on Qwen3-VL). Tests that take `qwen_family` run on
+each family's tiny model."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from zspa.pruning.graph import PrunerGraph
 from zspa.pruning.zspa_prune import ZSPASelector
 from zspa.runtime.images import load_image
 from zspa.runtime.positions import prefill_positions
-from zspa.runtime.qwen_vision import rotary_positions, window_order, window_slots
+from zspa.runtime.qwen_vision import position_taps, rotary_positions, window_order, window_slots
 from zspa.runtime.vision_kinds import prepare_vision
 
 from references import greedy_continue
@@ -24,13 +25,6 @@ QUESTION = "What is the man wearing on his head?"
 MAX_NEW = 10
 # (width, height): the photo as shipped, wide, tall, tiny, 1:20 strips, and above max_pixels.
 SIZES = [(512, 600), (896, 672), (300, 500), (28, 28), (40, 800), (800, 40), (1600, 1300)]
-
-
-@pytest.fixture(scope="module", params=["qwen2.5-vl", "qwen2-vl"])
-def family(request):
-    """(transformers model and processor, bundle, pipeline) of the family's tiny model."""
-    prefix = "qwen" if request.param == "qwen2.5-vl" else "qwen2"
-    return tuple(request.getfixturevalue(f"{prefix}_{part}") for part in ("hf", "bundle", "pipeline"))
 
 
 @pytest.fixture(scope="module")
@@ -42,12 +36,13 @@ def _hf_inputs(processor, image):
     return processor.image_processor(images=[image], return_tensors="pt")
 
 
+@pytest.mark.parametrize("prefix", ["qwen", "qwen3"])  # 14 px patches; Qwen3-VL's 16 px, mean and std 0.5
 @pytest.mark.parametrize("size", SIZES)
-def test_preprocessing_matches_transformers(qwen_hf, qwen_pipeline, photo, size):
-    _, processor = qwen_hf
+def test_preprocessing_matches_transformers(prefix, photo, size, request):
+    _, processor = request.getfixturevalue(f"{prefix}_hf")
     image = photo.resize(size)
     expected = _hf_inputs(processor, image)
-    ours = prepare_vision(image, qwen_pipeline.bundle.manifest.vision)
+    ours = prepare_vision(image, request.getfixturevalue(f"{prefix}_pipeline").bundle.manifest.vision)
     assert list(ours.grid) == [1, *(expected["image_grid_thw"][0, 1:] // 2).tolist()]
     np.testing.assert_allclose(ours.feeds["pixel_values"], expected["pixel_values"].numpy(), atol=1e-5, rtol=0)
 
@@ -77,17 +72,39 @@ def test_vision_indices_match_transformers(grid):
     np.testing.assert_array_equal(slots.ravel()[positions], np.arange(bounds[-1]))
 
 
+@pytest.mark.parametrize("grid", [(4, 4), (8, 12), (16, 20), (26, 46), (2, 58), (2, 2)])
+@pytest.mark.parametrize("side", [8, 48])
+def test_position_table_taps_match_transformers(grid, side):
+    """Qwen3-VL's learned position table resampled to the grid: the same taps, bit-identical weights."""
+    from transformers.vision_utils import get_vision_interpolation_indices_and_weights
+
+    expected_indices, expected_weights = get_vision_interpolation_indices_and_weights(
+        torch.tensor([[1, *grid]]), num_grid_per_side=side, mode="bilinear", align_corners=True, spatial_merge_size=2)
+    indices, weights = position_taps(*grid, 2, side)
+    np.testing.assert_array_equal(indices, expected_indices.numpy())
+    np.testing.assert_array_equal(weights, expected_weights.numpy())
+
+
 @pytest.mark.parametrize("size", [(512, 600), (896, 672), (40, 800)])
-def test_vision_graph_matches_transformers(family, photo, size):
-    qwen_hf, _, qwen_pipeline = family
+def test_vision_graph_matches_transformers(qwen_family, photo, size):
+    qwen_hf, _, qwen_pipeline = qwen_family[1:]
     model, processor = qwen_hf
     image = photo.resize(size)
     inputs = _hf_inputs(processor, image)
-    with torch.no_grad():
-        expected = model.model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"]).pooler_output[0]
-    ours = qwen_pipeline.vision.run(prepare_vision(image, qwen_pipeline.bundle.manifest.vision).feeds)[0]
-    assert ours.shape == (1, *expected.shape)
-    np.testing.assert_allclose(ours[0], expected.numpy(), atol=1e-4 * float(expected.abs().max()), rtol=0)
+    expected = hf_image_features(model, inputs)
+    ours = qwen_pipeline.vision.run(prepare_vision(image, qwen_pipeline.bundle.manifest.vision).feeds)
+    assert len(ours) == len(expected) == 1 + qwen_pipeline.bundle.manifest.decoder.deepstack_layers
+    for mine, theirs in zip(ours, expected):  # image_features, then each DeepStack plane
+        assert mine.shape == (1, *theirs.shape)
+        np.testing.assert_allclose(mine[0], theirs.numpy(), atol=1e-4 * float(theirs.abs().max()), rtol=0)
+
+
+@torch.no_grad()
+def hf_image_features(model, inputs) -> list[torch.Tensor]:
+    """transformers' image features [N, D] of one image, then its DeepStack planes (Qwen3-VL)."""
+    output = model.model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"])
+    planes = getattr(output, "deepstack_features", None) or []  # per plane, split by image
+    return [output.pooler_output[0], *(plane[0] for plane in planes)]
 
 
 def _hf_sequence(qwen_hf, pipeline, photo_path, size):
@@ -103,8 +120,8 @@ def _hf_sequence(qwen_hf, pipeline, photo_path, size):
 
 
 @pytest.mark.parametrize("size", [(512, 600), (896, 672), (300, 500)])
-def test_mrope_positions_match_get_rope_index(family, photo_path, size):
-    qwen_hf, _, qwen_pipeline = family
+def test_mrope_positions_match_get_rope_index(qwen_family, photo_path, size):
+    qwen_hf, _, qwen_pipeline = qwen_family[1:]
     hf = qwen_hf[0]
     ids, inputs, image, prompt = _hf_sequence(qwen_hf, qwen_pipeline, photo_path, size)
     expected, _ = hf.model.get_rope_index(ids, mm_token_type_ids=(ids == hf.config.image_token_id).int(),
@@ -117,8 +134,8 @@ def test_mrope_positions_match_get_rope_index(family, photo_path, size):
 
 
 @pytest.mark.parametrize("size", [(512, 600), (896, 672), (300, 500)])
-def test_keep_one_reproduces_hf_generate(family, photo_path, size):
-    qwen_hf, _, qwen_pipeline = family
+def test_keep_one_reproduces_hf_generate(qwen_family, photo_path, size):
+    qwen_hf, _, qwen_pipeline = qwen_family[1:]
     hf = qwen_hf[0]
     ids, inputs, image, _ = _hf_sequence(qwen_hf, qwen_pipeline, photo_path, size)
     with torch.no_grad():
@@ -133,15 +150,17 @@ def test_keep_one_reproduces_hf_generate(family, photo_path, size):
 
 @torch.no_grad()
 def torch_reference(qwen_hf, pipeline, photo_path, keep, scheme):
-    """Qwen2.5-VL in PyTorch, pruned before the decoder with the eager ZSPAPrune module and decoded
+    """A Qwen-VL in PyTorch, pruned before the decoder with the eager ZSPAPrune module and decoded
     greedily; positions from transformers' `get_rope_index` on the unpruned sequence (original:
-    the kept tokens' columns; contiguous: 0..S-1). Shares only the eager pruner with the exporter."""
+    the kept tokens' columns; contiguous: 0..S-1); Qwen3-VL's DeepStack planes at the same kept
+    indices. Shares only the eager pruner with the exporter."""
     from transformers import DynamicCache
 
     model = qwen_hf[0]
     ids, inputs, _, prompt = _hf_sequence(qwen_hf, pipeline, photo_path, (512, 600))
     image_id = model.config.image_token_id
-    features = model.model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"]).pooler_output[0][None]
+    features, *planes = hf_image_features(model, inputs)
+    features = features[None]
     n = features.shape[1]
     embed = model.get_input_embeddings()
     text_embeds = embed(torch.from_numpy(prompt.input_ids)[None])
@@ -158,7 +177,12 @@ def torch_reference(qwen_hf, pipeline, photo_path, keep, scheme):
     else:
         positions = torch.arange(sequence.shape[1]).view(1, 1, -1).expand(3, 1, -1)
     lm = model.model.language_model
-    out = lm(inputs_embeds=sequence, position_ids=positions, cache=DynamicCache(), use_cache=True)
+    deepstack = {}
+    if planes:  # DeepStack: the kept tokens' planes at their positions, through transformers' own mask
+        visual = torch.zeros(sequence.shape[:2], dtype=torch.bool)
+        visual[:, at : at + k] = True
+        deepstack = {"visual_pos_masks": visual, "deepstack_visual_embeds": [p[kept_idx[0]] for p in planes]}
+    out = lm(inputs_embeds=sequence, position_ids=positions, cache=DynamicCache(), use_cache=True, **deepstack)
     tokens = greedy_continue(lm, model.lm_head, embed, out, model.generation_config.eos_token_id,
                              int(positions.max()) + 1, (3, 1, 1), MAX_NEW)
     return kept_idx[0].numpy(), tokens
@@ -166,10 +190,10 @@ def torch_reference(qwen_hf, pipeline, photo_path, keep, scheme):
 
 @pytest.mark.parametrize("keep", [0.1, 0.25])
 @pytest.mark.parametrize("scheme", ["original", "contiguous"])
-def test_pruned_chain_reproduces_torch_reference(family, photo_path, keep, scheme):
+def test_pruned_chain_reproduces_torch_reference(qwen_family, photo_path, keep, scheme):
     from zspa.runtime.pipeline import Pipeline
 
-    qwen_hf, qwen_bundle, _ = family
+    qwen_hf, qwen_bundle, _ = qwen_family[1:]
     pipeline = Pipeline.load(qwen_bundle, positions=scheme)
     image = load_image(photo_path).resize((512, 600))
     result = pipeline.generate(image, QUESTION, keep=keep, max_new_tokens=MAX_NEW)
@@ -179,9 +203,9 @@ def test_pruned_chain_reproduces_torch_reference(family, photo_path, keep, schem
     assert result.stats.visual_tokens_kept == len(expected_idx) == token_budget(keep, result.stats.visual_tokens_total)
 
 
-def test_any_keep_runs_without_re_export(family, photo_path):
+def test_any_keep_runs_without_re_export(qwen_family, photo_path):
     """0.37 was never exported: the per-request pruner takes K from the image's own N."""
-    qwen_pipeline = family[2]
+    qwen_pipeline = qwen_family[3]
     for size in [(512, 600), (896, 672)]:
         image = load_image(photo_path).resize(size)
         result = qwen_pipeline.generate(image, QUESTION, keep=0.37, max_new_tokens=2)
@@ -197,3 +221,27 @@ def test_qwen2_vl_graph_takes_patches_and_positions_only_and_answers_vary(qwen2_
     assert manifest.family == "qwen2_vl" and manifest.vision.window_size == 0 and manifest.decoder.mrope
     result = qwen2_pipeline.generate(load_image(photo_path), QUESTION, keep=1.0, max_new_tokens=MAX_NEW)
     assert len(set(result.token_ids)) >= 4
+
+
+def test_qwen3_vl_deepstack_reaches_the_decoder_and_answers_vary(qwen3_hf, qwen3_pipeline, photo_path):
+    """The graphs carry DeepStack: the vision graph takes the position table's taps and gives a
+    plane per DeepStack block, the decoder takes them; dropping them moves the logits (so the
+    parity tests above could tell), and the tiny model's greedy answer is not one token repeated."""
+    manifest = qwen3_pipeline.bundle.manifest
+    assert [t.name for t in manifest.graphs["vision"].inputs] == [
+        "pixel_values", "vision_position_ids", "position_embed_indices", "position_embed_weights"]
+    planes = len(qwen3_hf[0].config.vision_config.deepstack_visual_indexes)
+    assert manifest.decoder.deepstack_layers == planes == len(manifest.graphs["vision"].outputs) - 1
+    assert "deepstack_embeds" in [t.name for t in manifest.graphs["decoder"].inputs]
+    image = load_image(photo_path)
+    result = qwen3_pipeline.generate(image, QUESTION, keep=1.0, max_new_tokens=MAX_NEW)
+    assert len(set(result.token_ids)) >= 4
+    decoder = qwen3_pipeline.decoder
+    real = result.first_token_logits
+    original_step = decoder.step
+    decoder.step = lambda embeds, mask, positions, deepstack=None: original_step(embeds, mask, positions)
+    try:
+        dropped = qwen3_pipeline.generate(image, QUESTION, keep=1.0, max_new_tokens=1).first_token_logits
+    finally:
+        decoder.step = original_step
+    assert float(np.abs(real - dropped).max()) > 0.01 * float(np.abs(real).max())

@@ -1,6 +1,6 @@
 """Every command on the Qwen bundles (issue 11, point 7; issue 22 for Qwen2-VL): run, serve, eval,
 profile, calibrate, and zspa-build's optimisation profiles from the processor's min/max pixels.
-Tests that take `family` run on both Qwen2.5-VL's and Qwen2-VL's tiny models."""
+Tests that take `family` run on each Qwen family's tiny model (conftest's `qwen_family`)."""
 
 from __future__ import annotations
 
@@ -23,20 +23,13 @@ from serving import chat_body, data_url, running_server
 QUESTION = "What is the man wearing on his head?"
 
 
-@pytest.fixture(scope="module", params=["qwen2.5-vl", "qwen2-vl"])
-def family(request):
-    """(family name, transformers model and processor, bundle, pipeline) of the family's tiny model."""
-    prefix, name = ("qwen", "qwen2_5_vl") if request.param == "qwen2.5-vl" else ("qwen2", "qwen2_vl")
-    return name, *(request.getfixturevalue(f"{prefix}_{part}") for part in ("hf", "bundle", "pipeline"))
-
-
 def cli(module: str, *args) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", f"zspa.cli.{module}", *map(str, args)], capture_output=True,
                           text=True, timeout=600)
 
 
-def test_run_prunes_by_the_image_s_own_token_count(family, photo_path):
-    _, _, qwen_bundle, qwen_pipeline = family
+def test_run_prunes_by_the_image_s_own_token_count(qwen_family, photo_path):
+    _, _, qwen_bundle, qwen_pipeline = qwen_family
     out = cli("run", qwen_bundle, "--image", photo_path, "--prompt", QUESTION, "--keep", "0.3", "--json",
               "--max-new-tokens", "4")
     assert out.returncode == 0, out.stderr
@@ -47,8 +40,8 @@ def test_run_prunes_by_the_image_s_own_token_count(family, photo_path):
     assert result["text"] == expected.text and result["random_weights"] is True
 
 
-def test_serve_answers_like_the_pipeline(family, photo_path, tmp_path):
-    _, _, qwen_bundle, qwen_pipeline = family
+def test_serve_answers_like_the_pipeline(qwen_family, photo_path, tmp_path):
+    _, _, qwen_bundle, qwen_pipeline = qwen_family
     expected = qwen_pipeline.generate(photo_path, QUESTION, keep=0.2, max_new_tokens=6)
     with running_server(qwen_bundle, tmp_path / "serve.log") as server:
         client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused")
@@ -62,8 +55,8 @@ def test_serve_answers_like_the_pipeline(family, photo_path, tmp_path):
         expected.stats.visual_tokens_total, expected.stats.visual_tokens_kept)
 
 
-def test_eval_and_profile_run_on_the_bundle(family, photo_path, tmp_path):
-    _, _, qwen_bundle, qwen_pipeline = family
+def test_eval_and_profile_run_on_the_bundle(qwen_family, photo_path, tmp_path):
+    _, _, qwen_bundle, qwen_pipeline = qwen_family
     answer = qwen_pipeline.generate(photo_path, QUESTION, keep=1.0, max_new_tokens=4).text
     data = tmp_path / "set.jsonl"
     data.write_text(json.dumps({"image": str(photo_path), "question": QUESTION, "answer": answer}) + "\n")
@@ -83,8 +76,8 @@ def test_eval_and_profile_run_on_the_bundle(family, photo_path, tmp_path):
     assert tokens == {1.0: {"total": n, "kept": n}, 0.1: {"total": n, "kept": token_budget(0.1, n)}}
 
 
-def test_calibrated_bundle_answers(family, photo_path, tmp_path):
-    qwen_bundle = family[2]
+def test_calibrated_bundle_answers(qwen_family, photo_path, tmp_path):
+    qwen_bundle = qwen_family[2]
     from PIL import Image
 
     images = tmp_path / "images"
@@ -101,34 +94,42 @@ def test_calibrated_bundle_answers(family, photo_path, tmp_path):
     assert result.stats.visual_tokens_kept == token_budget(0.25, result.stats.visual_tokens_total)
 
 
-def test_build_profiles_follow_min_and_max_pixels(qwen_bundle):
-    manifest = Manifest.read(qwen_bundle / "manifest.json")
+@pytest.mark.parametrize("prefix, patch_values, index_input", [("qwen", 3 * 2 * 14 * 14, "window_index"),
+                                                                ("qwen3", 3 * 2 * 16 * 16, "position_embed_indices")])
+def test_build_profiles_follow_min_and_max_pixels(prefix, patch_values, index_input, request):
+    manifest = Manifest.read(request.getfixturevalue(f"{prefix}_bundle") / "manifest.json")
     ranges = ShapeRanges.for_manifest(manifest, max_context=2048)
     vision = optimisation_profile(manifest.graphs["vision"], ranges)
-    # min_pixels 56² → 4 merged tokens, max_pixels 28²·1280 → 1280; 4 patches per token; 3·2·14·14 values each
-    assert vision["pixel_values"] == ((16, 1176), (4096, 1176), (5120, 1176))
-    assert vision["window_index"] == ((4,), (1024,), (1280,))
+    # min_pixels (56², or 64² at patch 16) → 4 merged tokens, max_pixels → 1280; 4 patches per token
+    assert vision["pixel_values"] == ((16, patch_values), (4096, patch_values), (5120, patch_values))
+    if index_input == "window_index":
+        assert vision["window_index"] == ((4,), (1024,), (1280,))
+    else:  # four bilinear taps per patch
+        assert vision["position_embed_indices"] == ((16, 4), (4096, 4), (5120, 4))
     pruner = optimisation_profile(manifest.graphs["pruner-zspa"], ranges)
     assert pruner["image_features"][0] == (1, 4, 64) and pruner["image_features"][2] == (1, 1280, 64)
     assert ranges.shape_input_values("budget") == ([1], [102], [1280])  # K: TensorRT reads it as a shape
     decoder = optimisation_profile(manifest.graphs["decoder"], ranges)
     assert decoder["position_ids"][2] == (3, 1, ranges.max_prefill)
+    if manifest.decoder.deepstack_layers:
+        assert decoder["deepstack_embeds"][2] == (manifest.decoder.deepstack_layers, 1, ranges.max_prefill, 64)
 
 
 @pytest.mark.parametrize("model, repository", [("qwen2.5-vl-3b", "Qwen/Qwen2.5-VL-3B-Instruct"),
                                                ("Qwen/Qwen2.5-VL-7B-Instruct", "Qwen/Qwen2.5-VL-7B-Instruct"),
-                                               ("qwen2-vl-2b", "Qwen/Qwen2-VL-2B-Instruct")])
+                                               ("qwen2-vl-2b", "Qwen/Qwen2-VL-2B-Instruct"),
+                                               ("qwen3-vl-4b", "Qwen/Qwen3-VL-4B-Instruct")])
 def test_offline_hub_ids_fail_fast_with_the_way_out(model, repository, tmp_path):
     out = subprocess.run([sys.executable, "-m", "zspa.cli.export", "--model", model, "-o", tmp_path / "b"],
                          capture_output=True, text=True, timeout=120, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert out.returncode == 4 and repository in out.stderr and "hf download" in out.stderr
 
 
-def test_export_from_a_checkpoint_directory(family, photo_path, tmp_path):
+def test_export_from_a_checkpoint_directory(qwen_family, photo_path, tmp_path):
     """The real loading path (from_pretrained on a directory laid out as the hub's): same weights, same answers."""
     from zspa.export.tiny_qwen import save_checkpoint
 
-    name, qwen_hf, _, qwen_pipeline = family
+    name, qwen_hf, _, qwen_pipeline = qwen_family
     model, processor = qwen_hf
     save_checkpoint(model, processor, tmp_path / "checkpoint")
     out = cli("export", "--model", tmp_path / "checkpoint", "--keep", "0.1", "-o", tmp_path / "bundle", "--quiet")
@@ -140,13 +141,14 @@ def test_export_from_a_checkpoint_directory(family, photo_path, tmp_path):
     assert result.token_ids == qwen_pipeline.generate(photo_path, QUESTION, keep=0.1, max_new_tokens=6).token_ids
 
 
-def test_shared_kv_decoder_answers_as_the_portable_one(qwen_pipeline, photo_path, tmp_path):
-    """--kv-cache shared (GroupQueryAttention, in-place buffers) under M-RoPE positions."""
+@pytest.mark.parametrize("prefix, model", [("qwen", "tiny-random-qwen2.5-vl"), ("qwen3", "tiny-random-qwen3-vl")])
+def test_shared_kv_decoder_answers_as_the_portable_one(prefix, model, photo_path, tmp_path, request):
+    """--kv-cache shared (GroupQueryAttention, in-place buffers) under M-RoPE positions, and with
+    Qwen3-VL's DeepStack planes."""
     from zspa.export.exporter import ExportOptions, export_bundle
 
-    export_bundle(ExportOptions("tiny-random-qwen2.5-vl", tmp_path / "shared", keeps=[0.25], kv_cache="shared",
-                                progress=False))
-    shared = Pipeline.load(tmp_path / "shared")
+    export_bundle(ExportOptions(model, tmp_path / "shared", keeps=[0.25], kv_cache="shared", progress=False))
+    shared, portable = Pipeline.load(tmp_path / "shared"), request.getfixturevalue(f"{prefix}_pipeline")
     for keep in (1.0, 0.25):
         ours = shared.generate(photo_path, QUESTION, keep=keep, max_new_tokens=16).token_ids
-        assert ours == qwen_pipeline.generate(photo_path, QUESTION, keep=keep, max_new_tokens=16).token_ids
+        assert ours == portable.generate(photo_path, QUESTION, keep=keep, max_new_tokens=16).token_ids
