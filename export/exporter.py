@@ -201,7 +201,8 @@ def _export_decoder(decoder: torch.nn.Module, spec, hidden: int, torch_dtype, pa
     capacity = past_len + seq + 5 if spec.kv_cache == "shared" else past_len
     past = [torch.randn(batch, spec.num_kv_heads, capacity, spec.head_dim).to(torch_dtype)
             for _ in range(2 * spec.num_layers)]
-    deepstack = [torch.randn(spec.deepstack_layers, batch, seq, hidden).to(torch_dtype)] if spec.deepstack_layers else []
+    layers = spec.deepstack_layers
+    deepstack = [torch.randn(layers, batch, seq, hidden).to(torch_dtype)] if layers else []
     args = (
         torch.randn(batch, seq, hidden).to(torch_dtype),
         torch.ones(batch, past_len + seq, dtype=torch.int64),

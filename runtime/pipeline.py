@@ -17,9 +17,9 @@ from zspa.manifest import PrunerSpec
 from zspa.pruning.budget import token_budget, validate_keep
 from zspa.runtime.backends import Backend, make_backend
 from zspa.runtime.batching import SoloDecode
+from zspa.runtime.bundle import Bundle
 from zspa.runtime.deepstack import gather as deepstack_gather
 from zspa.runtime.deepstack import splice as deepstack_splice
-from zspa.runtime.bundle import Bundle
 from zspa.runtime.images import DEFAULT_MAX_PIXELS, ImageSource, VisionInput, load_image
 from zspa.runtime.positions import SCHEMES, position_extent, prefill_positions
 from zspa.runtime.prompting import Prompt, PromptBuilder

@@ -17,8 +17,8 @@ import numpy as np
 from zspa.errors import BundleError, InvalidInputError
 from zspa.manifest import DecoderSpec
 from zspa.runtime.bundle import Bundle
-from zspa.runtime.deepstack import deepstack_feed
 from zspa.runtime.cuda import check, cuda_device, cudart, import_tensorrt
+from zspa.runtime.deepstack import deepstack_feed
 from zspa.runtime.engines import BuildRecord, engine_dir_name
 
 

@@ -135,7 +135,8 @@ def vision_block(block: nn.Module, hidden: torch.Tensor, cos: torch.Tensor, sin:
 
     attention = block.attn
     patches = hidden.shape[0]
-    q, k, v = attention.qkv(block.norm1(hidden)).reshape(patches, 3, attention.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
+    qkv = attention.qkv(block.norm1(hidden)).reshape(patches, 3, attention.num_heads, -1)
+    q, k, v = qkv.permute(1, 0, 2, 3).unbind(0)
     q, k = apply_rotary_pos_emb_vision(q, k, cos, sin)
     hidden = hidden + attention.proj(attend(q, k, v, attention.scaling).reshape(patches, -1))
     return hidden + block.mlp(block.norm2(hidden))
