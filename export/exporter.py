@@ -21,6 +21,7 @@ from zspa.export.onnx_io import describe_graph, export_graph, node_count
 from zspa.export.parity import check_parity
 from zspa.export.shared_kv import TRANSLATION_TABLE, SharedKVDecoderGraph, gqa_attention
 from zspa.export.staging import staged_directory
+from zspa.export.vision_attention import TRANSLATION_TABLE as VISION_TRANSLATION_TABLE
 from zspa.integrity import sha256_file
 from zspa.manifest import MANIFEST_NAME, SCHEMA_VERSION, Manifest, PrunerSpec
 from zspa.pruning import METHOD_DEFAULTS
@@ -123,7 +124,8 @@ def _write_bundle(loaded: LoadedModel, options: ExportOptions, out: Path, torch_
     step("exporting vision")
     export_graph(vision, tuple(vision_export.example.values()), out / "vision.onnx",
                  input_names=list(vision_export.example), output_names=vision_export.output_names,
-                 dynamic_axes=vision_export.dynamic_axes, opset=options.opset)
+                 dynamic_axes=vision_export.dynamic_axes, opset=options.opset,
+                 custom_translation_table=VISION_TRANSLATION_TABLE)
     bar.update()
 
     step("exporting embed")

@@ -18,28 +18,23 @@ import contextvars
 
 import torch
 from onnx.defs import OpSchema
-from onnxscript import values
-from onnxscript._internal.values import Op
 from torch import nn
 
 from zspa.export.attention import attention_implementation
+from zspa.export.contrib_ops import FLOATS, contrib_op
 
 GQA_IMPLEMENTATION = "zspa_gqa"
 
-_P = OpSchema.FormalParameter
-# The contrib op's schema (onnxruntime ContribOperators.md), the inputs this graph uses.
-_GQA_SCHEMA = OpSchema(
-    "GroupQueryAttention", "com.microsoft", 1,
-    inputs=[_P("query", "T"), _P("key", "T"), _P("value", "T"), _P("past_key", "T"), _P("past_value", "T"),
-            _P("seqlens_k", "M"), _P("total_sequence_length", "M")],
-    outputs=[_P("output", "T"), _P("present_key", "T"), _P("present_value", "T")],
-    type_constraints=[("T", ["tensor(float)", "tensor(float16)", "tensor(bfloat16)"], ""),
-                      ("M", ["tensor(int32)"], "")],
-    attributes=[OpSchema.Attribute("num_heads", OpSchema.AttrType.INT, ""),
-                OpSchema.Attribute("kv_num_heads", OpSchema.AttrType.INT, ""),
-                OpSchema.Attribute("scale", OpSchema.AttrType.FLOAT, "")],
+# The contrib op (onnxruntime ContribOperators.md), the inputs this graph uses.
+_GQA_OP = contrib_op(
+    "GroupQueryAttention",
+    inputs=[("query", "T"), ("key", "T"), ("value", "T"), ("past_key", "T"), ("past_value", "T"), ("seqlens_k", "M"),
+            ("total_sequence_length", "M")],
+    outputs=[("output", "T"), ("present_key", "T"), ("present_value", "T")],
+    types={"T": FLOATS, "M": ["tensor(int32)"]},
+    attributes={"num_heads": OpSchema.AttrType.INT, "kv_num_heads": OpSchema.AttrType.INT,
+                "scale": OpSchema.AttrType.FLOAT},
 )
-_GQA_OP = Op(values.Opset("com.microsoft", 1), "GroupQueryAttention", _GQA_SCHEMA)
 
 
 @torch.library.custom_op("zspa::group_query_attention", mutates_args=())

@@ -1,6 +1,7 @@
 """`zspa-build`: TensorRT engines for this GPU from a bundle's ONNX graphs (TensorRT 10 Python API).
 
-Each graph is parsed by TensorRT's ONNX parser and built with one optimisation profile from the
+Each graph is parsed by TensorRT's ONNX parser (onnxruntime's fused vision attention expanded
+first) and built with one optimisation profile from the
 manifest (`engines.optimisation_profile`), at the precision `engines.engine_sources` picks
 (pruners in fp32); graphs with Q/DQ nodes build strongly typed. One timing cache per bundle is
 reused across builds. Engines are written to a staging folder and renamed into
@@ -70,6 +71,71 @@ def build_engines(options: BuildOptions) -> Path:
     return target
 
 
+def _tensorrt_graph(onnx_path: Path) -> bytes:
+    """The graph as TensorRT's parser takes it: onnxruntime's fused vision attention expanded into
+    the MatMul/Softmax pattern TensorRT fuses itself (export/vision_attention.py); external
+    weights stay in their files, which the parser finds next to `onnx_path`."""
+    import onnx
+
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    expand_for_tensorrt(model)
+    return model.SerializeToString()
+
+
+def expand_for_tensorrt(model) -> int:
+    """Replaces every `com.microsoft.MultiHeadAttention` node of `model` (an onnx ModelProto, in
+    place) by Reshape/Transpose → Mul(scale, in the query's type) → MatMul → Softmax → MatMul →
+    Transpose/Reshape, standard operators of every opset zspa exports; returns how many."""
+    from onnx import shape_inference
+
+    inferred = shape_inference.infer_shapes(model).graph
+    types = {v.name: v.type.tensor_type.elem_type for v in [*inferred.input, *inferred.value_info]}
+    graph, nodes, replaced = model.graph, [], 0
+    for node in graph.node:
+        if node.domain == "com.microsoft" and node.op_type == "MultiHeadAttention":
+            initializers, expanded = _primitive_attention(node, f"{node.name or 'mha'}_{replaced}", types)
+            graph.initializer.extend(initializers)
+            nodes += expanded
+            replaced += 1
+        else:
+            nodes.append(node)
+    del graph.node[:]
+    graph.node.extend(nodes)
+    return replaced
+
+
+def _primitive_attention(node, prefix: str, types: dict[str, int]) -> tuple[list, list]:
+    """The initializers and nodes, named under `prefix`, that compute one MultiHeadAttention node."""
+    from onnx import TensorProto, helper
+
+    attributes = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    query, key, value = node.input[:3]
+
+    def name(suffix: str) -> str:
+        return f"{prefix}/{suffix}"
+
+    initializers = [
+        helper.make_tensor(name("heads_shape"), TensorProto.INT64, [4], [0, 0, int(attributes["num_heads"]), -1]),
+        helper.make_tensor(name("flat_shape"), TensorProto.INT64, [3], [0, 0, -1]),
+        helper.make_tensor(name("scale"), types.get(query, TensorProto.FLOAT), [], [float(attributes["scale"])]),
+    ]
+    nodes = [
+        helper.make_node("Reshape", [query, name("heads_shape")], [name("q4")]),
+        helper.make_node("Transpose", [name("q4")], [name("q")], perm=[0, 2, 1, 3]),
+        helper.make_node("Mul", [name("q"), name("scale")], [name("q_scaled")]),
+        helper.make_node("Reshape", [key, name("heads_shape")], [name("k4")]),
+        helper.make_node("Transpose", [name("k4")], [name("k_t")], perm=[0, 2, 3, 1]),
+        helper.make_node("Reshape", [value, name("heads_shape")], [name("v4")]),
+        helper.make_node("Transpose", [name("v4")], [name("v")], perm=[0, 2, 1, 3]),
+        helper.make_node("MatMul", [name("q_scaled"), name("k_t")], [name("scores")]),
+        helper.make_node("Softmax", [name("scores")], [name("weights")], axis=-1),
+        helper.make_node("MatMul", [name("weights"), name("v")], [name("context")]),
+        helper.make_node("Transpose", [name("context")], [name("context_t")], perm=[0, 2, 1, 3]),
+        helper.make_node("Reshape", [name("context_t"), name("flat_shape")], [node.output[0]]),
+    ]
+    return initializers, nodes
+
+
 def _build(trt, logger, onnx_path: Path, profile_shapes, shape_input_values, precision: str, typed: bool,
            workspace: int, cache_path: Path) -> bytes:
     """One engine. Inputs TensorRT reads as shapes (the pruners' `budget`, which sizes their
@@ -78,7 +144,7 @@ def _build(trt, logger, onnx_path: Path, profile_shapes, shape_input_values, pre
     flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED) if typed else 0
     network = builder.create_network(flags)
     parser = trt.OnnxParser(network, logger)
-    if not parser.parse_from_file(str(onnx_path)):
+    if not parser.parse(_tensorrt_graph(onnx_path), str(onnx_path)):
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
         raise BundleError(f"{onnx_path.name}: TensorRT's ONNX parser refused the graph ({errors})")
     config = builder.create_builder_config()

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from zspa.errors import ModelLoadError
+from zspa.export.vision_attention import full_attention
 from zspa.families import VisionExport, common
 from zspa.manifest import DecoderSpec, TextSpec, VisionSpec
 
@@ -85,7 +86,7 @@ class VisionGraph(nn.Module):
         super().__init__()
         self.visual = model.model.visual
         self.merge_unit = self.visual.spatial_merge_size**2
-        self.full_attention = set(getattr(self.visual, "fullatt_block_indexes", range(len(self.visual.blocks))))
+        self.full_blocks = set(getattr(self.visual, "fullatt_block_indexes", range(len(self.visual.blocks))))
 
     def forward(self, pixel_values, vision_position_ids, window_index=None, window_slots=None, window_positions=None):
         visual = self.visual
@@ -109,7 +110,7 @@ class VisionGraph(nn.Module):
             return windows.reshape(-1, *windows.shape[2:])[window_positions]  # padded rows dropped
 
         for index, block in enumerate(visual.blocks):
-            hidden = vision_block(block, hidden, cos, sin, full_attention if index in self.full_attention else windowed)
+            hidden = vision_block(block, hidden, cos, sin, full_attention if index in self.full_blocks else windowed)
         merged = visual.merger(hidden)
         if window_index is None:
             return merged.unsqueeze(0)
@@ -140,11 +141,6 @@ def vision_block(block: nn.Module, hidden: torch.Tensor, cos: torch.Tensor, sin:
     q, k = apply_rotary_pos_emb_vision(q, k, cos, sin)
     hidden = hidden + attention.proj(attend(q, k, v, attention.scaling).reshape(patches, -1))
     return hidden + block.mlp(block.norm2(hidden))
-
-
-def full_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scaling: float) -> torch.Tensor:
-    """Every patch attends to every patch of its image (one image per call)."""
-    return _attend(q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0), scaling, None)[0]
 
 
 def _attend(q, k, v, scaling: float, mask):

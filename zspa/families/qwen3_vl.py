@@ -20,12 +20,12 @@ import torch
 from torch import nn
 
 from zspa.errors import ModelLoadError
+from zspa.export.vision_attention import full_attention
 from zspa.families import VisionExport, common
 from zspa.families.qwen2_5_vl import (  # noqa: F401 (the family interface, shared with Qwen2.5-VL)
     DEFAULT_POSITIONS,
     EXAMPLE_GRID,
     embedding,
-    full_attention,
     language_model,
     load_qwen,
     patch_embedding,
