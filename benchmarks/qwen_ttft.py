@@ -1,13 +1,16 @@
-"""Qwen2.5-VL-shaped model: time to first token at keep 1.0, 0.25 and 0.1 for three image sizes
-against transformers `generate` on the same weights, and decode tokens/s against onnxruntime-genai.
+"""Qwen2.5-VL- or Qwen3-VL-shaped model: time to first token at keep 1.0, 0.25 and 0.1 for three
+image sizes against transformers `generate` on the same weights, and (Qwen2.5-VL) decode tokens/s
+against onnxruntime-genai.
 
-A random-weight `Qwen2_5_VLForConditionalGeneration` with Qwen2.5-VL's token geometry (14 px
-patches, 2×2 merge, 112 px windows, dynamic resolution up to 1280 tokens) and a 1024-wide, 8-layer
-decoder is saved with save_pretrained and exported with zspa-export from that directory, as a
-user's checkpoint would be. Every measurement runs in a fresh process; the sides alternate over
-`--rounds`, and each ratio is printed with the min / median / max over rounds. CPU, fp32.
+A random-weight model with the family's token geometry (Qwen2.5-VL: 14 px patches, 2×2 merge,
+112 px windows; Qwen3-VL: 16 px patches, a learned position table, DeepStack planes from two of
+its blocks into the first two decoder layers; dynamic resolution up to 1280 tokens), a 256-wide
+4-block tower and a 1024-wide, 8-layer decoder is saved with save_pretrained and exported with
+zspa-export from that directory, as a user's checkpoint would be. Every measurement runs in a
+fresh process; the sides alternate over `--rounds`, and each ratio is printed with the min /
+median / max over rounds. CPU, fp32.
 
-    pip install -e ".[dev,bench]" && python benchmarks/qwen_ttft.py [--rounds 3] [--runs 3]
+    pip install -e ".[dev,bench]" && python benchmarks/qwen_ttft.py [--family qwen3_vl] [--rounds 3]
 """
 
 from __future__ import annotations
@@ -37,13 +40,16 @@ def _image(size: tuple[int, int]):
     return Image.open(IMAGE).convert("RGB").resize(size)
 
 
-def save_model(directory: Path, text_hidden: int, text_layers: int) -> None:
-    """The checkpoint directory: weights, image processor, tokenizer and chat template."""
-    from zspa.export.tiny_qwen import build_model, build_processor, save_checkpoint
+FAMILIES = {"qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration", "qwen3_vl": "Qwen3VLForConditionalGeneration"}
 
-    processor = build_processor()
+
+def save_model(directory: Path, family: str, text_hidden: int, text_layers: int) -> None:
+    """The checkpoint directory: weights, image processor, tokenizer and chat template."""
+    from zspa.export.tiny_qwen import build_model, build_processor, build_tiny_qwen3, save_checkpoint
+
+    processor = build_tiny_qwen3()[1] if family == "qwen3_vl" else build_processor()
     model = build_model(processor, vision_hidden=256, vision_depth=4, text_hidden=text_hidden,
-                        text_layers=text_layers, initializer_range=0.02)
+                        text_layers=text_layers, initializer_range=0.02, family=family)
     save_checkpoint(model, processor, directory)
 
 
@@ -62,17 +68,20 @@ def worker_zspa(args) -> dict:
             context = stats.prompt_tokens
         return {"tokens_per_s": statistics.median(rates), "context": context}
     pipeline.generate(image, QUESTION, keep=args.keep, max_new_tokens=1)
+    tokens = pipeline.generate(image, QUESTION, keep=args.keep, max_new_tokens=1).stats.visual_tokens_total
     times = [pipeline.generate(image, QUESTION, keep=args.keep, max_new_tokens=1).stats.time_to_first_token_ms
              for _ in range(args.runs)]
-    return {"ms": statistics.median(times)}
+    return {"ms": statistics.median(times), "visual_tokens": tokens}
 
 
 def worker_hf(args) -> dict:
     """`generate` with one new token, the processor's work included (as zspa's TTFT includes preprocessing)."""
     import torch
-    from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration, Qwen2VLImageProcessorPil
+    import transformers
+    from transformers import AutoTokenizer, Qwen2VLImageProcessorPil
 
-    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(args.model, dtype=torch.float32).eval()
+    model_class = getattr(transformers, FAMILIES[args.family])
+    model = model_class.from_pretrained(args.model, dtype=torch.float32).eval()
     image_processor = Qwen2VLImageProcessorPil.from_pretrained(args.model)
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     template = (Path(args.model) / "chat_template.jinja").read_text()
@@ -118,6 +127,7 @@ def build_genai_text_model(checkpoint: Path, out: Path) -> Path | None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--family", choices=sorted(FAMILIES), default="qwen2_5_vl")
     parser.add_argument("--text-hidden", type=int, default=1024)
     parser.add_argument("--text-layers", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds, a fresh process per side")
@@ -140,26 +150,30 @@ def main() -> None:
     print(f"machine: {describe_machine()}")
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        checkpoint = work / "qwen2.5-vl-shaped"
-        save_model(checkpoint, args.text_hidden, args.text_layers)
+        checkpoint = work / f"{args.family}-shaped"
+        save_model(checkpoint, args.family, args.text_hidden, args.text_layers)
         bundle = work / "bundle"
         export_bundle(ExportOptions(str(checkpoint), bundle, keeps=[0.1, 0.25], progress=False))
-        print(f"model: Qwen2.5-VL geometry, vision 256 x 4 blocks, decoder {args.text_hidden} x {args.text_layers}, "
+        print(f"model: {args.family} geometry, vision 256 x 4 blocks, decoder {args.text_hidden} x {args.text_layers}, "
               f"random weights; onnxruntime CPU vs transformers eager, fp32; {args.rounds} rounds x {args.runs} runs")
         for size in SIZES:
             times: dict[str, list[float]] = {"hf": [], **{f"keep {k:g}": [] for k in KEEPS}}
+            visual_tokens = 0
             for _ in range(args.rounds):
-                times["hf"].append(run_worker(__file__, "hf", model=checkpoint, size=size, runs=args.runs)["ms"])
+                times["hf"].append(run_worker(__file__, "hf", model=checkpoint, size=size, runs=args.runs,
+                                              family=args.family)["ms"])
                 for keep in KEEPS:
-                    times[f"keep {keep:g}"].append(
-                        run_worker(__file__, "zspa", bundle=bundle, size=size, keep=keep, runs=args.runs)["ms"])
-            print(f"{size[0]}x{size[1]}: transformers generate TTFT {spread(times['hf'])} ms")
+                    result = run_worker(__file__, "zspa", bundle=bundle, size=size, keep=keep, runs=args.runs)
+                    times[f"keep {keep:g}"].append(result["ms"])
+                    visual_tokens = result["visual_tokens"]
+            print(f"{size[0]}x{size[1]} ({visual_tokens} visual tokens): transformers generate TTFT "
+                  f"{spread(times['hf'])} ms")
             for keep in KEEPS:
                 ours = times[f"keep {keep:g}"]
                 print(f"{size[0]}x{size[1]}: zspa keep {keep:g} TTFT {spread(ours)} ms; "
                       f"transformers / zspa = {spread(ratios(times['hf'], ours))}x")
 
-        genai = build_genai_text_model(checkpoint, work)
+        genai = build_genai_text_model(checkpoint, work) if args.family == "qwen2_5_vl" else None
         if genai is None:
             return
         for keep in (0.1, 1.0):
