@@ -73,9 +73,14 @@ def test_unsupported_model_types_name_the_supported_families(tmp_path):
 
     (tmp_path / "gemma").mkdir()
     (tmp_path / "gemma" / "config.json").write_text('{"model_type": "gemma3"}')
-    supported = r"'gemma3' is not supported yet \(supported: llava, qwen2_5_vl, qwen2_vl\)"
+    supported = r"'gemma3' is not supported yet \(supported: llava, qwen2_5_vl, qwen2_vl, qwen3_vl\)"
     with pytest.raises(ModelLoadError, match=supported):
         load_model(str(tmp_path / "gemma"))
+    # Qwen3-VL's mixture-of-experts models are refused with the reason and the way out.
+    (tmp_path / "moe").mkdir()
+    (tmp_path / "moe" / "config.json").write_text('{"model_type": "qwen3_vl_moe"}')
+    with pytest.raises(ModelLoadError, match=r"'qwen3_vl_moe' is not supported: .*mixture-of-experts.*qwen3-vl-2b"):
+        load_model(str(tmp_path / "moe"))
 
 
 def test_fp16_export_runs(tmp_path, photo_path):

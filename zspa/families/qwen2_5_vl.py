@@ -6,7 +6,8 @@ the index tensors transformers computes with Python loops (rotary positions, win
 windows; `transformers.vision_utils`), which the runtime computes per image in numpy
 (`runtime/qwen_vision.py`), so the number of patches, and N, follow the image. Window attention
 runs as a batch of equal windows (edge windows padded, padded keys masked): O(P·window) work,
-as transformers' per-window loop, where one masked P×P attention would cost O(P²).
+as transformers' per-window loop, where one masked P×P attention would cost O(P²); the
+full-attention blocks go through onnxruntime's fused MultiHeadAttention (export/vision_attention.py).
 """
 
 from __future__ import annotations
@@ -144,11 +145,10 @@ def vision_block(block: nn.Module, hidden: torch.Tensor, cos: torch.Tensor, sin:
 
 
 def _attend(q, k, v, scaling: float, mask):
-    """Eager attention over [batch, length, heads, head_dim] (softmax in float32, as transformers)."""
+    """Eager attention over [batch, length, heads, head_dim] with an additive mask (softmax in
+    float32, as transformers)."""
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))
-    scores = torch.matmul(q, k.transpose(-1, -2)) * scaling
-    if mask is not None:
-        scores = scores + mask
+    scores = torch.matmul(q, k.transpose(-1, -2)) * scaling + mask
     weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
     return torch.matmul(weights, v).transpose(1, 2)
 
