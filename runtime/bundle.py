@@ -10,7 +10,7 @@ from zspa.errors import BundleError, InvalidInputError
 from zspa.integrity import sha256_file
 from zspa.manifest import MANIFEST_NAME, Manifest, PrunerSpec
 from zspa.pruning.budget import token_budget, validate_keep
-from zspa.runtime.vision_kinds import vision_kind
+from zspa.runtime.vision_kinds import check_kind, vision_kind
 from zspa.signing import TrustPolicy, verify_bundle
 
 
@@ -29,6 +29,7 @@ class Bundle:
         if trust is not None:
             verify_bundle(root, trust)  # before the manifest is read: it is one of the signed files
         manifest = Manifest.read(root / MANIFEST_NAME)
+        check_kind(manifest.vision, manifest.decoder)
         bundle = cls(root, manifest)
         if verify:
             bundle.verify()

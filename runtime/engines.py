@@ -56,7 +56,7 @@ class ShapeRanges:
         return cls(context, max_prefill, opt_prefill=min(max_prefill, smallest_k + 64),
                    opt_context=min(context, smallest_k + 64 + 256), min_visual_tokens=low,
                    opt_visual_tokens=num_tokens if fixed else min(num_tokens, 1024), max_visual_tokens=num_tokens,
-                   patches_per_token=vision.merge_size**2)
+                   patches_per_token=kind.patches_per_token(vision))
 
     def dim(self, name: str) -> tuple[int, int, int]:
         """(min, opt, max) of a symbolic dimension, by the optimum / onnxruntime-genai names the graphs use."""

@@ -22,7 +22,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from zspa.errors import InvalidInputError
-from zspa.manifest import VisionSpec
+from zspa.manifest import ClipVisionSpec, VisionSpec
 
 # Pixels, not bytes: a 50 MP photo is plausible, a 1 GP PNG of a few KB is a decompression bomb.
 DEFAULT_MAX_PIXELS = 50_000_000
@@ -123,7 +123,7 @@ def _normalisation_table(rescale_factor: float, mean: tuple[float, ...], std: tu
     return np.ascontiguousarray(table.T).ravel()
 
 
-def clip_pixels(image: Image.Image, spec: VisionSpec) -> np.ndarray:
+def clip_pixels(image: Image.Image, spec: ClipVisionSpec) -> np.ndarray:
     """RGB PIL image → the resized, center-cropped uint8 pixels [H, W, 3] (the "clip" kind)."""
     if spec.resize_shortest_edge is None:
         return _center_crop(np.asarray(image), spec)
@@ -151,7 +151,7 @@ def _resize_cropped(image: Image.Image, resized: tuple[int, int], crop: tuple[in
                           box=(0, top * y_scale, crop_w, (top + crop_h) * y_scale))
 
 
-def _center_crop(pixels: np.ndarray, spec: VisionSpec) -> np.ndarray:
+def _center_crop(pixels: np.ndarray, spec: ClipVisionSpec) -> np.ndarray:
     if not spec.center_crop:
         return pixels
     crop_h, crop_w = spec.image_size

@@ -26,7 +26,7 @@ from zspa.runtime.prompting import Prompt, PromptBuilder
 from zspa.runtime.sampling import SamplingParams
 from zspa.runtime.sequence import STAGES, GenerationResult, GenerationStats, Limits, Sequence
 from zspa.runtime.vision_cache import VisionCache
-from zspa.runtime.vision_kinds import prepare_vision
+from zspa.runtime.vision_kinds import vision_kind
 from zspa.signing import TrustPolicy
 
 __all__ = ["STAGES", "GenerationResult", "GenerationStats", "GenerationStream", "Pipeline", "Request"]
@@ -84,6 +84,7 @@ class Pipeline:
         if not (isinstance(self.max_context, int) and 1 < self.max_context <= limit):
             raise InvalidInputError(f"max_context must be an integer in (1, {limit}] (the model's context), "
                                     f"got {max_context!r}")
+        self.kind = vision_kind(manifest.vision)  # how images are prepared and positioned (Bundle.open checked it)
         self.positions = positions or manifest.decoder.positions
         if self.positions not in SCHEMES:
             raise InvalidInputError(f"positions must be one of {SCHEMES}, got {self.positions!r}")
@@ -152,7 +153,8 @@ class Pipeline:
             raise InvalidInputError(f"max_new_tokens must be an integer ≥ 1, got {max_new_tokens!r}")
         built = prompt if isinstance(prompt, Prompt) else self.prompts.build(prompt, self.max_context)
         started = time.perf_counter()
-        vision_input = prepare_vision(load_image(image, max_pixels=self.max_image_pixels), self.bundle.manifest.vision)
+        decoded = load_image(image, max_pixels=self.max_image_pixels)
+        vision_input = self.kind.prepare(decoded, self.bundle.manifest.vision)
         num_tokens = vision_input.num_tokens
         kept_count = num_tokens
         if pruner is not None:
@@ -160,8 +162,8 @@ class Pipeline:
             pruner = pruner if kept_count < num_tokens else None
         text_before = built.image_position
         text_after = len(built.input_ids) - built.image_position - 1
-        mrope = self.bundle.manifest.decoder.mrope
-        extent = position_extent(text_before, kept_count, vision_input.grid, text_after, self.positions, mrope)
+        extent = position_extent(text_before, kept_count, vision_input.grid, text_after, self.positions,
+                                 self.kind.mrope)
         needed = max(extent, text_before + kept_count + text_after)  # positions, and the KV cache's length
         if needed >= self.max_context:
             raise InvalidInputError(
@@ -177,7 +179,6 @@ class Pipeline:
         """Vision, embed, prune and prefill for one request, on `self.decoder` (whose KV cache then
         holds this request alone); returns its sequence and the first token's logits [V]."""
         vision_input, built = request.vision_input, request.prompt
-        mrope = self.bundle.manifest.decoder.mrope
         num_tokens = vision_input.num_tokens
         stats = GenerationStats(num_tokens, request.kept_count, 0)
         timings = stats.timings_ms
@@ -212,7 +213,7 @@ class Pipeline:
             deepstack = deepstack_splice(deepstack_gather(planes, kept_indices), at, sequence.shape[1]) if len(
                 planes) else None
             positions = prefill_positions(at, kept_indices, vision_input.grid, len(built.input_ids) - at - 1,
-                                          self.positions, mrope)
+                                          self.positions, self.kind.mrope)
             stats.prompt_tokens = sequence.shape[1]
             self.decoder.reset()
             logits = self.decoder.step(sequence, np.ones((1, sequence.shape[1]), np.int64), positions[..., None, :],
@@ -228,7 +229,7 @@ class Pipeline:
     def position_ids(self, positions: list[int]) -> np.ndarray:
         """Decoder position_ids for one new token per row: [B, 1], or [3, B, 1] under M-RoPE."""
         ids = np.array(positions, dtype=np.int64)[:, None]
-        return np.broadcast_to(ids, (3, *ids.shape)).copy() if self.bundle.manifest.decoder.mrope else ids
+        return np.broadcast_to(ids, (3, *ids.shape)).copy() if self.kind.mrope else ids
 
     def _generate(self, request: Request) -> Generator[str, None, GenerationResult]:
         answer, logits = self.prefill(request)

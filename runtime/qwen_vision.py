@@ -15,7 +15,7 @@ import numpy as np
 from PIL import Image
 
 from zspa.errors import InvalidInputError
-from zspa.manifest import VisionSpec
+from zspa.manifest import PatchVisionSpec
 from zspa.runtime.images import MAX_ASPECT_RATIO
 
 
@@ -36,7 +36,7 @@ def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixe
     return h_bar, w_bar
 
 
-def patchify(pixels: np.ndarray, spec: VisionSpec) -> np.ndarray:
+def patchify(pixels: np.ndarray, spec: PatchVisionSpec) -> np.ndarray:
     """[3, H, W] → [num_patches, 3·T·P·P] in merge-block order, the frame repeated T times."""
     channels, height, width = pixels.shape
     p, m, t = spec.patch_size, spec.merge_size, spec.temporal_patch_size
@@ -106,7 +106,7 @@ def position_taps(grid_h: int, grid_w: int, merge: int, side: int) -> tuple[np.n
     return indices, weights
 
 
-def prepare_qwen(image: Image.Image, spec: VisionSpec
+def prepare_qwen(image: Image.Image, spec: PatchVisionSpec
                  ) -> tuple[dict[str, np.ndarray], tuple[int, int, int], np.ndarray]:
     """RGB image → the vision graph's feeds, the merged token grid (t, h, w) and the resized
     uint8 pixels the feeds come from."""

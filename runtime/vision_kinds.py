@@ -2,8 +2,10 @@
 what a kind of preprocessing does. Nothing else in the runtime branches on the kind.
 
 A kind prepares an RGB image into the vision graph's feeds, its token grid and the resized pixels
-(`VisionInput`), says how many visual tokens an image can give (engine profiles, static-K
-pruners) and which image the service warms up with.
+(`VisionInput`), says how many visual tokens an image can give and how many patches make one
+(engine profiles, static-K pruners), which image the service warms up with, and which position
+scheme its decoder takes: 1-D, or M-RoPE's (t, h, w) from the token grid (runtime/positions.py).
+Its image block is one contiguous run of visual tokens where the prompt's placeholder was.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from dataclasses import dataclass
 from PIL import Image
 
 from zspa.errors import BundleError
-from zspa.manifest import VisionSpec
+from zspa.manifest import ClipVisionSpec, DecoderSpec, PatchVisionSpec, VisionSpec
 from zspa.runtime.images import VisionInput, clip_pixels, normalise
 from zspa.runtime.qwen_vision import prepare_qwen
 
@@ -25,30 +27,34 @@ class VisionKind:
     prepare: Callable[[Image.Image, VisionSpec], VisionInput]
     fixed_tokens: bool  # every image gives `num_tokens` (a static vision graph)
     fewest_tokens: Callable[[VisionSpec], int]  # the fewest visual tokens an image can give
+    patches_per_token: Callable[[VisionSpec], int]  # vision-graph rows per visual token
     warmup_size: Callable[[VisionSpec], tuple[int, int]]  # (height, width) of the warm-up image
+    mrope: bool  # positions are M-RoPE's (t, h, w) over the token grid, not 1-D
 
 
-def _prepare_clip(image: Image.Image, spec: VisionSpec) -> VisionInput:
+def _prepare_clip(image: Image.Image, spec: ClipVisionSpec) -> VisionInput:
     side = math.isqrt(spec.num_tokens)
     grid = (1, side, side) if side * side == spec.num_tokens else (1, 1, spec.num_tokens)
     pixels = clip_pixels(image, spec)
     return VisionInput({"pixel_values": normalise(pixels, spec)[None]}, grid, pixels)
 
 
-def _prepare_qwen(image: Image.Image, spec: VisionSpec) -> VisionInput:
+def _prepare_qwen(image: Image.Image, spec: PatchVisionSpec) -> VisionInput:
     return VisionInput(*prepare_qwen(image, spec))
 
 
-_QWEN = VisionKind(_prepare_qwen, fixed_tokens=False, fewest_tokens=lambda spec: max(
-    1, spec.min_pixels // (spec.patch_size * spec.merge_size) ** 2), warmup_size=lambda spec: (448, 448))
+# Qwen2-VL, Qwen2.5-VL (kind "qwen2_vl") and Qwen3-VL ("qwen3_vl", which adds the position table's
+# taps): native resolution within [min_pixels, max_pixels], 2×2-merged patches, M-RoPE.
+_QWEN = VisionKind(_prepare_qwen, fixed_tokens=False,
+                   fewest_tokens=lambda spec: max(1, spec.min_pixels // (spec.patch_size * spec.merge_size) ** 2),
+                   patches_per_token=lambda spec: spec.merge_size**2, warmup_size=lambda spec: (448, 448), mrope=True)
 
 KINDS: dict[str, VisionKind] = {
-    # LLaVA: resize the shortest edge, center-crop to the tower's square.
+    # LLaVA: resize the shortest edge, center-crop to the tower's square; 1-D positions.
     "clip": VisionKind(_prepare_clip, fixed_tokens=True, fewest_tokens=lambda spec: spec.num_tokens,
-                       warmup_size=lambda spec: (spec.image_size[0], spec.image_size[1])),
-    # Qwen2-VL, Qwen2.5-VL: native resolution within [min_pixels, max_pixels], 2×2-merged patches.
+                       patches_per_token=lambda spec: 1,
+                       warmup_size=lambda spec: (spec.image_size[0], spec.image_size[1]), mrope=False),
     "qwen2_vl": _QWEN,
-    # Qwen3-VL: the same, and the taps into its learned position table (`position_grid`).
     "qwen3_vl": _QWEN,
 }
 
@@ -58,6 +64,16 @@ def vision_kind(spec: VisionSpec) -> VisionKind:
         return KINDS[spec.kind]
     except KeyError:
         raise BundleError(f"manifest.json: unknown vision preprocessing kind {spec.kind!r}; upgrade zspa") from None
+
+
+def check_kind(vision: VisionSpec, decoder: DecoderSpec) -> VisionKind:
+    """The bundle's kind, refused where the manifest's decoder disagrees with its position scheme
+    (the decoder graph's `position_ids` would have the wrong rank)."""
+    kind = vision_kind(vision)
+    if kind.mrope != decoder.mrope:
+        raise BundleError(f"manifest.json: vision.kind {vision.kind!r} takes {'M-RoPE' if kind.mrope else '1-D'} "
+                          f"positions, but decoder.mrope is {decoder.mrope}; re-export the bundle")
+    return kind
 
 
 def prepare_vision(image: Image.Image, spec: VisionSpec) -> VisionInput:

@@ -151,6 +151,7 @@ def test_a_zspa_0_1_bundle_still_answers(bundle_copy, photo_path, pipeline):
     export_static_pruner("zspa", params, 576, 58, 64, bundle_copy / "pruner-zspa-k58.onnx")
 
     def to_version_0_1(data):
+        del data["vision"]["kind"]  # zspa 0.1 knew one kind
         data["graphs"]["pruner-zspa-k58"] = dataclasses.asdict(describe_graph(bundle_copy / "pruner-zspa-k58.onnx"))
         del data["graphs"]["pruner-zspa"]
         data["pruners"] = [{"method": "zspa", "keep": 0.1, "k": 58, "params": params, "graph": "pruner-zspa-k58"}]
@@ -178,6 +179,8 @@ MALFORMED = {  # each ended as "unexpected error", exit 1, or was accepted and f
     "resample 99": (_set("vision", resample=99), "vision.resample is 99"),
     "unknown kv_cache": (_set("decoder", kv_cache="paged"), "decoder.kv_cache is 'paged'"),
     "unknown kind": (_set("vision", kind="siglip"), "vision.kind is 'siglip'"),
+    "another kind's spec": (_set("vision", kind="qwen2_vl"), "missing field manifest.vision.patch_size"),
+    "M-RoPE for a 1-D kind": (_set("decoder", mrope=True), "vision.kind 'clip' takes 1-D positions, but decoder.mrope"),
     "no layers": (_set("decoder", num_layers=0), "decoder.num_layers is 0"),
     "two-channel mean": (_set("vision", mean=[0.5, 0.5]), "one value per RGB channel"),
     "keep 3": (lambda d: d["pruners"][0].update(keep=3.0), r"pruners\[0\] \(keep 3.0"),

@@ -204,7 +204,7 @@ def test_hostile_images_stay_within_100_mb_of_idle(tiny_bundle, tmp_path):
 def test_every_manifest_vision_kind_has_a_runtime_half():
     """The manifest's list of kinds and the runtime's registry are the same set: a kind added to one
     and not the other would pass the manifest check and then fail on the first image."""
-    from zspa.manifest import VISION_KINDS
+    from zspa.manifest import VISION_SPECS
     from zspa.runtime.vision_kinds import KINDS
 
-    assert set(KINDS) == set(VISION_KINDS)
+    assert set(KINDS) == set(VISION_SPECS)

@@ -43,28 +43,61 @@ class GraphSpec:
 
 @dataclass(frozen=True)
 class VisionSpec:
-    """Image preprocessing (the family's transformers processor, PIL path) and the token grid."""
+    """Image preprocessing every kind shares (the family's transformers processor, PIL path); each
+    `kind` has its own spec type below with the fields only it reads (`VISION_SPECS`)."""
 
-    image_size: list[int]  # [height, width] fed to the vision graph ([] when the size follows the image)
-    resize_shortest_edge: int | None
-    center_crop: bool
+    kind: str  # "clip" | "qwen2_vl" | "qwen3_vl": which preparation runtime/vision_kinds.py applies
     resample: int  # PIL resampling filter id
     rescale_factor: float
     mean: list[float]
     std: list[float]
     num_tokens: int  # visual tokens per image; with dynamic resolution, the most one image can give
     hidden_size: int
-    # "clip": resize + crop to a fixed size (LLaVA). "qwen2_vl": smart resize within [min_pixels,
-    # max_pixels] to multiples of patch·merge, patchified; N follows the image (runtime/qwen_vision.py).
-    # "qwen3_vl": the same, plus the learned position table's interpolation taps as graph inputs.
-    kind: str = "clip"
-    patch_size: int = 14
-    temporal_patch_size: int = 1
-    merge_size: int = 1
-    min_pixels: int = 0
-    max_pixels: int = 0
+
+    def check(self) -> None:
+        """The kind's own fields in range (BundleError naming the field)."""
+
+
+@dataclass(frozen=True)
+class ClipVisionSpec(VisionSpec):
+    """"clip" (LLaVA): resize the shortest edge, center-crop to the tower's fixed square."""
+
+    image_size: list[int]  # [height, width] fed to the vision graph
+    resize_shortest_edge: int | None
+    center_crop: bool
+
+    def check(self) -> None:
+        if len(self.image_size) != 2 or not all(1 <= side <= 2**14 for side in self.image_size):
+            raise BundleError(f"manifest.json: vision.image_size is {self.image_size!r}; expected [height, width]")
+
+
+@dataclass(frozen=True)
+class PatchVisionSpec(VisionSpec):
+    """"qwen2_vl" (Qwen2-VL, Qwen2.5-VL): smart resize within [min_pixels, max_pixels] to multiples of
+    patch·merge, patchified, so N follows the image (runtime/qwen_vision.py), with attention windows
+    where `window_size` > 0; "qwen3_vl": the same, plus the taps into the learned position table
+    whose side is `position_grid`."""
+
+    patch_size: int
+    temporal_patch_size: int
+    merge_size: int
+    min_pixels: int
+    max_pixels: int
     window_size: int = 0  # Qwen2.5-VL window attention, in pixels
     position_grid: int = 0  # Qwen3-VL: side of the learned square position-embedding table
+
+    def check(self) -> None:
+        for where, value in (("vision.patch_size", self.patch_size), ("vision.merge_size", self.merge_size),
+                             ("vision.temporal_patch_size", self.temporal_patch_size)):
+            _in_range(where, value, 1, 2**16)
+        _in_range("vision.position_grid", self.position_grid, 0, 2**12)
+        if not 0 <= self.min_pixels <= self.max_pixels <= 2**30:
+            raise BundleError("manifest.json: vision.min_pixels and max_pixels must satisfy 0 ≤ min ≤ max ≤ 2^30")
+
+
+# Each preprocessing kind's spec type; runtime/vision_kinds.py implements the same kinds (a test checks).
+VISION_SPECS: dict[str, type[VisionSpec]] = {"clip": ClipVisionSpec, "qwen2_vl": PatchVisionSpec,
+                                             "qwen3_vl": PatchVisionSpec}
 
 
 @dataclass(frozen=True)
@@ -203,6 +236,9 @@ def _build(cls: type, data: Any, where: str) -> Any:
 
 def _convert(hint: Any, value: Any, where: str) -> Any:
     origin = typing.get_origin(hint)
+    if hint is VisionSpec:
+        value = {"kind": "clip", **value} if isinstance(value, dict) else value  # zspa 0.1 (LLaVA) has no kind
+        return _build(_vision_spec_type(value), value, where)
     if dataclasses.is_dataclass(hint):
         return _build(hint, value, where)
     if origin in (typing.Union, types.UnionType):
@@ -234,10 +270,18 @@ def _convert(hint: Any, value: Any, where: str) -> Any:
     return value
 
 
+def _vision_spec_type(value: Any) -> type[VisionSpec]:
+    """The spec type of a manifest's vision section, by its kind."""
+    kind = value.get("kind") if isinstance(value, dict) else None
+    if kind not in VISION_SPECS:
+        raise BundleError(f"manifest.json: vision.kind is {kind!r}, not one of {list(VISION_SPECS)}; "
+                          "re-export the bundle, or upgrade zspa if a newer one wrote it")
+    return VISION_SPECS[kind]
+
+
 # Ranges for the manifest's values: a tampered or hand-edited manifest fails here naming the field,
 # not later as an "unexpected error" deep in preprocessing or a session.
-VISION_KINDS = ("clip", "qwen2_vl", "qwen3_vl")  # what runtime/vision_kinds.py implements (a test keeps them equal)
-_KNOWN = {"vision.kind": VISION_KINDS, "decoder.kv_cache": ("concat", "shared"),
+_KNOWN = {"decoder.kv_cache": ("concat", "shared"),
           "decoder.positions": ("contiguous", "original"), "decoder.kv_dtype": ("float32", "float16", "bfloat16"),
           "vision.resample": tuple(range(6))}  # PIL's filters: NEAREST, LANCZOS, BILINEAR, BICUBIC, BOX, HAMMING
 _MAX_TOKENS_ID = 2**24  # vocabularies are ~10^5; a context or vocabulary past this is a corrupt value
@@ -246,7 +290,7 @@ _MAX_TOKENS_ID = 2**24  # vocabularies are ~10^5; a context or vocabulary past t
 def check_values(manifest: Manifest) -> None:
     """Refuses values out of range, naming the field (BundleError, the CLIs' exit 3)."""
     vision, text, decoder = manifest.vision, manifest.text, manifest.decoder
-    for where, value in (("vision.kind", vision.kind), ("decoder.kv_cache", decoder.kv_cache),
+    for where, value in (("decoder.kv_cache", decoder.kv_cache),
                          ("decoder.positions", decoder.positions), ("decoder.kv_dtype", decoder.kv_dtype),
                          ("vision.resample", vision.resample)):
         if value not in _KNOWN[where]:
@@ -255,12 +299,10 @@ def check_values(manifest: Manifest) -> None:
     _in_range("text.max_context", text.max_context, 2, _MAX_TOKENS_ID)
     _in_range("decoder.vocab_size", decoder.vocab_size, 1, _MAX_TOKENS_ID)
     for where, value in (("decoder.num_layers", decoder.num_layers), ("decoder.num_kv_heads", decoder.num_kv_heads),
-                         ("decoder.head_dim", decoder.head_dim), ("vision.hidden_size", vision.hidden_size),
-                         ("vision.patch_size", vision.patch_size), ("vision.merge_size", vision.merge_size),
-                         ("vision.temporal_patch_size", vision.temporal_patch_size)):
+                         ("decoder.head_dim", decoder.head_dim), ("vision.hidden_size", vision.hidden_size)):
         _in_range(where, value, 1, 2**16)
     _in_range("decoder.deepstack_layers", decoder.deepstack_layers, 0, decoder.num_layers)
-    _in_range("vision.position_grid", vision.position_grid, 0, 2**12)
+    vision.check()
     _in_range("vision.num_tokens", vision.num_tokens, 1, _MAX_TOKENS_ID)
     if not text.eos_token_ids:
         raise BundleError("manifest.json: text.eos_token_ids is empty; a generation could never end")
@@ -276,10 +318,6 @@ def check_values(manifest: Manifest) -> None:
             (f"vision.mean[{i}]", m) for i, m in enumerate(vision.mean))):
         if not math.isfinite(value) or (where == "vision.rescale_factor" and value <= 0):
             raise BundleError(f"manifest.json: {where} is {value!r}; it must be a finite number")
-    if vision.image_size and (len(vision.image_size) != 2 or not all(1 <= side <= 2**14 for side in vision.image_size)):
-        raise BundleError(f"manifest.json: vision.image_size is {vision.image_size!r}; expected [height, width]")
-    if not 0 <= vision.min_pixels <= vision.max_pixels <= 2**30:
-        raise BundleError("manifest.json: vision.min_pixels and max_pixels must satisfy 0 ≤ min ≤ max ≤ 2^30")
     for i, pruner in enumerate(manifest.pruners):
         if not 0 < pruner.keep <= 1 or (pruner.k is not None and pruner.k < 1) or pruner.graph not in manifest.graphs:
             raise BundleError(f"manifest.json: pruners[{i}] (keep {pruner.keep!r}, k {pruner.k!r}, graph "

@@ -13,7 +13,7 @@ from torch import nn
 
 from zspa.errors import ModelLoadError
 from zspa.families import VisionExport, common
-from zspa.manifest import DecoderSpec, TextSpec, VisionSpec
+from zspa.manifest import ClipVisionSpec, DecoderSpec, TextSpec
 
 NAME = "llava"
 
@@ -82,13 +82,14 @@ def image_size(processor) -> tuple[int, int]:
     return int(crop["height"]), int(crop["width"])
 
 
-def vision_spec(model: nn.Module, processor, num_tokens: int) -> VisionSpec:
+def vision_spec(model: nn.Module, processor, num_tokens: int) -> ClipVisionSpec:
     ip = processor.image_processor
     if getattr(ip, "do_pad", False):
         raise ModelLoadError("LLaVA image processors with do_pad=True (pad to square) are not supported yet")
     if not ip.do_resize or "shortest_edge" not in ip.size:
         raise ModelLoadError(f"unsupported LLaVA resize settings: do_resize={ip.do_resize}, size={dict(ip.size)}")
-    return VisionSpec(
+    return ClipVisionSpec(
+        kind="clip",
         image_size=list(image_size(processor)),
         resize_shortest_edge=int(ip.size["shortest_edge"]),
         center_crop=bool(ip.do_center_crop),

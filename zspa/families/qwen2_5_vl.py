@@ -23,7 +23,7 @@ from torch import nn
 from zspa.errors import ModelLoadError
 from zspa.export.vision_attention import full_attention
 from zspa.families import VisionExport, common
-from zspa.manifest import DecoderSpec, TextSpec, VisionSpec
+from zspa.manifest import DecoderSpec, PatchVisionSpec, TextSpec
 
 NAME = "qwen2_5_vl"
 DEFAULT_POSITIONS = "original"  # DESIGN §6: M-RoPE families keep each token's own (t, h, w)
@@ -182,7 +182,7 @@ def language_model(model: nn.Module) -> tuple[nn.Module, nn.Module]:
     return model.model.language_model, model.lm_head
 
 
-def vision_spec(model: nn.Module, processor, num_tokens: int) -> VisionSpec:
+def vision_spec(model: nn.Module, processor, num_tokens: int) -> PatchVisionSpec:
     """`num_tokens` becomes the most one image can give (max_pixels over the merged patch area)."""
     ip = processor.image_processor
     cfg = model.config.vision_config
@@ -191,17 +191,14 @@ def vision_spec(model: nn.Module, processor, num_tokens: int) -> VisionSpec:
     if (ip.patch_size, ip.merge_size, ip.temporal_patch_size) != (
             cfg.patch_size, cfg.spatial_merge_size, cfg.temporal_patch_size):
         raise ModelLoadError("the image processor's patch, merge or temporal size differs from the vision config")
-    return VisionSpec(
-        image_size=[],
-        resize_shortest_edge=None,
-        center_crop=False,
+    return PatchVisionSpec(
+        kind="qwen2_vl",
         resample=int(ip.resample),
         rescale_factor=float(ip.rescale_factor) if ip.do_rescale else 1.0,
         mean=[float(x) for x in ip.image_mean] if ip.do_normalize else [0.0, 0.0, 0.0],
         std=[float(x) for x in ip.image_std] if ip.do_normalize else [1.0, 1.0, 1.0],
         num_tokens=max_pixels // (cfg.patch_size * cfg.spatial_merge_size) ** 2,
         hidden_size=int(model.config.text_config.hidden_size),
-        kind="qwen2_vl",
         patch_size=int(cfg.patch_size),
         temporal_patch_size=int(cfg.temporal_patch_size),
         merge_size=int(cfg.spatial_merge_size),

@@ -33,7 +33,7 @@ from zspa.families.qwen2_5_vl import (  # noqa: F401 (the family interface, shar
     vision_block,
 )
 from zspa.families.qwen2_5_vl import vision_spec as _qwen_vision_spec
-from zspa.manifest import DecoderSpec, VisionSpec
+from zspa.manifest import DecoderSpec, PatchVisionSpec
 
 NAME = "qwen3_vl"
 
@@ -95,7 +95,7 @@ def _position_grid(vision_config) -> int:
     return side
 
 
-def vision_spec(model: nn.Module, processor, num_tokens: int) -> VisionSpec:
+def vision_spec(model: nn.Module, processor, num_tokens: int) -> PatchVisionSpec:
     spec = _qwen_vision_spec(model, processor, num_tokens)
     return dataclasses.replace(spec, kind=NAME, position_grid=_position_grid(model.config.vision_config))
 
