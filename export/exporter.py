@@ -52,6 +52,10 @@ class ExportOptions:
     revision: str | None = None
     progress: bool = True
     signing: SigningKey | None = None  # sign the bundle before it replaces the output
+    # Dynamic-resolution families (Qwen): the processor's pixel bounds, overriding the checkpoint's
+    # (Qwen3-VL's allow 16,384 visual tokens; an edge device and its engines want far fewer).
+    min_pixels: int | None = None
+    max_pixels: int | None = None
 
 
 @dataclass
@@ -69,6 +73,7 @@ def export_bundle(options: ExportOptions) -> ExportReport:
     steps = 6 + len(options.methods)
     with tqdm(total=steps, desc="loading model", unit="step", disable=not options.progress) as bar:
         loaded = load_model(options.model, options.revision)
+        _bound_pixels(loaded.processor, options.min_pixels, options.max_pixels)
         torch_dtype, dtype_name = DTYPES[options.dtype]
         loaded.model.to(torch_dtype)
         bar.update()
@@ -96,8 +101,29 @@ def _validate(options: ExportOptions) -> None:
         raise InvalidInputError(f"--kv-cache must be one of {', '.join(KV_CACHES)}, got {options.kv_cache!r}")
     if not options.methods:
         raise InvalidInputError("give at least one pruning --method")
+    for name, value in (("--min-pixels", options.min_pixels), ("--max-pixels", options.max_pixels)):
+        if value is not None and not 1 <= value <= 2**30:
+            raise InvalidInputError(f"{name} must be between 1 and 2^30, got {value}")
+    if None not in (options.min_pixels, options.max_pixels) and options.min_pixels > options.max_pixels:
+        raise InvalidInputError(f"--min-pixels {options.min_pixels} is over --max-pixels {options.max_pixels}")
     for method in options.methods:
         make_selector(method, _method_params(options, method))  # validates names and parameters
+
+
+def _bound_pixels(processor, min_pixels: int | None, max_pixels: int | None) -> None:
+    """Sets a dynamic-resolution image processor's pixel bounds (its `size` shortest/longest edge,
+    in pixels), as the checkpoint's preprocessor_config.json would; fixed-size processors refuse."""
+    if min_pixels is None and max_pixels is None:
+        return
+    size = dict(processor.image_processor.size)
+    if "longest_edge" not in size:
+        raise InvalidInputError("--min-pixels / --max-pixels apply to dynamic-resolution models (Qwen-VL); this "
+                                f"model resizes every image to a fixed size ({size})")
+    size["shortest_edge"] = size["shortest_edge"] if min_pixels is None else min_pixels
+    size["longest_edge"] = size["longest_edge"] if max_pixels is None else max_pixels
+    if size["shortest_edge"] > size["longest_edge"]:
+        raise InvalidInputError(f"min pixels {size['shortest_edge']} would be over max pixels {size['longest_edge']}")
+    processor.image_processor.size = size
 
 
 def _method_params(options: ExportOptions, method: str) -> dict:

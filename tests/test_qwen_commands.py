@@ -152,3 +152,32 @@ def test_shared_kv_decoder_answers_as_the_portable_one(prefix, model, photo_path
     for keep in (1.0, 0.25):
         ours = shared.generate(photo_path, QUESTION, keep=keep, max_new_tokens=16).token_ids
         assert ours == portable.generate(photo_path, QUESTION, keep=keep, max_new_tokens=16).token_ids
+
+
+def test_max_pixels_at_export_bounds_the_tokens_as_the_processor_would(photo_path, tmp_path):
+    """--max-pixels (Qwen3-VL's checkpoints allow 16,384 visual tokens): the bundle records the bound,
+    its most tokens per image and its engine profiles follow, and images resize as transformers'
+    processor does with that bound; a fixed-size model refuses the option."""
+    from PIL import Image
+    from transformers import Qwen2VLImageProcessorPil
+
+    from zspa.errors import InvalidInputError
+    from zspa.export.exporter import ExportOptions, export_bundle
+
+    bound = 64 * 32 * 32  # 64 visual tokens of 32 px
+    report = export_bundle(ExportOptions("tiny-random-qwen3-vl", tmp_path / "small", keeps=[0.25], max_pixels=bound,
+                                         progress=False))
+    vision = report.manifest.vision
+    assert (vision.max_pixels, vision.num_tokens) == (bound, 64)
+    assert ShapeRanges.for_manifest(report.manifest).max_visual_tokens == 64
+    reference = Qwen2VLImageProcessorPil(patch_size=16, min_pixels=64 * 64, max_pixels=bound, image_mean=[0.5] * 3,
+                                         image_std=[0.5] * 3)
+    image = Image.open(photo_path).convert("RGB").resize((896, 672))
+    grid = reference(images=[image], return_tensors="pt")["image_grid_thw"][0]
+    result = Pipeline.load(tmp_path / "small").generate(image, QUESTION, keep=1.0, max_new_tokens=2)
+    assert result.stats.visual_tokens_total == int(grid.prod()) // 4 <= 64
+    with pytest.raises(InvalidInputError, match="dynamic-resolution"):
+        export_bundle(ExportOptions("tiny-random-llava", tmp_path / "llava", max_pixels=bound, progress=False))
+    with pytest.raises(InvalidInputError, match="over --max-pixels"):
+        export_bundle(ExportOptions("tiny-random-qwen3-vl", tmp_path / "x", min_pixels=2 * bound, max_pixels=bound,
+                                    progress=False))

@@ -51,6 +51,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="decoder KV cache: concat (past → past+new; portable, what zspa-build needs) or shared "
                         "(one in-place buffer per layer through onnxruntime's GroupQueryAttention; faster decode on "
                         "onnxruntime, not buildable by TensorRT) (default: concat)")
+    parser.add_argument("--min-pixels", type=int, default=None, metavar="N",
+                        help="Qwen-VL: the fewest pixels an image is resized to (default: the checkpoint's)")
+    parser.add_argument("--max-pixels", type=int, default=None, metavar="N",
+                        help="Qwen-VL: the most pixels an image is resized to, so at most N / (patch·merge)² visual "
+                             "tokens (default: the checkpoint's; Qwen3-VL's allow 16,384 tokens)")
     parser.add_argument("--opset", type=int, default=18, help="ONNX opset for every graph (default: 18)")
     parser.add_argument("--revision", help="hub revision (branch, tag or commit) to export")
     parser.add_argument("--force", action="store_true", help="replace an existing bundle at the output path")
@@ -72,7 +77,8 @@ def _export(args: argparse.Namespace) -> None:
         model=args.model, output=args.output or _default_output(args.model), keeps=keeps,
         keep_tokens=args.keep_tokens, methods=args.method, relevance_ratio=args.relevance_ratio, pooling=args.pooling,
         dtype=args.dtype, kv_cache=args.kv_cache, opset=args.opset, force=args.force, revision=args.revision,
-        signing=signing_key(args, prefix="sign-"), progress=not args.quiet,
+        signing=signing_key(args, prefix="sign-"), progress=not args.quiet, min_pixels=args.min_pixels,
+        max_pixels=args.max_pixels,
     )
     started = time.perf_counter()
     report = export_bundle(options)
