@@ -31,16 +31,23 @@ def test_build_writes_engines_and_a_record_that_checks(bundle_copy):
     assert engine.get_tensor_profile_shape("past_key_values.0.key", 0)[2][2] == 1023
 
 
-def test_trt_backend_answers_like_onnxruntime(bundle_copy, photo_path):
+@pytest.mark.parametrize("prefix", ["tiny", "qwen3"])
+def test_trt_backend_answers_like_onnxruntime(prefix, photo_path, tmp_path, request):
+    """LLaVA, and Qwen3-VL: dynamic patch counts, the fused vision attention expanded for the
+    parser, DeepStack planes into the decoder engine."""
     _gpu_or_skip()
+    import shutil
+
     import numpy as np
 
     from zspa.export.trt_build import BuildOptions, build_engines
     from zspa.runtime.pipeline import Pipeline
 
-    build_engines(BuildOptions(bundle_copy, "fp32", max_context=1024, workspace_gb=1, progress=False))
-    reference = Pipeline.load(bundle_copy).generate(photo_path, "What is this?", max_new_tokens=8)
-    trt_pipeline = Pipeline.load(bundle_copy, backend="trt")
+    bundle = tmp_path / "bundle"  # the fixture is built only once a GPU is known to be here
+    shutil.copytree(request.getfixturevalue(f"{prefix}_bundle"), bundle)
+    build_engines(BuildOptions(bundle, "fp32", max_context=1024, workspace_gb=1, progress=False))
+    reference = Pipeline.load(bundle).generate(photo_path, "What is this?", max_new_tokens=8)
+    trt_pipeline = Pipeline.load(bundle, backend="trt")
     result = trt_pipeline.generate(photo_path, "What is this?", max_new_tokens=8)
     assert trt_pipeline.providers[0].startswith("TensorRT")
     np.testing.assert_array_equal(result.kept_indices, reference.kept_indices)  # fp32 pruner engine
