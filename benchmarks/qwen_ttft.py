@@ -8,7 +8,8 @@ its blocks into the first two decoder layers; dynamic resolution up to 1280 toke
 4-block tower and a 1024-wide, 8-layer decoder is saved with save_pretrained and exported with
 zspa-export from that directory, as a user's checkpoint would be. Every measurement runs in a
 fresh process; the sides alternate over `--rounds`, and each ratio is printed with the min /
-median / max over rounds. CPU, fp32.
+median / max over rounds, with zspa's time per stage and transformers' vision tower alone
+(pruning acts after the tower, so the tower bounds what it can save). CPU, fp32.
 
     pip install -e ".[dev,bench]" && python benchmarks/qwen_ttft.py [--family qwen3_vl] [--rounds 3]
 """
@@ -55,6 +56,7 @@ def save_model(directory: Path, family: str, text_hidden: int, text_layers: int)
 
 def worker_zspa(args) -> dict:
     from zspa.runtime.pipeline import Pipeline
+    from zspa.runtime.sequence import STAGES
 
     pipeline = Pipeline.load(args.bundle)
     image = _image(tuple(args.size))
@@ -68,10 +70,10 @@ def worker_zspa(args) -> dict:
             context = stats.prompt_tokens
         return {"tokens_per_s": statistics.median(rates), "context": context}
     pipeline.generate(image, QUESTION, keep=args.keep, max_new_tokens=1)
-    tokens = pipeline.generate(image, QUESTION, keep=args.keep, max_new_tokens=1).stats.visual_tokens_total
-    times = [pipeline.generate(image, QUESTION, keep=args.keep, max_new_tokens=1).stats.time_to_first_token_ms
-             for _ in range(args.runs)]
-    return {"ms": statistics.median(times), "visual_tokens": tokens}
+    runs = [pipeline.generate(image, QUESTION, keep=args.keep, max_new_tokens=1).stats for _ in range(args.runs)]
+    stages = {stage: statistics.median(r.timings_ms[stage] for r in runs) for stage in STAGES if stage != "decode"}
+    return {"ms": statistics.median(r.time_to_first_token_ms for r in runs), "stages": stages,
+            "visual_tokens": runs[0].visual_tokens_total}
 
 
 def worker_hf(args) -> dict:
@@ -99,8 +101,16 @@ def worker_hf(args) -> dict:
                            mm_token_type_ids=(ids == model.config.image_token_id).int(), **pixels)
         return (time.perf_counter() - start) * 1000
 
+    def tower_ms() -> float:  # the vision tower alone, on the processor's output
+        pixels = image_processor(images=[image], return_tensors="pt")
+        start = time.perf_counter()
+        with torch.no_grad():
+            model.model.get_image_features(pixels["pixel_values"], pixels["image_grid_thw"])
+        return (time.perf_counter() - start) * 1000
+
     first_token_ms()
-    return {"ms": statistics.median(first_token_ms() for _ in range(args.runs))}
+    return {"ms": statistics.median(first_token_ms() for _ in range(args.runs)),
+            "vision_ms": statistics.median(tower_ms() for _ in range(args.runs))}
 
 
 def worker_genai(args) -> dict:
@@ -158,19 +168,24 @@ def main() -> None:
               f"random weights; onnxruntime CPU vs transformers eager, fp32; {args.rounds} rounds x {args.runs} runs")
         for size in SIZES:
             times: dict[str, list[float]] = {"hf": [], **{f"keep {k:g}": [] for k in KEEPS}}
-            visual_tokens = 0
+            stages: dict[str, list[dict]] = {f"keep {k:g}": [] for k in KEEPS}
+            towers, visual_tokens = [], 0
             for _ in range(args.rounds):
-                times["hf"].append(run_worker(__file__, "hf", model=checkpoint, size=size, runs=args.runs,
-                                              family=args.family)["ms"])
+                reference = run_worker(__file__, "hf", model=checkpoint, size=size, runs=args.runs, family=args.family)
+                times["hf"].append(reference["ms"])
+                towers.append(reference["vision_ms"])
                 for keep in KEEPS:
                     result = run_worker(__file__, "zspa", bundle=bundle, size=size, keep=keep, runs=args.runs)
                     times[f"keep {keep:g}"].append(result["ms"])
+                    stages[f"keep {keep:g}"].append(result["stages"])
                     visual_tokens = result["visual_tokens"]
             print(f"{size[0]}x{size[1]} ({visual_tokens} visual tokens): transformers generate TTFT "
-                  f"{spread(times['hf'])} ms")
+                  f"{spread(times['hf'])} ms, its vision tower alone {spread(towers)} ms")
             for keep in KEEPS:
                 ours = times[f"keep {keep:g}"]
-                print(f"{size[0]}x{size[1]}: zspa keep {keep:g} TTFT {spread(ours)} ms; "
+                split = ", ".join(f"{stage} {statistics.median(r[stage] for r in stages[f'keep {keep:g}']):.0f}"
+                                  for stage in stages[f"keep {keep:g}"][0])
+                print(f"{size[0]}x{size[1]}: zspa keep {keep:g} TTFT {spread(ours)} ms ({split} ms); "
                       f"transformers / zspa = {spread(ratios(times['hf'], ours))}x")
 
         genai = build_genai_text_model(checkpoint, work) if args.family == "qwen2_5_vl" else None
