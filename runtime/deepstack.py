@@ -20,10 +20,11 @@ def gather(planes: np.ndarray, kept_indices: np.ndarray) -> np.ndarray:
     return planes[:, :, kept_indices]
 
 
-def splice(planes: np.ndarray, at: int, length: int) -> np.ndarray:
-    """Kept planes [L, 1, K, D] placed at rows at..at+K of a prefill of `length` rows, zeros elsewhere."""
+def splice(planes: np.ndarray, rows: np.ndarray, length: int) -> np.ndarray:
+    """Kept planes [L, 1, K, D] (every image's, in prompt order) placed at the prefill's `rows` [K]
+    (where the kept visual tokens sit) of a prefill of `length` rows, zeros elsewhere."""
     dense = np.zeros((planes.shape[0], 1, length, planes.shape[3]), dtype=planes.dtype)
-    dense[:, :, at : at + planes.shape[2]] = planes
+    dense[:, :, rows] = planes
     return dense
 
 

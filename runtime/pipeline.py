@@ -1,4 +1,7 @@
-"""The generation pipeline: image + prompt → vision → embed → prune → splice → prefill → decode.
+"""The generation pipeline: images + prompt → vision → embed → prune → splice → prefill → decode.
+
+Each image is its own block: its vision outputs, its pruning (keep applies per image) and its
+place in the prompt, at its placeholder.
 
 Everything model-specific comes from the manifest; this loop has no per-family branches.
 """
@@ -20,7 +23,7 @@ from zspa.runtime.batching import SoloDecode
 from zspa.runtime.bundle import Bundle
 from zspa.runtime.deepstack import gather as deepstack_gather
 from zspa.runtime.deepstack import splice as deepstack_splice
-from zspa.runtime.images import DEFAULT_MAX_PIXELS, ImageSource, VisionInput, load_image
+from zspa.runtime.images import DEFAULT_MAX_PIXELS, IMAGE_FORMATS, ImageSource, VisionInput, load_image
 from zspa.runtime.positions import SCHEMES, position_extent, prefill_positions
 from zspa.runtime.prompting import Prompt, PromptBuilder
 from zspa.runtime.sampling import SamplingParams
@@ -29,22 +32,43 @@ from zspa.runtime.vision_cache import VisionCache
 from zspa.runtime.vision_kinds import vision_kind
 from zspa.signing import TrustPolicy
 
-__all__ = ["STAGES", "GenerationResult", "GenerationStats", "GenerationStream", "Pipeline", "Request"]
+__all__ = ["STAGES", "GenerationResult", "GenerationStats", "GenerationStream", "ImageBlock", "Pipeline",
+           "PreparedImage", "Request"]
+
+
+@dataclass(frozen=True)
+class PreparedImage:
+    """One image decoded and preprocessed (`Pipeline.prepare_image`); the decoded image is gone."""
+
+    vision_input: VisionInput
+    vision_key: str | None  # the image's vision-cache key; None without a cache
+    started: float  # when its preparation began (time.perf_counter())
+    prepared_ms: float  # decoding and preprocessing it (and its vision-cache digest)
+
+
+@dataclass(frozen=True)
+class ImageBlock:
+    """One image of a request: its preprocessed input and how many of its tokens the decoder sees."""
+
+    image: PreparedImage
+    kept_count: int
+    pruner: PrunerSpec | None  # None: all of its tokens are kept
+
+    @property
+    def num_tokens(self) -> int:
+        return self.image.vision_input.num_tokens
 
 
 @dataclass(frozen=True)
 class Request:
-    """A checked request with its image decoded: what `Pipeline.prefill` needs."""
+    """A checked request with its images decoded: what `Pipeline.prefill` needs."""
 
-    vision_input: VisionInput
+    images: tuple[ImageBlock, ...]  # in the order of the prompt's placeholders
     prompt: Prompt
-    pruner: PrunerSpec | None
-    kept_count: int
     params: SamplingParams
     limits: Limits
     started: float  # when the request was made: its time to first token counts from here
-    prepared_ms: float  # decoding and preprocessing the image (and its vision-cache digest)
-    vision_key: str | None  # the image's vision-cache key; None without a cache
+    prepared_ms: float  # decoding and preprocessing its images (and their vision-cache digests)
 
 
 class GenerationStream:
@@ -111,7 +135,7 @@ class Pipeline:
 
     def generate(
         self,
-        image: ImageSource,
+        images: ImageSource | list[ImageSource],
         prompt: str | Prompt,
         *,
         keep: float | None = None,
@@ -126,10 +150,12 @@ class Pipeline:
         stream: bool = False,
     ) -> GenerationResult | GenerationStream:
         """Answers `prompt` (a question, or a conversation built by `self.prompts.build_chat`) about
-        `image`. keep/method None use the bundle's defaults (its first method, smallest keep); keep
-        1.0 disables pruning. With stream=True returns a
-        `GenerationStream` of text deltas. ignore_eos generates exactly max_new_tokens (profiling)."""
-        request = self.request(image, prompt, keep=keep, method=method, max_new_tokens=max_new_tokens,
+        `images` (one image, or a list of them in the order of the prompt's placeholders; a question
+        gets them all before its text). keep/method None use the bundle's defaults (its first method,
+        smallest keep); keep 1.0 disables pruning; keep applies to each image on its own. With
+        stream=True returns a `GenerationStream` of text deltas. ignore_eos generates exactly
+        max_new_tokens (profiling)."""
+        request = self.request(images, prompt, keep=keep, method=method, max_new_tokens=max_new_tokens,
                                temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, stop=stop,
                                ignore_eos=ignore_eos)
         stream_ = GenerationStream(self._generate(request))
@@ -139,11 +165,24 @@ class Pipeline:
             pass
         return stream_.result
 
-    def request(self, image: ImageSource, prompt: str | Prompt, *, keep: float | None = None,
-                method: str | None = None, max_new_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0,
-                top_k: int = 0, seed: int | None = None, stop: list[str] | None = None,
-                ignore_eos: bool = False) -> Request:
-        """Checks a request and decodes and preprocesses its image (so a bad one fails here, not
+    def prepare_image(self, source: ImageSource | PreparedImage, formats: tuple[str, ...] = IMAGE_FORMATS,
+                      max_pixels: int | None = None) -> PreparedImage:
+        """Decodes (refusing bad input, images over `max_pixels` (default: the pipeline's) and
+        encoded formats outside `formats`) and preprocesses one image; the full-size decoded image
+        is dropped on return. Thread-safe."""
+        if isinstance(source, PreparedImage):
+            return source
+        started = time.perf_counter()
+        decoded = load_image(source, max_pixels=max_pixels or self.max_image_pixels, formats=formats)
+        vision_input = self.kind.prepare(decoded, self.bundle.manifest.vision)
+        vision_key = None if self.vision_cache is None else self.vision_cache.key(vision_input.pixels)
+        return PreparedImage(vision_input, vision_key, started, (time.perf_counter() - started) * 1000.0)
+
+    def request(self, images: ImageSource | PreparedImage | list[ImageSource | PreparedImage],
+                prompt: str | Prompt, *, keep: float | None = None, method: str | None = None,
+                max_new_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
+                seed: int | None = None, stop: list[str] | None = None, ignore_eos: bool = False) -> Request:
+        """Checks a request and decodes and preprocesses its images (so a bad one fails here, not
         mid-stream); the keywords are `generate`'s. Thread-safe: the service runs it in the
         request's thread, off the decoding worker."""
         keep = self.bundle.keeps(method)[0] if keep is None else validate_keep(keep)
@@ -151,76 +190,109 @@ class Pipeline:
         params = SamplingParams(temperature, top_p, top_k, seed)
         if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise InvalidInputError(f"max_new_tokens must be an integer ≥ 1, got {max_new_tokens!r}")
-        built = prompt if isinstance(prompt, Prompt) else self.prompts.build(prompt, self.max_context)
+        sources = list(images) if isinstance(images, (list, tuple)) else [images]
+        built = prompt if isinstance(prompt, Prompt) else self.prompts.build(prompt, self.max_context,
+                                                                             images=len(sources))
+        if len(built.image_positions) != len(sources):
+            raise InvalidInputError(f"the prompt places {len(built.image_positions)} images, "
+                                    f"but {len(sources)} were given")
         started = time.perf_counter()
-        decoded = load_image(image, max_pixels=self.max_image_pixels)
-        vision_input = self.kind.prepare(decoded, self.bundle.manifest.vision)
-        num_tokens = vision_input.num_tokens
-        kept_count = num_tokens
-        if pruner is not None:
-            kept_count = min(num_tokens, pruner.k if pruner.k is not None else token_budget(keep, num_tokens))
-            pruner = pruner if kept_count < num_tokens else None
-        text_before = built.image_position
-        text_after = len(built.input_ids) - built.image_position - 1
-        extent = position_extent(text_before, kept_count, vision_input.grid, text_after, self.positions,
-                                 self.kind.mrope)
-        needed = max(extent, text_before + kept_count + text_after)  # positions, and the KV cache's length
+        blocks = tuple(self._block(self.prepare_image(source), pruner, keep) for source in sources)
+        texts = built.text_runs
+        kept = [block.kept_count for block in blocks]
+        grids = [block.image.vision_input.grid for block in blocks]
+        extent = position_extent(texts, kept, grids, self.positions, self.kind.mrope)
+        needed = max(extent, sum(texts) + sum(kept))  # positions, and the KV cache's length
         if needed >= self.max_context:
-            raise InvalidInputError(
-                f"prompt needs {needed} positions with the image, over the context of {self.max_context}; shorten it"
-            )
+            images_ = f"{len(blocks)} image{'s' if len(blocks) != 1 else ''} ({sum(kept)} visual tokens)"
+            raise InvalidInputError(f"prompt needs {needed} positions with its {images_}, over the context "
+                                    f"of {self.max_context}; shorten it or send fewer or smaller images")
         eos = set() if ignore_eos else set(self.bundle.manifest.text.eos_token_ids)
         limits = Limits(max_new_tokens, list(stop or []), eos, self.max_context)
-        vision_key = None if self.vision_cache is None else self.vision_cache.key(vision_input.pixels)
-        return Request(vision_input, built, pruner, kept_count, params, limits, started,
-                       (time.perf_counter() - started) * 1000.0, vision_key)
+        started = min([started, *(block.image.started for block in blocks)])
+        return Request(blocks, built, params, limits, started, sum(block.image.prepared_ms for block in blocks))
+
+    @staticmethod
+    def _block(image: PreparedImage, pruner: PrunerSpec | None, keep: float) -> ImageBlock:
+        """The image's share of the budget: K = the pruner's static K, or max(1, round(keep · N))."""
+        num_tokens = image.vision_input.num_tokens
+        if pruner is None:
+            return ImageBlock(image, num_tokens, None)
+        kept_count = min(num_tokens, pruner.k if pruner.k is not None else token_budget(keep, num_tokens))
+        return ImageBlock(image, kept_count, pruner if kept_count < num_tokens else None)
 
     def prefill(self, request: Request) -> tuple[Sequence, np.ndarray]:
         """Vision, embed, prune and prefill for one request, on `self.decoder` (whose KV cache then
         holds this request alone); returns its sequence and the first token's logits [V]."""
-        vision_input, built = request.vision_input, request.prompt
-        num_tokens = vision_input.num_tokens
-        stats = GenerationStats(num_tokens, request.kept_count, 0)
+        built = request.prompt
+        stats = GenerationStats(sum(block.num_tokens for block in request.images),
+                                sum(block.kept_count for block in request.images), 0)
         timings = stats.timings_ms
-        features, looked_up = None, time.perf_counter()
-        if request.vision_key is not None:  # the digest counted as preprocessing; a hit skips the vision stage
-            features = self.vision_cache.get(request.vision_key)
-            stats.vision_cache_hit = features is not None
-        timings["preprocess"] = request.prepared_ms + (time.perf_counter() - looked_up) * 1000.0
-        if features is None:  # [1 + L, N, D]: image_features, then any DeepStack planes
-            with _Timer(timings, "vision"):
-                outputs = self.vision.run(vision_input.feeds)
-                features = outputs[0] if len(outputs) == 1 else np.concatenate(outputs)
-            if request.vision_key is not None:
-                self.vision_cache.put(request.vision_key, features)
-        features, planes = features[:1], features[1:, None]
+        timings["preprocess"] = request.prepared_ms
+        if self.vision_cache is not None:
+            stats.vision_cache_hits = []
         with _Timer(timings, "embed"):
             prompt_embeds = self.embed.run({"input_ids": built.input_ids[None]})[0]
-        with _Timer(timings, "prune"):
-            if request.pruner is None:
-                kept, kept_indices = features, np.arange(num_tokens, dtype=np.int64)
-            else:
-                feeds = {"image_features": features, "prompt_embeds": prompt_embeds,
-                         "prompt_mask": built.question_mask[None]}
-                if request.pruner.k is None:
-                    feeds["budget"] = np.array([request.kept_count], dtype=np.int64)
-                kept, kept_indices = self.pruners[request.pruner.graph].run(feeds)
-                kept_indices = kept_indices[0]
+        pieces, rows, kept_planes, block_kept = [], [], [], []
+        previous, length = 0, 0
+        for at, block in zip(built.image_positions, request.images):
+            features = self._vision(block.image, stats)
+            features, planes = features[:1], features[1:, None]
+            with _Timer(timings, "prune"):
+                kept, kept_indices = self._prune(block, features, prompt_embeds, built.question_mask)
+            pieces += [prompt_embeds[:, previous:at], kept.astype(prompt_embeds.dtype)]
+            length += at - previous
+            rows.append(length + np.arange(len(kept_indices)))
+            length += len(kept_indices)
+            if len(planes):
+                kept_planes.append(deepstack_gather(planes, kept_indices))
+            block_kept.append(kept_indices)
+            previous = at + 1
         with _Timer(timings, "prefill"):
-            at = built.image_position
-            sequence = np.concatenate([prompt_embeds[:, :at], kept.astype(prompt_embeds.dtype),
-                                       prompt_embeds[:, at + 1 :]], axis=1)
-            deepstack = deepstack_splice(deepstack_gather(planes, kept_indices), at, sequence.shape[1]) if len(
-                planes) else None
-            positions = prefill_positions(at, kept_indices, vision_input.grid, len(built.input_ids) - at - 1,
+            pieces.append(prompt_embeds[:, previous:])
+            sequence = np.concatenate(pieces, axis=1)
+            deepstack = deepstack_splice(np.concatenate(kept_planes, axis=2), np.concatenate(rows),
+                                         sequence.shape[1]) if kept_planes else None
+            positions = prefill_positions(built.text_runs, block_kept,
+                                          [block.image.vision_input.grid for block in request.images],
                                           self.positions, self.kind.mrope)
             stats.prompt_tokens = sequence.shape[1]
             self.decoder.reset()
             logits = self.decoder.step(sequence, np.ones((1, sequence.shape[1]), np.int64), positions[..., None, :],
                                        deepstack)
+        starts = np.cumsum([0, *(block.num_tokens for block in request.images)])
+        kept_indices = np.concatenate([np.zeros(0, np.int64),
+                                       *(start + kept for start, kept in zip(starts, block_kept))])
         answer = Sequence(stats, kept_indices, request.params, request.limits, self.prompts.decode,
                           int(positions.max()) + 1, request.started)
         return answer, logits[0]
+
+    def _vision(self, image: PreparedImage, stats: GenerationStats) -> np.ndarray:
+        """The vision outputs [1 + L, N, D] of one image (image_features, then any DeepStack
+        planes), from the vision cache when it holds them."""
+        features = None
+        if image.vision_key is not None:  # the digest counted as preprocessing; a hit skips the vision stage
+            with _Timer(stats.timings_ms, "preprocess"):
+                features = self.vision_cache.get(image.vision_key)
+            stats.vision_cache_hits.append(features is not None)
+        if features is None:
+            with _Timer(stats.timings_ms, "vision"):
+                outputs = self.vision.run(image.vision_input.feeds)
+                features = outputs[0] if len(outputs) == 1 else np.concatenate(outputs)
+            if image.vision_key is not None:
+                self.vision_cache.put(image.vision_key, features)
+        return features
+
+    def _prune(self, block: ImageBlock, features: np.ndarray, prompt_embeds: np.ndarray,
+               question_mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """One image's kept features [1, K, D] and indices [K], scored against the question."""
+        if block.pruner is None:
+            return features, np.arange(block.num_tokens, dtype=np.int64)
+        feeds = {"image_features": features, "prompt_embeds": prompt_embeds, "prompt_mask": question_mask[None]}
+        if block.pruner.k is None:
+            feeds["budget"] = np.array([block.kept_count], dtype=np.int64)
+        kept, kept_indices = self.pruners[block.pruner.graph].run(feeds)
+        return kept, kept_indices[0]
 
     def embed_tokens(self, tokens: list[int]) -> np.ndarray:
         """Embeddings [B, 1, H] of one next token per row."""

@@ -1,4 +1,4 @@
-"""Prompt → token ids, with the image placeholder located and the user's question marked.
+"""Prompt → token ids, with the image placeholders located and the user's question marked.
 
 ZSPAPrune scores relevance against the question tokens only (DESIGN §5), not the system
 prompt, chat-template tokens or image placeholder, so the tokenizer's character offsets map the
@@ -37,9 +37,15 @@ def _sentinel(nonce: str, index: int) -> str:
 
 @dataclass(frozen=True)
 class Prompt:
-    input_ids: np.ndarray  # int64 [S], one image placeholder token
+    input_ids: np.ndarray  # int64 [S], one placeholder token per image
     question_mask: np.ndarray  # int64 [S], 1 on the question's tokens
-    image_position: int  # index of the placeholder in input_ids
+    image_positions: tuple[int, ...]  # indices of the placeholders in input_ids, one per image in order
+
+    @property
+    def text_runs(self) -> list[int]:
+        """Lengths of the n + 1 text runs around the n placeholders (runtime/positions.py)."""
+        bounds = [-1, *self.image_positions, len(self.input_ids)]
+        return [end - start - 1 for start, end in zip(bounds, bounds[1:])]
 
 
 class PromptBuilder:
@@ -65,20 +71,20 @@ class PromptBuilder:
     def _token(self, token_id: int | None) -> str:
         return (self.tokenizer.id_to_token(token_id) or "") if token_id is not None else ""
 
-    def build(self, question: str, max_tokens: int | None = None, limit: str = "context") -> Prompt:
-        """One user turn: the image, then the question."""
+    def build(self, question: str, max_tokens: int | None = None, limit: str = "context", images: int = 1) -> Prompt:
+        """One user turn: the images, then the question."""
         if not isinstance(question, str) or not question.strip():
             raise InvalidInputError("prompt is empty")
-        return self.build_chat([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}],
-                               max_tokens, limit)
+        content = [*({"type": "image"} for _ in range(images)), {"type": "text", "text": question}]
+        return self.build_chat([{"role": "user", "content": content}], max_tokens, limit)
 
     def build_chat(self, messages: list[dict[str, Any]], max_tokens: int | None = None,
                    limit: str = "context") -> Prompt:
         """A conversation in transformers' format (content: a list of {"type": "image"} and
-        {"type": "text", "text": ...} parts) holding one image; the question is the text of the
-        last message, which must be the user's. Past `max_tokens` (`limit` names that bound in the
-        message) it is refused, by its length in characters when that alone proves it, before any
-        templating or tokenizing."""
+        {"type": "text", "text": ...} parts) holding any number of images, in any of its messages;
+        the question is the text of the last message, which must be the user's. Past `max_tokens`
+        (`limit` names that bound in the message) it is refused, by its length in characters when
+        that alone proves it, before any templating or tokenizing."""
         if not messages or messages[-1].get("role") != "user":
             raise InvalidInputError("the conversation must end with a user message")
         texts = [part["text"] for part in messages[-1]["content"] if part.get("type") == "text"]
@@ -93,9 +99,11 @@ class PromptBuilder:
         encoding = self.tokenizer.encode(text, add_special_tokens=self.spec.add_special_tokens)
         ids = np.asarray(encoding.ids, dtype=np.int64)
         image_positions = np.flatnonzero(ids == self.spec.image_token_id)
-        if len(image_positions) != 1:
+        images = sum(part.get("type") == "image" for message in messages
+                     if isinstance(message.get("content"), list) for part in message["content"])
+        if len(image_positions) != images:
             raise InvalidInputError(
-                f"the prompt must hold exactly one image placeholder after templating, found {len(image_positions)}"
+                f"the prompt holds {len(image_positions)} image placeholders after templating for {images} images"
                 f" (remove {self.spec.image_token!r} from the prompt text)"
             )
         if max_tokens is not None and len(ids) > max_tokens:
@@ -105,7 +113,7 @@ class PromptBuilder:
         in_question = np.zeros(len(ids), dtype=bool)
         for start, end in spans:
             in_question |= (offsets[:, 1] > start) & (offsets[:, 0] < end)
-        return Prompt(ids, (in_question & ~special).astype(np.int64), int(image_positions[0]))
+        return Prompt(ids, (in_question & ~special).astype(np.int64), tuple(int(at) for at in image_positions))
 
     def _check_characters(self, messages: list[dict[str, Any]], max_tokens: int, limit: str) -> None:
         characters = sum(_text_length(message.get("content") or "") for message in messages)

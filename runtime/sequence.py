@@ -25,7 +25,7 @@ class GenerationStats:
     tokens_generated: int = 0
     timings_ms: dict[str, float] = field(default_factory=lambda: dict.fromkeys(STAGES, 0.0))
     time_to_first_token_ms: float = 0.0
-    vision_cache_hit: bool | None = None  # None: no vision cache
+    vision_cache_hits: list[bool] | None = None  # per image, in prompt order; None: no vision cache
 
     @property
     def decode_tokens_per_s(self) -> float:
@@ -39,7 +39,9 @@ class GenerationStats:
 class GenerationResult:
     text: str
     token_ids: list[int]
-    kept_indices: np.ndarray  # int64 [K], ascending: which visual tokens the decoder saw
+    # int64 [K], ascending: which visual tokens the decoder saw, numbered across the request's images
+    # in prompt order (image 2's first token is N_1)
+    kept_indices: np.ndarray
     finish_reason: str  # "stop" (EOS or stop string) or "length"
     stats: GenerationStats
     first_token_logits: np.ndarray  # float32 [V]: what prefill predicted, for agreement metrics

@@ -22,12 +22,14 @@ REQUESTS = [
     ("rgba", "Where is it?", {"keep": 0.1, "max_new_tokens": 16, "temperature": 0.7, "top_k": 5, "seed": 3}),
     ("photo", "Why?", {"keep": 1.0, "max_new_tokens": 3}),
     ("photo", "Is it day or night?", {"keep": 0.1, "max_new_tokens": 20, "ignore_eos": True}),
+    ("both", "Which is brighter?", {"keep": 0.25, "max_new_tokens": 7}),  # two image blocks in one row
 ]
 
 
 @pytest.fixture
 def images(photo_path, rgba_png_path):
-    return {"photo": Image.open(photo_path).convert("RGB"), "rgba": Image.open(rgba_png_path)}
+    photo, rgba = Image.open(photo_path).convert("RGB"), Image.open(rgba_png_path)
+    return {"photo": photo, "rgba": rgba, "both": [photo, rgba]}
 
 
 async def _serve(pipeline, images, requests, max_batch: int) -> tuple[list, list[int]]:
@@ -60,9 +62,9 @@ async def _serve(pipeline, images, requests, max_batch: int) -> tuple[list, list
 
 @pytest.mark.parametrize("family", ["pipeline", "qwen_pipeline", "qwen2_pipeline", "qwen3_pipeline"])
 def test_batched_rows_answer_as_they_would_alone(family, images, request):
-    """LLaVA's 576-token grid, and the Qwen families' dynamic grids with M-RoPE positions ([3, B, 1]
-    per step, each row at its own position) under the same left padding; Qwen3-VL's decode steps
-    with zero DeepStack planes."""
+    """LLaVA's 576-token grid, the Qwen families' dynamic grids with M-RoPE positions ([3, B, 1]
+    per step, each row at its own position) under the same left padding, Qwen3-VL's decode steps
+    with zero DeepStack planes; a row with two images among them."""
     pipeline = request.getfixturevalue(family)
     finals, sizes = asyncio.run(_serve(pipeline, images, REQUESTS, max_batch=3))
     assert max(sizes) == 3 and min(sizes) < 3  # rows really shared steps, and the batch shrank and refilled

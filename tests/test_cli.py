@@ -35,6 +35,19 @@ def test_run_json_has_the_documented_fields(tiny_bundle, photo_path):
     assert report["random_weights"] is True
 
 
+def test_run_takes_several_images_in_order(tiny_bundle, pipeline, photo_path, rgba_png_path):
+    """A repeated --image adds an image (it used to replace the first), each kept on its own."""
+    out = zspa("zspa-run", tiny_bundle, "--image", photo_path, "--image", rgba_png_path, "--prompt", "Which is blue?",
+               "--json", "--keep", "0.25", "--max-new-tokens", "6")
+    assert out.returncode == 0, out.stderr
+    report = json.loads(out.stdout)
+    expected = pipeline.generate([photo_path, rgba_png_path], "Which is blue?", keep=0.25, max_new_tokens=6)
+    assert report["visual_tokens"] == {"total": 2 * 576, "kept": 2 * 144}
+    assert report["text"] == expected.text and report["kept_indices"] == expected.kept_indices.tolist()
+    swapped = pipeline.generate([rgba_png_path, photo_path], "Which is blue?", keep=0.25, max_new_tokens=6)
+    assert swapped.kept_indices.tolist() != report["kept_indices"]  # the order reached the pipeline
+
+
 def _truncated(photo_path, tmp_path):
     path = tmp_path / "half.jpg"
     path.write_bytes(photo_path.read_bytes()[:5000])

@@ -40,6 +40,39 @@ def test_settings_the_bundle_cannot_run_are_refused_before_any_request(tiny_bund
         ZspaLMM(bundle=str(tiny_bundle)).loglikelihood([])
 
 
+@pytest.mark.parametrize("context, images, expected", [
+    ("What is it?", 1, ["image", "What is it?"]),
+    ("<image>\nWhat is it?", 1, ["image", "What is it?"]),
+    ("Left: <image> right: <image> Which is larger?", 2, ["Left:", "image", "right:", "image", "Which is larger?"]),
+    ("Compare <image> with the others.", 3, ["image", "image", "image", "Compare  with the others."]),
+    ("<image> no image came", 0, ["no image came"]),
+])
+def test_images_go_where_the_context_places_them(context, images, expected):
+    from zspa.integrations.lmms_eval import user_content
+
+    assert [part.get("text", part["type"]) for part in user_content(context, images)] == expected
+
+
+def test_a_document_with_two_images_is_answered_about_both(tiny_bundle, pipeline, photo_path, rgba_png_path):
+    from lmms_eval.api.instance import Instance
+    from PIL import Image
+
+    from zspa.integrations.lmms_eval import ZspaLMM
+
+    model = ZspaLMM(bundle=str(tiny_bundle), keep="0.25", method="zspa")
+    docs = [{"images": [Image.open(photo_path), Image.open(rgba_png_path)]}]
+    model.task_dict = {"task": {"test": docs}}
+    request = Instance("generate_until", ("<image> or <image>: which is blue?", {"max_new_tokens": 5},
+                                          lambda doc: doc["images"], 0, "task", "test"), idx=0,
+                       metadata={"task": "task", "doc_id": 0, "repeats": 1})
+    (answer,) = model.generate_until([request])
+    chat = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "or"}, {"type": "image"},
+                                         {"type": "text", "text": ": which is blue?"}]}]
+    expected = pipeline.generate([photo_path, rgba_png_path], pipeline.prompts.build_chat(chat), keep=0.25,
+                                 method="zspa", max_new_tokens=5)
+    assert answer == expected.text and expected.stats.visual_tokens_kept == 2 * 144
+
+
 @pytest.mark.slow
 def test_a_local_task_through_the_lmms_eval_cli_gets_the_runtimes_answers(tiny_bundle, pipeline, tmp_path):
     needles.write_jsonl(tmp_path / "needles-lmms", "test", 3)

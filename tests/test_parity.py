@@ -43,6 +43,23 @@ def test_keep_one_reproduces_hf_generate(tiny_hf, pipeline, photo_path):
     assert result.stats.visual_tokens_kept == 576
 
 
+def test_two_images_at_keep_one_reproduce_hf_generate(tiny_hf, pipeline, photo_path, rgba_png_path):
+    """Two image blocks with text between them, as transformers' processor lays them out."""
+    model, processor = tiny_hf
+    images = [Image.open(rgba_png_path), Image.open(photo_path)]
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Is this"},
+                                             {"type": "image"}, {"type": "text", "text": "the same thing?"}]}]
+    text = processor.apply_chat_template(messages, add_generation_prompt=True)
+    inputs = processor(images=images, text=text, return_tensors="pt")
+    with torch.no_grad():
+        expected = model.generate(**inputs, max_new_tokens=MAX_NEW, do_sample=False)[0, inputs["input_ids"].shape[1]:]
+    result = pipeline.generate([rgba_png_path, photo_path], pipeline.prompts.build_chat(messages), keep=1.0,
+                               max_new_tokens=MAX_NEW)
+    eos = set(pipeline.bundle.manifest.text.eos_token_ids)
+    assert result.token_ids == [t for t in expected.tolist() if t not in eos] and len(set(result.token_ids)) >= 3
+    assert result.stats.visual_tokens_kept == 2 * 576 == (inputs["input_ids"] == model.config.image_token_id).sum()
+
+
 def test_runtime_prompt_ids_match_hf_processor(tiny_hf, pipeline, photo_path):
     """Same ids as the transformers processor, with its N image tokens collapsed into one slot."""
     _, processor = tiny_hf
@@ -82,8 +99,8 @@ def torch_reference(model, processor, image_path, keep_k, positions_scheme,
     question[torch.tensor(enc["input_ids"]) == image_id] = 0
     kept, kept_idx = PrunerGraph(ZSPASelector(alpha, pooling), keep_k)(features, text_embeds, question[None])
     sequence = torch.cat([embed(before[None]), kept, embed(after[None])], dim=1)
-    positions = torch.from_numpy(prefill_positions(len(before), kept_idx[0].numpy(), (1, 1, features.shape[1]),
-                                                   len(after), positions_scheme))[None]
+    positions = torch.from_numpy(prefill_positions([len(before), len(after)], [kept_idx[0].numpy()],
+                                                   [(1, 1, features.shape[1])], positions_scheme))[None]
     cache = DynamicCache()
     lm = model.model.language_model
     out = lm(inputs_embeds=sequence, position_ids=positions, cache=cache, use_cache=True)

@@ -36,7 +36,10 @@ def test_conversation_marks_only_the_last_user_text(tiny_hf, pipeline):
 @pytest.mark.parametrize("messages, problem", [
     ([{"role": "assistant", "content": [{"type": "image"}, {"type": "text", "text": "hi"}]}], "end with a user"),
     ([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "  "}]}], "no text"),
-    ([{"role": "user", "content": [{"type": "text", "text": "no image here"}]}], "exactly one image"),
+    ([{"role": "user", "content": [{"type": "text", "text": "an <image> typed in"}]}],
+     "1 image placeholders .* 0 images"),
+    ([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "<image> again"}]}],
+     "2 image placeholders .* 1 images"),
 ])
 def test_bad_conversations_are_refused(pipeline, messages, problem):
     with pytest.raises(InvalidInputError, match=problem):
@@ -48,8 +51,9 @@ def test_question_mask_covers_exactly_the_question(pipeline):
     prompt = pipeline.prompts.build(question)
     marked = prompt.input_ids[prompt.question_mask == 1].tolist()
     assert pipeline.prompts.decode(marked).strip() == question
-    assert prompt.question_mask[: prompt.image_position + 1].sum() == 0  # template and image are not question
-    assert prompt.input_ids[prompt.image_position] == pipeline.bundle.manifest.text.image_token_id
+    (at,) = prompt.image_positions
+    assert prompt.question_mask[: at + 1].sum() == 0  # template and image are not question
+    assert prompt.input_ids[at] == pipeline.bundle.manifest.text.image_token_id
 
 
 def test_generation_tag_and_raise_exception_are_supported():
@@ -132,3 +136,21 @@ def test_a_hostile_chat_template_is_stopped_within_its_budget(template, problem)
         render(template, [{"content": "hi"}])
     assert time.monotonic() - started < 2.0
     assert render("{% for i in range(3) %}{{ i }}{% endfor %}", []) == "012"  # loops still work
+
+
+def test_images_in_several_turns_are_placed_in_order(tiny_hf, pipeline):
+    """An image in an earlier turn and two in the last: three placeholders where transformers'
+    template puts them, the text runs around them, and only the last turn's text marked."""
+    _, processor = tiny_hf
+    messages = [
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is this?"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "A kitchen."}]},
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "And these two?"}, {"type": "image"}]},
+    ]
+    prompt = pipeline.prompts.build_chat(messages)
+    ids = prompt.input_ids.tolist()
+    assert ids == processor.tokenizer(processor.apply_chat_template(messages, add_generation_prompt=True))["input_ids"]
+    image_id = pipeline.bundle.manifest.text.image_token_id
+    assert list(prompt.image_positions) == [i for i, token in enumerate(ids) if token == image_id]
+    assert len(prompt.image_positions) == 3 and sum(prompt.text_runs) == len(ids) - 3
+    assert pipeline.prompts.decode(prompt.input_ids[prompt.question_mask == 1].tolist()).strip() == "And these two?"

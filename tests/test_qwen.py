@@ -114,7 +114,7 @@ def _hf_sequence(qwen_hf, pipeline, photo_path, size):
     prompt = pipeline.prompts.build(QUESTION)
     inputs = _hf_inputs(processor, image)
     n = int(inputs["image_grid_thw"].prod()) // 4
-    at = prompt.image_position
+    (at,) = prompt.image_positions
     ids = np.concatenate([prompt.input_ids[:at], np.full(n, model.config.image_token_id), prompt.input_ids[at + 1 :]])
     return torch.from_numpy(ids)[None], inputs, image, prompt
 
@@ -128,8 +128,7 @@ def test_mrope_positions_match_get_rope_index(qwen_family, photo_path, size):
                                           image_grid_thw=inputs["image_grid_thw"])
     grid = prepare_vision(image, qwen_pipeline.bundle.manifest.vision).grid
     n = grid[1] * grid[2]
-    after = len(prompt.input_ids) - prompt.image_position - 1
-    ours = prefill_positions(prompt.image_position, np.arange(n), grid, after, "original", mrope=True)
+    ours = prefill_positions(prompt.text_runs, [np.arange(n)], [grid], "original", mrope=True)
     np.testing.assert_array_equal(ours, expected[:, 0].numpy())
 
 
@@ -167,7 +166,7 @@ def torch_reference(qwen_hf, pipeline, photo_path, keep, scheme):
     k = token_budget(keep, n)
     selector = ZSPASelector(**METHOD_DEFAULTS["zspa"])
     kept, kept_idx = PrunerGraph(selector, k)(features, text_embeds, torch.from_numpy(prompt.question_mask)[None])
-    at = prompt.image_position
+    (at,) = prompt.image_positions
     sequence = torch.cat([text_embeds[:, :at], kept, text_embeds[:, at + 1:]], dim=1)
     full, _ = model.model.get_rope_index(ids, mm_token_type_ids=(ids == image_id).int(),
                                          image_grid_thw=inputs["image_grid_thw"])
@@ -245,3 +244,82 @@ def test_qwen3_vl_deepstack_reaches_the_decoder_and_answers_vary(qwen3_hf, qwen3
     finally:
         decoder.step = original_step
     assert float(np.abs(real - dropped).max()) > 0.01 * float(np.abs(real).max())
+
+
+def _two_images(qwen_hf, pipeline, photo, question="Which picture is brighter?"):
+    """A prompt with two images of different sizes, its ids with each slot expanded as the processor
+    would, and the image processor's inputs for both."""
+    model, processor = qwen_hf
+    images = [photo.resize((512, 600)), photo.transpose(Image.Transpose.FLIP_LEFT_RIGHT).resize((300, 500))]
+    prompt = pipeline.prompts.build(question, images=2)
+    inputs = processor.image_processor(images=images, return_tensors="pt")
+    counts = (inputs["image_grid_thw"].prod(-1) // 4).tolist()
+    pieces, previous = [], 0
+    for at, count in zip(prompt.image_positions, counts):
+        pieces += [prompt.input_ids[previous:at], np.full(count, model.config.image_token_id)]
+        previous = at + 1
+    ids = torch.from_numpy(np.concatenate([*pieces, prompt.input_ids[previous:]]))[None]
+    return images, prompt, ids, inputs
+
+
+def test_two_image_positions_match_get_rope_index(qwen_family, photo):
+    """Each image block starts after the previous block's largest position, as `get_rope_index`."""
+    qwen_hf, _, qwen_pipeline = qwen_family[1:]
+    hf = qwen_hf[0]
+    images, prompt, ids, inputs = _two_images(qwen_hf, qwen_pipeline, photo)
+    expected, _ = hf.model.get_rope_index(ids, mm_token_type_ids=(ids == hf.config.image_token_id).int(),
+                                          image_grid_thw=inputs["image_grid_thw"])
+    grids = [prepare_vision(image, qwen_pipeline.bundle.manifest.vision).grid for image in images]
+    ours = prefill_positions(prompt.text_runs, [np.arange(np.prod(grid)) for grid in grids], grids, "original",
+                             mrope=True)
+    np.testing.assert_array_equal(ours, expected[:, 0].numpy())
+
+
+def test_two_images_at_keep_one_reproduce_hf_generate(qwen_family, photo):
+    qwen_hf, _, qwen_pipeline = qwen_family[1:]
+    hf = qwen_hf[0]
+    images, _, ids, inputs = _two_images(qwen_hf, qwen_pipeline, photo)
+    with torch.no_grad():
+        out = hf.generate(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=inputs["pixel_values"],
+                          image_grid_thw=inputs["image_grid_thw"], max_new_tokens=MAX_NEW, do_sample=False,
+                          mm_token_type_ids=(ids == hf.config.image_token_id).int())
+    expected = [t for t in out[0, ids.shape[1]:].tolist() if t not in hf.generation_config.eos_token_id]
+    result = qwen_pipeline.generate(images, "Which picture is brighter?", keep=1.0, max_new_tokens=MAX_NEW)
+    assert result.token_ids == expected and len(set(expected)) >= 3
+    assert result.stats.visual_tokens_total == (ids == hf.config.image_token_id).sum()
+
+
+@pytest.mark.parametrize("keep", [0.1, 0.25])
+def test_each_image_is_pruned_on_its_own_budget(qwen_pipeline, photo, keep):
+    """K_i = max(1, round(keep · N_i)) per image, and each image keeps the tokens it keeps alone:
+    the pruner scores against the question, whatever else the prompt holds."""
+    images = [photo.resize((512, 600)), photo.resize((300, 500))]
+    both = qwen_pipeline.generate(images, QUESTION, keep=keep, max_new_tokens=1)
+    alone = [qwen_pipeline.generate(image, QUESTION, keep=keep, max_new_tokens=1) for image in images]
+    assert both.stats.visual_tokens_total == sum(a.stats.visual_tokens_total for a in alone)
+    assert both.stats.visual_tokens_kept == sum(token_budget(keep, a.stats.visual_tokens_total) for a in alone)
+    first = alone[0].stats.visual_tokens_total
+    np.testing.assert_array_equal(both.kept_indices, np.concatenate([alone[0].kept_indices,
+                                                                     first + alone[1].kept_indices]))
+
+
+@pytest.mark.parametrize("mrope", [True, False])
+def test_pruned_blocks_keep_their_unpruned_positions(qwen_hf, qwen_pipeline, photo, mrope):
+    """Under 'original', every kept token of every block sits where it sat unpruned (M-RoPE:
+    `get_rope_index`'s column; 1-D: its index in the expanded sequence), text runs too."""
+    hf = qwen_hf[0]
+    images, prompt, ids, inputs = _two_images(qwen_hf, qwen_pipeline, photo)
+    grids = [prepare_vision(image, qwen_pipeline.bundle.manifest.vision).grid for image in images]
+    rng = np.random.default_rng(0)
+    kept = [np.sort(rng.choice(int(np.prod(g)), size=5, replace=False)) for g in grids]
+    image = (ids[0] == hf.config.image_token_id).numpy()
+    block_starts = np.flatnonzero(image & ~np.r_[False, image[:-1]])
+    columns = np.flatnonzero(~image).tolist() + [int(s + k) for s, block in zip(block_starts, kept) for k in block]
+    columns.sort()
+    if mrope:
+        full = hf.model.get_rope_index(ids, mm_token_type_ids=torch.from_numpy(image).int()[None],
+                                       image_grid_thw=inputs["image_grid_thw"])[0][:, 0].numpy()
+    else:
+        full = np.arange(ids.shape[1])
+    ours = prefill_positions(prompt.text_runs, kept, grids, "original", mrope=mrope)
+    np.testing.assert_array_equal(ours, full[..., columns])

@@ -13,6 +13,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from http.server import BaseHTTPRequestHandler, SimpleHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -105,6 +106,38 @@ def test_streaming_matches_the_plain_answer_and_reports_usage(client, photo_url)
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == plain.usage.completion_tokens
 
 
+def test_several_images_over_several_turns_answer_like_the_pipeline(client, pipeline, photo_path, rgba_png_path):
+    """Two images in the last turn and one in an earlier turn: each its own block, kept per image,
+    answered as the pipeline answers the same conversation."""
+    urls = [data_url(Path(path).read_bytes(), mime) for path, mime in
+            [(photo_path, "image/jpeg"), (rgba_png_path, "image/png")]]
+    messages = [
+        {"role": "user", "content": [{"type": "image_url", "image_url": {"url": urls[1]}},
+                                     {"type": "text", "text": "What is this?"}]},
+        {"role": "assistant", "content": "A shape."},
+        {"role": "user", "content": [{"type": "text", "text": "Compare"}, {"type": "image_url", "image_url": {
+            "url": urls[0]}}, {"type": "text", "text": "with"}, {"type": "image_url", "image_url": {"url": urls[1]}}]},
+    ]
+    response = client.chat.completions.create(model=MODEL, messages=messages, temperature=0, max_tokens=8,
+                                              extra_body={"keep": 0.25})
+    chat = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is this?"}]},
+            {"role": "assistant", "content": [{"type": "text", "text": "A shape."}]},
+            {"role": "user", "content": [{"type": "text", "text": "Compare"}, {"type": "image"},
+                                         {"type": "text", "text": "with"}, {"type": "image"}]}]
+    expected = pipeline.generate([rgba_png_path, photo_path, rgba_png_path], pipeline.prompts.build_chat(chat),
+                                 keep=0.25, max_new_tokens=8)
+    assert response.choices[0].message.content == expected.text
+    assert response.usage.model_extra == {"visual_tokens_total": 3 * 576, "visual_tokens_kept": 3 * 144}
+
+
+def test_a_request_without_images_is_answered_as_text(client, pipeline):
+    response = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Say hi."}],
+                                              temperature=0, max_tokens=6)
+    expected = pipeline.generate([], "Say hi.", max_new_tokens=6)
+    assert response.choices[0].message.content == expected.text and expected.token_ids
+    assert response.usage.model_extra == {"visual_tokens_total": 0, "visual_tokens_kept": 0}
+
+
 def test_keep_and_pruning_method_select_the_pruner(client, photo_url):
     def kept(**extra):
         response = client.chat.completions.create(model=MODEL, messages=_messages(photo_url, "hi"), max_tokens=2,
@@ -173,9 +206,12 @@ BAD_REQUESTS = {
                                 "aspect ratio over 200:1"),
     "1x20000 image": (_with_image(data_url(_png(Image.new("L", (1, 20000))), "image/png")), IMAGE_PARAM,
                       "aspect ratio over 200:1"),
-    "no image": (lambda b: {**b, "messages": [{"role": "user", "content": "hi"}]}, "messages", "found 0"),
-    "two images": (lambda b: {**b, "messages": [{"role": "user", "content": [*b["messages"][0]["content"]] * 2}]},
-                   "messages", "found 2"),
+    "nine images": (lambda b: {**b, "messages": [{"role": "user", "content": [
+        *[b["messages"][0]["content"][0]] * 9, {"type": "text", "text": "Which differ?"}]}]}, "messages",
+        "carry 9 images (image_url content parts, every turn counted); this server takes at most 8 (--max-images)"),
+    "images past the context": (lambda b: {**b, "keep": 1.0, "messages": [{"role": "user", "content": [
+        *[b["messages"][0]["content"][0]] * 4, {"type": "text", "text": "Which differ?"}]}]}, "messages",
+        "with its 4 images (2304 visual tokens), over the context"),
     "overlong prompt": (lambda b: {**b, "messages": _messages(b["messages"][0]["content"][0]["image_url"]["url"],
                                                               "word " * 300)}, "messages", "--max-prompt-tokens"),
     "prompt past the character bound": (lambda b: {**b, "messages": _messages(
@@ -260,12 +296,13 @@ def test_probes_and_metrics_need_no_key(server, client, photo_url):
 def test_image_preparation_is_bounded_by_its_own_semaphore(pipeline, photo_url, monkeypatch):
     """Eight request threads at once, --max-concurrent-images 2: at most two images are decoded and
     preprocessed at any moment (the thread pool alone let 40 do it, each with its own peak)."""
+    from zspa.runtime import pipeline as pipeline_module
     from zspa.runtime.server import conversation
     from zspa.runtime.server.protocol import parse_body
     from zspa.runtime.server.settings import ServerSettings
 
     active, peak, lock = 0, 0, threading.Lock()
-    decode = conversation.load_image
+    decode = pipeline_module.load_image
 
     def slow_decode(*args, **kwargs):
         nonlocal active, peak
@@ -278,7 +315,7 @@ def test_image_preparation_is_bounded_by_its_own_semaphore(pipeline, photo_url, 
         finally:
             with lock:
                 active -= 1
-    monkeypatch.setattr(conversation, "load_image", slow_decode)
+    monkeypatch.setattr(pipeline_module, "load_image", slow_decode)
     settings = ServerSettings(MODEL, max_concurrent_images=2)
     slots = threading.BoundedSemaphore(settings.max_concurrent_images)
     body = parse_body(json.dumps(chat_body(photo_url, model=MODEL, max_tokens=1)).encode())

@@ -45,11 +45,23 @@ def test_a_second_question_about_the_same_image_skips_the_vision_graph(tiny_bund
     cached = Pipeline.load(tiny_bundle, vision_cache_bytes=64 * 1024 * 1024)
     first = cached.generate(photo_path, "What is this?", max_new_tokens=4)
     again = cached.generate(photo_path, "Where is it?", max_new_tokens=4)
-    assert first.stats.vision_cache_hit is False and first.stats.timings_ms["vision"] > 0
-    assert again.stats.vision_cache_hit is True and again.stats.timings_ms["vision"] == 0.0
+    assert first.stats.vision_cache_hits == [False] and first.stats.timings_ms["vision"] > 0
+    assert again.stats.vision_cache_hits == [True] and again.stats.timings_ms["vision"] == 0.0
     plain = pipeline.generate(photo_path, "Where is it?", max_new_tokens=4)
     assert again.token_ids == plain.token_ids and np.array_equal(again.kept_indices, plain.kept_indices)
-    assert plain.stats.vision_cache_hit is None  # the shared pipeline has no cache
+    assert plain.stats.vision_cache_hits is None  # the shared pipeline has no cache
     other = Image.open(photo_path).convert("RGB").transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-    assert cached.generate(other, "Where is it?", max_new_tokens=1).stats.vision_cache_hit is False
+    assert cached.generate(other, "Where is it?", max_new_tokens=1).stats.vision_cache_hits == [False]
     assert (cached.vision_cache.hits, cached.vision_cache.misses) == (1, 2)
+
+
+def test_the_cache_works_per_image(tiny_bundle, pipeline, photo_path):
+    """A second request showing a seen image next to a new one runs the vision graph for the new
+    one only, and answers as the uncached pipeline does."""
+    cached = Pipeline.load(tiny_bundle, vision_cache_bytes=64 * 1024 * 1024)
+    other = Image.open(photo_path).convert("RGB").transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    cached.generate(photo_path, "What is this?", max_new_tokens=1)
+    both = cached.generate([other, photo_path], "Compare them.", keep=0.25, max_new_tokens=4)
+    assert both.stats.vision_cache_hits == [False, True]
+    plain = pipeline.generate([other, photo_path], "Compare them.", keep=0.25, max_new_tokens=4)
+    assert both.token_ids == plain.token_ids and np.array_equal(both.kept_indices, plain.kept_indices)

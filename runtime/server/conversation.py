@@ -1,4 +1,4 @@
-"""A validated chat request → what the pipeline takes: one preprocessed image, a templated prompt, options.
+"""A validated chat request → what the pipeline takes: its preprocessed images, a templated prompt, options.
 
 Everything here can fail on the client's input, so every error names the request field it came
 from; it runs in a worker thread of the event loop (image decoding is CPU work).
@@ -13,8 +13,7 @@ from typing import Any
 
 from zspa.errors import InvalidInputError
 from zspa.pruning.budget import validate_keep
-from zspa.runtime.images import load_image
-from zspa.runtime.pipeline import Pipeline, Request
+from zspa.runtime.pipeline import Pipeline, PreparedImage, Request
 from zspa.runtime.prompting import PromptTooLong
 from zspa.runtime.server.errors import invalid, timed_out
 from zspa.runtime.server.image_urls import image_bytes
@@ -24,7 +23,7 @@ from zspa.runtime.server.settings import ServerSettings
 
 @dataclass(frozen=True)
 class PreparedRequest:
-    request: Request  # checked, its image preprocessed: the worker only prefills and decodes it
+    request: Request  # checked, its images preprocessed: the worker only prefills and decodes it
     keep: float
     method: str  # "none" when keep is 1.0
 
@@ -32,9 +31,11 @@ class PreparedRequest:
 def prepare(request: ChatCompletionRequest, pipeline: Pipeline, settings: ServerSettings,
             image_slots: threading.Semaphore, deadline: float) -> PreparedRequest:
     """`image_slots` bounds the images decoded and preprocessed at once (each may take several
-    bytes per pixel of --max-image-pixels), whatever the number of request threads; nothing here
-    (a download, a wait for a slot) outlives the request's `deadline` (time.monotonic())."""
-    messages, (param, url) = _transformers_messages(request.messages)
+    bytes per pixel of --max-image-pixels), whatever the number of request threads; a request's
+    images are fetched and decoded one after the other, and only their preprocessed pixels are
+    kept; nothing here (a download, a wait for a slot) outlives the request's `deadline`
+    (time.monotonic())."""
+    messages, images = _transformers_messages(request.messages, settings.max_images)
     try:
         prompt = pipeline.prompts.build_chat(messages, *_token_limit(pipeline, settings))
     except PromptTooLong as exc:
@@ -42,28 +43,33 @@ def prepare(request: ChatCompletionRequest, pipeline: Pipeline, settings: Server
     except InvalidInputError as exc:
         raise invalid(str(exc), "messages") from None
     keep, method = _pruning(request, pipeline)
-    data, formats = image_bytes(url, param, max_bytes=settings.max_image_bytes, remote=settings.fetch_policy,
-                                deadline=deadline)
+    prepared_images = [_prepare_image(pipeline, settings, image_slots, deadline, param, url) for param, url in images]
     options = {
         "keep": keep, "method": request.pruning_method,
         "max_new_tokens": request.completion_limit or settings.default_max_tokens,
         "temperature": request.temperature, "top_p": request.top_p, "top_k": request.top_k, "seed": request.seed,
         "stop": request.stop, "ignore_eos": request.ignore_eos,
     }
+    try:
+        prepared = pipeline.request(prepared_images, prompt, **options)
+    except InvalidInputError as exc:
+        raise invalid(str(exc), "messages") from None
+    return PreparedRequest(prepared, keep, method)
+
+
+def _prepare_image(pipeline: Pipeline, settings: ServerSettings, image_slots: threading.Semaphore, deadline: float,
+                   param: str, url: str) -> PreparedImage:
+    """One image_url fetched or decoded from its data URL, then preprocessed, in an image slot."""
+    data, formats = image_bytes(url, param, max_bytes=settings.max_image_bytes, remote=settings.fetch_policy,
+                                deadline=deadline)
     if not image_slots.acquire(timeout=max(0.0, deadline - time.monotonic())):
         raise timed_out(settings.request_timeout_s)
     try:
-        try:
-            image = load_image(data, max_pixels=settings.max_image_pixels, formats=formats)
-        except InvalidInputError as exc:
-            raise invalid(str(exc).removeprefix("image bytes: "), param, "invalid_image") from None
-        try:
-            prepared = pipeline.request(image, prompt, **options)
-        except InvalidInputError as exc:
-            raise invalid(str(exc), "messages") from None
+        return pipeline.prepare_image(data, formats, settings.max_image_pixels)
+    except InvalidInputError as exc:
+        raise invalid(str(exc).removeprefix("image bytes: "), param, "invalid_image") from None
     finally:
         image_slots.release()
-    return PreparedRequest(prepared, keep, method)
 
 
 def _token_limit(pipeline: Pipeline, settings: ServerSettings) -> tuple[int, str]:
@@ -73,8 +79,9 @@ def _token_limit(pipeline: Pipeline, settings: ServerSettings) -> tuple[int, str
     return pipeline.max_context, "context"
 
 
-def _transformers_messages(messages: list[Message]) -> tuple[list[dict[str, Any]], tuple[str, str]]:
-    """OpenAI messages → transformers chat messages, and (field, URL) of the one image among them."""
+def _transformers_messages(messages: list[Message], max_images: int) -> tuple[list[dict[str, Any]],
+                                                                              list[tuple[str, str]]]:
+    """OpenAI messages → transformers chat messages, and (field, URL) of each image among them, in order."""
     converted, images = [], []
     for i, message in enumerate(messages):
         content = [{"type": "text", "text": message.content}] if isinstance(message.content, str) else []
@@ -86,10 +93,10 @@ def _transformers_messages(messages: list[Message]) -> tuple[list[dict[str, Any]
                 images.append((f"messages[{i}].content[{j}].image_url.url", part.image_url.url))
         role = "system" if message.role == "developer" else message.role
         converted.append({"role": role, "content": content})
-    if len(images) != 1:
-        raise invalid(f"this model takes exactly one image per request (an image_url content part); "
-                      f"found {len(images)}", "messages", "image_count")
-    return converted, images[0]
+    if len(images) > max_images:
+        raise invalid(f"the messages carry {len(images)} images (image_url content parts, every turn counted); "
+                      f"this server takes at most {max_images} (--max-images)", "messages", "too_many_images")
+    return converted, images
 
 
 def _pruning(request: ChatCompletionRequest, pipeline: Pipeline) -> tuple[float, str]:

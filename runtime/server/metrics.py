@@ -60,8 +60,8 @@ class ServerMetrics:
         self.completion_tokens.inc(stats.tokens_generated)
         self.visual_tokens.labels("total").inc(stats.visual_tokens_total)
         self.visual_tokens.labels("kept").inc(stats.visual_tokens_kept)
-        if stats.vision_cache_hit is not None:
-            self.vision_cache.labels("hit" if stats.vision_cache_hit else "miss").inc()
+        for hit in stats.vision_cache_hits or []:
+            self.vision_cache.labels("hit" if hit else "miss").inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

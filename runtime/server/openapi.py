@@ -62,7 +62,7 @@ def openapi_schema(title: str = "zspa-serve", version: str = "1") -> dict[str, A
     return {
         "openapi": "3.1.0",
         "info": {"title": title, "version": version,
-                 "description": "OpenAI-compatible chat completions about one image, with visual-token pruning."},
+                 "description": "OpenAI-compatible chat completions about images, pruning visual tokens per image."},
         "components": {"schemas": schemas,
                        "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}}},
         "paths": {

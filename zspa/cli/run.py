@@ -10,12 +10,13 @@ from zspa.cli.common import add_backend_flags, add_debug_flag, backend_options, 
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="zspa-run", description="Answer a prompt about an image with a zspa bundle.")
+    parser = argparse.ArgumentParser(prog="zspa-run", description="Answer a prompt about images with a zspa bundle.")
     parser.add_argument("bundle", help="bundle directory written by zspa-export")
-    parser.add_argument("--image", required=True, help="image file (JPEG, PNG, WebP, ...)")
-    parser.add_argument("--prompt", required=True, help="the question about the image")
+    parser.add_argument("--image", required=True, action="append", dest="images", metavar="IMAGE",
+                        help="image file (JPEG, PNG, WebP); repeat for several, which the prompt gets in order")
+    parser.add_argument("--prompt", required=True, help="the question about the images")
     parser.add_argument("--keep", type=float, default=None,
-                        help="fraction of the image's visual tokens to keep, in (0, 1]; 1.0 disables pruning "
+                        help="fraction of each image's visual tokens to keep, in (0, 1]; 1.0 disables pruning "
                              "(default: the smallest keep the bundle was exported with)")
     parser.add_argument("--method", default=None,
                         help="pruning method among the bundle's (default: the first it was exported with)")
@@ -37,7 +38,7 @@ def _run(args: argparse.Namespace) -> None:
 
     pipeline = Pipeline.load(args.bundle, **backend_options(args), positions=args.positions)
     stream = pipeline.generate(
-        args.image, args.prompt, keep=args.keep, method=args.method, max_new_tokens=args.max_new_tokens,
+        args.images, args.prompt, keep=args.keep, method=args.method, max_new_tokens=args.max_new_tokens,
         temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed, stream=True,
     )
     for delta in stream:

@@ -57,6 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
     limits.add_argument("--max-concurrent-images", type=int, default=defaults.max_concurrent_images,
                         help="images decoded and preprocessed at once, whatever the number of requests (memory: up "
                              "to 7 bytes per pixel of --max-image-pixels each, for an image with transparency)")
+    limits.add_argument("--max-images", type=int, default=defaults.max_images,
+                        help="image_url parts one request may carry, earlier turns counted; past it, 400 "
+                             "(each image is its own block of visual tokens, and the context bounds their sum)")
     limits.add_argument("--max-prompt-tokens", type=int, default=None,
                         help="refuse longer prompts (default: only the model's context limits them)")
     limits.add_argument("--default-max-tokens", type=int, default=defaults.default_max_tokens,
@@ -137,7 +140,7 @@ def _serve(args: argparse.Namespace) -> None:
             max_queue=args.max_queue, max_batch=args.max_batch, request_timeout_s=args.request_timeout,
             max_body_bytes=args.max_body_bytes,
             max_image_bytes=args.max_image_bytes, max_image_pixels=args.max_image_pixels,
-            max_concurrent_images=args.max_concurrent_images,
+            max_concurrent_images=args.max_concurrent_images, max_images=args.max_images,
             max_prompt_tokens=args.max_prompt_tokens, default_max_tokens=args.default_max_tokens,
             allow_remote_images=args.allow_remote_images, remote_image_timeout_s=args.remote_image_timeout,
             allow_private_image_hosts=args.allow_private_image_hosts,

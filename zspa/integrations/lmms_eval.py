@@ -3,8 +3,9 @@ through the runtime, with pruning chosen by model_args:
 
     lmms-eval eval --model zspa --model_args bundle=DIR,keep=0.1,method=zspa,backend=ort-cpu --tasks pope
 
-The harness the pruning papers report with, so a bundle's scores compare with theirs. One image
-per request (what a bundle's prompt holds); greedy unless the task asks otherwise.
+The harness the pruning papers report with, so a bundle's scores compare with theirs. A document
+may show several images: each goes where the context has an `<image>` placeholder, or all before
+the text when the context has none (or a different count); greedy unless the task asks otherwise.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from tqdm import tqdm
 from zspa.errors import InvalidInputError
 from zspa.runtime.pipeline import Pipeline
 
-IMAGE_PLACEHOLDER = "<image>"  # lmms-eval prompts may carry it; the bundle's template places the image itself
+IMAGE_PLACEHOLDER = "<image>"  # lmms-eval prompts may carry it; the bundle's template places the images itself
 DEFAULT_MAX_NEW_TOKENS = 128
 
 
@@ -40,16 +41,16 @@ class ZspaLMM(lmms):
         for request in tqdm(requests, desc="zspa answering", disable=self.rank != 0):
             context, gen_kwargs, doc_to_visual, doc_id, task, split = request.args
             visuals = [v for v in doc_to_visual(self.task_dict[task][split][doc_id]) if v is not None]
-            if len(visuals) != 1:
-                raise InvalidInputError(f"{task} doc {doc_id}: zspa answers about one image, got {len(visuals)}")
-            answers.append(self._answer(visuals[0], context, dict(gen_kwargs)))
+            answers.append(self._answer(visuals, context, dict(gen_kwargs)))
             self.cache_hook.add_partial("generate_until", (context, gen_kwargs), answers[-1])
         return answers
 
-    def _answer(self, image, context: str, gen_kwargs: dict) -> str:
+    def _answer(self, images: list, context: str, gen_kwargs: dict) -> str:
         until = gen_kwargs.get("until") or []
+        prompt = self.pipeline.prompts.build_chat([{"role": "user", "content": user_content(context, len(images))}],
+                                                  self.pipeline.max_context)
         result = self.pipeline.generate(
-            image.convert("RGB"), context.replace(IMAGE_PLACEHOLDER, "").strip(), keep=self.keep, method=self.method,
+            images, prompt, keep=self.keep, method=self.method,
             max_new_tokens=int(gen_kwargs.get("max_new_tokens") or DEFAULT_MAX_NEW_TOKENS),
             temperature=float(gen_kwargs.get("temperature") or 0.0) if gen_kwargs.get("do_sample") else 0.0,
             top_p=float(gen_kwargs.get("top_p") or 1.0), stop=[until] if isinstance(until, str) else list(until))
@@ -60,3 +61,18 @@ class ZspaLMM(lmms):
 
     def generate_until_multi_round(self, requests) -> list[str]:
         raise NotImplementedError("zspa answers single-round generate_until tasks")
+
+
+def user_content(context: str, images: int) -> list[dict]:
+    """The user turn in transformers' format: the images at the context's placeholders when it has
+    one per image, else all of them first; blank text between images is dropped."""
+    pieces = context.split(IMAGE_PLACEHOLDER)
+    if len(pieces) != images + 1:
+        pieces = [*([""] * images), context.replace(IMAGE_PLACEHOLDER, "")]
+    content = []
+    for i, piece in enumerate(pieces):
+        if i:
+            content.append({"type": "image"})
+        if piece.strip():
+            content.append({"type": "text", "text": piece.strip()})
+    return content
