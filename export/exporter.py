@@ -56,6 +56,9 @@ class ExportOptions:
     # (Qwen3-VL's allow 16,384 visual tokens; an edge device and its engines want far fewer).
     min_pixels: int | None = None
     max_pixels: int | None = None
+    # Tiled families (InternVL): the most tiles an image is cut into (the checkpoint's max_patches,
+    # 12 for InternVL3: 3,328 tokens with the thumbnail).
+    max_tiles: int | None = None
 
 
 @dataclass
@@ -74,6 +77,7 @@ def export_bundle(options: ExportOptions) -> ExportReport:
     with tqdm(total=steps, desc="loading model", unit="step", disable=not options.progress) as bar:
         loaded = load_model(options.model, options.revision)
         _bound_pixels(loaded.processor, options.min_pixels, options.max_pixels)
+        _bound_tiles(loaded.processor, options.max_tiles)
         torch_dtype, dtype_name = DTYPES[options.dtype]
         loaded.model.to(torch_dtype)
         bar.update()
@@ -104,6 +108,8 @@ def _validate(options: ExportOptions) -> None:
     for name, value in (("--min-pixels", options.min_pixels), ("--max-pixels", options.max_pixels)):
         if value is not None and not 1 <= value <= 2**30:
             raise InvalidInputError(f"{name} must be between 1 and 2^30, got {value}")
+    if options.max_tiles is not None and not 1 <= options.max_tiles <= 64:
+        raise InvalidInputError(f"--max-tiles must be between 1 and 64, got {options.max_tiles}")
     if None not in (options.min_pixels, options.max_pixels) and options.min_pixels > options.max_pixels:
         raise InvalidInputError(f"--min-pixels {options.min_pixels} is over --max-pixels {options.max_pixels}")
     for method in options.methods:
@@ -124,6 +130,20 @@ def _bound_pixels(processor, min_pixels: int | None, max_pixels: int | None) -> 
     if size["shortest_edge"] > size["longest_edge"]:
         raise InvalidInputError(f"min pixels {size['shortest_edge']} would be over max pixels {size['longest_edge']}")
     processor.image_processor.size = size
+
+
+def _bound_tiles(processor, max_tiles: int | None) -> None:
+    """Sets a tiled image processor's most tiles (`max_patches`), as its preprocessor_config.json would."""
+    if max_tiles is None:
+        return
+    image_processor = processor.image_processor
+    if not hasattr(image_processor, "max_patches"):
+        raise InvalidInputError("--max-tiles applies to tiled models (InternVL); this model does not cut images "
+                                "into tiles")
+    if max_tiles < image_processor.min_patches:
+        raise InvalidInputError(f"--max-tiles {max_tiles} is under the checkpoint's min_patches "
+                                f"{image_processor.min_patches}")
+    image_processor.max_patches = max_tiles
 
 
 def _method_params(options: ExportOptions, method: str) -> dict:

@@ -59,3 +59,15 @@ def full_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scaling: f
     patches, heads, head_dim = q.shape
     flat = [t.reshape(1, patches, heads * head_dim) for t in (q, k, v)]
     return torch.ops.zspa.multi_head_attention(*flat, heads, float(scaling)).view(patches, heads, head_dim)
+
+
+def tower_attention(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                    attention_mask: torch.Tensor | None, scaling: float, dropout: float = 0.0, **kwargs):
+    """transformers' attention-function signature over the fused op, for towers whose blocks attend
+    over a whole tile without a mask (InternViT): q, k, v [B, heads, S, Dh] → ([B, S, heads, Dh], None)."""
+    if attention_mask is not None:
+        raise ValueError("the fused tower attention takes no mask")
+    batch, heads, steps, head_dim = query.shape
+    flat = [t.transpose(1, 2).reshape(batch, steps, heads * head_dim) for t in (query, key, value)]
+    output = torch.ops.zspa.multi_head_attention(*flat, heads, float(scaling))
+    return output.view(batch, steps, heads, head_dim), None

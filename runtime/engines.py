@@ -40,6 +40,7 @@ class ShapeRanges:
     opt_visual_tokens: int = 1
     max_visual_tokens: int = 1
     patches_per_token: int = 1
+    tokens_per_tile: int = 0  # tiled families (InternVL): the vision graph's batch is tiles of this many tokens
 
     @classmethod
     def for_manifest(cls, manifest: Manifest, max_context: int | None = None) -> ShapeRanges:
@@ -56,7 +57,8 @@ class ShapeRanges:
         return cls(context, max_prefill, opt_prefill=min(max_prefill, smallest_k + 64),
                    opt_context=min(context, smallest_k + 64 + 256), min_visual_tokens=low,
                    opt_visual_tokens=num_tokens if fixed else min(num_tokens, 1024), max_visual_tokens=num_tokens,
-                   patches_per_token=kind.patches_per_token(vision))
+                   patches_per_token=kind.patches_per_token(vision),
+                   tokens_per_tile=getattr(vision, "tokens_per_tile", 0))
 
     def dim(self, name: str) -> tuple[int, int, int]:
         """(min, opt, max) of a symbolic dimension, by the optimum / onnxruntime-genai names the graphs use."""
@@ -71,6 +73,8 @@ class ShapeRanges:
                                  (self.min_visual_tokens, self.opt_visual_tokens, self.max_visual_tokens)),
             "num_windows": (1, max(1, self.opt_visual_tokens // 16), self.max_visual_tokens),
         }
+        if self.tokens_per_tile:
+            ranges["num_tiles"] = tuple(max(1, n // self.tokens_per_tile) for n in ranges["num_visual_tokens"])
         if name not in ranges:
             raise BundleError(f"manifest.json: no shape range for the dimension {name!r}; this zspa cannot build it")
         return ranges[name]

@@ -24,6 +24,7 @@ from zspa.runtime.bundle import Bundle
 from zspa.runtime.deepstack import gather as deepstack_gather
 from zspa.runtime.deepstack import splice as deepstack_splice
 from zspa.runtime.images import DEFAULT_MAX_PIXELS, IMAGE_FORMATS, ImageSource, VisionInput, load_image
+from zspa.runtime.logprobs import MAX_TOP_LOGPROBS, log_softmax
 from zspa.runtime.positions import SCHEMES, position_extent, prefill_positions
 from zspa.runtime.prompting import Prompt, PromptBuilder
 from zspa.runtime.sampling import SamplingParams
@@ -69,6 +70,7 @@ class Request:
     limits: Limits
     started: float  # when the request was made: its time to first token counts from here
     prepared_ms: float  # decoding and preprocessing its images (and their vision-cache digests)
+    logprobs: int | None = None  # each answer token's log-probability with this many alternatives
 
 
 class GenerationStream:
@@ -147,6 +149,7 @@ class Pipeline:
         seed: int | None = None,
         stop: list[str] | None = None,
         ignore_eos: bool = False,
+        logprobs: int | None = None,
         stream: bool = False,
     ) -> GenerationResult | GenerationStream:
         """Answers `prompt` (a question, or a conversation built by `self.prompts.build_chat`) about
@@ -154,10 +157,11 @@ class Pipeline:
         gets them all before its text). keep/method None use the bundle's defaults (its first method,
         smallest keep); keep 1.0 disables pruning; keep applies to each image on its own. With
         stream=True returns a `GenerationStream` of text deltas. ignore_eos generates exactly
-        max_new_tokens (profiling)."""
+        max_new_tokens (profiling). logprobs N (0–20) puts each answer token's log-probability, and
+        the N most likely tokens', in `result.logprobs`."""
         request = self.request(images, prompt, keep=keep, method=method, max_new_tokens=max_new_tokens,
                                temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, stop=stop,
-                               ignore_eos=ignore_eos)
+                               ignore_eos=ignore_eos, logprobs=logprobs)
         stream_ = GenerationStream(self._generate(request))
         if stream:
             return stream_
@@ -181,7 +185,8 @@ class Pipeline:
     def request(self, images: ImageSource | PreparedImage | list[ImageSource | PreparedImage],
                 prompt: str | Prompt, *, keep: float | None = None, method: str | None = None,
                 max_new_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
-                seed: int | None = None, stop: list[str] | None = None, ignore_eos: bool = False) -> Request:
+                seed: int | None = None, stop: list[str] | None = None, ignore_eos: bool = False,
+                logprobs: int | None = None) -> Request:
         """Checks a request and decodes and preprocesses its images (so a bad one fails here, not
         mid-stream); the keywords are `generate`'s. Thread-safe: the service runs it in the
         request's thread, off the decoding worker."""
@@ -190,6 +195,8 @@ class Pipeline:
         params = SamplingParams(temperature, top_p, top_k, seed)
         if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise InvalidInputError(f"max_new_tokens must be an integer ≥ 1, got {max_new_tokens!r}")
+        if logprobs is not None and not (isinstance(logprobs, int) and 0 <= logprobs <= MAX_TOP_LOGPROBS):
+            raise InvalidInputError(f"logprobs must be an integer in [0, {MAX_TOP_LOGPROBS}] or None, got {logprobs!r}")
         sources = list(images) if isinstance(images, (list, tuple)) else [images]
         built = prompt if isinstance(prompt, Prompt) else self.prompts.build(prompt, self.max_context,
                                                                              images=len(sources))
@@ -210,7 +217,8 @@ class Pipeline:
         eos = set() if ignore_eos else set(self.bundle.manifest.text.eos_token_ids)
         limits = Limits(max_new_tokens, list(stop or []), eos, self.max_context)
         started = min([started, *(block.image.started for block in blocks)])
-        return Request(blocks, built, params, limits, started, sum(block.image.prepared_ms for block in blocks))
+        return Request(blocks, built, params, limits, started, sum(block.image.prepared_ms for block in blocks),
+                       logprobs)
 
     @staticmethod
     def _block(image: PreparedImage, pruner: PrunerSpec | None, keep: float) -> ImageBlock:
@@ -264,7 +272,7 @@ class Pipeline:
         kept_indices = np.concatenate([np.zeros(0, np.int64),
                                        *(start + kept for start, kept in zip(starts, block_kept))])
         answer = Sequence(stats, kept_indices, request.params, request.limits, self.prompts.decode,
-                          int(positions.max()) + 1, request.started)
+                          int(positions.max()) + 1, request.started, request.logprobs)
         return answer, logits[0]
 
     def _vision(self, image: PreparedImage, stats: GenerationStats) -> np.ndarray:
@@ -293,6 +301,30 @@ class Pipeline:
             feeds["budget"] = np.array([block.kept_count], dtype=np.int64)
         kept, kept_indices = self.pruners[block.pruner.graph].run(feeds)
         return kept, kept_indices[0]
+
+    def score(self, images: ImageSource | list[ImageSource], prompt: str | Prompt, continuation: list[int], *,
+              keep: float | None = None, method: str | None = None) -> tuple[float, bool]:
+        """The log-probability of the answer `continuation` (token ids, after the prompt's
+        generation prompt) about `images`, and whether greedy decoding would produce it: what
+        lmms-eval's `loglikelihood` tasks (multiple choice) ask. One prefill, then one decode step
+        per continuation token but the last (the decoder returns the last position's logits)."""
+        if not continuation:
+            raise InvalidInputError("the continuation to score is empty")
+        request = self.request(images, prompt, keep=keep, method=method, max_new_tokens=len(continuation))
+        answer, logits = self.prefill(request)
+        if answer.position + len(continuation) > self.max_context:
+            raise InvalidInputError(f"the prompt and its {len(continuation)}-token continuation need "
+                                    f"{answer.position + len(continuation)} positions, over the context of "
+                                    f"{self.max_context}")
+        solo, total, greedy = SoloDecode(self.decoder), 0.0, True
+        solo.add(self.decoder)
+        for i, token in enumerate(continuation):
+            total += float(log_softmax(logits)[token])
+            greedy = greedy and int(np.argmax(logits)) == token
+            if i + 1 < len(continuation):
+                logits = solo.step(self.embed_tokens([token]), self.position_ids([answer.position]))[0]
+                answer.advance()
+        return total, greedy
 
     def embed_tokens(self, tokens: list[int]) -> np.ndarray:
         """Embeddings [B, 1, H] of one next token per row."""

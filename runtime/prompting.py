@@ -68,6 +68,12 @@ class PromptBuilder:
         return render(self.spec.chat_template, messages, add_generation_prompt=True,
                       bos_token=self._token(self.spec.bos_token_id), eos_token=self._token(self.spec.eos_token_ids[0]))
 
+    def _expand_images(self, text: str) -> str:
+        """Each image placeholder as the family's processor writes it before tokenizing (InternVL
+        wraps it in `<img>…</img>`), still one placeholder per image."""
+        image_text = self.spec.image_text
+        return text if image_text is None else text.replace(self.spec.image_token, image_text)
+
     def _token(self, token_id: int | None) -> str:
         return (self.tokenizer.id_to_token(token_id) or "") if token_id is not None else ""
 
@@ -92,7 +98,7 @@ class PromptBuilder:
             raise InvalidInputError("the last user message has no text: nothing to ask about the image")
         if max_tokens is not None:
             self._check_characters(messages, max_tokens, limit)
-        text = self.render(messages)
+        text = self._expand_images(self.render(messages))
         spans = self._question_spans(messages, texts)
         if any(text[start:end] != question for (start, end), question in zip(spans, texts)):
             raise BundleError("chat template does not place the user's text verbatim; cannot mark the question")
@@ -130,7 +136,7 @@ class PromptBuilder:
         last = {**messages[-1], "content": [
             {**part, "text": next(sentinels)} if part.get("type") == "text" else part for part in content
         ]}
-        marked = self.render([*messages[:-1], last])
+        marked = self._expand_images(self.render([*messages[:-1], last]))
         spans, shift, search_from = [], 0, 0
         for i, question in enumerate(texts):
             sentinel = _sentinel(nonce, i)
@@ -144,3 +150,12 @@ class PromptBuilder:
 
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def encode_text(self, text: str) -> list[int]:
+        """Token ids of `text` alone, no special tokens: an answer to append after the prompt."""
+        return self.tokenizer.encode(text, add_special_tokens=False).ids
+
+    def token_text(self, token_id: int) -> str:
+        """One token's text as logprobs show it: special tokens included, a partial UTF-8
+        sequence as the replacement character."""
+        return self.tokenizer.decode([token_id], skip_special_tokens=False)

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from zspa.runtime.detokenize import IncrementalDetokenizer
+from zspa.runtime.logprobs import TokenLogprob, token_logprob
 from zspa.runtime.sampling import SamplingParams, next_token
 from zspa.runtime.stops import first_stop, held_back
 
@@ -45,6 +46,7 @@ class GenerationResult:
     finish_reason: str  # "stop" (EOS or stop string) or "length"
     stats: GenerationStats
     first_token_logits: np.ndarray  # float32 [V]: what prefill predicted, for agreement metrics
+    logprobs: list[TokenLogprob] | None = None  # one per answer token, when asked for
 
 
 @dataclass
@@ -59,8 +61,13 @@ class Limits:
 
 class Sequence:
     def __init__(self, stats: GenerationStats, kept_indices: np.ndarray, params: SamplingParams, limits: Limits,
-                 decode: Callable[[list[int]], str], next_position: int, started: float):
+                 decode: Callable[[list[int]], str], next_position: int, started: float,
+                 logprobs: int | None = None):
+        """`logprobs`: None, or how many alternatives each answer token's log-probability comes with."""
         self.stats, self.kept_indices, self.params, self.limits = stats, kept_indices, params, limits
+        self.top_logprobs = logprobs
+        self.logprobs: list[TokenLogprob] = []
+        self._logprobs_sent = 0
         self.rng = np.random.default_rng(params.seed)
         self.detokenizer = IncrementalDetokenizer(decode)
         self.position = next_position  # where the next token fed to the decoder sits
@@ -91,6 +98,8 @@ class Sequence:
         if token in limits.eos:
             self.finish_reason = "stop"
             return ""
+        if self.top_logprobs is not None:
+            self.logprobs.append(token_logprob(logits, token, self.top_logprobs))
         before = len(self.text)
         self.text = self.detokenizer.add(token)
         if first_stop(self.text, limits.stop, len(self.text) - before) is not None:
@@ -103,6 +112,11 @@ class Sequence:
         if len(tokens) < limits.max_new_tokens and max(self.position, self.length) < limits.max_context:
             self.token = token
         return delta
+
+    def take_logprobs(self) -> list[TokenLogprob]:
+        """The answer tokens' log-probabilities not taken yet (streamed with the text they make)."""
+        taken, self._logprobs_sent = self.logprobs[self._logprobs_sent:], len(self.logprobs)
+        return taken
 
     def advance(self) -> None:
         """The decoder has taken `token` at `position`."""
@@ -119,5 +133,6 @@ class Sequence:
             text, self.finish_reason = text[:cut], "stop"
         self.stats.tokens_generated = len(self.detokenizer.tokens)
         self.result = GenerationResult(text, self.detokenizer.tokens, self.kept_indices, self.finish_reason,
-                                       self.stats, self.first_token_logits)
+                                       self.stats, self.first_token_logits,
+                                       self.logprobs if self.top_logprobs is not None else None)
         return text[self.emitted:] if len(text) > self.emitted else ""

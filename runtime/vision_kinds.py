@@ -20,6 +20,7 @@ from zspa.errors import BundleError
 from zspa.manifest import ClipVisionSpec, DecoderSpec, PatchVisionSpec, VisionSpec
 from zspa.runtime.images import VisionInput, clip_pixels, normalise
 from zspa.runtime.qwen_vision import prepare_qwen
+from zspa.runtime.tiles import fewest_tiles, prepare_tiles
 
 
 @dataclass(frozen=True)
@@ -56,6 +57,12 @@ KINDS: dict[str, VisionKind] = {
                        warmup_size=lambda spec: (spec.image_size[0], spec.image_size[1]), mrope=False),
     "qwen2_vl": _QWEN,
     "qwen3_vl": _QWEN,
+    # InternVL: 1–max tiles plus a thumbnail, a fixed number of tokens each; the vision graph takes
+    # the tiles as its batch (engine profiles count tiles, not patches); 1-D positions.
+    "internvl": VisionKind(prepare_tiles, fixed_tokens=False,
+                           fewest_tokens=lambda spec: fewest_tiles(spec) * spec.tokens_per_tile,
+                           patches_per_token=lambda spec: 1,
+                           warmup_size=lambda spec: (spec.tile_size[0], 2 * spec.tile_size[1]), mrope=False),
 }
 
 

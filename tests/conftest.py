@@ -77,16 +77,32 @@ def _builtin_fixtures(prefix: str, model: str, folder: str):
 qwen_hf, qwen_bundle, qwen_pipeline = _builtin_fixtures("qwen", "tiny-random-qwen2.5-vl", "tiny-qwen")
 qwen2_hf, qwen2_bundle, qwen2_pipeline = _builtin_fixtures("qwen2", "tiny-random-qwen2-vl", "tiny-qwen2")
 qwen3_hf, qwen3_bundle, qwen3_pipeline = _builtin_fixtures("qwen3", "tiny-random-qwen3-vl", "tiny-qwen3")
+internvl_hf, internvl_bundle, internvl_pipeline = _builtin_fixtures("internvl", "tiny-random-internvl3",
+                                                                    "tiny-internvl")
 
 # The Qwen families (manifest `family`) and their fixtures' prefix.
 QWEN_FAMILIES = {"qwen2_5_vl": "qwen", "qwen2_vl": "qwen2", "qwen3_vl": "qwen3"}
 
 
+def _family(request, prefixes: dict[str, str]):
+    prefix = prefixes[request.param]
+    return request.param, *(request.getfixturevalue(f"{prefix}_{part}") for part in ("hf", "bundle", "pipeline"))
+
+
 @pytest.fixture(scope="module", params=list(QWEN_FAMILIES))
 def qwen_family(request):
     """(family name, (transformers model, processor), bundle, pipeline) of each Qwen family's tiny model."""
-    prefix = QWEN_FAMILIES[request.param]
-    return request.param, *(request.getfixturevalue(f"{prefix}_{part}") for part in ("hf", "bundle", "pipeline"))
+    return _family(request, QWEN_FAMILIES)
+
+
+# Families whose images give a varying number of visual tokens, and their fixtures' prefix.
+DYNAMIC_FAMILIES = {**QWEN_FAMILIES, "internvl": "internvl"}
+
+
+@pytest.fixture(scope="module", params=list(DYNAMIC_FAMILIES))
+def dynamic_family(request):
+    """`qwen_family`'s tuple for each dynamic-resolution family's tiny model (the Qwen families, InternVL)."""
+    return _family(request, DYNAMIC_FAMILIES)
 
 
 def _sample(name: str) -> Path:

@@ -54,17 +54,19 @@ async def _serve(pipeline, images, requests, max_batch: int) -> tuple[list, list
     for job in jobs:
         streamed = ""
         while (event := await asyncio.wait_for(job.events.get(), 120))[0] not in ("done", "error"):
-            streamed += event[1] or ""
+            streamed += event[1][0] if event[0] == "delta" else ""
         finals.append((event, streamed))
     scheduler.stop()
     return finals, sizes
 
 
-@pytest.mark.parametrize("family", ["pipeline", "qwen_pipeline", "qwen2_pipeline", "qwen3_pipeline"])
+@pytest.mark.parametrize("family", ["pipeline", "qwen_pipeline", "qwen2_pipeline", "qwen3_pipeline",
+                                    "internvl_pipeline"])
 def test_batched_rows_answer_as_they_would_alone(family, images, request):
     """LLaVA's 576-token grid, the Qwen families' dynamic grids with M-RoPE positions ([3, B, 1]
     per step, each row at its own position) under the same left padding, Qwen3-VL's decode steps
-    with zero DeepStack planes; a row with two images among them."""
+    with zero DeepStack planes, InternVL's tiled blocks (3,328 tokens for the photo); a row with
+    two images among them."""
     pipeline = request.getfixturevalue(family)
     finals, sizes = asyncio.run(_serve(pipeline, images, REQUESTS, max_batch=3))
     assert max(sizes) == 3 and min(sizes) < 3  # rows really shared steps, and the batch shrank and refilled

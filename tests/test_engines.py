@@ -111,11 +111,12 @@ def test_zspa_build_without_tensorrt_says_what_to_install(tiny_bundle, capsys):
     assert "needs TensorRT" in capsys.readouterr().err  # and what to install
 
 
-@pytest.mark.parametrize("prefix, fused_blocks", [("qwen", 2), ("qwen2", 4), ("qwen3", 4)])
+@pytest.mark.parametrize("prefix, fused_blocks", [("qwen", 2), ("qwen2", 4), ("qwen3", 4), ("internvl", 2)])
 def test_tensorrt_gets_the_fused_vision_attention_as_the_pattern_it_fuses(prefix, fused_blocks, request):
     """The Qwen vision graphs attend over whole images through onnxruntime's MultiHeadAttention
-    (one node per full-attention block); zspa-build hands TensorRT's parser the same graph with
-    each node expanded into standard operators, which computes the same features."""
+    (one node per full-attention block), InternVL's over each of three tiles (a batch of them);
+    zspa-build hands TensorRT's parser the same graph with each node expanded into standard
+    operators, which computes the same features."""
     import numpy as np
     import onnx
     import onnxruntime as ort
@@ -131,8 +132,11 @@ def test_tensorrt_gets_the_fused_vision_attention_as_the_pattern_it_fuses(prefix
     assert not [node for node in model.graph.node if node.domain not in ("", "ai.onnx")]
     grid_h, grid_w = 12, 20
     rng = np.random.default_rng(0)
-    feeds = {"pixel_values": rng.standard_normal((grid_h * grid_w, 3 * 2 * spec.patch_size**2), dtype=np.float32),
-             **vision_indices(grid_h, grid_w, 2, spec.window_size, spec.patch_size, spec.position_grid)}
+    if prefix == "internvl":
+        feeds = {"pixel_values": rng.standard_normal((3, 3, *spec.tile_size), dtype=np.float32)}
+    else:
+        feeds = {"pixel_values": rng.standard_normal((grid_h * grid_w, 3 * 2 * spec.patch_size**2), dtype=np.float32),
+                 **vision_indices(grid_h, grid_w, 2, spec.window_size, spec.patch_size, spec.position_grid)}
     fused = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, feeds)
     expanded = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)
     for ours, theirs in zip(expanded, fused, strict=True):

@@ -36,8 +36,6 @@ def test_settings_the_bundle_cannot_run_are_refused_before_any_request(tiny_bund
         ZspaLMM(bundle=str(tiny_bundle), keep="0.1", method="divprune")
     with pytest.raises(ZspaError, match="--batch_size 1"):
         ZspaLMM(bundle=str(tiny_bundle), batch_size="4")
-    with pytest.raises(NotImplementedError, match="generate_until"):
-        ZspaLMM(bundle=str(tiny_bundle)).loglikelihood([])
 
 
 @pytest.mark.parametrize("context, images, expected", [
@@ -71,6 +69,57 @@ def test_a_document_with_two_images_is_answered_about_both(tiny_bundle, pipeline
     expected = pipeline.generate([photo_path, rgba_png_path], pipeline.prompts.build_chat(chat), keep=0.25,
                                  method="zspa", max_new_tokens=5)
     assert answer == expected.text and expected.stats.visual_tokens_kept == 2 * 144
+
+
+def _instance(kind: str, arguments: tuple):
+    from lmms_eval.api.instance import Instance
+
+    return Instance(kind, arguments, idx=0, metadata={"task": "task", "doc_id": 0, "repeats": 1})
+
+
+def test_loglikelihood_scores_each_option_as_the_pipeline_does(tiny_bundle, pipeline, photo_path):
+    """Multiple choice: each option's log-probability as the answer, and whether it is greedy."""
+    from PIL import Image
+
+    from zspa.integrations.lmms_eval import ZspaLMM
+
+    model = ZspaLMM(bundle=str(tiny_bundle), keep="0.25", method="zspa")
+    model.task_dict = {"task": {"test": [{"image": Image.open(photo_path)}]}}
+    greedy = pipeline.generate(photo_path, "What is worn?", keep=0.25, method="zspa", max_new_tokens=3).text
+    options = [" A hat", " a chair by the window", greedy]
+    scores = model.loglikelihood([_instance("loglikelihood", ("<image>\nWhat is worn?", option,
+                                                              lambda doc: [doc["image"]], 0, "task", "test"))
+                                  for option in options])
+    for option, (logprob, is_greedy) in zip(options, scores, strict=True):
+        expected = pipeline.score(photo_path, "What is worn?", pipeline.prompts.encode_text(option), keep=0.25,
+                                  method="zspa")
+        assert (logprob, is_greedy) == pytest.approx(expected) and logprob < 0
+    assert [is_greedy for _, is_greedy in scores] == [False, False, True]
+
+
+def test_multi_round_answers_each_round_with_the_task_s_next_context(tiny_bundle, pipeline, photo_path):
+    from PIL import Image
+
+    from zspa.integrations.lmms_eval import ZspaLMM
+
+    model = ZspaLMM(bundle=str(tiny_bundle), keep="0.25", method="zspa")
+    photo = Image.open(photo_path)
+    model.task_dict = {"task": {"test": [{"image": photo}]}}
+    seen = []
+
+    def doc_to_text(doc, previous_output, round_idx, previous_round_info):
+        seen.append((list(previous_output), round_idx, previous_round_info))
+        context = f"You said {previous_output[-1]!r}. Why?"
+        return [doc["image"]], context, round_idx == 3, previous_output, {"round": round_idx}
+
+    request = _instance("generate_until_multi_round", ("What is it?", {"max_new_tokens": 4, "until": ["\n"]},
+                                                       lambda doc: [doc["image"]], doc_to_text, 0, "task", "test"))
+    (rounds,) = model.generate_until_multi_round([request])
+    first = pipeline.generate(photo_path, "What is it?", keep=0.25, method="zspa", max_new_tokens=4).text
+    second = pipeline.generate(photo_path, f"You said {first!r}. Why?", keep=0.25, method="zspa",
+                               max_new_tokens=4).text
+    assert rounds[:2] == [first, second] and len(rounds) == 3
+    assert [(r, info) for _, r, info in seen] == [(1, None), (2, {"round": 1}), (3, {"round": 2})]
 
 
 @pytest.mark.slow

@@ -60,6 +60,41 @@ def test_two_images_at_keep_one_reproduce_hf_generate(tiny_hf, pipeline, photo_p
     assert result.stats.visual_tokens_kept == 2 * 576 == (inputs["input_ids"] == model.config.image_token_id).sum()
 
 
+def test_logprobs_equal_transformers_scores(tiny_hf, pipeline, photo_path):
+    """Each answer token's log-probability and the top 3 equal the log-softmax of transformers'
+    logits at that step (keep 1.0, greedy)."""
+    model, processor = tiny_hf
+    inputs = processor(images=Image.open(photo_path), text=hf_prompt(processor), return_tensors="pt")
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=MAX_NEW, do_sample=False, output_logits=True,
+                             return_dict_in_generate=True)
+    expected = [torch.log_softmax(step[0].double(), -1) for step in out.logits]
+    result = pipeline.generate(photo_path, QUESTION, keep=1.0, max_new_tokens=MAX_NEW, logprobs=3)
+    assert [entry.token_id for entry in result.logprobs] == result.token_ids and len(result.token_ids) >= 4
+    for entry, logprobs in zip(result.logprobs, expected):
+        assert entry.logprob == pytest.approx(float(logprobs[entry.token_id]), abs=1e-4)
+        top = torch.topk(logprobs, 3)
+        assert [token for token, _ in entry.top] == top.indices.tolist() and entry.top[0][0] == entry.token_id
+        np.testing.assert_allclose([value for _, value in entry.top], top.values.numpy(), atol=1e-4)
+
+
+def test_score_is_the_continuation_s_log_probability_under_transformers(tiny_hf, pipeline, photo_path):
+    model, processor = tiny_hf
+    continuation = pipeline.prompts.encode_text(" A red hat on a chair")
+    total, greedy = pipeline.score(photo_path, QUESTION, continuation, keep=1.0)
+    inputs = processor(images=Image.open(photo_path), text=hf_prompt(processor), return_tensors="pt")
+    ids = torch.cat([inputs["input_ids"], torch.tensor([continuation])], dim=1)
+    with torch.no_grad():
+        logits = model(input_ids=ids, pixel_values=inputs["pixel_values"], attention_mask=torch.ones_like(ids)).logits
+    start = inputs["input_ids"].shape[1] - 1  # the logits at the last prompt token predict the first answer token
+    logprobs = torch.log_softmax(logits[0, start:start + len(continuation)].double(), -1)
+    assert total == pytest.approx(float(sum(logprobs[i, t] for i, t in enumerate(continuation))), abs=1e-3)
+    transformers_greedy = all(int(logprobs[i].argmax()) == t for i, t in enumerate(continuation))
+    assert greedy == transformers_greedy and not greedy  # a made-up answer is not the greedy one
+    answer = pipeline.generate(photo_path, QUESTION, keep=1.0, max_new_tokens=5).token_ids
+    assert pipeline.score(photo_path, QUESTION, answer, keep=1.0)[1] is True  # the greedy answer is greedy
+
+
 def test_runtime_prompt_ids_match_hf_processor(tiny_hf, pipeline, photo_path):
     """Same ids as the transformers processor, with its N image tokens collapsed into one slot."""
     _, processor = tiny_hf

@@ -130,6 +130,28 @@ def test_several_images_over_several_turns_answer_like_the_pipeline(client, pipe
     assert response.usage.model_extra == {"visual_tokens_total": 3 * 576, "visual_tokens_kept": 3 * 144}
 
 
+def test_logprobs_follow_openai_streamed_or_not(client, pipeline, photo_path, photo_url):
+    """logprobs / top_logprobs: one entry per answer token with OpenAI's fields, the pipeline's
+    values; the stream's chunks carry the same entries in order (batching on)."""
+    messages = _messages(photo_url, "Describe it.")
+    plain = client.chat.completions.create(model=MODEL, messages=messages, temperature=0, max_tokens=8,
+                                           logprobs=True, top_logprobs=2)
+    expected = pipeline.generate(photo_path, "Describe it.", max_new_tokens=8, logprobs=2)
+    content = plain.choices[0].logprobs.content
+    assert [entry.token for entry in content] == [pipeline.prompts.token_text(t) for t in expected.token_ids]
+    for entry, ours in zip(content, expected.logprobs, strict=True):
+        assert entry.logprob == pytest.approx(ours.logprob) and entry.bytes == list(entry.token.encode())
+        assert [top.token for top in entry.top_logprobs] == [pipeline.prompts.token_text(t) for t, _ in ours.top]
+        assert [top.logprob for top in entry.top_logprobs] == pytest.approx([value for _, value in ours.top])
+    chunks = list(client.chat.completions.create(model=MODEL, messages=messages, temperature=0, max_tokens=8,
+                                                 logprobs=True, top_logprobs=2, stream=True))
+    streamed = [entry for chunk in chunks if chunk.choices and chunk.choices[0].logprobs
+                for entry in chunk.choices[0].logprobs.content]
+    assert [(e.token, e.logprob) for e in streamed] == [(e.token, e.logprob) for e in content]
+    without = client.chat.completions.create(model=MODEL, messages=messages, temperature=0, max_tokens=2)
+    assert without.choices[0].logprobs is None
+
+
 def test_a_request_without_images_is_answered_as_text(client, pipeline):
     response = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Say hi."}],
                                               temperature=0, max_tokens=6)
@@ -217,6 +239,10 @@ BAD_REQUESTS = {
     "prompt past the character bound": (lambda b: {**b, "messages": _messages(
         b["messages"][0]["content"][0]["image_url"]["url"], "x" * 200_000)}, "messages",
         "characters, more than the server's limit (--max-prompt-tokens) of 200"),
+    "top_logprobs without logprobs": (lambda b: {**b, "top_logprobs": 2}, "top_logprobs",
+                                      "top_logprobs needs logprobs: true"),
+    "top_logprobs 21": (lambda b: {**b, "logprobs": True, "top_logprobs": 21}, "top_logprobs",
+                        "less than or equal to 20"),
     "ends with the assistant": (lambda b: {**b, "messages": [*b["messages"], {"role": "assistant", "content": "x"}]},
                                 "messages", "end with a user message"),
 }

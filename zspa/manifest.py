@@ -46,7 +46,7 @@ class VisionSpec:
     """Image preprocessing every kind shares (the family's transformers processor, PIL path); each
     `kind` has its own spec type below with the fields only it reads (`VISION_SPECS`)."""
 
-    kind: str  # "clip" | "qwen2_vl" | "qwen3_vl": which preparation runtime/vision_kinds.py applies
+    kind: str  # "clip" | "qwen2_vl" | "qwen3_vl" | "internvl": which preparation runtime/vision_kinds.py applies
     resample: int  # PIL resampling filter id
     rescale_factor: float
     mean: list[float]
@@ -95,9 +95,30 @@ class PatchVisionSpec(VisionSpec):
             raise BundleError("manifest.json: vision.min_pixels and max_pixels must satisfy 0 ≤ min ≤ max ≤ 2^30")
 
 
+@dataclass(frozen=True)
+class TileVisionSpec(VisionSpec):
+    """"internvl" (InternVL3/3.5): the image resized onto the grid of `tile_size` tiles (between
+    min_tiles and max_tiles of them) whose aspect ratio is closest to its own, split into tiles,
+    plus a thumbnail of the whole image when there is more than one tile; every tile gives
+    `tokens_per_tile` visual tokens, all of one image one block (runtime/tiles.py)."""
+
+    tile_size: list[int]  # [height, width] of a tile, what the vision graph takes
+    min_tiles: int
+    max_tiles: int
+    use_thumbnail: bool
+    tokens_per_tile: int
+
+    def check(self) -> None:
+        if len(self.tile_size) != 2 or not all(1 <= side <= 2**14 for side in self.tile_size):
+            raise BundleError(f"manifest.json: vision.tile_size is {self.tile_size!r}; expected [height, width]")
+        _in_range("vision.tokens_per_tile", self.tokens_per_tile, 1, 2**16)
+        if not 1 <= self.min_tiles <= self.max_tiles <= 64:
+            raise BundleError("manifest.json: vision.min_tiles and max_tiles must satisfy 1 ≤ min ≤ max ≤ 64")
+
+
 # Each preprocessing kind's spec type; runtime/vision_kinds.py implements the same kinds (a test checks).
 VISION_SPECS: dict[str, type[VisionSpec]] = {"clip": ClipVisionSpec, "qwen2_vl": PatchVisionSpec,
-                                             "qwen3_vl": PatchVisionSpec}
+                                             "qwen3_vl": PatchVisionSpec, "internvl": TileVisionSpec}
 
 
 @dataclass(frozen=True)
@@ -110,6 +131,9 @@ class TextSpec:
     chat_template: str
     max_context: int
     add_special_tokens: bool = True
+    # What each image's placeholder becomes before tokenizing, holding it once: the text a family's
+    # processor puts around an image block (InternVL: "<img><IMG_CONTEXT></img>"); None: itself.
+    image_text: str | None = None
 
 
 @dataclass(frozen=True)
@@ -309,6 +333,9 @@ def check_values(manifest: Manifest) -> None:
     for i, token in enumerate(text.eos_token_ids):
         _in_range(f"text.eos_token_ids[{i}]", token, 0, decoder.vocab_size - 1)
     _in_range("text.image_token_id", text.image_token_id, 0, decoder.vocab_size - 1)
+    if text.image_text is not None and text.image_text.count(text.image_token) != 1:
+        raise BundleError(f"manifest.json: text.image_text {text.image_text!r} must hold the image token "
+                          f"{text.image_token!r} exactly once")
     if len(vision.mean) != 3 or len(vision.std) != 3:
         raise BundleError("manifest.json: vision.mean and vision.std need one value per RGB channel")
     for i, value in enumerate(vision.std):

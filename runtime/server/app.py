@@ -12,7 +12,7 @@ import json
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from datetime import datetime
 
@@ -28,7 +28,14 @@ from zspa.runtime.server.conversation import prepare
 from zspa.runtime.server.errors import INTERNAL, APIError, timed_out
 from zspa.runtime.server.metrics import ServerMetrics
 from zspa.runtime.server.openapi import openapi_schema
-from zspa.runtime.server.protocol import chunk_body, completion_body, completion_id, parse_body, usage_body
+from zspa.runtime.server.protocol import (
+    chunk_body,
+    completion_body,
+    completion_id,
+    logprobs_body,
+    parse_body,
+    usage_body,
+)
 from zspa.runtime.server.scheduler import Job, QueueFull, Scheduler
 from zspa.runtime.server.settings import ServerSettings
 
@@ -214,7 +221,8 @@ def create_app(pipeline: Pipeline, settings: ServerSettings) -> FastAPI:
             if kind == "error":
                 raise value
             if body.stream:
-                events = _sse(job, deadline, settings, request_id, created, body.include_usage_in_stream)
+                events = _sse(job, deadline, settings, request_id, created, body.include_usage_in_stream,
+                              pipeline.prompts.token_text if body.logprobs else None)
                 return StreamingResponse(events, media_type="text/event-stream",
                                          headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
             event = await _next_event(job, deadline, settings, request)
@@ -224,7 +232,7 @@ def create_app(pipeline: Pipeline, settings: ServerSettings) -> FastAPI:
         kind, value = event
         if kind == "error":
             raise value
-        return completion_body(request_id, settings.model_name, created, value)
+        return completion_body(request_id, settings.model_name, created, value, pipeline.prompts.token_text)
 
     return app
 
@@ -307,15 +315,17 @@ async def _next_event(job: Job, deadline: float, settings: ServerSettings, reque
 
 
 async def _sse(job: Job, deadline: float, settings: ServerSettings, request_id: str, created: int,
-               include_usage: bool) -> AsyncIterator[str]:
-    """OpenAI's chunk stream: a role chunk, content deltas, a finish chunk, usage if asked, [DONE].
-    An error after the headers went out is sent as an `{"error": ...}` event, as OpenAI does."""
+               include_usage: bool, token_text: Callable[[int], str] | None) -> AsyncIterator[str]:
+    """OpenAI's chunk stream: a role chunk, content deltas (each with its tokens' logprobs when
+    `token_text` is given), a finish chunk, usage if asked, [DONE]. An error after the headers went
+    out is sent as an `{"error": ...}` event, as OpenAI does."""
 
     def event(payload) -> str:
         return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
 
-    def chunk(delta, finish_reason=None, usage=None) -> str:
-        return event(chunk_body(request_id, settings.model_name, created, delta, finish_reason, usage))
+    def chunk(delta, finish_reason=None, usage=None, logprobs=None) -> str:
+        body = logprobs_body(logprobs, token_text) if token_text is not None and logprobs is not None else None
+        return event(chunk_body(request_id, settings.model_name, created, delta, finish_reason, usage, body))
 
     try:
         yield chunk({"role": "assistant", "content": ""})
@@ -328,12 +338,13 @@ async def _sse(job: Job, deadline: float, settings: ServerSettings, request_id: 
                 return
             pending = None
             if kind == "delta":
+                text, logprobs = value
                 while not job.events.empty():  # deltas the client has not taken yet leave as one chunk
                     pending = job.events.get_nowait()
                     if pending[0] != "delta":
                         break
-                    value, pending = value + pending[1], None
-                yield chunk({"content": value})
+                    text, logprobs, pending = text + pending[1][0], logprobs + pending[1][1], None
+                yield chunk({"content": text}, logprobs=logprobs)
             elif kind == "error":
                 yield event(value.body())
                 return

@@ -48,7 +48,7 @@ def prepare(request: ChatCompletionRequest, pipeline: Pipeline, settings: Server
         "keep": keep, "method": request.pruning_method,
         "max_new_tokens": request.completion_limit or settings.default_max_tokens,
         "temperature": request.temperature, "top_p": request.top_p, "top_k": request.top_k, "seed": request.seed,
-        "stop": request.stop, "ignore_eos": request.ignore_eos,
+        "stop": request.stop, "ignore_eos": request.ignore_eos, "logprobs": request.logprob_count,
     }
     try:
         prepared = pipeline.request(prepared_images, prompt, **options)

@@ -17,12 +17,19 @@ _ERROR = {"type": "object", "required": ["error"], "properties": {"error": {
 _USAGE = {"type": "object", "required": ["prompt_tokens", "completion_tokens", "total_tokens"], "properties": {
     name: {"type": "integer", "minimum": 0} for name in (
         "prompt_tokens", "completion_tokens", "total_tokens", "visual_tokens_total", "visual_tokens_kept")}}
+_TOKEN_LOGPROB = {"type": "object", "required": ["token", "logprob", "bytes"], "properties": {
+    "token": {"type": "string"}, "logprob": {"type": "number", "maximum": 0},
+    "bytes": {"type": "array", "items": {"type": "integer", "minimum": 0, "maximum": 255}}}}
+_LOGPROBS = {"type": ["object", "null"], "required": ["content"], "properties": {
+    "refusal": {"type": "null"}, "content": {"type": "array", "items": {
+        **_TOKEN_LOGPROB, "required": ["token", "logprob", "bytes", "top_logprobs"],
+        "properties": {**_TOKEN_LOGPROB["properties"], "top_logprobs": {"type": "array", "items": _TOKEN_LOGPROB}}}}}}
 _COMPLETION = {"type": "object", "required": ["id", "object", "created", "model", "choices", "usage"], "properties": {
     "id": {"type": "string"}, "object": {"const": "chat.completion"}, "created": {"type": "integer"},
     "model": {"type": "string"}, "usage": {"$ref": "#/components/schemas/Usage"},
     "choices": {"type": "array", "minItems": 1, "maxItems": 1, "items": {
         "type": "object", "required": ["index", "message", "finish_reason"], "properties": {
-            "index": {"const": 0}, "finish_reason": {"enum": ["stop", "length"]}, "logprobs": {"type": "null"},
+            "index": {"const": 0}, "finish_reason": {"enum": ["stop", "length"]}, "logprobs": _LOGPROBS,
             "message": {"type": "object", "required": ["role", "content"], "properties": {
                 "role": {"const": "assistant"}, "content": {"type": "string"}}}}}}}}
 _MODELS = {"type": "object", "required": ["object", "data"], "properties": {

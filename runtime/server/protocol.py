@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
+from zspa.runtime.logprobs import MAX_TOP_LOGPROBS, TokenLogprob
 from zspa.runtime.server.errors import invalid
 
 # Bounds on what one request may ask for: each keeps the work per request proportional to limits
@@ -76,6 +78,8 @@ class ChatCompletionRequest(_Strict):
     frequency_penalty: float = 0.0
     user: str | None = Field(None, max_length=MAX_NAME_CHARS)
     ignore_eos: bool = False
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     keep: float | None = Field(None, gt=0.0, le=1.0, description="fraction of the image's visual tokens kept")
     pruning_method: str | None = None
 
@@ -90,6 +94,18 @@ class ChatCompletionRequest(_Strict):
         if value != 0:
             raise ValueError("penalties are not supported; leave them at 0")
         return value
+
+    @field_validator("top_logprobs")
+    @classmethod
+    def _top_logprobs_need_logprobs(cls, top_logprobs: int | None, info: ValidationInfo) -> int | None:
+        if top_logprobs is not None and not info.data.get("logprobs"):
+            raise ValueError("top_logprobs needs logprobs: true")
+        return top_logprobs
+
+    @property
+    def logprob_count(self) -> int | None:
+        """None without logprobs, else how many alternatives each token comes with."""
+        return (self.top_logprobs or 0) if self.logprobs else None
 
     @property
     def completion_limit(self) -> int | None:
@@ -188,20 +204,39 @@ def usage_body(stats) -> dict[str, int]:
     }
 
 
-def completion_body(request_id: str, model: str, created: int, result) -> dict[str, Any]:
+# OpenAI's stand-in for a log-probability of minus infinity (JSON has no infinities).
+LOGPROB_FLOOR = -9999.0
+
+
+def logprobs_body(entries: list[TokenLogprob] | None, token_text: Callable[[int], str]) -> dict[str, Any] | None:
+    """OpenAI's choice `logprobs`: {"content": [{token, logprob, bytes, top_logprobs}], "refusal"}."""
+    if entries is None:
+        return None
+
+    def one(token_id: int, logprob: float) -> dict[str, Any]:
+        text = token_text(token_id)
+        return {"token": text, "logprob": max(logprob, LOGPROB_FLOOR), "bytes": list(text.encode("utf-8"))}
+
+    return {"content": [{**one(e.token_id, e.logprob), "top_logprobs": [one(i, lp) for i, lp in e.top]}
+                        for e in entries], "refusal": None}
+
+
+def completion_body(request_id: str, model: str, created: int, result,
+                    token_text: Callable[[int], str]) -> dict[str, Any]:
     return {
         "id": request_id, "object": "chat.completion", "created": created, "model": model,
         "choices": [{"index": 0, "message": {"role": "assistant", "content": result.text},
-                     "finish_reason": result.finish_reason, "logprobs": None}],
+                     "finish_reason": result.finish_reason, "logprobs": logprobs_body(result.logprobs, token_text)}],
         "usage": usage_body(result.stats),
     }
 
 
 def chunk_body(request_id: str, model: str, created: int, delta: dict[str, str] | None,
-               finish_reason: str | None = None, usage: dict[str, int] | None = None) -> dict[str, Any]:
+               finish_reason: str | None = None, usage: dict[str, int] | None = None,
+               logprobs: dict[str, Any] | None = None) -> dict[str, Any]:
     """One `chat.completion.chunk`; the usage chunk (delta None) has no choices, as OpenAI sends it."""
     choices = [] if delta is None else [{"index": 0, "delta": delta, "finish_reason": finish_reason,
-                                         "logprobs": None}]
+                                         "logprobs": logprobs}]
     body = {"id": request_id, "object": "chat.completion.chunk", "created": created, "model": model,
             "choices": choices}
     if usage is not None:

@@ -43,7 +43,7 @@ class Job:
     request: Request
     keep: float
     method: str
-    stream: bool  # send text deltas; a plain request waits for the result only
+    stream: bool  # send ("delta", (text, logprobs)) events; a plain request waits for the result only
     loop: asyncio.AbstractEventLoop
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
@@ -195,7 +195,7 @@ class Scheduler:
         job, answer = row.job, row.answer
         delta = answer.accept(logits)
         if delta and job.stream:
-            job.emit("delta", delta)
+            job.emit("delta", (delta, answer.take_logprobs()))
         if job.cancelled.is_set():
             self.metrics.cancelled.labels(job.cancel_reason).inc()
             return False
@@ -205,9 +205,9 @@ class Scheduler:
             return False
         if not answer.done:
             return True
-        tail = answer.finish()
-        if tail and job.stream:
-            job.emit("delta", tail)
+        tail, logprobs = answer.finish(), answer.take_logprobs()
+        if job.stream and (tail or logprobs):
+            job.emit("delta", (tail, logprobs))
         self.metrics.observe_generation(answer.result.stats, job.keep, job.method)
         job.emit("done", answer.result)
         self._service_s = 0.8 * self._service_s + 0.2 * (time.monotonic() - row.admitted)

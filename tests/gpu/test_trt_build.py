@@ -31,10 +31,11 @@ def test_build_writes_engines_and_a_record_that_checks(bundle_copy):
     assert engine.get_tensor_profile_shape("past_key_values.0.key", 0)[2][2] == 1023
 
 
-@pytest.mark.parametrize("prefix", ["tiny", "qwen3"])
-def test_trt_backend_answers_like_onnxruntime(prefix, photo_path, tmp_path, request):
-    """LLaVA, and Qwen3-VL: dynamic patch counts, the fused vision attention expanded for the
-    parser, DeepStack planes into the decoder engine."""
+@pytest.mark.parametrize("prefix, context", [("tiny", 1024), ("qwen3", 1024), ("internvl", 4096)])
+def test_trt_backend_answers_like_onnxruntime(prefix, context, photo_path, tmp_path, request):
+    """LLaVA; Qwen3-VL: dynamic patch counts, the fused vision attention expanded for the parser,
+    DeepStack planes into the decoder engine; InternVL3: a vision engine over 13 tiles (3,328
+    tokens, original positions past 3,328)."""
     _gpu_or_skip()
     import shutil
 
@@ -45,9 +46,9 @@ def test_trt_backend_answers_like_onnxruntime(prefix, photo_path, tmp_path, requ
 
     bundle = tmp_path / "bundle"  # the fixture is built only once a GPU is known to be here
     shutil.copytree(request.getfixturevalue(f"{prefix}_bundle"), bundle)
-    build_engines(BuildOptions(bundle, "fp32", max_context=1024, workspace_gb=1, progress=False))
-    reference = Pipeline.load(bundle).generate(photo_path, "What is this?", max_new_tokens=8)
-    trt_pipeline = Pipeline.load(bundle, backend="trt")
+    build_engines(BuildOptions(bundle, "fp32", max_context=context, workspace_gb=1, progress=False))
+    reference = Pipeline.load(bundle, max_context=context).generate(photo_path, "What is this?", max_new_tokens=8)
+    trt_pipeline = Pipeline.load(bundle, backend="trt", max_context=context)
     result = trt_pipeline.generate(photo_path, "What is this?", max_new_tokens=8)
     assert trt_pipeline.providers[0].startswith("TensorRT")
     np.testing.assert_array_equal(result.kept_indices, reference.kept_indices)  # fp32 pruner engine

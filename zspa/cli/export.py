@@ -56,6 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-pixels", type=int, default=None, metavar="N",
                         help="Qwen-VL: the most pixels an image is resized to, so at most N / (patch·merge)² visual "
                              "tokens (default: the checkpoint's; Qwen3-VL's allow 16,384 tokens)")
+    parser.add_argument("--max-tiles", type=int, default=None, metavar="N",
+                        help="InternVL: the most 448 px tiles an image is cut into, so at most 256·(N+1) visual "
+                             "tokens with the thumbnail (default: the checkpoint's; InternVL3's 12 give 3,328)")
     parser.add_argument("--opset", type=int, default=18, help="ONNX opset for every graph (default: 18)")
     parser.add_argument("--revision", help="hub revision (branch, tag or commit) to export")
     parser.add_argument("--force", action="store_true", help="replace an existing bundle at the output path")
@@ -78,7 +81,7 @@ def _export(args: argparse.Namespace) -> None:
         keep_tokens=args.keep_tokens, methods=args.method, relevance_ratio=args.relevance_ratio, pooling=args.pooling,
         dtype=args.dtype, kv_cache=args.kv_cache, opset=args.opset, force=args.force, revision=args.revision,
         signing=signing_key(args, prefix="sign-"), progress=not args.quiet, min_pixels=args.min_pixels,
-        max_pixels=args.max_pixels,
+        max_pixels=args.max_pixels, max_tiles=args.max_tiles,
     )
     started = time.perf_counter()
     report = export_bundle(options)

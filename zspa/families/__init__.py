@@ -25,10 +25,14 @@ MODEL_ALIASES = {
     "qwen3-vl-2b": "Qwen/Qwen3-VL-2B-Instruct",
     "qwen3-vl-4b": "Qwen/Qwen3-VL-4B-Instruct",
     "qwen3-vl-8b": "Qwen/Qwen3-VL-8B-Instruct",
+    "internvl3-1b": "OpenGVLab/InternVL3-1B-hf",
+    "internvl3-2b": "OpenGVLab/InternVL3-2B-hf",
+    "internvl3-8b": "OpenGVLab/InternVL3-8B-hf",
 }
 
 # transformers `model_type` → family module name
-FAMILY_BY_MODEL_TYPE = {"llava": "llava", "qwen2_5_vl": "qwen2_5_vl", "qwen2_vl": "qwen2_vl", "qwen3_vl": "qwen3_vl"}
+FAMILY_BY_MODEL_TYPE = {"llava": "llava", "qwen2_5_vl": "qwen2_5_vl", "qwen2_vl": "qwen2_vl", "qwen3_vl": "qwen3_vl",
+                        "internvl": "internvl"}
 
 # Model types refused with a reason rather than "not supported yet".
 REFUSED_MODEL_TYPES = {
@@ -43,6 +47,7 @@ TINY_MODELS = {
     "tiny-random-qwen2.5-vl": "zspa.export.tiny_qwen:build_tiny_qwen",
     "tiny-random-qwen2-vl": "zspa.export.tiny_qwen:build_tiny_qwen2",
     "tiny-random-qwen3-vl": "zspa.export.tiny_qwen:build_tiny_qwen3",
+    "tiny-random-internvl3": "zspa.export.tiny_internvl:build_tiny_internvl3",
 }
 
 

@@ -58,10 +58,10 @@ def load_qwen(model_class: type, source: str | Path, *, revision: str | None, lo
     kwargs = {"revision": revision, "local_files_only": local_files_only}
     image_processor = Qwen2VLImageProcessorPil.from_pretrained(source, **kwargs)
     tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
-    return model.eval(), ImageTextProcessor(image_processor, tokenizer, _chat_template(source, tokenizer, kwargs))
+    return model.eval(), ImageTextProcessor(image_processor, tokenizer, chat_template_of(source, tokenizer, kwargs))
 
 
-def _chat_template(source, tokenizer, kwargs) -> str | None:
+def chat_template_of(source, tokenizer, kwargs) -> str | None:
     """The processor's chat template (chat_template.jinja, or chat_template.json on older
     checkpoints), falling back to the tokenizer's."""
     import json

@@ -1,5 +1,6 @@
-"""`--model zspa` for lmms-eval: a bundle answers generate_until tasks (GQA, TextVQA, POPE, MME, …)
-through the runtime, with pruning chosen by model_args:
+"""`--model zspa` for lmms-eval: a bundle answers generate_until tasks (GQA, TextVQA, POPE, MME, …),
+multi-round ones and loglikelihood (multiple-choice) ones through the runtime, with pruning chosen
+by model_args:
 
     lmms-eval eval --model zspa --model_args bundle=DIR,keep=0.1,method=zspa,backend=ort-cpu --tasks pope
 
@@ -57,10 +58,43 @@ class ZspaLMM(lmms):
         return result.text
 
     def loglikelihood(self, requests: list[Instance]) -> list[tuple[float, bool]]:
-        raise NotImplementedError("zspa answers generate_until tasks; loglikelihood tasks are not supported")
+        """(log-probability of the continuation as the answer to the context, whether greedy
+        decoding gives it): the continuation's tokens follow the chat template's generation prompt."""
+        scores = []
+        for request in tqdm(requests, desc="zspa scoring", disable=self.rank != 0):
+            context, target, doc_to_visual, doc_id, task, split = request.args
+            doc = self.task_dict[task][split][doc_id]
+            continuation = target if isinstance(target, str) else target(doc)
+            visuals = [v for v in doc_to_visual(doc) or [] if v is not None]
+            prompts = self.pipeline.prompts
+            prompt = prompts.build_chat([{"role": "user", "content": user_content(context, len(visuals))}],
+                                        self.pipeline.max_context)
+            scores.append(self.pipeline.score(visuals, prompt, prompts.encode_text(continuation), keep=self.keep,
+                                              method=self.method))
+            self.cache_hook.add_partial("loglikelihood", (context, continuation), scores[-1])
+        return scores
 
-    def generate_until_multi_round(self, requests) -> list[str]:
-        raise NotImplementedError("zspa answers single-round generate_until tasks")
+    def generate_until_multi_round(self, requests: list[Instance]) -> list[list[str]]:
+        """Each round's answer; rounds after the first get their context and images from the task's
+        `doc_to_text(doc, previous_output=, round_idx=, previous_round_info=)`, until it signals the end."""
+        results = []
+        for request in tqdm(requests, desc="zspa answering", disable=self.rank != 0):
+            context, gen_kwargs, doc_to_visual, doc_to_text, doc_id, task, split = request.args
+            doc = self.task_dict[task][split][doc_id]
+            gen_kwargs = {k: v for k, v in dict(gen_kwargs).items() if k != "until"}  # rounds end at EOS
+            visuals, rounds, info, round_idx = doc_to_visual(doc), [], None, 0
+            while True:
+                if round_idx:
+                    visuals, context, terminal, rounds, info = doc_to_text(
+                        doc, previous_output=rounds, round_idx=round_idx, previous_round_info=info)
+                    rounds = list(rounds)
+                    if terminal:
+                        break
+                rounds.append(self._answer([v for v in visuals or [] if v is not None], context, gen_kwargs))
+                round_idx += 1
+            results.append(rounds)
+            self.cache_hook.add_partial("generate_until_multi_round", (request.args[0], gen_kwargs), rounds)
+        return results
 
 
 def user_content(context: str, images: int) -> list[dict]:

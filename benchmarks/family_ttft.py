@@ -1,17 +1,18 @@
-"""Qwen2.5-VL- or Qwen3-VL-shaped model: time to first token at keep 1.0, 0.25 and 0.1 for three
-image sizes against transformers `generate` on the same weights, and (Qwen2.5-VL) decode tokens/s
-against onnxruntime-genai.
+"""Qwen2.5-VL-, Qwen3-VL- or InternVL3-shaped model: time to first token at keep 1.0, 0.25 and 0.1
+for three image sizes against transformers `generate` on the same weights, and (Qwen2.5-VL)
+decode tokens/s against onnxruntime-genai.
 
 A random-weight model with the family's token geometry (Qwen2.5-VL: 14 px patches, 2×2 merge,
 112 px windows; Qwen3-VL: 16 px patches, a learned position table, DeepStack planes from two of
-its blocks into the first two decoder layers; dynamic resolution up to 1280 tokens), a 256-wide
-4-block tower and a 1024-wide, 8-layer decoder is saved with save_pretrained and exported with
+its blocks into the first two decoder layers; both dynamic resolution up to 1280 tokens;
+InternVL3: 448 px tiles of 256 tokens, 3 / 9 / 13 tiles with the thumbnail, up to 3,328 tokens), a
+256-wide 4-block tower and a 1024-wide, 8-layer decoder is saved with save_pretrained and exported with
 zspa-export from that directory, as a user's checkpoint would be. Every measurement runs in a
 fresh process; the sides alternate over `--rounds`, and each ratio is printed with the min /
 median / max over rounds, with zspa's time per stage and transformers' vision tower alone
 (pruning acts after the tower, so the tower bounds what it can save). CPU, fp32.
 
-    pip install -e ".[dev,bench]" && python benchmarks/qwen_ttft.py [--family qwen3_vl] [--rounds 3]
+    pip install -e ".[dev,bench]" && python benchmarks/family_ttft.py [--family qwen3_vl|internvl] [--rounds 3]
 """
 
 from __future__ import annotations
@@ -31,7 +32,8 @@ from machine import describe_machine  # noqa: E402
 
 IMAGE = Path(__file__).resolve().parent.parent / "zspa" / "assets" / "example.png"
 QUESTION = "What colour is the ball next to the house?"
-SIZES = [(448, 448), (896, 672), (1280, 720)]
+SIZES = {"qwen2_5_vl": [(448, 448), (896, 672), (1280, 720)], "qwen3_vl": [(448, 448), (896, 672), (1280, 720)],
+         "internvl": [(896, 448), (1280, 720), (1344, 1792)]}  # InternVL: 2 tiles, 8, 12, each + the thumbnail
 KEEPS = (1.0, 0.25, 0.1)
 
 
@@ -41,16 +43,23 @@ def _image(size: tuple[int, int]):
     return Image.open(IMAGE).convert("RGB").resize(size)
 
 
-FAMILIES = {"qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration", "qwen3_vl": "Qwen3VLForConditionalGeneration"}
+FAMILIES = {"qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration", "qwen3_vl": "Qwen3VLForConditionalGeneration",
+            "internvl": "InternVLForConditionalGeneration"}
 
 
 def save_model(directory: Path, family: str, text_hidden: int, text_layers: int) -> None:
     """The checkpoint directory: weights, image processor, tokenizer and chat template."""
+    from zspa.export import tiny_internvl
     from zspa.export.tiny_qwen import build_model, build_processor, build_tiny_qwen3, save_checkpoint
 
-    processor = build_tiny_qwen3()[1] if family == "qwen3_vl" else build_processor()
-    model = build_model(processor, vision_hidden=256, vision_depth=4, text_hidden=text_hidden,
-                        text_layers=text_layers, initializer_range=0.02, family=family)
+    if family == "internvl":
+        processor = tiny_internvl.build_processor()
+        model = tiny_internvl.build_model(processor, vision_hidden=256, vision_layers=4, text_hidden=text_hidden,
+                                          text_layers=text_layers, initializer_range=0.02)
+    else:
+        processor = build_tiny_qwen3()[1] if family == "qwen3_vl" else build_processor()
+        model = build_model(processor, vision_hidden=256, vision_depth=4, text_hidden=text_hidden,
+                            text_layers=text_layers, initializer_range=0.02, family=family)
     save_checkpoint(model, processor, directory)
 
 
@@ -80,32 +89,44 @@ def worker_hf(args) -> dict:
     """`generate` with one new token, the processor's work included (as zspa's TTFT includes preprocessing)."""
     import torch
     import transformers
-    from transformers import AutoTokenizer, Qwen2VLImageProcessorPil
+    from transformers import AutoTokenizer, GotOcr2ImageProcessorPil, Qwen2VLImageProcessorPil
 
     model_class = getattr(transformers, FAMILIES[args.family])
     model = model_class.from_pretrained(args.model, dtype=torch.float32).eval()
-    image_processor = Qwen2VLImageProcessorPil.from_pretrained(args.model)
+    internvl = args.family == "internvl"
+    image_processor = (GotOcr2ImageProcessorPil if internvl else Qwen2VLImageProcessorPil).from_pretrained(args.model)
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     template = (Path(args.model) / "chat_template.jinja").read_text()
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": QUESTION}]}]
     text = tokenizer.apply_chat_template(messages, chat_template=template, add_generation_prompt=True, tokenize=False)
     image = _image(tuple(args.size))
 
-    def first_token_ms() -> float:
-        start = time.perf_counter()
+    def inputs() -> tuple[dict, torch.Tensor]:
+        """What the family's processor gives: pixels, and the ids with the placeholder expanded."""
+        if internvl:  # InternVLProcessor: crop_to_patches, <img> + 256 per tile + </img>
+            pixels = image_processor(images=[image], crop_to_patches=True, return_tensors="pt")
+            block = "<img>" + "<IMG_CONTEXT>" * (256 * int(pixels.pop("num_patches")[0])) + "</img>"
+            return pixels, tokenizer(text.replace("<IMG_CONTEXT>", block), return_tensors="pt")["input_ids"]
         pixels = image_processor(images=[image], return_tensors="pt")
         count = int(pixels["image_grid_thw"].prod()) // 4  # what Qwen2_5_VLProcessor expands the placeholder to
         ids = tokenizer(text.replace("<|image_pad|>", "<|image_pad|>" * count), return_tensors="pt")["input_ids"]
+        return pixels, ids
+
+    def first_token_ms() -> float:
+        start = time.perf_counter()
+        pixels, ids = inputs()
+        extra = {} if internvl else {"mm_token_type_ids": (ids == model.config.image_token_id).int()}
         with torch.no_grad():
             model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=1, do_sample=False,
-                           mm_token_type_ids=(ids == model.config.image_token_id).int(), **pixels)
+                           **extra, **pixels)
         return (time.perf_counter() - start) * 1000
 
     def tower_ms() -> float:  # the vision tower alone, on the processor's output
-        pixels = image_processor(images=[image], return_tensors="pt")
+        pixels, _ = inputs()
         start = time.perf_counter()
+        layer = {"vision_feature_layer": -1, "vision_feature_select_strategy": "default"} if internvl else {}
         with torch.no_grad():
-            model.model.get_image_features(pixels["pixel_values"], pixels["image_grid_thw"])
+            model.model.get_image_features(*pixels.values(), **layer)
         return (time.perf_counter() - start) * 1000
 
     first_token_ms()
@@ -166,7 +187,7 @@ def main() -> None:
         export_bundle(ExportOptions(str(checkpoint), bundle, keeps=[0.1, 0.25], progress=False))
         print(f"model: {args.family} geometry, vision 256 x 4 blocks, decoder {args.text_hidden} x {args.text_layers}, "
               f"random weights; onnxruntime CPU vs transformers eager, fp32; {args.rounds} rounds x {args.runs} runs")
-        for size in SIZES:
+        for size in SIZES[args.family]:
             times: dict[str, list[float]] = {"hf": [], **{f"keep {k:g}": [] for k in KEEPS}}
             stages: dict[str, list[dict]] = {f"keep {k:g}": [] for k in KEEPS}
             towers, visual_tokens = [], 0
@@ -192,7 +213,7 @@ def main() -> None:
         if genai is None:
             return
         for keep in (0.1, 1.0):
-            size = SIZES[-1]
+            size = SIZES[args.family][-1]
             ours, theirs = [], []
             for _ in range(args.rounds):
                 result = run_worker(__file__, "zspa", bundle=bundle, size=size, keep=keep, runs=args.runs,

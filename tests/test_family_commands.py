@@ -1,6 +1,7 @@
-"""Every command on the Qwen bundles (issue 11, point 7; issue 22 for Qwen2-VL): run, serve, eval,
-profile, calibrate, and zspa-build's optimisation profiles from the processor's min/max pixels.
-Tests that take `family` run on each Qwen family's tiny model (conftest's `qwen_family`)."""
+"""Every command on the dynamic-resolution bundles (issue 11, point 7; issues 22 and 23 for
+Qwen2-VL, Qwen3-VL and InternVL3): run, serve, eval, profile, calibrate, and zspa-build's
+optimisation profiles from the processor's min/max pixels or tiles. Tests that take
+`dynamic_family` run on each such family's tiny model, `qwen_family` on the Qwen ones."""
 
 from __future__ import annotations
 
@@ -28,8 +29,8 @@ def cli(module: str, *args) -> subprocess.CompletedProcess:
                           text=True, timeout=600)
 
 
-def test_run_prunes_by_the_image_s_own_token_count(qwen_family, photo_path):
-    _, _, qwen_bundle, qwen_pipeline = qwen_family
+def test_run_prunes_by_the_image_s_own_token_count(dynamic_family, photo_path):
+    _, _, qwen_bundle, qwen_pipeline = dynamic_family
     out = cli("run", qwen_bundle, "--image", photo_path, "--prompt", QUESTION, "--keep", "0.3", "--json",
               "--max-new-tokens", "4")
     assert out.returncode == 0, out.stderr
@@ -40,8 +41,8 @@ def test_run_prunes_by_the_image_s_own_token_count(qwen_family, photo_path):
     assert result["text"] == expected.text and result["random_weights"] is True
 
 
-def test_serve_answers_like_the_pipeline(qwen_family, photo_path, tmp_path):
-    _, _, qwen_bundle, qwen_pipeline = qwen_family
+def test_serve_answers_like_the_pipeline(dynamic_family, photo_path, tmp_path):
+    _, _, qwen_bundle, qwen_pipeline = dynamic_family
     expected = qwen_pipeline.generate(photo_path, QUESTION, keep=0.2, max_new_tokens=6)
     with running_server(qwen_bundle, tmp_path / "serve.log") as server:
         client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused")
@@ -55,8 +56,8 @@ def test_serve_answers_like_the_pipeline(qwen_family, photo_path, tmp_path):
         expected.stats.visual_tokens_total, expected.stats.visual_tokens_kept)
 
 
-def test_eval_and_profile_run_on_the_bundle(qwen_family, photo_path, tmp_path):
-    _, _, qwen_bundle, qwen_pipeline = qwen_family
+def test_eval_and_profile_run_on_the_bundle(dynamic_family, photo_path, tmp_path):
+    _, _, qwen_bundle, qwen_pipeline = dynamic_family
     answer = qwen_pipeline.generate(photo_path, QUESTION, keep=1.0, max_new_tokens=4).text
     data = tmp_path / "set.jsonl"
     data.write_text(json.dumps({"image": str(photo_path), "question": QUESTION, "answer": answer}) + "\n")
@@ -76,8 +77,8 @@ def test_eval_and_profile_run_on_the_bundle(qwen_family, photo_path, tmp_path):
     assert tokens == {1.0: {"total": n, "kept": n}, 0.1: {"total": n, "kept": token_budget(0.1, n)}}
 
 
-def test_calibrated_bundle_answers(qwen_family, photo_path, tmp_path):
-    qwen_bundle = qwen_family[2]
+def test_calibrated_bundle_answers(dynamic_family, photo_path, tmp_path):
+    qwen_bundle = dynamic_family[2]
     from PIL import Image
 
     images = tmp_path / "images"
@@ -115,21 +116,33 @@ def test_build_profiles_follow_min_and_max_pixels(prefix, patch_values, index_in
         assert decoder["deepstack_embeds"][2] == (manifest.decoder.deepstack_layers, 1, ranges.max_prefill, 64)
 
 
+def test_build_profiles_count_internvl_tiles(internvl_bundle):
+    """InternVL's vision graph takes an image's tiles as its batch: 1 tile to 12 and a thumbnail."""
+    manifest = Manifest.read(internvl_bundle / "manifest.json")
+    ranges = ShapeRanges.for_manifest(manifest, max_context=4096)
+    vision = optimisation_profile(manifest.graphs["vision"], ranges)
+    assert vision["pixel_values"] == ((1, 3, 448, 448), (4, 3, 448, 448), (13, 3, 448, 448))
+    pruner = optimisation_profile(manifest.graphs["pruner-zspa"], ranges)
+    assert pruner["image_features"][0] == (1, 256, 64) and pruner["image_features"][2] == (1, 13 * 256, 64)
+    assert optimisation_profile(manifest.graphs["decoder"], ranges)["position_ids"][2] == (1, ranges.max_prefill)
+
+
 @pytest.mark.parametrize("model, repository", [("qwen2.5-vl-3b", "Qwen/Qwen2.5-VL-3B-Instruct"),
                                                ("Qwen/Qwen2.5-VL-7B-Instruct", "Qwen/Qwen2.5-VL-7B-Instruct"),
                                                ("qwen2-vl-2b", "Qwen/Qwen2-VL-2B-Instruct"),
-                                               ("qwen3-vl-4b", "Qwen/Qwen3-VL-4B-Instruct")])
+                                               ("qwen3-vl-4b", "Qwen/Qwen3-VL-4B-Instruct"),
+                                               ("internvl3-1b", "OpenGVLab/InternVL3-1B-hf")])
 def test_offline_hub_ids_fail_fast_with_the_way_out(model, repository, tmp_path):
     out = subprocess.run([sys.executable, "-m", "zspa.cli.export", "--model", model, "-o", tmp_path / "b"],
                          capture_output=True, text=True, timeout=120, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert out.returncode == 4 and repository in out.stderr and "hf download" in out.stderr
 
 
-def test_export_from_a_checkpoint_directory(qwen_family, photo_path, tmp_path):
+def test_export_from_a_checkpoint_directory(dynamic_family, photo_path, tmp_path):
     """The real loading path (from_pretrained on a directory laid out as the hub's): same weights, same answers."""
     from zspa.export.tiny_qwen import save_checkpoint
 
-    name, qwen_hf, _, qwen_pipeline = qwen_family
+    name, qwen_hf, _, qwen_pipeline = dynamic_family
     model, processor = qwen_hf
     save_checkpoint(model, processor, tmp_path / "checkpoint")
     out = cli("export", "--model", tmp_path / "checkpoint", "--keep", "0.1", "-o", tmp_path / "bundle", "--quiet")
