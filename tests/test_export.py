@@ -73,7 +73,7 @@ def test_unsupported_model_types_name_the_supported_families(tmp_path):
 
     (tmp_path / "gemma").mkdir()
     (tmp_path / "gemma" / "config.json").write_text('{"model_type": "gemma3"}')
-    supported = r"'gemma3' is not supported yet \(supported: llava, qwen2_5_vl, qwen2_vl, qwen3_vl\)"
+    supported = r"'gemma3' is not supported yet \(supported: internvl, llava, qwen2_5_vl, qwen2_vl, qwen3_vl\)"
     with pytest.raises(ModelLoadError, match=supported):
         load_model(str(tmp_path / "gemma"))
     # Qwen3-VL's mixture-of-experts models are refused with the reason and the way out.
