@@ -178,3 +178,8 @@ class VisionInput:
     @property
     def num_tokens(self) -> int:
         return self.grid[0] * self.grid[1] * self.grid[2]
+
+    @property
+    def nbytes(self) -> int:
+        """What it holds in memory: the feeds and the pixels."""
+        return sum(feed.nbytes for feed in self.feeds.values()) + self.pixels.nbytes

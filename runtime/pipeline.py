@@ -72,6 +72,11 @@ class Request:
     prepared_ms: float  # decoding and preprocessing its images (and their vision-cache digests)
     logprobs: int | None = None  # each answer token's log-probability with this many alternatives
 
+    @property
+    def image_bytes(self) -> int:
+        """What its preprocessed images hold until prefill."""
+        return sum(block.image.vision_input.nbytes for block in self.images)
+
 
 class GenerationStream:
     """Iterates over text deltas as they are decoded; `result` is set once iteration ends."""

@@ -408,6 +408,34 @@ def test_full_queue_answers_429_with_retry_after(busy_server, photo_url):
     assert httpx.get(f"{busy_server.url}/ready").status_code == 200
 
 
+def test_images_waiting_for_the_decoder_are_bounded_in_memory(long_bundle, photo_url, tmp_path):
+    """--max-image-memory-mb fits one request's preprocessed image (188 kB) but not two: with one
+    row decoding (its image dropped once prefilled) and one waiting, the next is a 429; once they
+    finish the memory is free again."""
+    with running_server(long_bundle, tmp_path / "serve.log", "--served-model-name", MODEL, "--max-batch", "1",
+                        "--max-image-memory-mb", "0.3") as server:
+        body = chat_body(photo_url, ignore_eos=True, max_tokens=2000)
+        with ThreadPoolExecutor(4) as pool:
+            responses = list(pool.map(lambda _: _post(server, body, key=None), range(4)))
+        refused = [r for r in responses if r.status_code == 429]
+        assert refused and {r.status_code for r in responses} <= {200, 429}, [r.status_code for r in responses]
+        assert all(r.json()["error"]["code"] == "image_memory_full" for r in refused)
+        assert _post(server, chat_body(photo_url, max_tokens=2), key=None).status_code == 200
+
+
+def test_a_request_whose_images_alone_pass_the_bound_is_a_400(pipeline, photo_url):
+    from zspa.runtime.server import conversation
+    from zspa.runtime.server.errors import APIError
+    from zspa.runtime.server.protocol import parse_body
+    from zspa.runtime.server.settings import ServerSettings
+
+    body = parse_body(json.dumps(chat_body(photo_url, model=MODEL, max_tokens=1)).encode())
+    settings = ServerSettings(MODEL, max_image_memory_bytes=1_000_000)  # one 336 px image: 1.7 MB preprocessed
+    with pytest.raises(APIError) as refused:
+        conversation.prepare(body, pipeline, settings, threading.BoundedSemaphore(1), time.monotonic() + 60)
+    assert refused.value.status == 400 and "--max-image-memory-mb" in refused.value.body()["error"]["message"]
+
+
 def test_timeout_gives_504_or_a_stream_error(busy_server, photo_url):
     response = _post(busy_server, chat_body(photo_url, **LONG), key=None)
     assert response.status_code == 504 and response.json()["error"]["type"] == "timeout"

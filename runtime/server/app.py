@@ -26,6 +26,7 @@ from zspa.runtime.batching import batch_size
 from zspa.runtime.pipeline import Pipeline
 from zspa.runtime.server.conversation import prepare
 from zspa.runtime.server.errors import INTERNAL, APIError, timed_out
+from zspa.runtime.server.image_memory import ImageMemory
 from zspa.runtime.server.metrics import ServerMetrics
 from zspa.runtime.server.openapi import openapi_schema
 from zspa.runtime.server.protocol import (
@@ -131,6 +132,7 @@ def create_app(pipeline: Pipeline, settings: ServerSettings) -> FastAPI:
     metrics = ServerMetrics(keeps={keep for method in pipeline.bundle.methods
                                    for keep in pipeline.bundle.keeps(method)})
     image_slots = threading.BoundedSemaphore(settings.max_concurrent_images)
+    image_memory = ImageMemory(settings.max_image_memory_bytes)
     scheduler = Scheduler(pipeline, settings.max_queue, metrics, batch_size(pipeline.decoder, settings.max_batch))
 
     @asynccontextmanager
@@ -207,11 +209,17 @@ def create_app(pipeline: Pipeline, settings: ServerSettings) -> FastAPI:
         # Image download and decoding run in a thread: the client gets its 504 at the deadline.
         prepared = await _within(deadline, settings, run_in_threadpool(prepare, body, pipeline, settings, image_slots,
                                                                    deadline))
+        if not image_memory.reserve(prepared.request.image_bytes):  # on the loop: a late thread reserves nothing
+            raise APIError(429, "the server is busy (its memory for images waiting for the decoder is full, "
+                           "--max-image-memory-mb); retry later", type="rate_limit_error", code="image_memory_full",
+                           headers={"Retry-After": "1"})
         job = Job(prepared.request, prepared.keep, prepared.method, body.stream, asyncio.get_running_loop(),
-                  arrived=arrived)
+                  arrived=arrived, memory=image_memory)
+        del prepared  # the job holds the images now, and drops them once prefilled
         try:
             scheduler.submit(job)
         except QueueFull as full:
+            job.drop_images()
             raise APIError(429, f"the server is busy ({settings.max_queue} requests queued); retry after "
                            f"{full.retry_after_s} s", type="rate_limit_error", code="queue_full",
                            headers={"Retry-After": str(full.retry_after_s)}) from None

@@ -54,6 +54,10 @@ def prepare(request: ChatCompletionRequest, pipeline: Pipeline, settings: Server
         prepared = pipeline.request(prepared_images, prompt, **options)
     except InvalidInputError as exc:
         raise invalid(str(exc), "messages") from None
+    if prepared.image_bytes > settings.max_image_memory_bytes:
+        raise invalid(f"the request's images take {prepared.image_bytes / 2**20:.0f} MB preprocessed, over the "
+                      f"{settings.max_image_memory_bytes / 2**20:.0f} MB this server holds for images waiting for the "
+                      "decoder (--max-image-memory-mb); send fewer or smaller images", "messages", "images_too_large")
     return PreparedRequest(prepared, keep, method)
 
 

@@ -26,6 +26,7 @@ from zspa.runtime.batching import decode_rows
 from zspa.runtime.pipeline import Pipeline, Request
 from zspa.runtime.sequence import Sequence
 from zspa.runtime.server.errors import INTERNAL, APIError, from_zspa_error
+from zspa.runtime.server.image_memory import ImageMemory
 from zspa.runtime.server.metrics import ServerMetrics
 from zspa.runtime.vision_kinds import vision_kind
 
@@ -40,7 +41,7 @@ class QueueFull(Exception):
 
 @dataclass
 class Job:
-    request: Request
+    request: Request | None  # None once its images are dropped (after prefill)
     keep: float
     method: str
     stream: bool  # send ("delta", (text, logprobs)) events; a plain request waits for the result only
@@ -49,6 +50,13 @@ class Job:
     cancelled: threading.Event = field(default_factory=threading.Event)
     cancel_reason: str = ""
     arrived: float = field(default_factory=time.monotonic)
+    memory: ImageMemory | None = None  # where its images' bytes are reserved, until `drop_images`
+
+    def drop_images(self) -> None:
+        """Prefilled, refused or gone: the request's images are no longer needed (idempotent)."""
+        if self.memory is not None and self.request is not None:
+            self.memory.release(self.request.image_bytes)
+        self.memory, self.request = None, None
 
     def cancel(self, reason: str) -> None:
         if not self.cancelled.is_set():
@@ -149,6 +157,12 @@ class Scheduler:
     def _admit(self, job: Job) -> _Row | None:
         """Vision, pruning and prefill for a waiting job, then its first token; it joins the batch
         unless that token already ends it."""
+        try:
+            return self._prefill(job)
+        finally:
+            job.drop_images()
+
+    def _prefill(self, job: Job) -> _Row | None:
         if job.cancelled.is_set():
             self.metrics.cancelled.labels(job.cancel_reason).inc()
             return None

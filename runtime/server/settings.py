@@ -27,6 +27,8 @@ class ServerSettings:
     max_image_pixels: int = DEFAULT_MAX_PIXELS
     max_concurrent_images: int = 2  # decoded and preprocessed at once: ≤ 7 bytes per pixel each (RGBA)
     max_images: int = 8  # image_url parts in one request's messages, every turn counted; past it, 400
+    # Preprocessed images held by requests not yet prefilled (queued or preparing); past it, 429.
+    max_image_memory_bytes: int = 1024 * MiB
     max_prompt_tokens: int | None = None  # None: the model's context is the only limit
     default_max_tokens: int = 256  # when a request sets neither max_tokens nor max_completion_tokens
     allow_remote_images: bool = False
@@ -53,7 +55,7 @@ class ServerSettings:
 
     def __post_init__(self) -> None:
         for name in ("max_queue", "max_body_bytes", "max_image_bytes", "max_image_pixels", "max_concurrent_images",
-                     "max_images", "default_max_tokens", "max_connections"):
+                     "max_images", "max_image_memory_bytes", "default_max_tokens", "max_connections"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be ≥ 1, got {getattr(self, name)}")
         if self.max_batch is not None and not 1 <= self.max_batch <= 256:

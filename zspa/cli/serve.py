@@ -60,6 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
     limits.add_argument("--max-images", type=int, default=defaults.max_images,
                         help="image_url parts one request may carry, earlier turns counted; past it, 400 "
                              "(each image is its own block of visual tokens, and the context bounds their sum)")
+    limits.add_argument("--max-image-memory-mb", type=float, default=defaults.max_image_memory_bytes / 2**20,
+                        metavar="MB", help="preprocessed images that requests waiting for the decoder may hold, "
+                                           "all together; past it, 429 (default: %(default)g)")
     limits.add_argument("--max-prompt-tokens", type=int, default=None,
                         help="refuse longer prompts (default: only the model's context limits them)")
     limits.add_argument("--default-max-tokens", type=int, default=defaults.default_max_tokens,
@@ -141,6 +144,7 @@ def _serve(args: argparse.Namespace) -> None:
             max_body_bytes=args.max_body_bytes,
             max_image_bytes=args.max_image_bytes, max_image_pixels=args.max_image_pixels,
             max_concurrent_images=args.max_concurrent_images, max_images=args.max_images,
+            max_image_memory_bytes=int(args.max_image_memory_mb * 2**20),
             max_prompt_tokens=args.max_prompt_tokens, default_max_tokens=args.default_max_tokens,
             allow_remote_images=args.allow_remote_images, remote_image_timeout_s=args.remote_image_timeout,
             allow_private_image_hosts=args.allow_private_image_hosts,
