@@ -1,7 +1,8 @@
 """`zspa-eval`: accuracy and agreement with the unpruned model across pruning methods and keeps.
 
-Each data line is `{"image": path, "question": str, "answer": str, "choices": [str, …]?}`
-(image paths relative to the data file). For every line the bundle answers once unpruned
+Each data line is `{"image": path, "question": str, "answer": str, "choices": [str, …]?}`, or
+`"images": [path, …]` for a question about several (the prompt gets them in order before the
+question); image paths are relative to the data file. For every line the bundle answers once unpruned
 (keep 1.0) and once per method × keep; each pruned answer is scored against the reference
 answer and against the unpruned run: first-token top-1 agreement, exact match of the greedy
 answers, and KL(unpruned ‖ pruned) of the first-token distributions. Records are appended to
@@ -21,6 +22,7 @@ import numpy as np
 
 from zspa.errors import InvalidInputError, ZspaError
 from zspa.runtime.intervals import bootstrap_interval, difference_of_means, mean_of, ratio_of_means
+from zspa.runtime.logprobs import log_softmax
 from zspa.runtime.pipeline import Pipeline
 
 BASELINE = ("none", 1.0)
@@ -31,7 +33,7 @@ _ARTICLES = {"a", "an", "the"}
 @dataclass(frozen=True)
 class EvalItem:
     line: int
-    image: Path
+    images: tuple[Path, ...]
     question: str
     answer: str
     choices: tuple[str, ...] = ()
@@ -80,9 +82,10 @@ def read_dataset(path: Path) -> tuple[list[EvalItem], list[str]]:
             row = json.loads(raw)
             if not isinstance(row, dict):
                 raise ValueError("not a JSON object")
-            missing = [k for k in ("image", "question", "answer") if not isinstance(row.get(k), str) or not row[k]]
+            missing = [k for k in ("question", "answer") if not isinstance(row.get(k), str) or not row[k]]
             if missing:
                 raise ValueError(f"missing or non-text field(s): {', '.join(missing)}")
+            images = _images(row)
             choices = row.get("choices") or ()
             if not isinstance(choices, (list, tuple)) or not all(isinstance(c, str) for c in choices):
                 raise ValueError("choices must be a list of strings")
@@ -91,7 +94,8 @@ def read_dataset(path: Path) -> tuple[list[EvalItem], list[str]]:
             kind = row.get("kind", "")
             if not isinstance(kind, str):
                 raise ValueError("kind must be a string")
-            item = EvalItem(number, path.parent / row["image"], row["question"], row["answer"], tuple(choices), kind)
+            item = EvalItem(number, tuple(path.parent / image for image in images), row["question"], row["answer"],
+                            tuple(choices), kind)
             if item.choices and not item.expected():
                 raise ValueError("answer is neither a choice letter nor one of the choices")
             items.append(item)
@@ -100,16 +104,20 @@ def read_dataset(path: Path) -> tuple[list[EvalItem], list[str]]:
     return items, problems
 
 
+def _images(row: dict) -> list[str]:
+    """A line's image paths: its "image", or its non-empty "images" list (one of the two)."""
+    if ("image" in row) == ("images" in row):
+        raise ValueError('give either "image" (a path) or "images" (a list of paths)')
+    images = [row["image"]] if "image" in row else row["images"]
+    if not isinstance(images, list) or not images or not all(isinstance(i, str) and i for i in images):
+        raise ValueError('"image" must be a path, "images" a non-empty list of paths')
+    return images
+
+
 def kl_divergence(reference_logits: np.ndarray, logits: np.ndarray) -> float:
     """KL(P‖Q) in nats between the softmax distributions of two logit vectors."""
-    log_p = _log_softmax(reference_logits.astype(np.float64))
-    log_q = _log_softmax(logits.astype(np.float64))
+    log_p, log_q = log_softmax(reference_logits), log_softmax(logits)
     return float(np.sum(np.exp(log_p) * (log_p - log_q)))
-
-
-def _log_softmax(x: np.ndarray) -> np.ndarray:
-    shifted = x - x.max()
-    return shifted - np.log(np.exp(shifted).sum())
 
 
 class Evaluation:
@@ -172,7 +180,7 @@ class Evaluation:
             }
 
     def _answer(self, item: EvalItem, method: str, keep: float):
-        return self.pipeline.generate(item.image, item.prompt(), keep=keep,
+        return self.pipeline.generate(list(item.images), item.prompt(), keep=keep,
                                       method=None if method == "none" else method,
                                       max_new_tokens=self.max_new_tokens)
 

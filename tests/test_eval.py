@@ -16,7 +16,7 @@ from zspa.runtime.intervals import bootstrap_interval, difference_of_means, mean
 def test_normalise_and_choice_extraction(tmp_path):
     assert normalise("  The Red, circle! ") == "red circle"
     assert normalise("top-left.") == "top-left"
-    item = EvalItem(1, tmp_path / "x.png", "q", "blue", ("red", "blue"))
+    item = EvalItem(1, (tmp_path / "x.png",), "q", "blue", ("red", "blue"))
     assert item.expected() == "B"
     assert predicted(item, " B. blue") == "B" and predicted(item, "(a)") == "A" and predicted(item, "blue") == ""
 
@@ -40,6 +40,25 @@ def test_bad_lines_are_reported_with_their_numbers(tmp_path):
     assert [p.split(":")[1] for p in problems] == ["2", "4", "5", "6"]
     assert "kind must be a string" in problems[-1]
     assert "missing or non-text field(s): question, answer" in problems[1]
+
+
+def test_a_line_may_ask_about_several_images(tiny_bundle, pipeline, photo_path, rgba_png_path, tmp_path):
+    """`"images": [...]` gives the question its images in order, each kept on its own budget; a line
+    with both fields, or an empty list, is refused with its number."""
+    data = tmp_path / "multi.jsonl"
+    data.write_text(json.dumps({"images": [str(photo_path), str(rgba_png_path)], "question": "Which is blue?",
+                                "answer": "the second"}) + "\n"
+                    + json.dumps({"images": [], "question": "q", "answer": "x"}) + "\n"
+                    + json.dumps({"image": "a.png", "images": ["a.png"], "question": "q", "answer": "x"}) + "\n")
+    items, problems = read_dataset(data)
+    assert [item.images for item in items] == [(photo_path, rgba_png_path)]
+    assert [p.split(":")[1] for p in problems] == ["2", "3"] and 'either "image"' in problems[1]
+    run = eval_cli(tiny_bundle, "--data", data, "--out", tmp_path / "eval", "--keeps", "0.25")
+    assert run.returncode == 0, run.stderr
+    records = {r["keep"]: r for r in map(json.loads, (tmp_path / "eval" / "records.jsonl").read_text().splitlines())}
+    expected = pipeline.generate([photo_path, rgba_png_path], "Which is blue?", keep=0.25, max_new_tokens=4)
+    assert records[0.25]["answer"] == expected.text and records[0.25]["visual_tokens_kept"] == 2 * 144
+    assert records[1.0]["visual_tokens_kept"] == 2 * 576
 
 
 def test_bootstrap_intervals_have_the_binomial_width_and_keep_pairs_paired():
