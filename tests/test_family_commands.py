@@ -154,10 +154,11 @@ def test_export_from_a_checkpoint_directory(dynamic_family, photo_path, tmp_path
     assert result.token_ids == qwen_pipeline.generate(photo_path, QUESTION, keep=0.1, max_new_tokens=6).token_ids
 
 
-@pytest.mark.parametrize("prefix, model", [("qwen", "tiny-random-qwen2.5-vl"), ("qwen3", "tiny-random-qwen3-vl")])
+@pytest.mark.parametrize("prefix, model", [("qwen", "tiny-random-qwen2.5-vl"), ("qwen3", "tiny-random-qwen3-vl"),
+                                           ("internvl", "tiny-random-internvl3")])
 def test_shared_kv_decoder_answers_as_the_portable_one(prefix, model, photo_path, tmp_path, request):
-    """--kv-cache shared (GroupQueryAttention, in-place buffers) under M-RoPE positions, and with
-    Qwen3-VL's DeepStack planes."""
+    """--kv-cache shared (GroupQueryAttention, in-place buffers) under M-RoPE positions, with
+    Qwen3-VL's DeepStack planes, and over InternVL's 3,328-token block with 1-D positions."""
     from zspa.export.exporter import ExportOptions, export_bundle
 
     export_bundle(ExportOptions(model, tmp_path / "shared", keeps=[0.25], kv_cache="shared", progress=False))
