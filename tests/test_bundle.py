@@ -179,6 +179,7 @@ MALFORMED = {  # each ended as "unexpected error", exit 1, or was accepted and f
     "resample 99": (_set("vision", resample=99), "vision.resample is 99"),
     "unknown kv_cache": (_set("decoder", kv_cache="paged"), "decoder.kv_cache is 'paged'"),
     "unknown kind": (_set("vision", kind="siglip"), "vision.kind is 'siglip'"),
+    "a list for a kind": (_set("vision", kind=[]), r"vision.kind is \[\]"),  # was a TypeError (hypothesis)
     "another kind's spec": (_set("vision", kind="qwen2_vl"), "missing field manifest.vision.patch_size"),
     "M-RoPE for a 1-D kind": (_set("decoder", mrope=True), "vision.kind 'clip' takes 1-D positions, but decoder.mrope"),
     "no layers": (_set("decoder", num_layers=0), "decoder.num_layers is 0"),

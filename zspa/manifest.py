@@ -297,7 +297,7 @@ def _convert(hint: Any, value: Any, where: str) -> Any:
 def _vision_spec_type(value: Any) -> type[VisionSpec]:
     """The spec type of a manifest's vision section, by its kind."""
     kind = value.get("kind") if isinstance(value, dict) else None
-    if kind not in VISION_SPECS:
+    if not isinstance(kind, str) or kind not in VISION_SPECS:  # a list or an object is no kind (and unhashable)
         raise BundleError(f"manifest.json: vision.kind is {kind!r}, not one of {list(VISION_SPECS)}; "
                           "re-export the bundle, or upgrade zspa if a newer one wrote it")
     return VISION_SPECS[kind]
