@@ -120,7 +120,7 @@ def test_module_cli_writes_a_zspa_eval_data_file(tmp_path):
                            "--out", str(tmp_path)], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     items, problems = read_dataset(tmp_path / "test.jsonl")
-    assert not problems and len(items) == 6 and all(i.image.is_file() for i in items)
+    assert not problems and len(items) == 6 and all(image.is_file() for i in items for image in i.images)
     first = json.loads((tmp_path / "test.jsonl").read_text().splitlines()[0])
     assert (first["question"], first["answer"], first["kind"]) == (example("test", 0).question,
                                                                      example("test", 0).answer, "colour")

@@ -66,7 +66,7 @@ def test_write_jsonl_is_a_zspa_eval_data_file(tmp_path):
     from zspa.runtime.evaluation import read_dataset
 
     items, problems = read_dataset(write_jsonl(tmp_path, "test", 8))
-    assert not problems and len(items) == 8 and all(i.image.is_file() for i in items)
+    assert not problems and len(items) == 8 and all(image.is_file() for i in items for image in i.images)
     assert json.loads((tmp_path / "test.jsonl").read_text().splitlines()[0])["answer"] == example("test", 0).answer
 
 
