@@ -11,7 +11,7 @@ import numpy as np
 
 from zspa.manifest import DecoderSpec
 from zspa.runtime.backends import DecoderSession, GraphRunner, OrtBackend
-from zspa.runtime.deepstack import deepstack_feed
+from zspa.runtime.decoder_inputs import Extras, optional_inputs
 
 Feeds = dict[str, np.ndarray]
 
@@ -44,14 +44,13 @@ class _RecordingDecoder:
         self.decoder.reset()
 
     def step(self, inputs_embeds: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray,
-             deepstack: np.ndarray | None = None) -> np.ndarray:
+             extras: Extras | None = None) -> np.ndarray:
         if self.backend.recording and self.decoder.past_length == 0:
             record = {"inputs_embeds": np.array(inputs_embeds), "attention_mask": np.array(attention_mask),
-                      "position_ids": np.array(position_ids), **self.empty_past}
-            if self.spec.deepstack_layers:
-                record["deepstack_embeds"] = np.array(deepstack_feed(self.spec, inputs_embeds, deepstack))
+                      "position_ids": np.array(position_ids), **self.empty_past,
+                      **optional_inputs(self.spec, inputs_embeds, attention_mask, extras)}
             self.records.append(record)
-        return self.decoder.step(inputs_embeds, attention_mask, position_ids, deepstack)
+        return self.decoder.step(inputs_embeds, attention_mask, position_ids, extras)
 
 
 class RecordingBackend(OrtBackend):

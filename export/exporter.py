@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 import zspa
 from zspa.errors import InvalidInputError
 from zspa.export.attention import grouped_attention_export
-from zspa.export.graphs import DecoderGraph, DeepstackDecoderGraph, EmbedGraph, vision_outputs
+from zspa.export.graphs import DecoderGraph, DeepstackDecoderGraph, EmbedGraph, ImageBlockDecoderGraph, vision_outputs
 from zspa.export.loading import LoadedModel, load_model
 from zspa.export.onnx_io import describe_graph, export_graph, node_count
 from zspa.export.parity import check_parity
@@ -59,6 +59,9 @@ class ExportOptions:
     # Tiled families (InternVL): the most tiles an image is cut into (the checkpoint's max_patches,
     # 12 for InternVL3: 3,328 tokens with the thumbnail).
     max_tiles: int | None = None
+    # Gemma 3: cut wide and tall images into pan&scan crops (True/False), or as the checkpoint's
+    # preprocessor_config.json says (None; the released ones: off).
+    pan_and_scan: bool | None = None
 
 
 @dataclass
@@ -78,6 +81,7 @@ def export_bundle(options: ExportOptions) -> ExportReport:
         loaded = load_model(options.model, options.revision)
         _bound_pixels(loaded.processor, options.min_pixels, options.max_pixels)
         _bound_tiles(loaded.processor, options.max_tiles)
+        _set_pan_and_scan(loaded.processor, options.pan_and_scan)
         torch_dtype, dtype_name = DTYPES[options.dtype]
         loaded.model.to(torch_dtype)
         bar.update()
@@ -146,6 +150,15 @@ def _bound_tiles(processor, max_tiles: int | None) -> None:
     image_processor.max_patches = max_tiles
 
 
+def _set_pan_and_scan(processor, pan_and_scan: bool | None) -> None:
+    """Turns a Gemma 3 image processor's pan&scan on or off, as its preprocessor_config.json would."""
+    if pan_and_scan is None:
+        return
+    if not hasattr(processor.image_processor, "pan_and_scan"):
+        raise InvalidInputError("--pan-and-scan applies to Gemma 3; this model does not cut images into crops")
+    processor.image_processor.do_pan_and_scan = pan_and_scan
+
+
 def _method_params(options: ExportOptions, method: str) -> dict:
     if method == "zspa":
         return {"relevance_ratio": options.relevance_ratio, "pooling": options.pooling}
@@ -184,8 +197,12 @@ def _write_bundle(loaded: LoadedModel, options: ExportOptions, out: Path, torch_
 
     step("exporting decoder")
     language_model, lm_head = family.language_model(model)
-    decoder = _with_deepstack(DecoderGraph(language_model, lm_head), language_model, decoder_spec)  # the reference
+    decoder_class = ImageBlockDecoderGraph if decoder_spec.image_blocks else DecoderGraph
+    decoder = _with_deepstack(decoder_class(language_model, lm_head), language_model, decoder_spec)  # the reference
     if options.kv_cache == "shared":
+        if decoder_spec.image_blocks:
+            raise InvalidInputError("--kv-cache shared runs onnxruntime's GroupQueryAttention, which has no mask for "
+                                    f"{family.NAME}'s bidirectional image blocks; export it with --kv-cache concat")
         with gqa_attention(language_model):
             _export_decoder(_with_deepstack(SharedKVDecoderGraph(language_model, lm_head), language_model,
                                             decoder_spec), decoder_spec, hidden, torch_dtype, out / "decoder.onnx",
@@ -249,13 +266,18 @@ def _export_decoder(decoder: torch.nn.Module, spec, hidden: int, torch_dtype, pa
     capacity = past_len + seq + 5 if spec.kv_cache == "shared" else past_len
     past = [torch.randn(batch, spec.num_kv_heads, capacity, spec.head_dim).to(torch_dtype)
             for _ in range(2 * spec.num_layers)]
-    layers = spec.deepstack_layers
-    deepstack = [torch.randn(layers, batch, seq, hidden).to(torch_dtype)] if layers else []
+    optional = {}  # runtime/decoder_inputs.py feeds the same ones
+    if spec.deepstack_layers:
+        optional["deepstack_embeds"] = torch.randn(spec.deepstack_layers, batch, seq, hidden).to(torch_dtype)
+    if spec.image_blocks:
+        optional["image_block_ids"] = torch.tensor([[0, 0, 0, 0, 1, 1, 0], [0, 1, 1, 0, 2, 2, 2]])
+    if len(optional) > 1:
+        raise InvalidInputError(f"a decoder taking {' and '.join(optional)} is not supported")
     args = (
         torch.randn(batch, seq, hidden).to(torch_dtype),
         torch.ones(batch, past_len + seq, dtype=torch.int64),
         torch.arange(past_len, past_len + seq).expand(*positions_shape, seq).contiguous(),
-        *deepstack,
+        *optional.values(),
         *past,
     )
     past_names, present_names = spec.past_names, spec.present_names
@@ -266,11 +288,12 @@ def _export_decoder(decoder: torch.nn.Module, spec, hidden: int, torch_dtype, pa
         "attention_mask": {0: "batch_size", 1: "total_sequence_length"},
         "position_ids": {len(positions_shape) - 1: "batch_size", len(positions_shape): "sequence_length"},
         "deepstack_embeds": {1: "batch_size", 2: "sequence_length"},
+        "image_block_ids": {0: "batch_size", 1: "total_sequence_length"},
         "logits": {0: "batch_size"},
         **{name: {0: "batch_size", 2: past_axis} for name in past_names},
         **{name: {0: "batch_size", 2: present_axis} for name in present_names},
     }
-    inputs = ["inputs_embeds", "attention_mask", "position_ids", *(["deepstack_embeds"] if deepstack else [])]
+    inputs = ["inputs_embeds", "attention_mask", "position_ids", *optional]
     export_graph(decoder, args, path, input_names=[*inputs, *past_names],
                  output_names=["logits", *present_names], dynamic_axes=axes, opset=opset,
                  custom_translation_table=TRANSLATION_TABLE if shared else None)

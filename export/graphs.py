@@ -66,6 +66,33 @@ class DeepstackDecoderGraph(nn.Module):
                 hook.remove()
 
 
+class ImageBlockDecoderGraph(DecoderGraph):
+    """The decoder with Gemma 3's `image_block_ids` [B, P+S] (0: text, i > 0: the i-th image block):
+    a query in a block sees the whole block, later rows too, as transformers' `token_type_ids` mask
+    (`create_masks_for_vision_model`); local layers keep their window (key index > query index −
+    window, over cache slots: left padding sits before a row's tokens, so it moves no distance).
+    The masks are built here, additive floats by layer type, and handed to the language model as
+    the mapping transformers' own `generate` prepares. Decode steps feed zeros: plain causal."""
+
+    def forward(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
+                image_block_ids: torch.Tensor, *past_key_values: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        steps, total = inputs_embeds.shape[1], attention_mask.shape[1]
+        queries = torch.arange(steps, device=inputs_embeds.device) + (total - steps)
+        keys = torch.arange(total, device=inputs_embeds.device)
+        causal = keys[None, :] <= queries[:, None]
+        query_blocks = image_block_ids[:, total - steps:, None]
+        same_block = (query_blocks == image_block_ids[:, None, :]) & (query_blocks > 0)
+        allowed = (causal[None] | same_block) & attention_mask[:, None, :].bool()
+        masks = {"full_attention": allowed}
+        window = getattr(self.language_model.config, "sliding_window", None)
+        if window:
+            masks["sliding_attention"] = allowed & (keys[None, None, :] > queries[None, :, None] - window)
+        lowest = torch.finfo(inputs_embeds.dtype).min
+        additive = {kind: torch.where(mask, 0.0, lowest).to(inputs_embeds.dtype)[:, None]
+                    for kind, mask in masks.items()}
+        return super().forward(inputs_embeds, additive, position_ids, *past_key_values)
+
+
 class EmbedGraph(nn.Module):
     """`input_ids → inputs_embeds`."""
 

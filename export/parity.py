@@ -54,9 +54,15 @@ def check_parity(
     report["embed_max_abs_diff"] = _check("embed", ours, embeds, dtype)
 
     # Prefill: the image features spliced after the text, from an empty cache; then one step.
-    # DeepStack planes sit at the image rows of the prefill and are zeros elsewhere and after.
+    # DeepStack planes sit at the image rows of the prefill and are zeros elsewhere and after; the
+    # image rows are one bidirectional block where the decoder takes image_block_ids.
     sequence = torch.cat([embeds, features], dim=1)
-    deepstack = [torch.cat([torch.zeros(len(planes), *embeds.shape), torch.stack(planes)], dim=2)] if planes else []
+    optional = {}
+    if planes:
+        optional["deepstack_embeds"] = torch.cat([torch.zeros(len(planes), *embeds.shape), torch.stack(planes)], 2)
+    if decoder_spec.image_blocks:
+        optional["image_block_ids"] = torch.cat([torch.zeros_like(input_ids), torch.ones(1, features.shape[1],
+                                                                                          dtype=torch.int64)], 1)
     session = OrtBackend().decoder(graphs_dir / "decoder.onnx", decoder_spec, max_context)
     empty = torch.zeros(1, decoder_spec.num_kv_heads, 0, decoder_spec.head_dim, dtype=sequence.dtype)
     past = [empty] * (2 * decoder_spec.num_layers)
@@ -66,13 +72,16 @@ def check_parity(
         mask = torch.ones(1, position + step, dtype=torch.int64)
         positions = torch.arange(position, position + step).view(1, step)
         positions = positions.expand(3, 1, step) if decoder_spec.mrope else positions
-        reference = decoder(step_inputs, mask, positions, *deepstack, *past)
+        reference = decoder(step_inputs, mask, positions, *optional.values(), *past)
         ours = session.step(step_inputs.numpy(), mask.numpy(), positions.numpy(),
-                            deepstack[0].numpy() if deepstack else None)
+                            {name: value.numpy() for name, value in optional.items()})
         worst = max(worst, _check("decoder logits", ours, reference[0][:, -1], dtype))
         past = list(reference[1:])
         position += step
         step_inputs = embed(reference[0].argmax(-1))
-        deepstack = [torch.zeros(len(planes), *step_inputs.shape)] if planes else []
+        if planes:
+            optional["deepstack_embeds"] = torch.zeros(len(planes), *step_inputs.shape)
+        if decoder_spec.image_blocks:
+            optional["image_block_ids"] = torch.zeros(1, position + 1, dtype=torch.int64)
     report["logits_max_abs_diff"] = worst
     return report

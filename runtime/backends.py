@@ -18,7 +18,7 @@ import onnxruntime as ort
 from zspa.errors import BundleError, InvalidInputError, ZspaError
 from zspa.manifest import DecoderSpec, GraphSpec
 from zspa.runtime.bundle import Bundle
-from zspa.runtime.deepstack import deepstack_feed
+from zspa.runtime.decoder_inputs import Extras, optional_inputs
 
 ORT_BACKENDS = ("ort-cpu", "ort-cuda", "ort-trt")
 BACKENDS = (*ORT_BACKENDS, "trt")
@@ -38,9 +38,10 @@ class DecoderSession(Protocol):
     def reset(self) -> None: ...
 
     def step(self, inputs_embeds: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray,
-             deepstack: np.ndarray | None = None) -> np.ndarray:
+             extras: Extras | None = None) -> np.ndarray:
         """Runs one prefill or decode step; returns last-position logits [B, V] as float32.
-        `deepstack` [L, B, S, D]: DeepStack planes where the decoder takes them (zeros if None)."""
+        `extras`: the optional inputs the decoder takes, by name (runtime/decoder_inputs.py;
+        zeros for those not given)."""
         ...
 
 
@@ -82,20 +83,20 @@ class _OrtDecoderBase:
         self.session = session
         self.spec = spec
         self.device = device
-        self.embeds_dtype = _numpy_dtype(session.get_inputs()[0].type)
+        self.input_dtypes = {i.name: _numpy_dtype(i.type) for i in session.get_inputs()}
+        self.embeds_dtype = self.input_dtypes["inputs_embeds"]
         self.past_names, self.present_names = spec.past_names, spec.present_names
         self.binding = session.io_binding()
         self.past_length = 0
 
     def _run(self, inputs_embeds: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray,
-             deepstack: np.ndarray | None) -> list:
+             extras: Extras | None) -> list:
         binding = self.binding
         binding.bind_cpu_input("inputs_embeds", np.ascontiguousarray(inputs_embeds, dtype=self.embeds_dtype))
         binding.bind_cpu_input("attention_mask", np.ascontiguousarray(attention_mask, dtype=np.int64))
         binding.bind_cpu_input("position_ids", np.ascontiguousarray(position_ids, dtype=np.int64))
-        if self.spec.deepstack_layers:
-            planes = deepstack_feed(self.spec, inputs_embeds, deepstack)
-            binding.bind_cpu_input("deepstack_embeds", np.ascontiguousarray(planes, dtype=self.embeds_dtype))
+        for name, value in optional_inputs(self.spec, inputs_embeds, attention_mask, extras).items():
+            binding.bind_cpu_input(name, np.ascontiguousarray(value, dtype=self.input_dtypes[name]))
         self.session.run_with_iobinding(binding)
         self.past_length += inputs_embeds.shape[1]
         return binding.get_outputs()
@@ -120,7 +121,7 @@ class OrtDecoder(_OrtDecoderBase):
         self.past_length = 0
 
     def step(self, inputs_embeds: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray,
-             deepstack: np.ndarray | None = None) -> np.ndarray:
+             extras: Extras | None = None) -> np.ndarray:
         # A fresh binding per step, the previous one kept alive: the past is its outputs, and
         # onnxruntime 1.23 (the last for Python 3.10) frees them when their binding is cleared.
         self._previous_binding, self.binding = self.binding, self.session.io_binding()
@@ -129,7 +130,7 @@ class OrtDecoder(_OrtDecoderBase):
             self.binding.bind_output(name, self.device)
         for name, value in zip(self.past_names, self.past):
             self.binding.bind_ortvalue_input(name, value)
-        outputs = self._run(inputs_embeds, attention_mask, position_ids, deepstack)
+        outputs = self._run(inputs_embeds, attention_mask, position_ids, extras)
         self.past = list(outputs[1:])
         return self._last_logits(outputs[0])
 
@@ -153,11 +154,11 @@ class OrtSharedKVDecoder(_OrtDecoderBase):
         self.past_length = 0  # positions past the valid length are never read
 
     def step(self, inputs_embeds: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray,
-             deepstack: np.ndarray | None = None) -> np.ndarray:
+             extras: Extras | None = None) -> np.ndarray:
         if self.past_length + inputs_embeds.shape[1] > self.capacity:
             raise InvalidInputError(f"the KV cache holds {self.capacity} positions; this step needs "
                                     f"{self.past_length + inputs_embeds.shape[1]}")
-        return self._last_logits(self._run(inputs_embeds, attention_mask, position_ids, deepstack)[0])
+        return self._last_logits(self._run(inputs_embeds, attention_mask, position_ids, extras)[0])
 
 
 def execution_providers(backend: str, engine_cache: Path, fp16: bool) -> list[Provider]:

@@ -104,7 +104,7 @@ class Bundle:
         per_request = next((p for p in candidates if p.k is None), None)
         if per_request is not None:
             return dataclasses.replace(per_request, keep=keep)
-        if not vision_kind(self.manifest.vision).fixed_tokens:
+        if not vision_kind(self.manifest.vision).fixed_tokens(self.manifest.vision):
             raise BundleError(f"{method} has only static-K pruners, which cannot prune images whose token count "
                               "varies; re-export the bundle")
         k = token_budget(keep, self.manifest.vision.num_tokens)

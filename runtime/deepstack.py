@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import numpy as np
 
-from zspa.errors import InvalidInputError
-from zspa.manifest import DecoderSpec
 
 
 def gather(planes: np.ndarray, kept_indices: np.ndarray) -> np.ndarray:
@@ -27,12 +25,3 @@ def splice(planes: np.ndarray, rows: np.ndarray, length: int) -> np.ndarray:
     dense[:, :, rows] = planes
     return dense
 
-
-def deepstack_feed(spec: DecoderSpec, inputs_embeds: np.ndarray, deepstack: np.ndarray | None) -> np.ndarray:
-    """The decoder's `deepstack_embeds` for a step: the given planes, or zeros (decode steps)."""
-    shape = (spec.deepstack_layers, *inputs_embeds.shape)
-    if deepstack is None:
-        return np.zeros(shape, dtype=inputs_embeds.dtype)
-    if deepstack.shape != shape:
-        raise InvalidInputError(f"DeepStack planes of shape {deepstack.shape}; this step takes {shape}")
-    return deepstack

@@ -40,7 +40,8 @@ class ShapeRanges:
     opt_visual_tokens: int = 1
     max_visual_tokens: int = 1
     patches_per_token: int = 1
-    tokens_per_tile: int = 0  # tiled families (InternVL): the vision graph's batch is tiles of this many tokens
+    # tiled families (InternVL tiles, Gemma 3 views): the vision graph's batch is tiles of this many tokens
+    tokens_per_tile: int = 0
 
     @classmethod
     def for_manifest(cls, manifest: Manifest, max_context: int | None = None) -> ShapeRanges:
@@ -53,7 +54,7 @@ class ShapeRanges:
         smallest_k = min((p.k or token_budget(p.keep, num_tokens) for p in manifest.pruners), default=num_tokens)
         vision = manifest.vision
         kind = vision_kind(vision)
-        fixed, low = kind.fixed_tokens, kind.fewest_tokens(vision)
+        fixed, low = kind.fixed_tokens(vision), kind.fewest_tokens(vision)
         return cls(context, max_prefill, opt_prefill=min(max_prefill, smallest_k + 64),
                    opt_context=min(context, smallest_k + 64 + 256), min_visual_tokens=low,
                    opt_visual_tokens=num_tokens if fixed else min(num_tokens, 1024), max_visual_tokens=num_tokens,

@@ -174,6 +174,7 @@ class VisionInput:
     feeds: dict[str, np.ndarray]
     grid: tuple[int, int, int]  # (t, h, w) of the visual tokens, in the order the graph emits them
     pixels: np.ndarray  # the resized uint8 image [H, W, 3] the feeds are computed from, and from it alone
+    views: int = 1  # blocks the image becomes in the prompt (Gemma 3's pan&scan: the image, then its crops)
 
     @property
     def num_tokens(self) -> int:

@@ -21,6 +21,7 @@ from zspa.pruning.budget import token_budget, validate_keep
 from zspa.runtime.backends import Backend, make_backend
 from zspa.runtime.batching import SoloDecode
 from zspa.runtime.bundle import Bundle
+from zspa.runtime.decoder_inputs import image_block_ids
 from zspa.runtime.deepstack import gather as deepstack_gather
 from zspa.runtime.deepstack import splice as deepstack_splice
 from zspa.runtime.images import DEFAULT_MAX_PIXELS, IMAGE_FORMATS, ImageSource, VisionInput, load_image
@@ -58,6 +59,14 @@ class ImageBlock:
     @property
     def num_tokens(self) -> int:
         return self.image.vision_input.num_tokens
+
+    @property
+    def view_grids(self) -> list[tuple[int, int, int]]:
+        """The token grid of each of its views (blocks in the prompt): the image's own for one view."""
+        vision_input = self.image.vision_input
+        if vision_input.views == 1:
+            return [vision_input.grid]
+        return [(1, 1, vision_input.num_tokens // vision_input.views)] * vision_input.views
 
 
 @dataclass(frozen=True)
@@ -203,20 +212,26 @@ class Pipeline:
         if logprobs is not None and not (isinstance(logprobs, int) and 0 <= logprobs <= MAX_TOP_LOGPROBS):
             raise InvalidInputError(f"logprobs must be an integer in [0, {MAX_TOP_LOGPROBS}] or None, got {logprobs!r}")
         sources = list(images) if isinstance(images, (list, tuple)) else [images]
-        built = prompt if isinstance(prompt, Prompt) else self.prompts.build(prompt, self.max_context,
-                                                                             images=len(sources))
-        if len(built.image_positions) != len(sources):
-            raise InvalidInputError(f"the prompt places {len(built.image_positions)} images, "
+        if isinstance(prompt, Prompt) and len(prompt.image_views) != len(sources):
+            raise InvalidInputError(f"the prompt places {len(prompt.image_views)} images, "
                                     f"but {len(sources)} were given")
+        if not isinstance(prompt, str | Prompt) or (isinstance(prompt, str) and not prompt.strip()):
+            raise InvalidInputError("prompt is empty")
         started = time.perf_counter()
         blocks = tuple(self._block(self.prepare_image(source), pruner, keep) for source in sources)
+        views = tuple(block.image.vision_input.views for block in blocks)
+        built = prompt if isinstance(prompt, Prompt) else self.prompts.build(prompt, self.max_context,
+                                                                             images=len(sources), views=views)
+        if built.image_views != views:
+            raise InvalidInputError(f"the prompt shows its images as {built.image_views} blocks, but they have "
+                                    f"{views} views; build it with views= from the prepared images")
         texts = built.text_runs
-        kept = [block.kept_count for block in blocks]
-        grids = [block.image.vision_input.grid for block in blocks]
-        extent = position_extent(texts, kept, grids, self.positions, self.kind.mrope)
-        needed = max(extent, sum(texts) + sum(kept))  # positions, and the KV cache's length
+        kept = sum(block.kept_count for block in blocks)
+        extent = position_extent(texts, kept, [grid for block in blocks for grid in block.view_grids],
+                                 self.positions, self.kind.mrope)
+        needed = max(extent, sum(texts) + kept)  # positions, and the KV cache's length
         if needed >= self.max_context:
-            images_ = f"{len(blocks)} image{'s' if len(blocks) != 1 else ''} ({sum(kept)} visual tokens)"
+            images_ = f"{len(blocks)} image{'s' if len(blocks) != 1 else ''} ({kept} visual tokens)"
             raise InvalidInputError(f"prompt needs {needed} positions with its {images_}, over the context "
                                     f"of {self.max_context}; shorten it or send fewer or smaller images")
         eos = set() if ignore_eos else set(self.bundle.manifest.text.eos_token_ids)
@@ -246,36 +261,45 @@ class Pipeline:
             stats.vision_cache_hits = []
         with _Timer(timings, "embed"):
             prompt_embeds = self.embed.run({"input_ids": built.input_ids[None]})[0]
-        pieces, rows, kept_planes, block_kept = [], [], [], []
+        pieces, rows, kept_planes, image_kept, view_kept = [], [], [], [], []
+        placeholders = iter(built.image_positions)
         previous, length = 0, 0
-        for at, block in zip(built.image_positions, request.images):
+        for block in request.images:
             features = self._vision(block.image, stats)
             features, planes = features[:1], features[1:, None]
             with _Timer(timings, "prune"):
                 kept, kept_indices = self._prune(block, features, prompt_embeds, built.question_mask)
-            pieces += [prompt_embeds[:, previous:at], kept.astype(prompt_embeds.dtype)]
-            length += at - previous
-            rows.append(length + np.arange(len(kept_indices)))
-            length += len(kept_indices)
-            if len(planes):
-                kept_planes.append(deepstack_gather(planes, kept_indices))
-            block_kept.append(kept_indices)
-            previous = at + 1
+            image_kept.append(kept_indices)
+            # An image of several views is pruned as one pool; each view's kept tokens go to its own block.
+            per_view = block.num_tokens // block.image.vision_input.views
+            for view in range(block.image.vision_input.views):
+                at = next(placeholders)
+                in_view = (kept_indices >= view * per_view) & (kept_indices < (view + 1) * per_view)
+                pieces += [prompt_embeds[:, previous:at], kept[:, in_view].astype(prompt_embeds.dtype)]
+                length += at - previous
+                rows.append(length + np.arange(int(in_view.sum())))
+                length += len(rows[-1])
+                if len(planes):
+                    kept_planes.append(deepstack_gather(planes, kept_indices[in_view]))
+                view_kept.append(kept_indices[in_view] - view * per_view)
+                previous = at + 1
         with _Timer(timings, "prefill"):
             pieces.append(prompt_embeds[:, previous:])
             sequence = np.concatenate(pieces, axis=1)
-            deepstack = deepstack_splice(np.concatenate(kept_planes, axis=2), np.concatenate(rows),
-                                         sequence.shape[1]) if kept_planes else None
-            positions = prefill_positions(built.text_runs, block_kept,
-                                          [block.image.vision_input.grid for block in request.images],
+            extras = {"image_block_ids": image_block_ids(rows, sequence.shape[1])}
+            if kept_planes:
+                extras["deepstack_embeds"] = deepstack_splice(np.concatenate(kept_planes, axis=2),
+                                                              np.concatenate(rows), sequence.shape[1])
+            positions = prefill_positions(built.text_runs, view_kept,
+                                          [grid for block in request.images for grid in block.view_grids],
                                           self.positions, self.kind.mrope)
             stats.prompt_tokens = sequence.shape[1]
             self.decoder.reset()
             logits = self.decoder.step(sequence, np.ones((1, sequence.shape[1]), np.int64), positions[..., None, :],
-                                       deepstack)
+                                       extras)
         starts = np.cumsum([0, *(block.num_tokens for block in request.images)])
         kept_indices = np.concatenate([np.zeros(0, np.int64),
-                                       *(start + kept for start, kept in zip(starts, block_kept))])
+                                       *(start + kept for start, kept in zip(starts, image_kept))])
         answer = Sequence(stats, kept_indices, request.params, request.limits, self.prompts.decode,
                           int(positions.max()) + 1, request.started, request.logprobs)
         return answer, logits[0]

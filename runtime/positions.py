@@ -62,10 +62,11 @@ def prefill_positions(texts: Sequence[int], kept: Sequence[np.ndarray], grids: S
     return np.concatenate(parts, axis=-1)
 
 
-def position_extent(texts: Sequence[int], kept: Sequence[int], grids: Sequence[Grid], scheme: str,
+def position_extent(texts: Sequence[int], kept: int, grids: Sequence[Grid], scheme: str,
                     mrope: bool = False) -> int:
-    """The largest prefill position + 1, before knowing which tokens are kept (`kept`: counts)."""
-    _check(texts, kept, scheme)
+    """The largest prefill position + 1, before knowing which tokens are kept (`kept`: how many
+    in all, `grids`: each block's)."""
+    _check(texts, grids, scheme)
     if scheme == "contiguous":
-        return sum(texts) + sum(kept)
+        return sum(texts) + kept
     return sum(texts) + sum(_block_span(grid, mrope) for grid in grids)

@@ -37,9 +37,16 @@ def _sentinel(nonce: str, index: int) -> str:
 
 @dataclass(frozen=True)
 class Prompt:
-    input_ids: np.ndarray  # int64 [S], one placeholder token per image
+    input_ids: np.ndarray  # int64 [S], one placeholder token per image block
     question_mask: np.ndarray  # int64 [S], 1 on the question's tokens
-    image_positions: tuple[int, ...]  # indices of the placeholders in input_ids, one per image in order
+    image_positions: tuple[int, ...]  # indices of the placeholders in input_ids, one per block in order
+    # Blocks of each image in order (Gemma 3's pan&scan: the image and its crops); None: one each.
+    views: tuple[int, ...] | None = None
+
+    @property
+    def image_views(self) -> tuple[int, ...]:
+        """How many placeholders (blocks) each image has, in order."""
+        return self.views if self.views is not None else (1,) * len(self.image_positions)
 
     @property
     def text_runs(self) -> list[int]:
@@ -68,29 +75,48 @@ class PromptBuilder:
         return render(self.spec.chat_template, messages, add_generation_prompt=True,
                       bos_token=self._token(self.spec.bos_token_id), eos_token=self._token(self.spec.eos_token_ids[0]))
 
-    def _expand_images(self, text: str) -> str:
-        """Each image placeholder as the family's processor writes it before tokenizing (InternVL
-        wraps it in `<img>…</img>`), still one placeholder per image."""
-        image_text = self.spec.image_text
-        return text if image_text is None else text.replace(self.spec.image_token, image_text)
+    @property
+    def image_marker(self) -> str:
+        """What the chat template writes for an image."""
+        return self.spec.template_image or self.spec.image_token
+
+    def _expand_images(self, text: str, views: tuple[int, ...] | None) -> str:
+        """Each image as the family's processor writes it before tokenizing (InternVL wraps it in
+        `<img>…</img>`; Gemma 3 writes each of its views' blocks, with pan&scan's text around
+        them), one placeholder per block."""
+        spec = self.spec
+        if spec.image_text is None:
+            return text
+        parts = text.split(self.image_marker)
+        views = views if views is not None and len(views) == len(parts) - 1 else (1,) * (len(parts) - 1)
+        expanded = [parts[0]]
+        for count, part in zip(views, parts[1:]):
+            if count > 1 and spec.views_text is None:
+                raise InvalidInputError(f"an image of {count} views, but this model shows each image as one")
+            image = spec.image_text if count == 1 else spec.views_text.replace("{first}", spec.image_text).replace(
+                "{rest}", " ".join([spec.image_text] * (count - 1)))
+            expanded += [image, part]
+        return "".join(expanded)
 
     def _token(self, token_id: int | None) -> str:
         return (self.tokenizer.id_to_token(token_id) or "") if token_id is not None else ""
 
-    def build(self, question: str, max_tokens: int | None = None, limit: str = "context", images: int = 1) -> Prompt:
+    def build(self, question: str, max_tokens: int | None = None, limit: str = "context", images: int = 1,
+              views: tuple[int, ...] | None = None) -> Prompt:
         """One user turn: the images, then the question."""
         if not isinstance(question, str) or not question.strip():
             raise InvalidInputError("prompt is empty")
         content = [*({"type": "image"} for _ in range(images)), {"type": "text", "text": question}]
-        return self.build_chat([{"role": "user", "content": content}], max_tokens, limit)
+        return self.build_chat([{"role": "user", "content": content}], max_tokens, limit, views)
 
     def build_chat(self, messages: list[dict[str, Any]], max_tokens: int | None = None,
-                   limit: str = "context") -> Prompt:
+                   limit: str = "context", views: tuple[int, ...] | None = None) -> Prompt:
         """A conversation in transformers' format (content: a list of {"type": "image"} and
         {"type": "text", "text": ...} parts) holding any number of images, in any of its messages;
         the question is the text of the last message, which must be the user's. Past `max_tokens`
         (`limit` names that bound in the message) it is refused, by its length in characters when
-        that alone proves it, before any templating or tokenizing."""
+        that alone proves it, before any templating or tokenizing. `views`: each image's blocks
+        (`VisionInput.views`, known once it is preprocessed; None: one each)."""
         if not messages or messages[-1].get("role") != "user":
             raise InvalidInputError("the conversation must end with a user message")
         texts = [part["text"] for part in messages[-1]["content"] if part.get("type") == "text"]
@@ -98,19 +124,21 @@ class PromptBuilder:
             raise InvalidInputError("the last user message has no text: nothing to ask about the image")
         if max_tokens is not None:
             self._check_characters(messages, max_tokens, limit)
-        text = self._expand_images(self.render(messages))
-        spans = self._question_spans(messages, texts)
-        if any(text[start:end] != question for (start, end), question in zip(spans, texts)):
-            raise BundleError("chat template does not place the user's text verbatim; cannot mark the question")
+        images = sum(part.get("type") == "image" for message in messages
+                     if isinstance(message.get("content"), list) for part in message["content"])
+        views = tuple(views) if views is not None else (1,) * images
+        if len(views) != images:
+            raise InvalidInputError(f"views for {len(views)} images given for a conversation of {images}")
+        text = self._expand_images(self.render(messages), views)
+        spans = self._question_spans(messages, texts, text, views)
         encoding = self.tokenizer.encode(text, add_special_tokens=self.spec.add_special_tokens)
         ids = np.asarray(encoding.ids, dtype=np.int64)
         image_positions = np.flatnonzero(ids == self.spec.image_token_id)
-        images = sum(part.get("type") == "image" for message in messages
-                     if isinstance(message.get("content"), list) for part in message["content"])
-        if len(image_positions) != images:
+        if len(image_positions) != sum(views):
+            typed = " or ".join(repr(t) for t in dict.fromkeys((self.image_marker, self.spec.image_token)))
             raise InvalidInputError(
                 f"the prompt holds {len(image_positions)} image placeholders after templating for {images} images"
-                f" (remove {self.spec.image_token!r} from the prompt text)"
+                f" (remove {typed} from the prompt text)"
             )
         if max_tokens is not None and len(ids) > max_tokens:
             raise PromptTooLong(f"the prompt is {len(ids)} tokens, over the {limit} of {max_tokens}")
@@ -119,7 +147,7 @@ class PromptBuilder:
         in_question = np.zeros(len(ids), dtype=bool)
         for start, end in spans:
             in_question |= (offsets[:, 1] > start) & (offsets[:, 0] < end)
-        return Prompt(ids, (in_question & ~special).astype(np.int64), tuple(int(at) for at in image_positions))
+        return Prompt(ids, (in_question & ~special).astype(np.int64), tuple(int(at) for at in image_positions), views)
 
     def _check_characters(self, messages: list[dict[str, Any]], max_tokens: int, limit: str) -> None:
         characters = sum(_text_length(message.get("content") or "") for message in messages)
@@ -127,24 +155,30 @@ class PromptBuilder:
             raise PromptTooLong(f"the prompt's text is {characters:,} characters, more than the {limit} of "
                                 f"{max_tokens} tokens can hold ({self.max_token_chars} characters at most per token)")
 
-    def _question_spans(self, messages: list[dict[str, Any]], texts: list[str]) -> list[tuple[int, int]]:
-        """Character spans of the last message's text parts in the rendered prompt, found by
-        rendering numbered sentinels in their place."""
+    def _question_spans(self, messages: list[dict[str, Any]], texts: list[str], text: str,
+                        views: tuple[int, ...]) -> list[tuple[int, int]]:
+        """Character spans of the last message's text parts in the rendered prompt `text`, found
+        by rendering numbered sentinels in their place. A part may be rendered trimmed (Gemma's
+        template trims text parts); anything else is refused."""
         nonce = secrets.token_hex(8)
         sentinels = (_sentinel(nonce, i) for i in range(len(texts)))
         content = messages[-1]["content"]
         last = {**messages[-1], "content": [
             {**part, "text": next(sentinels)} if part.get("type") == "text" else part for part in content
         ]}
-        marked = self._expand_images(self.render([*messages[:-1], last]))
+        marked = self._expand_images(self.render([*messages[:-1], last]), views)
         spans, shift, search_from = [], 0, 0
         for i, question in enumerate(texts):
             sentinel = _sentinel(nonce, i)
             found = marked.find(sentinel, search_from)
             if found < 0:
                 raise BundleError("chat template does not render the user's text; cannot mark the question")
-            spans.append((found + shift, found + shift + len(question)))
-            shift += len(question) - len(sentinel)
+            start = found + shift
+            rendered = next((form for form in (question, question.strip()) if text.startswith(form, start)), None)
+            if rendered is None:
+                raise BundleError("chat template does not place the user's text verbatim; cannot mark the question")
+            spans.append((start, start + len(rendered)))
+            shift += len(rendered) - len(sentinel)
             search_from = found + len(sentinel)
         return spans
 

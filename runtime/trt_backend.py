@@ -18,7 +18,7 @@ from zspa.errors import BundleError, InvalidInputError
 from zspa.manifest import DecoderSpec
 from zspa.runtime.bundle import Bundle
 from zspa.runtime.cuda import check, cuda_device, cudart, import_tensorrt
-from zspa.runtime.deepstack import deepstack_feed
+from zspa.runtime.decoder_inputs import Extras, optional_inputs
 from zspa.runtime.engines import BuildRecord, engine_dir_name
 
 
@@ -118,7 +118,7 @@ class TrtDecoder(_EngineRunner):
         self.past_length, self.current = 0, 0
 
     def step(self, inputs_embeds: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray,
-             deepstack: np.ndarray | None = None) -> np.ndarray:
+             extras: Extras | None = None) -> np.ndarray:
         total = self.past_length + inputs_embeds.shape[1]
         if total > self.capacity:
             raise InvalidInputError(f"the engines hold {self.capacity} positions; this step needs {total} "
@@ -126,8 +126,8 @@ class TrtDecoder(_EngineRunner):
         self.feed("inputs_embeds", inputs_embeds)
         self.feed("attention_mask", attention_mask)
         self.feed("position_ids", position_ids)
-        if self.spec.deepstack_layers:
-            self.feed("deepstack_embeds", deepstack_feed(self.spec, inputs_embeds, deepstack))
+        for name, value in optional_inputs(self.spec, inputs_embeds, attention_mask, extras).items():
+            self.feed(name, value)
         past_shape = (1, self.spec.num_kv_heads, self.past_length, self.spec.head_dim)
         for name, present, buffers in zip(self.past_names, self.present_names, self.caches):
             self.context.set_input_shape(name, past_shape)

@@ -46,7 +46,7 @@ class VisionSpec:
     """Image preprocessing every kind shares (the family's transformers processor, PIL path); each
     `kind` has its own spec type below with the fields only it reads (`VISION_SPECS`)."""
 
-    kind: str  # "clip" | "qwen2_vl" | "qwen3_vl" | "internvl": which preparation runtime/vision_kinds.py applies
+    kind: str  # "clip" | "qwen2_vl" | "qwen3_vl" | "internvl" | "gemma3": which preparation runtime/vision_kinds.py applies
     resample: int  # PIL resampling filter id
     rescale_factor: float
     mean: list[float]
@@ -116,9 +116,35 @@ class TileVisionSpec(VisionSpec):
             raise BundleError("manifest.json: vision.min_tiles and max_tiles must satisfy 1 ≤ min ≤ max ≤ 64")
 
 
+@dataclass(frozen=True)
+class ViewVisionSpec(VisionSpec):
+    """"gemma3" (Gemma 3): the whole image resized to the tower's `image_size` square, and with
+    `pan_and_scan` the crops of `Gemma3ImageProcessorPil.pan_and_scan` (an image whose aspect ratio
+    passes `min_ratio` is cut along its long side into 2–`max_crops` crops of at least
+    `min_crop_size` px), each resized the same; every view gives `tokens_per_tile` tokens and is a
+    block of its own in the prompt (runtime/views.py)."""
+
+    image_size: list[int]  # [height, width] of a view, what the vision graph takes
+    tokens_per_tile: int  # tokens per view (the vision graph's batch holds an image's views)
+    pan_and_scan: bool
+    min_crop_size: int
+    max_crops: int
+    min_ratio: float
+
+    def check(self) -> None:
+        if len(self.image_size) != 2 or not all(1 <= side <= 2**14 for side in self.image_size):
+            raise BundleError(f"manifest.json: vision.image_size is {self.image_size!r}; expected [height, width]")
+        _in_range("vision.tokens_per_tile", self.tokens_per_tile, 1, 2**16)
+        _in_range("vision.max_crops", self.max_crops, 2, 64)
+        _in_range("vision.min_crop_size", self.min_crop_size, 1, 2**14)
+        if not (math.isfinite(self.min_ratio) and self.min_ratio >= 1.0):
+            raise BundleError(f"manifest.json: vision.min_ratio is {self.min_ratio!r}; it must be at least 1")
+
+
 # Each preprocessing kind's spec type; runtime/vision_kinds.py implements the same kinds (a test checks).
 VISION_SPECS: dict[str, type[VisionSpec]] = {"clip": ClipVisionSpec, "qwen2_vl": PatchVisionSpec,
-                                             "qwen3_vl": PatchVisionSpec, "internvl": TileVisionSpec}
+                                             "qwen3_vl": PatchVisionSpec, "internvl": TileVisionSpec,
+                                             "gemma3": ViewVisionSpec}
 
 
 @dataclass(frozen=True)
@@ -134,6 +160,12 @@ class TextSpec:
     # What each image's placeholder becomes before tokenizing, holding it once: the text a family's
     # processor puts around an image block (InternVL: "<img><IMG_CONTEXT></img>"); None: itself.
     image_text: str | None = None
+    # What the chat template writes for an image, where that is not `image_token` (Gemma 3 writes
+    # "<start_of_image>" and its processor expands it to `image_text` around "<image_soft_token>").
+    template_image: str | None = None
+    # An image of several views (Gemma 3's pan&scan: the whole image, then its crops): its text, with
+    # "{first}" where the first view's `image_text` goes and "{rest}" the others', joined by spaces.
+    views_text: str | None = None
 
 
 @dataclass(frozen=True)
@@ -152,6 +184,9 @@ class DecoderSpec:
     # DeepStack (Qwen3-VL): `deepstack_embeds` [L, B, S, D] is added to the hidden states after each of
     # the first L decoder layers (zero rows outside the image); the vision graph gives one plane each.
     deepstack_layers: int = 0
+    # Gemma 3: `image_block_ids` [B, total length] (0: text, i > 0: the i-th image block) opens
+    # attention both ways inside each block during prefill; decode steps feed zeros.
+    image_blocks: bool = False
 
     @property
     def past_names(self) -> list[str]:
@@ -336,6 +371,13 @@ def check_values(manifest: Manifest) -> None:
     if text.image_text is not None and text.image_text.count(text.image_token) != 1:
         raise BundleError(f"manifest.json: text.image_text {text.image_text!r} must hold the image token "
                           f"{text.image_token!r} exactly once")
+    if text.template_image is not None and (not text.template_image or text.image_text is None):
+        raise BundleError("manifest.json: text.template_image needs text.image_text (what it becomes) and may not "
+                          "be empty")
+    if text.views_text is not None and (text.views_text.count("{first}") != 1 or text.views_text.count("{rest}") != 1
+                                        or text.image_token in text.views_text):
+        raise BundleError(f"manifest.json: text.views_text {text.views_text!r} must hold {{first}} and {{rest}} "
+                          "once each and no image token")
     if len(vision.mean) != 3 or len(vision.std) != 3:
         raise BundleError("manifest.json: vision.mean and vision.std need one value per RGB channel")
     for i, value in enumerate(vision.std):

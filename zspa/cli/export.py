@@ -59,6 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-tiles", type=int, default=None, metavar="N",
                         help="InternVL: the most 448 px tiles an image is cut into, so at most 256·(N+1) visual "
                              "tokens with the thumbnail (default: the checkpoint's; InternVL3's 12 give 3,328)")
+    parser.add_argument("--pan-and-scan", choices=("on", "off"), default=None,
+                        help="Gemma 3: also show wide or tall images as 2–4 crops, each its own 256-token block "
+                             "(default: the checkpoint's preprocessor_config.json; the released ones: off)")
     parser.add_argument("--opset", type=int, default=18, help="ONNX opset for every graph (default: 18)")
     parser.add_argument("--revision", help="hub revision (branch, tag or commit) to export")
     parser.add_argument("--force", action="store_true", help="replace an existing bundle at the output path")
@@ -82,6 +85,7 @@ def _export(args: argparse.Namespace) -> None:
         dtype=args.dtype, kv_cache=args.kv_cache, opset=args.opset, force=args.force, revision=args.revision,
         signing=signing_key(args, prefix="sign-"), progress=not args.quiet, min_pixels=args.min_pixels,
         max_pixels=args.max_pixels, max_tiles=args.max_tiles,
+        pan_and_scan=None if args.pan_and_scan is None else args.pan_and_scan == "on",
     )
     started = time.perf_counter()
     report = export_bundle(options)

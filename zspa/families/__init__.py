@@ -28,16 +28,20 @@ MODEL_ALIASES = {
     "internvl3-1b": "OpenGVLab/InternVL3-1B-hf",
     "internvl3-2b": "OpenGVLab/InternVL3-2B-hf",
     "internvl3-8b": "OpenGVLab/InternVL3-8B-hf",
+    "gemma-3-4b": "google/gemma-3-4b-it",
+    "gemma-3-12b": "google/gemma-3-12b-it",
 }
 
 # transformers `model_type` → family module name
 FAMILY_BY_MODEL_TYPE = {"llava": "llava", "qwen2_5_vl": "qwen2_5_vl", "qwen2_vl": "qwen2_vl", "qwen3_vl": "qwen3_vl",
-                        "internvl": "internvl"}
+                        "internvl": "internvl", "gemma3": "gemma3"}
 
 # Model types refused with a reason rather than "not supported yet".
 REFUSED_MODEL_TYPES = {
     "qwen3_vl_moe": "Qwen3-VL's mixture-of-experts models (30B-A3B) need an expert-routing decoder zspa does not "
                     "export yet; the dense Qwen3-VL models (qwen3-vl-2b, -4b, -8b) are supported",
+    "gemma3_text": "Gemma 3 1B (and every gemma3_text checkpoint) is text-only: it has no vision tower, so there "
+                   "are no visual tokens to prune; the vision models are gemma-3-4b and gemma-3-12b",
 }
 
 # Built-in random-weight models, built from configs (no download): name → "module:function"
@@ -48,6 +52,7 @@ TINY_MODELS = {
     "tiny-random-qwen2-vl": "zspa.export.tiny_qwen:build_tiny_qwen2",
     "tiny-random-qwen3-vl": "zspa.export.tiny_qwen:build_tiny_qwen3",
     "tiny-random-internvl3": "zspa.export.tiny_internvl:build_tiny_internvl3",
+    "tiny-random-gemma3": "zspa.export.tiny_gemma3:build_tiny_gemma3",
 }
 
 
