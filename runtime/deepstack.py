@@ -12,7 +12,6 @@ from __future__ import annotations
 import numpy as np
 
 
-
 def gather(planes: np.ndarray, kept_indices: np.ndarray) -> np.ndarray:
     """[L, 1, N, D] planes → [L, 1, K, D] at the kept visual tokens (ascending indices)."""
     return planes[:, :, kept_indices]

@@ -21,12 +21,12 @@ def tiny_hf():
     return build_tiny_llava()
 
 
-def _export_builtin(tmp_path_factory, model: str, name: str) -> Path:
-    """A built-in model exported at KEEPS, once per test session."""
+def _export_builtin(tmp_path_factory, model: str, name: str, **options) -> Path:
+    """A built-in model exported at KEEPS (and `options`, ExportOptions'), once per test session."""
     from zspa.export.exporter import ExportOptions, export_bundle
 
     out = tmp_path_factory.mktemp("bundles") / name
-    export_bundle(ExportOptions(model, out, keeps=list(KEEPS), progress=False))
+    export_bundle(ExportOptions(model, out, keeps=list(KEEPS), progress=False, **options))
     return out
 
 
@@ -51,19 +51,23 @@ def pipeline(tiny_bundle):
     return Pipeline.load(tiny_bundle)
 
 
-def _builtin_fixtures(prefix: str, model: str, folder: str):
+def _builtin_fixtures(prefix: str, model: str, folder: str, pan_and_scan: bool | None = None):
     """Session fixtures `{prefix}_hf` (model, processor parts as transformers objects), `{prefix}_bundle`
-    (the model exported at KEEPS into `folder`, read-only) and `{prefix}_pipeline` of a built-in model."""
+    (the model exported at KEEPS into `folder`, read-only) and `{prefix}_pipeline` of a built-in model.
+    `pan_and_scan` (Gemma 3) is set in the processor, as a checkpoint's preprocessor_config.json would."""
 
     @pytest.fixture(scope="session", name=f"{prefix}_hf")
     def hf():
         from zspa.families import build_tiny_model
 
-        return build_tiny_model(model)
+        model_, processor = build_tiny_model(model)
+        if pan_and_scan is not None:
+            processor.image_processor.do_pan_and_scan = pan_and_scan
+        return model_, processor
 
     @pytest.fixture(scope="session", name=f"{prefix}_bundle")
     def bundle(tmp_path_factory) -> Path:
-        return _export_builtin(tmp_path_factory, model, folder)
+        return _export_builtin(tmp_path_factory, model, folder, pan_and_scan=pan_and_scan)
 
     @pytest.fixture(scope="session", name=f"{prefix}_pipeline")
     def pipeline_(request):
@@ -79,6 +83,9 @@ qwen2_hf, qwen2_bundle, qwen2_pipeline = _builtin_fixtures("qwen2", "tiny-random
 qwen3_hf, qwen3_bundle, qwen3_pipeline = _builtin_fixtures("qwen3", "tiny-random-qwen3-vl", "tiny-qwen3")
 internvl_hf, internvl_bundle, internvl_pipeline = _builtin_fixtures("internvl", "tiny-random-internvl3",
                                                                     "tiny-internvl")
+# Gemma 3 with pan&scan on: wide and tall images become several blocks (the plain one is in test_gemma3.py).
+gemma3_hf, gemma3_bundle, gemma3_pipeline = _builtin_fixtures("gemma3", "tiny-random-gemma3", "tiny-gemma3",
+                                                              pan_and_scan=True)
 
 # The Qwen families (manifest `family`) and their fixtures' prefix.
 QWEN_FAMILIES = {"qwen2_5_vl": "qwen", "qwen2_vl": "qwen2", "qwen3_vl": "qwen3"}
@@ -96,12 +103,13 @@ def qwen_family(request):
 
 
 # Families whose images give a varying number of visual tokens, and their fixtures' prefix.
-DYNAMIC_FAMILIES = {**QWEN_FAMILIES, "internvl": "internvl"}
+DYNAMIC_FAMILIES = {**QWEN_FAMILIES, "internvl": "internvl", "gemma3": "gemma3"}
 
 
 @pytest.fixture(scope="module", params=list(DYNAMIC_FAMILIES))
 def dynamic_family(request):
-    """`qwen_family`'s tuple for each dynamic-resolution family's tiny model (the Qwen families, InternVL)."""
+    """`qwen_family`'s tuple for each dynamic-resolution family's tiny model (the Qwen families,
+    InternVL, Gemma 3 with pan&scan)."""
     return _family(request, DYNAMIC_FAMILIES)
 
 

@@ -46,7 +46,7 @@ class VisionSpec:
     """Image preprocessing every kind shares (the family's transformers processor, PIL path); each
     `kind` has its own spec type below with the fields only it reads (`VISION_SPECS`)."""
 
-    kind: str  # "clip" | "qwen2_vl" | "qwen3_vl" | "internvl" | "gemma3": which preparation runtime/vision_kinds.py applies
+    kind: str  # "clip" | "qwen2_vl" | "qwen3_vl" | "internvl" | "gemma3": runtime/vision_kinds.py's preparation
     resample: int  # PIL resampling filter id
     rescale_factor: float
     mean: list[float]

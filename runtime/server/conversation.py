@@ -14,7 +14,7 @@ from typing import Any
 from zspa.errors import InvalidInputError
 from zspa.pruning.budget import validate_keep
 from zspa.runtime.pipeline import Pipeline, PreparedImage, Request
-from zspa.runtime.prompting import PromptTooLong
+from zspa.runtime.prompting import Prompt, PromptTooLong
 from zspa.runtime.server.errors import invalid, timed_out
 from zspa.runtime.server.image_urls import image_bytes
 from zspa.runtime.server.protocol import ChatCompletionRequest, Message
@@ -36,14 +36,12 @@ def prepare(request: ChatCompletionRequest, pipeline: Pipeline, settings: Server
     kept; nothing here (a download, a wait for a slot) outlives the request's `deadline`
     (time.monotonic())."""
     messages, images = _transformers_messages(request.messages, settings.max_images)
-    try:
-        prompt = pipeline.prompts.build_chat(messages, *_token_limit(pipeline, settings))
-    except PromptTooLong as exc:
-        raise invalid(str(exc), "messages", "prompt_too_long") from None
-    except InvalidInputError as exc:
-        raise invalid(str(exc), "messages") from None
+    prompt = _prompt(pipeline, settings, messages)  # before any image is fetched: a bad prompt costs nothing
     keep, method = _pruning(request, pipeline)
     prepared_images = [_prepare_image(pipeline, settings, image_slots, deadline, param, url) for param, url in images]
+    views = tuple(image.vision_input.views for image in prepared_images)
+    if views != prompt.image_views:  # an image shown as several blocks (Gemma 3's pan&scan crops)
+        prompt = _prompt(pipeline, settings, messages, views)
     options = {
         "keep": keep, "method": request.pruning_method,
         "max_new_tokens": request.completion_limit or settings.default_max_tokens,
@@ -59,6 +57,16 @@ def prepare(request: ChatCompletionRequest, pipeline: Pipeline, settings: Server
                       f"{settings.max_image_memory_bytes / 2**20:.0f} MB this server holds for images waiting for the "
                       "decoder (--max-image-memory-mb); send fewer or smaller images", "messages", "images_too_large")
     return PreparedRequest(prepared, keep, method)
+
+
+def _prompt(pipeline: Pipeline, settings: ServerSettings, messages: list[dict[str, Any]],
+            views: tuple[int, ...] | None = None) -> Prompt:
+    try:
+        return pipeline.prompts.build_chat(messages, *_token_limit(pipeline, settings), views=views)
+    except PromptTooLong as exc:
+        raise invalid(str(exc), "messages", "prompt_too_long") from None
+    except InvalidInputError as exc:
+        raise invalid(str(exc), "messages") from None
 
 
 def _prepare_image(pipeline: Pipeline, settings: ServerSettings, image_slots: threading.Semaphore, deadline: float,

@@ -16,7 +16,8 @@ from lmms_eval.api.model import lmms
 from tqdm import tqdm
 
 from zspa.errors import InvalidInputError
-from zspa.runtime.pipeline import Pipeline
+from zspa.runtime.pipeline import Pipeline, PreparedImage
+from zspa.runtime.prompting import Prompt
 
 IMAGE_PLACEHOLDER = "<image>"  # lmms-eval prompts may carry it; the bundle's template places the images itself
 DEFAULT_MAX_NEW_TOKENS = 128
@@ -48,14 +49,22 @@ class ZspaLMM(lmms):
 
     def _answer(self, images: list, context: str, gen_kwargs: dict) -> str:
         until = gen_kwargs.get("until") or []
-        prompt = self.pipeline.prompts.build_chat([{"role": "user", "content": user_content(context, len(images))}],
-                                                  self.pipeline.max_context)
+        images, prompt = self._prompt(images, context)
         result = self.pipeline.generate(
             images, prompt, keep=self.keep, method=self.method,
             max_new_tokens=int(gen_kwargs.get("max_new_tokens") or DEFAULT_MAX_NEW_TOKENS),
             temperature=float(gen_kwargs.get("temperature") or 0.0) if gen_kwargs.get("do_sample") else 0.0,
             top_p=float(gen_kwargs.get("top_p") or 1.0), stop=[until] if isinstance(until, str) else list(until))
         return result.text
+
+    def _prompt(self, images: list, context: str) -> tuple[list[PreparedImage], Prompt]:
+        """The document's images preprocessed, and its context as one user turn that shows them
+        (as many blocks each as the image has views: Gemma 3's pan&scan crops)."""
+        prepared = [self.pipeline.prepare_image(image) for image in images]
+        views = tuple(image.vision_input.views for image in prepared)
+        prompt = self.pipeline.prompts.build_chat([{"role": "user", "content": user_content(context, len(images))}],
+                                                  self.pipeline.max_context, views=views)
+        return prepared, prompt
 
     def loglikelihood(self, requests: list[Instance]) -> list[tuple[float, bool]]:
         """(log-probability of the continuation as the answer to the context, whether greedy
@@ -66,11 +75,9 @@ class ZspaLMM(lmms):
             doc = self.task_dict[task][split][doc_id]
             continuation = target if isinstance(target, str) else target(doc)
             visuals = [v for v in doc_to_visual(doc) or [] if v is not None]
-            prompts = self.pipeline.prompts
-            prompt = prompts.build_chat([{"role": "user", "content": user_content(context, len(visuals))}],
-                                        self.pipeline.max_context)
-            scores.append(self.pipeline.score(visuals, prompt, prompts.encode_text(continuation), keep=self.keep,
-                                              method=self.method))
+            images, prompt = self._prompt(visuals, context)
+            scores.append(self.pipeline.score(images, prompt, self.pipeline.prompts.encode_text(continuation),
+                                              keep=self.keep, method=self.method))
             self.cache_hook.add_partial("loglikelihood", (context, continuation), scores[-1])
         return scores
 
