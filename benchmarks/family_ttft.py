@@ -1,18 +1,20 @@
-"""Qwen2.5-VL-, Qwen3-VL- or InternVL3-shaped model: time to first token at keep 1.0, 0.25 and 0.1
+"""Qwen2.5-VL-, Qwen3-VL-, InternVL3- or Gemma-3-shaped model: time to first token at keep 1.0, 0.25 and 0.1
 for three image sizes against transformers `generate` on the same weights, and (Qwen2.5-VL)
 decode tokens/s against onnxruntime-genai.
 
 A random-weight model with the family's token geometry (Qwen2.5-VL: 14 px patches, 2×2 merge,
 112 px windows; Qwen3-VL: 16 px patches, a learned position table, DeepStack planes from two of
 its blocks into the first two decoder layers; both dynamic resolution up to 1280 tokens;
-InternVL3: 448 px tiles of 256 tokens, 3 / 9 / 13 tiles with the thumbnail, up to 3,328 tokens), a
+InternVL3: 448 px tiles of 256 tokens, 3 / 9 / 13 tiles with the thumbnail, up to 3,328 tokens;
+Gemma 3: 896 px views of 256 tokens (SigLIP 14 px patches, 4×4 pool) with pan&scan on, 1 / 3 / 5
+views, sliding-window local layers of 1,024 and a global last layer, bidirectional image blocks), a
 256-wide 4-block tower and a 1024-wide, 8-layer decoder is saved with save_pretrained and exported with
 zspa-export from that directory, as a user's checkpoint would be. Every measurement runs in a
 fresh process; the sides alternate over `--rounds`, and each ratio is printed with the min /
 median / max over rounds, with zspa's time per stage and transformers' vision tower alone
 (pruning acts after the tower, so the tower bounds what it can save). CPU, fp32.
 
-    pip install -e ".[dev,bench]" && python benchmarks/family_ttft.py [--family qwen3_vl|internvl] [--rounds 3]
+    pip install -e ".[dev,bench]" && python benchmarks/family_ttft.py [--family qwen3_vl|internvl|gemma3] [--rounds 3]
 """
 
 from __future__ import annotations
@@ -33,7 +35,8 @@ from machine import describe_machine  # noqa: E402
 IMAGE = Path(__file__).resolve().parent.parent / "zspa" / "assets" / "example.png"
 QUESTION = "What colour is the ball next to the house?"
 SIZES = {"qwen2_5_vl": [(448, 448), (896, 672), (1280, 720)], "qwen3_vl": [(448, 448), (896, 672), (1280, 720)],
-         "internvl": [(896, 448), (1280, 720), (1344, 1792)]}  # InternVL: 2 tiles, 8, 12, each + the thumbnail
+         "internvl": [(896, 448), (1280, 720), (1344, 1792)],  # InternVL: 2 tiles, 8, 12, each + the thumbnail
+         "gemma3": [(896, 896), (1280, 720), (2560, 720)]}  # Gemma 3 with pan&scan: 1 view, the image + 2 crops, + 4
 KEEPS = (1.0, 0.25, 0.1)
 
 
@@ -44,15 +47,20 @@ def _image(size: tuple[int, int]):
 
 
 FAMILIES = {"qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration", "qwen3_vl": "Qwen3VLForConditionalGeneration",
-            "internvl": "InternVLForConditionalGeneration"}
+            "internvl": "InternVLForConditionalGeneration", "gemma3": "Gemma3ForConditionalGeneration"}
 
 
 def save_model(directory: Path, family: str, text_hidden: int, text_layers: int) -> None:
     """The checkpoint directory: weights, image processor, tokenizer and chat template."""
-    from zspa.export import tiny_internvl
+    from zspa.export import tiny_gemma3, tiny_internvl
     from zspa.export.tiny_qwen import build_model, build_processor, build_tiny_qwen3, save_checkpoint
 
-    if family == "internvl":
+    if family == "gemma3":
+        processor = tiny_gemma3.build_processor(pan_and_scan=True, image_size=896, tokens_per_image=256)
+        model = tiny_gemma3.build_model(processor, vision_hidden=256, vision_layers=4, text_hidden=text_hidden,
+                                        text_layers=text_layers, sliding_window=1024, initializer_range=0.02,
+                                        patch_size=14)
+    elif family == "internvl":
         processor = tiny_internvl.build_processor()
         model = tiny_internvl.build_model(processor, vision_hidden=256, vision_layers=4, text_hidden=text_hidden,
                                           text_layers=text_layers, initializer_range=0.02)
@@ -89,12 +97,20 @@ def worker_hf(args) -> dict:
     """`generate` with one new token, the processor's work included (as zspa's TTFT includes preprocessing)."""
     import torch
     import transformers
-    from transformers import AutoTokenizer, GotOcr2ImageProcessorPil, Qwen2VLImageProcessorPil
+    from transformers import (
+        AutoTokenizer,
+        Gemma3ImageProcessorPil,
+        Gemma3Processor,
+        GotOcr2ImageProcessorPil,
+        Qwen2VLImageProcessorPil,
+    )
 
     model_class = getattr(transformers, FAMILIES[args.family])
     model = model_class.from_pretrained(args.model, dtype=torch.float32).eval()
-    internvl = args.family == "internvl"
-    image_processor = (GotOcr2ImageProcessorPil if internvl else Qwen2VLImageProcessorPil).from_pretrained(args.model)
+    internvl, gemma = args.family == "internvl", args.family == "gemma3"
+    processor_class = {"internvl": GotOcr2ImageProcessorPil, "gemma3": Gemma3ImageProcessorPil}.get(
+        args.family, Qwen2VLImageProcessorPil)
+    image_processor = processor_class.from_pretrained(args.model)
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     template = (Path(args.model) / "chat_template.jinja").read_text()
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": QUESTION}]}]
@@ -103,6 +119,13 @@ def worker_hf(args) -> dict:
 
     def inputs() -> tuple[dict, torch.Tensor]:
         """What the family's processor gives: pixels, and the ids with the placeholder expanded."""
+        if gemma:  # Gemma3Processor itself (no torchvision needed), pan&scan asked for in the call
+            processor = Gemma3Processor(image_processor, tokenizer, chat_template=template,
+                                        image_seq_length=model.config.mm_tokens_per_image)
+            given = processor(text=text, images=[image], do_pan_and_scan=True, return_tensors="pt")
+            ids = given.pop("input_ids")
+            given.pop("attention_mask")
+            return dict(given), ids
         if internvl:  # InternVLProcessor: crop_to_patches, <img> + 256 per tile + </img>
             pixels = image_processor(images=[image], crop_to_patches=True, return_tensors="pt")
             block = "<img>" + "<IMG_CONTEXT>" * (256 * int(pixels.pop("num_patches")[0])) + "</img>"
@@ -115,7 +138,7 @@ def worker_hf(args) -> dict:
     def first_token_ms() -> float:
         start = time.perf_counter()
         pixels, ids = inputs()
-        extra = {} if internvl else {"mm_token_type_ids": (ids == model.config.image_token_id).int()}
+        extra = {} if internvl or gemma else {"mm_token_type_ids": (ids == model.config.image_token_id).int()}
         with torch.no_grad():
             model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=1, do_sample=False,
                            **extra, **pixels)
@@ -126,7 +149,10 @@ def worker_hf(args) -> dict:
         start = time.perf_counter()
         layer = {"vision_feature_layer": -1, "vision_feature_select_strategy": "default"} if internvl else {}
         with torch.no_grad():
-            model.model.get_image_features(*pixels.values(), **layer)
+            if gemma:
+                model.model.get_image_features(pixels["pixel_values"])
+            else:
+                model.model.get_image_features(*pixels.values(), **layer)
         return (time.perf_counter() - start) * 1000
 
     first_token_ms()

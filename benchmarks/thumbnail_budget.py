@@ -1,9 +1,10 @@
-"""Where ZSPAPrune spends an InternVL image's budget: its tiles, or the thumbnail that shows the
-whole image again at a quarter of the detail (issue 23). For each image it prints the tiles, the
+"""Where ZSPAPrune spends an image's budget when the image is shown twice, as detail pieces and as
+one whole view at less detail (issue 23): InternVL's tiles and its thumbnail, or Gemma 3's
+pan&scan crops and the original image. For each image it prints the pieces (tiles or views), the
 budget K, and how many of the relevance core's and of the diversity stage's picks land in the
-thumbnail's 256 tokens, against the thumbnail's share of the image's tokens; then, for the
-diversity stage's thumbnail picks, the highest cosine similarity each has to a kept tile token
-(near 1: a duplicate of something already kept).
+whole view's tokens, against that view's share of the image's tokens; then, for the diversity
+stage's picks there, the highest cosine similarity each has to a kept detail token (near 1: a
+duplicate of something already kept).
 
 The picks are the eager selector's (`zspa.pruning.zspa_prune`, what the pruner graph is exported
 from) on the bundle's own vision-graph output, so a bundle of a real checkpoint
@@ -11,7 +12,7 @@ from) on the bundle's own vision-graph output, so a bundle of a real checkpoint
 weights, so its figures say how the method treats the thumbnail's geometry, not what a trained
 tower sees.
 
-    python benchmarks/thumbnail_budget.py [--bundle DIR] [--keep 0.1] [--images a.jpg b.png ...]
+    python benchmarks/thumbnail_budget.py [--model tiny-random-gemma3 | --bundle DIR] [--keep 0.1] [--images a.jpg ...]
 """
 
 from __future__ import annotations
@@ -39,7 +40,18 @@ def _images(paths: list[str]):
     import matplotlib.cbook
 
     photo = Image.open(matplotlib.cbook.get_sample_data("grace_hopper.jpg", asfileobj=False)).convert("RGB")
-    return [(f"photo {w}x{h}", photo.resize((w, h))) for w, h in [(896, 448), (1344, 896), (512, 600), (1280, 720)]]
+    sizes = [(896, 448), (1344, 896), (512, 600), (1280, 720), (2560, 720), (400, 1300)]
+    return [(f"photo {w}x{h}", photo.resize((w, h))) for w, h in sizes]
+
+
+def whole_view(pipeline, vision_input) -> tuple[int, int]:
+    """[start, end) of the whole-image view's tokens: InternVL's thumbnail (its last tile), Gemma
+    3's original image (its first view); empty when the image is not cut into pieces."""
+    per_piece = pipeline.bundle.manifest.vision.tokens_per_tile
+    n = vision_input.num_tokens
+    if n == per_piece:
+        return n, n
+    return (0, per_piece) if pipeline.bundle.manifest.vision.kind == "gemma3" else (n - per_piece, n)
 
 
 def measure(pipeline, image, keep: float) -> dict:
@@ -48,9 +60,8 @@ def measure(pipeline, image, keep: float) -> dict:
 
     spec = next(p for p in pipeline.bundle.manifest.pruners if p.method == "zspa").params
     vision_input = pipeline.kind.prepare(image, pipeline.bundle.manifest.vision)
-    tiles = vision_input.grid[0]
     features = torch.from_numpy(pipeline.vision.run(vision_input.feeds)[0])
-    prompt = pipeline.prompts.build(QUESTION)
+    prompt = pipeline.prompts.build(QUESTION, views=(vision_input.views,))
     embeds = torch.from_numpy(pipeline.embed.run({"input_ids": prompt.input_ids[None]})[0])
     tokens = F.normalize(features.float(), dim=-1)
     n, k = tokens.shape[1], token_budget(keep, tokens.shape[1])
@@ -58,18 +69,21 @@ def measure(pipeline, image, keep: float) -> dict:
     core = greedy_top(relevance, core_size(k, spec["relevance_ratio"]))
     kept = farthest_point_fill(tokens, core, k)[0].numpy()
     core, diversity = set(core[0].tolist()), [int(i) for i in kept if int(i) not in set(core[0].tolist())]
-    thumbnail_start = n - 256 if tiles > 1 else n  # the thumbnail is the last tile, when there is one
-    tile_kept = [int(i) for i in kept if i < thumbnail_start]
-    thumb_diversity = [i for i in diversity if i >= thumbnail_start]
-    closest = (tokens[0, thumb_diversity] @ tokens[0, tile_kept].T).amax(-1).numpy() if thumb_diversity else []
-    return {"tiles": tiles, "n": n, "k": k, "share": (n - thumbnail_start) / n,
-            "core": (sum(i >= thumbnail_start for i in core), len(core)),
-            "diversity": (len(thumb_diversity), len(diversity)), "closest": closest}
+    start, end = whole_view(pipeline, vision_input)
+    detail_kept = [int(i) for i in kept if not start <= i < end]
+    whole_diversity = [i for i in diversity if start <= i < end]
+    closest = (tokens[0, whole_diversity] @ tokens[0, detail_kept].T).amax(-1).numpy() if whole_diversity else []
+    return {"pieces": n // pipeline.bundle.manifest.vision.tokens_per_tile, "n": n, "k": k, "share": (end - start) / n,
+            "core": (sum(start <= i < end for i in core), len(core)),
+            "diversity": (len(whole_diversity), len(diversity)), "closest": closest}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--bundle", default=None, help="an InternVL bundle (default: tiny-random-internvl3, exported)")
+    parser.add_argument("--bundle", default=None, help="an InternVL or Gemma 3 bundle (default: --model, exported)")
+    parser.add_argument("--model", default="tiny-random-internvl3",
+                        choices=["tiny-random-internvl3", "tiny-random-gemma3"],
+                        help="the built-in model exported when no --bundle is given (Gemma 3 with pan&scan on)")
     parser.add_argument("--keep", type=float, default=0.1)
     parser.add_argument("--images", nargs="*", default=[])
     args = parser.parse_args()
@@ -80,16 +94,18 @@ def main() -> None:
         if bundle is None:
             from zspa.export.exporter import ExportOptions, export_bundle
 
-            bundle = Path(tmp) / "internvl"
-            export_bundle(ExportOptions("tiny-random-internvl3", bundle, keeps=[args.keep], progress=False))
+            bundle = Path(tmp) / "bundle"
+            pan_and_scan = True if args.model == "tiny-random-gemma3" else None
+            export_bundle(ExportOptions(args.model, bundle, keeps=[args.keep], pan_and_scan=pan_and_scan,
+                                        progress=False))
         pipeline = Pipeline.load(bundle)
         print(f"{pipeline.bundle.manifest.source.model_id}, keep {args.keep}; {describe_machine()}")
-        print(f"{'image':>18} {'tiles':>5} {'N':>5} {'K':>4}  thumbnail share  core in thumbnail  "
-              "diversity in thumbnail  their closest kept tile token (cos, median / max)")
+        print(f"{'image':>18} {'pieces':>6} {'N':>5} {'K':>4}  whole-view share  core in whole view  "
+              "diversity in whole view  their closest kept detail token (cos, median / max)")
         for name, image in _images(args.images):
             m = measure(pipeline, image, args.keep)
             closest = (f"{np.median(m['closest']):.2f} / {np.max(m['closest']):.2f}" if len(m["closest"]) else "-")
-            print(f"{name:>18} {m['tiles']:>5} {m['n']:>5} {m['k']:>4}  {m['share']:>15.1%}  "
+            print(f"{name:>18} {m['pieces']:>6} {m['n']:>5} {m['k']:>4}  {m['share']:>16.1%}  "
                   f"{m['core'][0]:>8} of {m['core'][1]:<6}  {m['diversity'][0]:>11} of {m['diversity'][1]:<8}  "
                   f"{closest}")
 

@@ -49,32 +49,35 @@ def build_tokenizer():
                                    pad_token="<pad>", unk_token="<unk>", extra_special_tokens=IMAGE_TOKENS)
 
 
-def build_processor(pan_and_scan: bool | None = None):
+def build_processor(pan_and_scan: bool | None = None, image_size: int = IMAGE_SIZE,
+                    tokens_per_image: int = TOKENS_PER_IMAGE):
     """`Gemma3Processor` (it needs no torchvision) over the PIL image processor as the checkpoints'
     preprocessor_config.json sets it (`do_pan_and_scan` null there unless given)."""
     from transformers import Gemma3ImageProcessorPil, Gemma3Processor
 
-    image_processor = Gemma3ImageProcessorPil(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}, resample=2,
+    image_processor = Gemma3ImageProcessorPil(size={"height": image_size, "width": image_size}, resample=2,
                                               image_mean=[0.5] * 3, image_std=[0.5] * 3,
                                               do_pan_and_scan=pan_and_scan)
     return Gemma3Processor(image_processor=image_processor, tokenizer=build_tokenizer(),
-                           chat_template=GEMMA3_CHAT_TEMPLATE, image_seq_length=TOKENS_PER_IMAGE)
+                           chat_template=GEMMA3_CHAT_TEMPLATE, image_seq_length=tokens_per_image)
 
 
 def build_model(processor, *, vision_hidden: int = 64, vision_layers: int = 2, text_hidden: int = 64,
                 text_layers: int = 3, sliding_window: int = 48, initializer_range: float = 0.2,
-                max_context: int = 8192, seed: int = 0, tie_word_embeddings: bool = False):
+                max_context: int = 8192, seed: int = 0, tie_word_embeddings: bool = False,
+                patch_size: int = PATCH_SIZE):
     """A random-weight `Gemma3ForConditionalGeneration`, identical for identical arguments. Its
     local layers' window (48) is shorter than a prompt with one image, so the window matters."""
     from transformers import Gemma3Config, Gemma3ForConditionalGeneration
 
     tokenizer = processor.tokenizer
     ids = {name: tokenizer.convert_tokens_to_ids(name) for name in SPECIAL_TOKENS}
-    head_dim = 16
+    head_dim = max(16, text_hidden // 4)
     config = Gemma3Config(
         vision_config={"model_type": "siglip_vision_model", "hidden_size": vision_hidden,
                        "intermediate_size": vision_hidden * 2, "num_hidden_layers": vision_layers,
-                       "num_attention_heads": 4, "image_size": IMAGE_SIZE, "patch_size": PATCH_SIZE,
+                       "num_attention_heads": 4, "image_size": processor.image_processor.size["height"],
+                       "patch_size": patch_size,
                        "vision_use_head": False},
         text_config={"vocab_size": len(tokenizer), "hidden_size": text_hidden, "intermediate_size": text_hidden * 2,
                      "num_hidden_layers": text_layers, "num_attention_heads": 4, "num_key_value_heads": 2,
@@ -83,7 +86,7 @@ def build_model(processor, *, vision_hidden: int = 64, vision_layers: int = 2, t
                      "max_position_embeddings": max_context, "initializer_range": initializer_range,
                      "bos_token_id": ids["<bos>"], "eos_token_id": ids["<eos>"], "pad_token_id": ids["<pad>"],
                      "tie_word_embeddings": tie_word_embeddings},
-        mm_tokens_per_image=TOKENS_PER_IMAGE, boi_token_index=ids["<start_of_image>"],
+        mm_tokens_per_image=processor.image_seq_length, boi_token_index=ids["<start_of_image>"],
         eoi_token_index=ids["<end_of_image>"], image_token_index=ids["<image_soft_token>"],
         initializer_range=initializer_range, tie_word_embeddings=tie_word_embeddings,
     )

@@ -71,11 +71,11 @@ def test_unsupported_model_types_name_the_supported_families(tmp_path):
     from zspa.errors import ModelLoadError
     from zspa.export.loading import load_model
 
-    (tmp_path / "gemma").mkdir()
-    (tmp_path / "gemma" / "config.json").write_text('{"model_type": "gemma3"}')
-    supported = r"'gemma3' is not supported yet \(supported: internvl, llava, qwen2_5_vl, qwen2_vl, qwen3_vl\)"
+    (tmp_path / "smolvlm").mkdir()
+    (tmp_path / "smolvlm" / "config.json").write_text('{"model_type": "smolvlm"}')
+    supported = r"'smolvlm' is not supported yet \(supported: gemma3, internvl, llava, qwen2_5_vl, qwen2_vl, qwen3_vl\)"
     with pytest.raises(ModelLoadError, match=supported):
-        load_model(str(tmp_path / "gemma"))
+        load_model(str(tmp_path / "smolvlm"))
     # Qwen3-VL's mixture-of-experts models are refused with the reason and the way out.
     (tmp_path / "moe").mkdir()
     (tmp_path / "moe" / "config.json").write_text('{"model_type": "qwen3_vl_moe"}')

@@ -1,5 +1,5 @@
 """Every command on the dynamic-resolution bundles (issue 11, point 7; issues 22 and 23 for
-Qwen2-VL, Qwen3-VL and InternVL3): run, serve, eval, profile, calibrate, and zspa-build's
+Qwen2-VL, Qwen3-VL, InternVL3 and Gemma 3 with pan&scan): run, serve, eval, profile, calibrate, and zspa-build's
 optimisation profiles from the processor's min/max pixels or tiles. Tests that take
 `dynamic_family` run on each such family's tiny model, `qwen_family` on the Qwen ones."""
 
@@ -131,7 +131,8 @@ def test_build_profiles_count_internvl_tiles(internvl_bundle):
                                                ("Qwen/Qwen2.5-VL-7B-Instruct", "Qwen/Qwen2.5-VL-7B-Instruct"),
                                                ("qwen2-vl-2b", "Qwen/Qwen2-VL-2B-Instruct"),
                                                ("qwen3-vl-4b", "Qwen/Qwen3-VL-4B-Instruct"),
-                                               ("internvl3-1b", "OpenGVLab/InternVL3-1B-hf")])
+                                               ("internvl3-1b", "OpenGVLab/InternVL3-1B-hf"),
+                                               ("gemma-3-4b", "google/gemma-3-4b-it")])
 def test_offline_hub_ids_fail_fast_with_the_way_out(model, repository, tmp_path):
     out = subprocess.run([sys.executable, "-m", "zspa.cli.export", "--model", model, "-o", tmp_path / "b"],
                          capture_output=True, text=True, timeout=120, env={**os.environ, "HF_HUB_OFFLINE": "1"})

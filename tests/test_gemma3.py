@@ -160,7 +160,8 @@ def torch_reference(gemma3_hf, pipeline, image, keep: float):
     views = prepare_views(image, pipeline.bundle.manifest.vision).views
     pixel_values = _hf_inputs(processor, _rendered(processor, 1), [image], pan_and_scan=True)["pixel_values"]
     prompt = pipeline.prompts.build(QUESTION, views=(views,))
-    features = model.model.get_image_features(pixel_values).pooler_output.reshape(1, -1, model.config.text_config.hidden_size)
+    features = model.model.get_image_features(pixel_values).pooler_output
+    features = features.reshape(1, -1, features.shape[-1])
     embed = model.get_input_embeddings()
     text_embeds = embed(torch.from_numpy(prompt.input_ids)[None])
     selector = ZSPASelector(**METHOD_DEFAULTS["zspa"])

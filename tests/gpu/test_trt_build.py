@@ -31,11 +31,11 @@ def test_build_writes_engines_and_a_record_that_checks(bundle_copy):
     assert engine.get_tensor_profile_shape("past_key_values.0.key", 0)[2][2] == 1023
 
 
-@pytest.mark.parametrize("prefix, context", [("tiny", 1024), ("qwen3", 1024), ("internvl", 4096)])
+@pytest.mark.parametrize("prefix, context", [("tiny", 1024), ("qwen3", 1024), ("internvl", 4096), ("gemma3", 1024)])
 def test_trt_backend_answers_like_onnxruntime(prefix, context, photo_path, tmp_path, request):
     """LLaVA; Qwen3-VL: dynamic patch counts, the fused vision attention expanded for the parser,
     DeepStack planes into the decoder engine; InternVL3: a vision engine over 13 tiles (3,328
-    tokens, original positions past 3,328)."""
+    tokens, original positions past 3,328); Gemma 3: image_block_ids into the decoder engine."""
     _gpu_or_skip()
     import shutil
 
