@@ -71,3 +71,27 @@ def tower_attention(module, query: torch.Tensor, key: torch.Tensor, value: torch
     flat = [t.transpose(1, 2).reshape(batch, steps, heads * head_dim) for t in (query, key, value)]
     output = torch.ops.zspa.multi_head_attention(*flat, heads, float(scaling))
     return output.view(batch, steps, heads, head_dim), None
+
+
+FUSED_TOWER = "zspa_fused_tower"  # the transformers attention-function name `tower_attention` is registered under
+
+
+class TiledImageFeatures(torch.nn.Module):
+    """`pixel_values [T, 3, H, W] → image_features [1, T·n, D]`: a transformers VLM's own
+    `get_image_features` over one image's tiles or views (InternVL's tiles, Gemma 3's pan&scan
+    views), their tokens in order as one block, its tower's attention through the fused op
+    (`tower_attention`, registered as a transformers attention function, so transformers' own
+    blocks are what is exported). `feature_kwargs` go to `get_image_features`."""
+
+    def __init__(self, model: torch.nn.Module, **feature_kwargs):
+        super().__init__()
+        from transformers import AttentionInterface
+
+        AttentionInterface.register(FUSED_TOWER, tower_attention)
+        model.model.vision_tower.config._attn_implementation = FUSED_TOWER
+        self.model = model.model
+        self.feature_kwargs = feature_kwargs
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        features = self.model.get_image_features(pixel_values, **self.feature_kwargs).pooler_output
+        return features.reshape(1, -1, features.shape[-1])

@@ -7,6 +7,37 @@ from typing import Any
 from zspa.manifest import DecoderSpec, TextSpec
 
 
+def image_normalisation(image_processor: Any) -> dict[str, Any]:
+    """The vision spec's resample, rescale and normalisation fields from a transformers image
+    processor (identity values where it skips a step)."""
+    ip = image_processor
+    return {
+        "resample": int(ip.resample),
+        "rescale_factor": float(ip.rescale_factor) if ip.do_rescale else 1.0,
+        "mean": [float(x) for x in ip.image_mean] if ip.do_normalize else [0.0, 0.0, 0.0],
+        "std": [float(x) for x in ip.image_std] if ip.do_normalize else [1.0, 1.0, 1.0],
+    }
+
+
+def processor_size(processor: Any) -> tuple[int, int]:
+    """(height, width) the image processor resizes to (a tile or a view)."""
+    size = processor.image_processor.size
+    return int(size["height"]), int(size["width"])
+
+
+def batched_image_export(module: Any, processor: Any, count: int, generator: Any, dtype: Any):
+    """A vision export whose batch is one image's tiles or views (a symbolic `num_tiles` axis, `count`
+    random ones to trace, parity on one), all their tokens one block: `image_features` [1, N, D]."""
+    import torch
+
+    from zspa.families import VisionExport
+
+    pixel_values = torch.randn(count, 3, *processor_size(processor), generator=generator).to(dtype)
+    return VisionExport(module.eval(), {"pixel_values": pixel_values},
+                        {"pixel_values": {0: "num_tiles"}, "image_features": {1: "num_visual_tokens"}},
+                        {"pixel_values": pixel_values[:1]})
+
+
 def text_spec(model: Any, tokenizer: Any, image_token: str, chat_template: str) -> TextSpec:
     """Special tokens, EOS ids (the generation config's, as generate stops on them) and context."""
     eos = model.generation_config.eos_token_id if model.generation_config is not None else None

@@ -18,14 +18,13 @@ import torch
 from torch import nn
 
 from zspa.errors import ModelLoadError
-from zspa.export.vision_attention import tower_attention
+from zspa.export.vision_attention import TiledImageFeatures
 from zspa.families import VisionExport, common
 from zspa.families.qwen2_5_vl import chat_template_of
 from zspa.manifest import DecoderSpec, TextSpec, ViewVisionSpec
 from zspa.runtime.views import most_views
 
 NAME = "gemma3"
-FUSED_ATTENTION = "zspa_fused_tower"  # the name the tower's attention function is registered under
 
 # As LLaVA: kept tokens keep their unpruned 1-D positions (GAP, arXiv 2506.21873).
 DEFAULT_POSITIONS = "original"
@@ -61,37 +60,11 @@ def pan_and_scan_settings(image_processor) -> dict:
     return {"do_pan_and_scan": bool(getattr(image_processor, "do_pan_and_scan", None)), **settings}
 
 
-class VisionGraph(nn.Module):
-    """`pixel_values [V, 3, H, W] → image_features [1, V·T, D]`: transformers' `get_image_features`
-    (SigLIP, average pool, RMSNorm, projection) over an image's views, their tokens in order. The
-    tower's attention (4,096 patches a view at 896 px, unmasked) runs through onnxruntime's fused
-    MultiHeadAttention (export/vision_attention.py), registered as a transformers attention function."""
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        from transformers import AttentionInterface
-
-        AttentionInterface.register(FUSED_ATTENTION, tower_attention)
-        model.model.vision_tower.config._attn_implementation = FUSED_ATTENTION
-        self.model = model.model
-
-    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        features = self.model.get_image_features(pixel_values).pooler_output
-        return features.reshape(1, -1, features.shape[-1])
-
-
-def _image_size(processor) -> tuple[int, int]:
-    size = processor.image_processor.size
-    return int(size["height"]), int(size["width"])
-
-
 def vision_export(model: nn.Module, processor, generator: torch.Generator, dtype: torch.dtype) -> VisionExport:
-    """Two random views (a symbolic view axis); parity on one."""
-    height, width = _image_size(processor)
-    pixel_values = torch.randn(2, 3, height, width, generator=generator).to(dtype)
-    return VisionExport(VisionGraph(model).eval(), {"pixel_values": pixel_values},
-                        {"pixel_values": {0: "num_tiles"}, "image_features": {1: "num_visual_tokens"}},
-                        {"pixel_values": pixel_values[:1]})
+    """Two random views (a symbolic view axis); parity on one. The graph is transformers'
+    `get_image_features` (SigLIP, average pool, RMSNorm, projection) over an image's views; the
+    tower's attention (4,096 patches a view at 896 px, unmasked) fused."""
+    return common.batched_image_export(TiledImageFeatures(model), processor, 2, generator, dtype)
 
 
 def embedding(model: nn.Module) -> nn.Module:
@@ -111,13 +84,10 @@ def vision_spec(model: nn.Module, processor, num_tokens: int) -> ViewVisionSpec:
     pan_and_scan = pan_and_scan_settings(ip)
     spec = ViewVisionSpec(
         kind="gemma3",
-        resample=int(ip.resample),
-        rescale_factor=float(ip.rescale_factor) if ip.do_rescale else 1.0,
-        mean=[float(x) for x in ip.image_mean] if ip.do_normalize else [0.0, 0.0, 0.0],
-        std=[float(x) for x in ip.image_std] if ip.do_normalize else [1.0, 1.0, 1.0],
+        **common.image_normalisation(ip),
         num_tokens=0,
         hidden_size=int(model.config.text_config.hidden_size),
-        image_size=list(_image_size(processor)),
+        image_size=list(common.processor_size(processor)),
         tokens_per_tile=int(model.config.mm_tokens_per_image),
         pan_and_scan=pan_and_scan["do_pan_and_scan"],
         min_crop_size=int(pan_and_scan["pan_and_scan_min_crop_size"]),

@@ -17,14 +17,13 @@ import torch
 from torch import nn
 
 from zspa.errors import ModelLoadError
-from zspa.export.vision_attention import tower_attention
+from zspa.export.vision_attention import TiledImageFeatures
 from zspa.families import VisionExport, common
 from zspa.families.qwen2_5_vl import ImageTextProcessor, chat_template_of
 from zspa.manifest import DecoderSpec, TextSpec, TileVisionSpec
 from zspa.runtime.tiles import most_tiles
 
 NAME = "internvl"
-FUSED_ATTENTION = "zspa_fused_tower"  # the name the tower's attention function is registered under
 
 # As LLaVA: kept tokens keep their unpruned 1-D positions (GAP, arXiv 2506.21873).
 DEFAULT_POSITIONS = "original"
@@ -43,36 +42,13 @@ def load(source: str | Path, *, revision: str | None, local_files_only: bool):
     return model.eval(), ImageTextProcessor(image_processor, tokenizer, chat_template_of(source, tokenizer, kwargs))
 
 
-class VisionGraph(nn.Module):
-    """`pixel_values [T, 3, H, W] → image_features [1, T·256, D]`: transformers'
-    `get_image_features` (tower, CLS drop, pixel shuffle, projector) over an image's tiles, the
-    tiles' tokens in order as one block. The tower's attention (1,025 tokens a tile, unmasked) runs
-    through onnxruntime's fused MultiHeadAttention (export/vision_attention.py), registered as a
-    transformers attention function, so transformers' own blocks are what is exported."""
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        from transformers import AttentionInterface
-
-        AttentionInterface.register(FUSED_ATTENTION, tower_attention)
-        model.model.vision_tower.config._attn_implementation = FUSED_ATTENTION
-        self.model = model.model
-        self.layer = model.config.vision_feature_layer
-        self.strategy = model.config.vision_feature_select_strategy
-
-    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        features = self.model.get_image_features(pixel_values, vision_feature_layer=self.layer,
-                                                 vision_feature_select_strategy=self.strategy).pooler_output
-        return features.reshape(1, -1, features.shape[-1])
-
-
 def vision_export(model: nn.Module, processor, generator: torch.Generator, dtype: torch.dtype) -> VisionExport:
-    """Three random tiles (a symbolic tile axis); parity on one."""
-    height, width = _tile_size(processor)
-    pixel_values = torch.randn(3, 3, height, width, generator=generator).to(dtype)
-    return VisionExport(VisionGraph(model).eval(), {"pixel_values": pixel_values},
-                        {"pixel_values": {0: "num_tiles"}, "image_features": {1: "num_visual_tokens"}},
-                        {"pixel_values": pixel_values[:1]})
+    """Three random tiles (a symbolic tile axis); parity on one. The graph is transformers'
+    `get_image_features` (tower, CLS drop, pixel shuffle, projector) over an image's tiles, one block
+    of 256 tokens a tile; the tower's attention (1,025 tokens a tile, unmasked) fused."""
+    features = TiledImageFeatures(model, vision_feature_layer=model.config.vision_feature_layer,
+                                  vision_feature_select_strategy=model.config.vision_feature_select_strategy)
+    return common.batched_image_export(features, processor, 3, generator, dtype)
 
 
 def embedding(model: nn.Module) -> nn.Module:
@@ -81,11 +57,6 @@ def embedding(model: nn.Module) -> nn.Module:
 
 def language_model(model: nn.Module) -> tuple[nn.Module, nn.Module]:
     return model.model.language_model, model.lm_head
-
-
-def _tile_size(processor) -> tuple[int, int]:
-    size = processor.image_processor.size
-    return int(size["height"]), int(size["width"])
 
 
 def vision_spec(model: nn.Module, processor, num_tokens: int) -> TileVisionSpec:
@@ -100,13 +71,10 @@ def vision_spec(model: nn.Module, processor, num_tokens: int) -> TileVisionSpec:
     max_tiles = int(ip.max_patches) if tiles else 1
     spec = TileVisionSpec(
         kind="internvl",
-        resample=int(ip.resample),
-        rescale_factor=float(ip.rescale_factor) if ip.do_rescale else 1.0,
-        mean=[float(x) for x in ip.image_mean] if ip.do_normalize else [0.0, 0.0, 0.0],
-        std=[float(x) for x in ip.image_std] if ip.do_normalize else [1.0, 1.0, 1.0],
+        **common.image_normalisation(ip),
         num_tokens=0,
         hidden_size=int(model.config.text_config.hidden_size),
-        tile_size=list(_tile_size(processor)),
+        tile_size=list(common.processor_size(processor)),
         min_tiles=int(ip.min_patches) if tiles else 1,
         max_tiles=max_tiles,
         use_thumbnail=bool(tiles),

@@ -93,10 +93,7 @@ def vision_spec(model: nn.Module, processor, num_tokens: int) -> ClipVisionSpec:
         image_size=list(image_size(processor)),
         resize_shortest_edge=int(ip.size["shortest_edge"]),
         center_crop=bool(ip.do_center_crop),
-        resample=int(ip.resample),
-        rescale_factor=float(ip.rescale_factor) if ip.do_rescale else 1.0,
-        mean=[float(x) for x in ip.image_mean] if ip.do_normalize else [0.0, 0.0, 0.0],
-        std=[float(x) for x in ip.image_std] if ip.do_normalize else [1.0, 1.0, 1.0],
+        **common.image_normalisation(ip),
         num_tokens=num_tokens,
         hidden_size=int(model.config.text_config.hidden_size),
     )

@@ -193,10 +193,7 @@ def vision_spec(model: nn.Module, processor, num_tokens: int) -> PatchVisionSpec
         raise ModelLoadError("the image processor's patch, merge or temporal size differs from the vision config")
     return PatchVisionSpec(
         kind="qwen2_vl",
-        resample=int(ip.resample),
-        rescale_factor=float(ip.rescale_factor) if ip.do_rescale else 1.0,
-        mean=[float(x) for x in ip.image_mean] if ip.do_normalize else [0.0, 0.0, 0.0],
-        std=[float(x) for x in ip.image_std] if ip.do_normalize else [1.0, 1.0, 1.0],
+        **common.image_normalisation(ip),
         num_tokens=max_pixels // (cfg.patch_size * cfg.spatial_merge_size) ** 2,
         hidden_size=int(model.config.text_config.hidden_size),
         patch_size=int(cfg.patch_size),
