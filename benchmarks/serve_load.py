@@ -155,6 +155,9 @@ def main() -> None:
     parser.add_argument("--model", default="tiny-random-llava", help="built-in model to export at --keep")
     parser.add_argument("--bundle", type=Path, default=None, help="an exported bundle instead of --model")
     parser.add_argument("--keep", type=float, default=0.1)
+    parser.add_argument("--kv-cache", choices=["concat", "shared"], default="concat",
+                        help="the --model export's decoder: concat (batches by re-laying its cache out on join and "
+                             "leave) or shared (GroupQueryAttention, batches on a slot cache that never moves)")
     parser.add_argument("--batches", type=int_list, default=[1, 8], help="the --max-batch of each side")
     parser.add_argument("--concurrency", type=int_list, default=[1, 8, 32, 64])
     parser.add_argument("--requests-per-slot", type=int, default=4, help="requests = concurrency × this (≥ 16)")
@@ -172,12 +175,13 @@ def main() -> None:
             from zspa.export.exporter import ExportOptions, export_bundle
 
             bundle = Path(tmp) / "bundle"
-            export_bundle(ExportOptions(args.model, bundle, keeps=[args.keep], progress=False))
+            export_bundle(ExportOptions(args.model, bundle, keeps=[args.keep], kv_cache=args.kv_cache, progress=False))
         with contextlib.ExitStack() as stack:
             rounds = _measure(_servers(bundle, args, Path(tmp), stack), args)
     size = "x".join(map(str, args.image_size or Image.open(IMAGE).size))
     images = f"{size} images, " + ("one for all (vision-cache hits)" if args.same_image else "a distinct one each")
-    print(f"\n{bundle.name if args.bundle else args.model}, keep {args.keep:g}, {args.max_tokens} tokens per request, "
+    print(f"\n{bundle.name if args.bundle else f'{args.model} ({args.kv_cache} KV cache)'}, keep {args.keep:g}, "
+          f"{args.max_tokens} tokens per request, "
           f"{images}, {args.rounds} rounds, median (min–max):")
     print(f"{'max-batch':>9} {'conc.':>5} {'TTFT p50 ms':>22} {'TTFT p99 ms':>22} {'tokens/s':>22} {'errors':>6}")
     for side in args.batches:

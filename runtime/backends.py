@@ -139,16 +139,31 @@ class OrtSharedKVDecoder(_OrtDecoderBase):
     """The shared-buffer decoder graph (`kv_cache: shared`): one [1, Hkv, capacity, Dh] buffer per
     layer, bound once as both past and present, so a step writes only its new positions."""
 
-    def __init__(self, session: ort.InferenceSession, spec: DecoderSpec, device: str, capacity: int):
+    def __init__(self, session: ort.InferenceSession, spec: DecoderSpec, device: str, capacity: int,
+                 allocate: bool = True):
+        """`allocate` False: no buffers of its own until `bind_cache` (a batch's step decoder)."""
         super().__init__(session, spec, device)
         self.capacity = capacity
-        shape = [1, spec.num_kv_heads, capacity, spec.head_dim]
-        self.buffers = [ort.OrtValue.ortvalue_from_shape_and_type(shape, self.embeds_dtype, device, 0)
-                        for _ in self.past_names]
         self.binding.bind_output("logits", "cpu")
-        for past, present, buffer in zip(self.past_names, self.present_names, self.buffers):
-            self.binding.bind_ortvalue_input(past, buffer)
-            self.binding.bind_ortvalue_output(present, buffer)
+        self.buffers: object = None
+        if allocate:
+            shape = [1, spec.num_kv_heads, capacity, spec.head_dim]
+            self.buffers = [ort.OrtValue.ortvalue_from_shape_and_type(shape, self.embeds_dtype, device, 0)
+                            for _ in self.past_names]
+            for past, present, buffer in zip(self.past_names, self.present_names, self.buffers):
+                self.binding.bind_ortvalue_input(past, buffer)
+                self.binding.bind_ortvalue_output(present, buffer)
+
+    def bind_cache(self, pointers: list[int], rows: int, owner: object) -> None:
+        """Past and present become `rows` rows of memory the caller owns, [rows, Hkv, capacity, Dh]
+        at each of `pointers` (one per cache tensor, in `past_names` order): one slot of a batch's
+        cache for a prefill, or its first `rows` slots for a step. `owner` keeps that memory alive;
+        the decoder's own buffers are released."""
+        shape = [rows, self.spec.num_kv_heads, self.capacity, self.spec.head_dim]
+        for past, present, pointer in zip(self.past_names, self.present_names, pointers):
+            self.binding.bind_input(past, self.device, 0, self.embeds_dtype, shape, pointer)
+            self.binding.bind_output(present, self.device, 0, self.embeds_dtype, shape, pointer)
+        self.buffers = owner
 
     def reset(self) -> None:
         self.past_length = 0  # positions past the valid length are never read

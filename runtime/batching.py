@@ -1,5 +1,11 @@
 """Rows of different requests decoding together: one decoder call per step for all of them.
 
+The shared-KV decoder (`--kv-cache shared`, GroupQueryAttention) batches on a cache that never
+moves (`SlotDecodeBatch`): per layer [max_batch, Hkv, capacity, Dh], allocated once, a slot per
+running request. A request prefills straight into a free slot, each step writes every row's next
+position in place (GroupQueryAttention reads each row's own length, `seqlens_k`), and a finished
+row frees its slot; nothing is copied when requests join or leave.
+
 The portable decoder (past → past + new, `--kv-cache concat`) takes a batch with an attention
 mask, so rows of different lengths share one KV cache [B, H, T, D]: each row's entries sit at
 the right end, the columns to their left are padding the mask hides. A request joins after its
@@ -14,7 +20,7 @@ import numpy as np
 import onnxruntime as ort
 
 from zspa.errors import ZspaError
-from zspa.runtime.backends import DecoderSession, OrtDecoder
+from zspa.runtime.backends import DecoderSession, OrtDecoder, OrtSharedKVDecoder
 
 
 class SoloDecode:
@@ -26,6 +32,9 @@ class SoloDecode:
 
     def __len__(self) -> int:
         return self.rows
+
+    def prepare(self, decoder: DecoderSession) -> None:
+        """Nothing to do before a prefill: it uses the decoder's own cache."""
 
     def add(self, prefilled: DecoderSession) -> None:
         if prefilled is not self.decoder or self.rows:
@@ -49,6 +58,9 @@ class DecodeBatch:
 
     def __len__(self) -> int:
         return len(self.lengths)
+
+    def prepare(self, decoder: DecoderSession) -> None:
+        """Nothing to do before a prefill: `add` copies its cache in."""
 
     def add(self, prefilled: OrtDecoder) -> None:
         """Appends the row `prefilled` (the prefill's decoder, batch of one) holds in its cache."""
@@ -101,6 +113,76 @@ def _pad_left(array: np.ndarray, width: int) -> np.ndarray:
     return np.concatenate([padding, array], axis=2)
 
 
+class SlotDecodeBatch:
+    def __init__(self, prefill: OrtSharedKVDecoder, max_batch: int):
+        """`prefill`: the shared-KV decoder requests prefill on; it is bound to a free slot of this
+        batch's cache before each prefill (`prepare`), so its own buffers are released."""
+        spec, capacity = prefill.spec, prefill.capacity
+        self.prefill, self.max_batch = prefill, max_batch
+        shape = [max_batch, spec.num_kv_heads, capacity, spec.head_dim]
+        self.cache = [ort.OrtValue.ortvalue_from_shape_and_type(shape, prefill.embeds_dtype, prefill.device, 0)
+                      for _ in spec.past_names]
+        self.slot_bytes = spec.num_kv_heads * capacity * spec.head_dim * np.dtype(prefill.embeds_dtype).itemsize
+        self.decoder = OrtSharedKVDecoder(prefill.session, spec, prefill.device, capacity, allocate=False)
+        self.slots: list[int] = []  # each row's slot, rows in `add` order
+        self.lengths: dict[int, int] = {}  # slot → its entries in the cache
+        self.pending: int | None = None  # the slot the prefill decoder is bound to
+        self.prepare(prefill)
+
+    def __len__(self) -> int:
+        return len(self.slots)
+
+    def _pointers(self, slot: int) -> list[int]:
+        return [value.data_ptr() + slot * self.slot_bytes for value in self.cache]
+
+    def prepare(self, decoder: DecoderSession) -> None:
+        """Binds the prefill decoder to the lowest free slot (rows stay packed at the front)."""
+        if decoder is not self.prefill:
+            raise ZspaError("a slot batch prefills on its own prefill decoder only")
+        free = min(set(range(self.max_batch)) - set(self.slots), default=None)
+        if free is None:
+            raise ZspaError(f"every one of the {self.max_batch} cache slots is taken")
+        if free != self.pending:
+            self.prefill.bind_cache(self._pointers(free), 1, self.cache)
+            self.pending = free
+
+    def add(self, prefilled: DecoderSession) -> None:
+        """The row the prefill just wrote into the prepared slot joins; nothing is copied."""
+        if prefilled is not self.prefill or self.pending is None:
+            raise ZspaError("a slot batch takes only the request prepared on its prefill decoder")
+        self.slots.append(self.pending)
+        self.lengths[self.pending] = prefilled.past_length
+        self.pending = None
+
+    def remove(self, rows: set[int]) -> None:
+        """Frees the slots of finished rows; the other rows stay where they are."""
+        for row in rows:
+            self.lengths.pop(self.slots[row])
+        self.slots = [slot for row, slot in enumerate(self.slots) if row not in rows]
+
+    def step(self, inputs_embeds: np.ndarray, position_ids: np.ndarray) -> np.ndarray:
+        """One new token per row ([B, 1, H] embeddings, rows in `add` order); returns logits [B, V].
+        The call covers slots 0 to the highest in use; a free slot among them decodes a dummy
+        token at its position 0, which its next prefill overwrites."""
+        width = max(self.slots) + 1
+        slots = np.asarray(self.slots)
+        embeds = np.zeros((width, *inputs_embeds.shape[1:]), inputs_embeds.dtype)
+        embeds[slots] = inputs_embeds
+        positions = np.zeros((*position_ids.shape[:-2], width, 1), np.int64)
+        positions[..., slots, :] = position_ids
+        total = max(self.lengths.values()) + 1
+        mask = np.zeros((width, total), np.int64)
+        mask[:, 0] = 1
+        for slot, length in self.lengths.items():
+            mask[slot, :length + 1] = 1
+        self.decoder.bind_cache(self._pointers(0), width, self.cache)
+        self.decoder.past_length = total - 1
+        logits = self.decoder.step(embeds, mask, positions)
+        for slot in self.slots:
+            self.lengths[slot] += 1
+        return logits[slots]
+
+
 DEFAULT_MAX_BATCH = 8
 
 
@@ -108,14 +190,17 @@ def batch_size(decoder: DecoderSession, requested: int | None) -> int:
     """`requested`, or DEFAULT_MAX_BATCH where `decoder` can batch and 1 where it cannot."""
     if requested is not None:
         return requested
-    return DEFAULT_MAX_BATCH if type(decoder) is OrtDecoder else 1
+    return DEFAULT_MAX_BATCH if type(decoder) in (OrtDecoder, OrtSharedKVDecoder) else 1
 
 
-def decode_rows(decoder: DecoderSession, max_batch: int) -> SoloDecode | DecodeBatch:
-    """Where decoding happens for up to `max_batch` rows; `decoder` is the one requests prefill on."""
+def decode_rows(decoder: DecoderSession, max_batch: int) -> SoloDecode | DecodeBatch | SlotDecodeBatch:
+    """Where decoding happens for up to `max_batch` rows; `decoder` is the one requests prefill on
+    (call the result's `prepare(decoder)` before each prefill)."""
     if max_batch == 1:
         return SoloDecode(decoder)
+    if type(decoder) is OrtSharedKVDecoder:
+        return SlotDecodeBatch(decoder, max_batch)
     if type(decoder) is not OrtDecoder:
-        raise ZspaError(f"--max-batch {max_batch} needs the portable decoder on onnxruntime (a bundle exported "
-                        "with --kv-cache concat, an ort-* backend); use --max-batch 1 for this one")
+        raise ZspaError(f"--max-batch {max_batch} needs a decoder on onnxruntime (an ort-* backend); TensorRT "
+                        "engines decode one request at a time: use --max-batch 1 for them")
     return DecodeBatch(OrtDecoder(decoder.session, decoder.spec, decoder.device))

@@ -124,9 +124,61 @@ def test_batch_size_defaults_and_refusals(pipeline):
     assert batch_size(pipeline.decoder, None) == 8 and batch_size(pipeline.decoder, 3) == 3
     assert isinstance(decode_rows(pipeline.decoder, 1), SoloDecode)
 
-    class OtherDecoder:  # a TensorRT or shared-KV decoder: no rows to re-lay out
+    class OtherDecoder:  # a TensorRT decoder: one request at a time
         past_length = 0
 
     assert batch_size(OtherDecoder(), None) == 1
-    with pytest.raises(ZspaError, match="--max-batch 4 needs the portable decoder"):
+    with pytest.raises(ZspaError, match="--max-batch 4 needs a decoder on onnxruntime"):
         decode_rows(OtherDecoder(), 4)
+
+
+@pytest.fixture(scope="module", params=["tiny-random-llava", "tiny-random-qwen3-vl"])
+def shared_pipeline(request, tmp_path_factory):
+    """The model exported with --kv-cache shared (GroupQueryAttention over in-place buffers)."""
+    from zspa.export.exporter import ExportOptions, export_bundle
+    from zspa.runtime.pipeline import Pipeline
+
+    out = tmp_path_factory.mktemp("shared") / request.param
+    export_bundle(ExportOptions(request.param, out, keeps=[0.1, 0.25], kv_cache="shared", progress=False))
+    return Pipeline.load(out, max_context=2048)
+
+
+def test_shared_kv_rows_batch_on_slots_and_answer_as_alone(shared_pipeline, images):
+    """The slot cache: rows of different lengths (LLaVA's 1-D positions; Qwen3-VL's M-RoPE and
+    zero DeepStack planes) join, share steps and leave, each answering as it does alone."""
+    from zspa.runtime.batching import SlotDecodeBatch
+
+    assert batch_size(shared_pipeline.decoder, None) == 8
+    finals, sizes = asyncio.run(_serve(shared_pipeline, images, REQUESTS, max_batch=3))
+    assert max(sizes) == 3 and min(sizes) < 3
+    for (image, question, options), ((kind, result), streamed) in zip(REQUESTS, finals):
+        assert kind == "done", result
+        alone = shared_pipeline.generate(images[image], question, **options)
+        assert result.token_ids == alone.token_ids and result.text == alone.text == streamed, (question, options)
+    assert isinstance(decode_rows(shared_pipeline.decoder, 2), SlotDecodeBatch)
+
+
+def test_slots_never_move(shared_pipeline, images):
+    """A row prefills into its slot in place, and when another leaves its slot's entries stay where
+    they are, byte for byte; the freed slot is the next one taken."""
+    batch = decode_rows(shared_pipeline.decoder, 3)
+    pointers = [value.data_ptr() for value in batch.cache]
+    rows = []
+    for keep in (0.1, 1.0, 0.25):
+        batch.prepare(shared_pipeline.decoder)
+        answer, logits = shared_pipeline.prefill(shared_pipeline.request(images["photo"], "Hi", keep=keep,
+                                                                          max_new_tokens=4))
+        answer.accept(logits)
+        batch.add(shared_pipeline.decoder)
+        rows.append(answer)
+    assert batch.slots == [0, 1, 2] and [batch.lengths[s] for s in range(3)] == [r.length for r in rows]
+    logits = batch.step(shared_pipeline.embed_tokens([r.token for r in rows]),
+                        shared_pipeline.position_ids([r.position for r in rows]))
+    for row, keep in enumerate((0.1, 1.0, 0.25)):
+        np.testing.assert_allclose(logits[row], _alone(shared_pipeline, images["photo"], keep), rtol=0, atol=1e-4)
+    slot_two = batch.cache[0].numpy()[2].copy()
+    batch.remove({1})
+    assert batch.slots == [0, 2] and [value.data_ptr() for value in batch.cache] == pointers
+    np.testing.assert_array_equal(batch.cache[0].numpy()[2], slot_two)
+    batch.prepare(shared_pipeline.decoder)
+    assert batch.pending == 1

@@ -171,6 +171,7 @@ class Scheduler:
             return None
         self.metrics.queue_wait.observe(time.monotonic() - job.arrived)
         try:
+            self._rows.prepare(self.pipeline.decoder)  # a slot cache binds the prefill to a free slot
             answer, logits = self.pipeline.prefill(job.request)
             job.emit("started")
             row = _Row(job, answer, time.monotonic())
