@@ -15,7 +15,7 @@ import re
 import shutil
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from zspa.errors import InvalidInputError, ZspaError
@@ -29,18 +29,22 @@ DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 
 @contextlib.contextmanager
-def staged_directory(target: Path, *, force: bool) -> Iterator[Path]:
+def staged_directory(target: Path, *, force: bool, replaceable: Callable[[Path], None] | None = None
+                     ) -> Iterator[Path]:
     """Yields an empty directory that replaces `target` only if the block succeeds.
 
     `force` is needed to replace an existing bundle, and nothing that is not a bundle is ever
-    replaced. A full disk is reported as such, naming the target, with nothing left behind.
+    replaced (`replaceable` raises for what may not be: by default anything but a zspa bundle;
+    `engine_folder` for zspa-build's output). Each writer stages in a directory of its own, so two
+    at once never touch each other's files; the last to finish is what `target` holds, whole. A
+    full disk is reported as such, naming the target, with nothing left behind.
     """
     target = target.resolve()
     remove_leftovers(target)
     if target.exists():
         if not force:
             raise InvalidInputError(f"{target} already exists; pass --force to replace it")
-        _require_replaceable(target)
+        (replaceable or _require_replaceable)(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=_leftover_prefix(target), suffix=PARTIAL, dir=target.parent))
     try:
@@ -159,3 +163,23 @@ def _require_replaceable(target: Path) -> None:
     if strangers:
         raise InvalidInputError(f"{target} holds {', '.join(strangers[:5])}, which its manifest does not list; "
                                 "refusing to replace it")
+
+
+def engine_folder(target: Path) -> None:
+    """zspa-build's output may be replaced: a folder of TensorRT plans and their build record, nothing else."""
+    from zspa.runtime.engines import RECORD_NAME
+
+    entries = list(target.iterdir()) if target.is_dir() else None
+    if entries is None or not (target / RECORD_NAME).is_file() or any(
+            entry.name != RECORD_NAME and entry.suffix != ".plan" for entry in entries):
+        raise InvalidInputError(f"{target} exists and is not a zspa-build engine folder; refusing to replace it")
+
+
+def write_atomically(path: Path, data: bytes) -> None:
+    """`path` holds the old bytes or the new ones, never a part: written beside it, then renamed over it."""
+    staging = path.with_name(f"{_leftover_prefix(path)}write{PARTIAL}")
+    try:
+        staging.write_bytes(data)
+        os.replace(staging, path)
+    finally:
+        staging.unlink(missing_ok=True)

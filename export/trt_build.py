@@ -4,19 +4,22 @@ Each graph is parsed by TensorRT's ONNX parser (onnxruntime's fused vision atten
 first) and built with one optimisation profile from the
 manifest (`engines.optimisation_profile`), at the precision `engines.engine_sources` picks
 (pruners in fp32); graphs with Q/DQ nodes build strongly typed. One timing cache per bundle is
-reused across builds. Engines are written to a staging folder and renamed into
-`engines/<gpu>-sm<cc>-trt<version>/` with a build record.
+reused across builds (replaced atomically: a build reading it never sees half of another's). Engines
+are written to a staging folder of the build's own and swapped into
+`engines/<gpu>-sm<cc>-trt<version>/` with a build record in one step (export/staging.py, as a
+bundle is): two builds at once each publish a whole folder, the last one wins, and a runtime
+loading the engines meanwhile sees the old folder or the new one.
 """
 
 from __future__ import annotations
 
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 from tqdm import tqdm
 
 from zspa.errors import BundleError, ZspaError
+from zspa.export.staging import ENGINES_DIR, engine_folder, staged_directory, write_atomically
 from zspa.runtime import engines
 from zspa.runtime.bundle import Bundle
 from zspa.runtime.cuda import cuda_device, import_tensorrt
@@ -42,16 +45,13 @@ def build_engines(options: BuildOptions) -> Path:
     gpu, capability = cuda_device()
     engines.check_precision(options.precision, capability)
     ranges = engines.ShapeRanges.for_manifest(bundle.manifest, options.max_context)
-    engine_root = bundle.path / "engines"
+    engine_root = bundle.path / ENGINES_DIR
     target = engine_root / engines.engine_dir_name(gpu, capability, trt.__version__)
     if target.exists() and not options.force:
         raise ZspaError(f"{target} exists; pass --force to rebuild")
-    staging = engine_root / f".{target.name}.partial"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
     logger = trt.Logger(trt.Logger.WARNING)
     cache_path = engine_root / TIMING_CACHE
-    try:
+    with staged_directory(target, force=options.force, replaceable=engine_folder) as staging:
         sources = engines.engine_sources(bundle.manifest, options.precision)
         for name, (graph, precision) in tqdm(sources.items(), desc="building engines", unit="engine",
                                              disable=not options.progress):
@@ -63,11 +63,6 @@ def build_engines(options: BuildOptions) -> Path:
         engines.BuildRecord(trt.__version__, gpu, list(capability), options.precision, ranges.max_context,
                     ranges.max_prefill, int(options.workspace_gb * 2**30),
                     {graph: bundle.manifest.graphs[graph].sha256 for graph, _ in sources.values()}).write(staging)
-        if target.exists():
-            shutil.rmtree(target)
-        staging.rename(target)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return target
 
 
@@ -163,5 +158,5 @@ def _build(trt, logger, onnx_path: Path, profile_shapes, shape_input_values, pre
     plan = builder.build_serialized_network(network, config)
     if plan is None:
         raise BundleError(f"{onnx_path.name}: TensorRT could not build an engine (see the log above)")
-    cache_path.write_bytes(memoryview(config.get_timing_cache().serialize()))
+    write_atomically(cache_path, bytes(memoryview(config.get_timing_cache().serialize())))
     return bytes(plan)

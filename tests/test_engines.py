@@ -141,3 +141,57 @@ def test_tensorrt_gets_the_fused_vision_attention_as_the_pattern_it_fuses(prefix
     expanded = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)
     for ours, theirs in zip(expanded, fused, strict=True):
         np.testing.assert_allclose(ours, theirs, atol=1e-5 * float(np.abs(theirs).max()), rtol=0)
+
+
+def _engine_folder(path, marker: str):
+    path.mkdir()
+    (path / "build.json").write_text(marker)
+    for name in ("vision", "decoder"):
+        (path / f"{name}.plan").write_text(f"{marker} {name}")
+
+
+def test_engine_folders_are_published_whole_by_concurrent_builds(tmp_path):
+    """zspa-build's publication: each build stages in a folder of its own and swaps it in, so two
+    at once never mix files; the target is one build's folder, whole; and only an engine folder
+    (plans and their record) is ever replaced."""
+    import threading
+
+    from zspa.export.staging import engine_folder, staged_directory
+
+    target = tmp_path / "engines" / "gpu-sm87-trt10.3"
+    target.parent.mkdir()
+    _engine_folder(target, "old")
+    staged, both_staged = [], threading.Barrier(2)
+
+    def build(marker: str) -> None:
+        with staged_directory(target, force=True, replaceable=engine_folder) as staging:
+            staged.append(staging)
+            both_staged.wait(timeout=10)  # both are writing at once
+            (staging / "build.json").write_text(marker)
+            for name in ("vision", "decoder"):
+                (staging / f"{name}.plan").write_text(f"{marker} {name}")
+
+    threads = [threading.Thread(target=build, args=(marker,)) for marker in ("a", "b")]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(set(staged)) == 2
+    marker = (target / "build.json").read_text()
+    assert marker in ("a", "b")
+    assert sorted(p.read_text() for p in target.glob("*.plan")) == [f"{marker} decoder", f"{marker} vision"]
+    assert [p.name for p in target.parent.iterdir()] == [target.name]  # no staging left behind
+    (target / "notes.txt").write_text("mine")
+    with pytest.raises(InvalidInputError, match="not a zspa-build engine folder"):
+        with staged_directory(target, force=True, replaceable=engine_folder):
+            pass
+    assert (target / "notes.txt").read_text() == "mine"
+
+
+def test_timing_cache_is_replaced_atomically(tmp_path):
+    from zspa.export.staging import write_atomically
+
+    cache = tmp_path / "timing.cache"
+    cache.write_bytes(b"old")
+    write_atomically(cache, b"new cache")
+    assert cache.read_bytes() == b"new cache" and [p.name for p in tmp_path.iterdir()] == ["timing.cache"]
