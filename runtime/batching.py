@@ -120,9 +120,14 @@ class SlotDecodeBatch:
         spec, capacity = prefill.spec, prefill.capacity
         self.prefill, self.max_batch = prefill, max_batch
         shape = [max_batch, spec.num_kv_heads, capacity, spec.head_dim]
-        self.cache = [ort.OrtValue.ortvalue_from_shape_and_type(shape, prefill.embeds_dtype, prefill.device, 0)
-                      for _ in spec.past_names]
         self.slot_bytes = spec.num_kv_heads * capacity * spec.head_dim * np.dtype(prefill.embeds_dtype).itemsize
+        try:
+            self.cache = [ort.OrtValue.ortvalue_from_shape_and_type(shape, prefill.embeds_dtype, prefill.device, 0)
+                          for _ in spec.past_names]
+        except (MemoryError, RuntimeError) as exc:  # onnxruntime reports a failed allocation as RuntimeError
+            needed = len(spec.past_names) * max_batch * self.slot_bytes / 2**30
+            raise ZspaError(f"the KV cache of {max_batch} slots x {capacity} positions needs {needed:.1f} GiB, "
+                            f"which this device cannot allocate ({exc}); lower --max-batch or --max-context") from None
         self.decoder = OrtSharedKVDecoder(prefill.session, spec, prefill.device, capacity, allocate=False)
         self.slots: list[int] = []  # each row's slot, rows in `add` order
         self.lengths: dict[int, int] = {}  # slot → its entries in the cache

@@ -182,3 +182,8 @@ def test_slots_never_move(shared_pipeline, images):
     np.testing.assert_array_equal(batch.cache[0].numpy()[2], slot_two)
     batch.prepare(shared_pipeline.decoder)
     assert batch.pending == 1
+
+
+def test_a_slot_cache_too_large_for_the_device_is_refused_clearly(shared_pipeline):
+    with pytest.raises(ZspaError, match=r"KV cache of 10000000 slots x 2048 positions needs .* lower --max-batch"):
+        decode_rows(shared_pipeline.decoder, 10_000_000)
