@@ -8,6 +8,7 @@ Everything model-specific comes from the manifest; this loop has no per-family b
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Generator, Iterator
 from dataclasses import dataclass
@@ -34,8 +35,8 @@ from zspa.runtime.vision_cache import VisionCache
 from zspa.runtime.vision_kinds import vision_kind
 from zspa.signing import TrustPolicy
 
-__all__ = ["STAGES", "GenerationResult", "GenerationStats", "GenerationStream", "ImageBlock", "Pipeline",
-           "PreparedImage", "Request"]
+__all__ = ["STAGES", "Encoded", "EncodedImage", "GenerationResult", "GenerationStats", "GenerationStream",
+           "ImageBlock", "Pipeline", "PreparedImage", "Request"]
 
 
 @dataclass(frozen=True)
@@ -60,6 +61,12 @@ class ImageBlock:
     def num_tokens(self) -> int:
         return self.image.vision_input.num_tokens
 
+    def without_pixels(self) -> ImageBlock:
+        """The block without its feeds and pixels (once encoded): its counts, grid and views stay."""
+        vision_input = self.image.vision_input
+        light = VisionInput({}, vision_input.grid, np.zeros((0, 0, 3), np.uint8), vision_input.views)
+        return dataclasses.replace(self, image=dataclasses.replace(self.image, vision_input=light))
+
     @property
     def view_grids(self) -> list[tuple[int, int, int]]:
         """The token grid of each of its views (blocks in the prompt): the image's own for one view."""
@@ -67,6 +74,31 @@ class ImageBlock:
         if vision_input.views == 1:
             return [vision_input.grid]
         return [(1, 1, vision_input.num_tokens // vision_input.views)] * vision_input.views
+
+
+@dataclass(frozen=True)
+class EncodedImage:
+    """One image after the vision graph and its pruner: what the decoder will see of it."""
+
+    kept: np.ndarray  # [1, K, D] kept visual tokens, in the embeddings' dtype
+    kept_indices: np.ndarray  # int64 [K], ascending, into the image's N tokens
+    planes: np.ndarray | None  # [L, 1, K, D] DeepStack planes at the kept tokens; None without DeepStack
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """Everything before the decoder (`Pipeline.encode`): the prompt's embeddings, each image's
+    kept tokens, and the counts and stage timings so far."""
+
+    prompt_embeds: np.ndarray  # [1, S, D]
+    images: tuple[EncodedImage, ...]
+    stats: GenerationStats
+
+    @property
+    def nbytes(self) -> int:
+        arrays = [self.prompt_embeds, *(a for image in self.images for a in (image.kept, image.planes)
+                                        if a is not None)]
+        return sum(array.nbytes for array in arrays)
 
 
 @dataclass(frozen=True)
@@ -80,11 +112,14 @@ class Request:
     started: float  # when the request was made: its time to first token counts from here
     prepared_ms: float  # decoding and preprocessing its images (and their vision-cache digests)
     logprobs: int | None = None  # each answer token's log-probability with this many alternatives
+    encoded: Encoded | None = None  # set by `Pipeline.encode`, which also drops the preprocessed pixels
 
     @property
     def image_bytes(self) -> int:
-        """What its preprocessed images hold until prefill."""
-        return sum(block.image.vision_input.nbytes for block in self.images)
+        """What it holds for its images until prefill: the preprocessed images, or once encoded
+        the kept tokens (and the prompt's embeddings)."""
+        held = sum(block.image.vision_input.nbytes for block in self.images)
+        return held + (self.encoded.nbytes if self.encoded is not None else 0)
 
 
 class GenerationStream:
@@ -249,10 +284,17 @@ class Pipeline:
         kept_count = min(num_tokens, pruner.k if pruner.k is not None else token_budget(keep, num_tokens))
         return ImageBlock(image, kept_count, pruner if kept_count < num_tokens else None)
 
-    def prefill(self, request: Request) -> tuple[Sequence, np.ndarray]:
-        """Vision, embed, prune and prefill for one request, on `self.decoder` (whose KV cache then
-        holds this request alone); returns its sequence and the first token's logits [V]."""
-        built = request.prompt
+    def encode(self, request: Request) -> Request:
+        """Vision, embed and prune for a request: everything before the decoder. Thread-safe: the
+        service runs it in the request's thread, so the decoding worker only splices and prefills;
+        the returned request holds the kept tokens instead of the preprocessed images."""
+        if request.encoded is not None:
+            return request
+        encoded = self._encode(request)
+        return dataclasses.replace(request, images=tuple(block.without_pixels() for block in request.images),
+                                   encoded=encoded)
+
+    def _encode(self, request: Request) -> Encoded:
         stats = GenerationStats(sum(block.num_tokens for block in request.images),
                                 sum(block.kept_count for block in request.images), 0)
         timings = stats.timings_ms
@@ -260,28 +302,44 @@ class Pipeline:
         if self.vision_cache is not None:
             stats.vision_cache_hits = []
         with _Timer(timings, "embed"):
-            prompt_embeds = self.embed.run({"input_ids": built.input_ids[None]})[0]
-        pieces, rows, kept_planes, image_kept, view_kept = [], [], [], [], []
-        placeholders = iter(built.image_positions)
-        previous, length = 0, 0
+            prompt_embeds = self.embed.run({"input_ids": request.prompt.input_ids[None]})[0]
+        images = []
         for block in request.images:
             features = self._vision(block.image, stats)
             features, planes = features[:1], features[1:, None]
             with _Timer(timings, "prune"):
-                kept, kept_indices = self._prune(block, features, prompt_embeds, built.question_mask)
-            image_kept.append(kept_indices)
+                kept, kept_indices = self._prune(block, features, prompt_embeds, request.prompt.question_mask)
+            images.append(EncodedImage(kept.astype(prompt_embeds.dtype), kept_indices,
+                                       deepstack_gather(planes, kept_indices) if len(planes) else None))
+        return Encoded(prompt_embeds, tuple(images), stats)
+
+    def prefill(self, request: Request) -> tuple[Sequence, np.ndarray]:
+        """Splices each image's kept tokens into the prompt and prefills, on `self.decoder` (whose
+        KV cache then holds this request alone), encoding it first unless `encode` did; returns its
+        sequence and the first token's logits [V]."""
+        built = request.prompt
+        encoded = request.encoded or self._encode(request)
+        stats = dataclasses.replace(encoded.stats, timings_ms=dict(encoded.stats.timings_ms),
+                                    vision_cache_hits=None if encoded.stats.vision_cache_hits is None
+                                    else list(encoded.stats.vision_cache_hits))
+        timings, prompt_embeds = stats.timings_ms, encoded.prompt_embeds
+        pieces, rows, kept_planes, image_kept, view_kept = [], [], [], [], []
+        placeholders = iter(built.image_positions)
+        previous, length = 0, 0
+        for block, image in zip(request.images, encoded.images):
+            image_kept.append(image.kept_indices)
             # An image of several views is pruned as one pool; each view's kept tokens go to its own block.
             per_view = block.num_tokens // block.image.vision_input.views
             for view in range(block.image.vision_input.views):
                 at = next(placeholders)
-                in_view = (kept_indices >= view * per_view) & (kept_indices < (view + 1) * per_view)
-                pieces += [prompt_embeds[:, previous:at], kept[:, in_view].astype(prompt_embeds.dtype)]
+                in_view = (image.kept_indices >= view * per_view) & (image.kept_indices < (view + 1) * per_view)
+                pieces += [prompt_embeds[:, previous:at], image.kept[:, in_view]]
                 length += at - previous
                 rows.append(length + np.arange(int(in_view.sum())))
                 length += len(rows[-1])
-                if len(planes):
-                    kept_planes.append(deepstack_gather(planes, kept_indices[in_view]))
-                view_kept.append(kept_indices[in_view] - view * per_view)
+                if image.planes is not None:
+                    kept_planes.append(image.planes[:, :, in_view])
+                view_kept.append(image.kept_indices[in_view] - view * per_view)
                 previous = at + 1
         with _Timer(timings, "prefill"):
             pieces.append(prompt_embeds[:, previous:])

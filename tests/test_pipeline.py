@@ -87,3 +87,47 @@ def test_pipeline_stays_healthy_after_errors(pipeline, photo_path):
 def test_bad_image_fails_the_call_even_when_streaming(pipeline):
     with pytest.raises(InvalidInputError, match="not a readable PNG, JPEG or WebP image"):
         pipeline.generate(b"garbage", Q, stream=True)
+
+
+def test_an_encoded_request_prefills_without_the_vision_stage(pipeline, photo_path, monkeypatch):
+    """`encode` (vision, embed, prune; the service runs it in the request's thread) leaves the
+    decoding worker only the splice and the prefill, with the same answer; the encoded request
+    holds kept tokens, not the preprocessed image."""
+    request = pipeline.request(photo_path, "What is in the picture?", keep=0.1, max_new_tokens=6)
+    expected, expected_logits = pipeline.prefill(request)
+    encoded = pipeline.encode(request)
+    assert encoded.encoded is not None and pipeline.encode(encoded) is encoded
+    assert encoded.image_bytes < request.image_bytes and not encoded.images[0].image.vision_input.feeds
+
+    def no_vision(feeds):
+        raise AssertionError("the vision graph ran after encode")
+
+    monkeypatch.setattr(pipeline.vision, "run", no_vision)
+    ours, logits = pipeline.prefill(encoded)
+    np.testing.assert_array_equal(logits, expected_logits)
+    np.testing.assert_array_equal(ours.kept_indices, expected.kept_indices)
+    assert ours.stats.timings_ms["vision"] == encoded.encoded.stats.timings_ms["vision"] > 0
+
+
+def test_image_memory_trades_images_for_kept_tokens():
+    import asyncio
+
+    from zspa.runtime.server.image_memory import ImageMemory
+    from zspa.runtime.server.scheduler import Job
+
+    memory = ImageMemory(100)
+    assert memory.reserve(80) and memory.exchange(80, 10) and memory.used_bytes == 10
+    assert not memory.exchange(10, 120) and memory.used_bytes == 10  # growing past the bound: refused, held kept
+    assert memory.exchange(10, 90) and memory.used_bytes == 90
+
+    class Held:
+        def __init__(self, size):
+            self.image_bytes = size
+
+    loop = asyncio.new_event_loop()
+    try:
+        job = Job(Held(90), 0.1, "zspa", False, loop, memory=memory)
+        job.drop_images()  # its client left during the vision stage
+        assert job.swap_request(Held(5)) and job.request is None and memory.used_bytes == 0
+    finally:
+        loop.close()

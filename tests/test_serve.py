@@ -409,11 +409,12 @@ def test_full_queue_answers_429_with_retry_after(busy_server, photo_url):
 
 
 def test_images_waiting_for_the_decoder_are_bounded_in_memory(long_bundle, photo_url, tmp_path):
-    """--max-image-memory-mb fits one request's preprocessed image (188 kB) but not two: with one
-    row decoding (its image dropped once prefilled) and one waiting, the next is a 429; once they
-    finish the memory is free again."""
+    """--max-image-memory-mb fits one request's preprocessed image (188 kB) but not that and another
+    request's kept tokens: with one row decoding (its tokens dropped once prefilled) and one waiting
+    in the queue as its kept tokens, the next (its image reserved for its vision stage) is a 429;
+    once they finish the memory is free again."""
     with running_server(long_bundle, tmp_path / "serve.log", "--served-model-name", MODEL, "--max-batch", "1",
-                        "--max-image-memory-mb", "0.3") as server:
+                        "--max-image-memory-mb", "0.19") as server:
         body = chat_body(photo_url, ignore_eos=True, max_tokens=2000)
         with ThreadPoolExecutor(4) as pool:
             responses = list(pool.map(lambda _: _post(server, body, key=None), range(4)))

@@ -24,7 +24,7 @@ from starlette.requests import ClientDisconnect
 
 from zspa.runtime.batching import batch_size
 from zspa.runtime.pipeline import Pipeline
-from zspa.runtime.server.conversation import prepare
+from zspa.runtime.server.conversation import encode, prepare
 from zspa.runtime.server.errors import INTERNAL, APIError, timed_out
 from zspa.runtime.server.image_memory import ImageMemory
 from zspa.runtime.server.metrics import ServerMetrics
@@ -132,6 +132,8 @@ def create_app(pipeline: Pipeline, settings: ServerSettings) -> FastAPI:
     metrics = ServerMetrics(keeps={keep for method in pipeline.bundle.methods
                                    for keep in pipeline.bundle.keeps(method)})
     image_slots = threading.BoundedSemaphore(settings.max_concurrent_images)
+    # One request's vision stage at a time, each in its own thread: the decoding worker only prefills.
+    vision_slot = threading.BoundedSemaphore(1)
     image_memory = ImageMemory(settings.max_image_memory_bytes)
     scheduler = Scheduler(pipeline, settings.max_queue, metrics, batch_size(pipeline.decoder, settings.max_batch))
 
@@ -216,6 +218,12 @@ def create_app(pipeline: Pipeline, settings: ServerSettings) -> FastAPI:
         job = Job(prepared.request, prepared.keep, prepared.method, body.stream, asyncio.get_running_loop(),
                   arrived=arrived, memory=image_memory)
         del prepared  # the job holds the images now, and drops them once prefilled
+        try:  # vision, embed, prune here: the decoding worker then only splices and prefills
+            await _within(deadline, settings, run_in_threadpool(encode, job, pipeline, vision_slot, deadline,
+                                                                settings))
+        except BaseException:
+            job.drop_images()
+            raise
         try:
             scheduler.submit(job)
         except QueueFull as full:

@@ -15,9 +15,10 @@ from zspa.errors import InvalidInputError
 from zspa.pruning.budget import validate_keep
 from zspa.runtime.pipeline import Pipeline, PreparedImage, Request
 from zspa.runtime.prompting import Prompt, PromptTooLong
-from zspa.runtime.server.errors import invalid, timed_out
+from zspa.runtime.server.errors import APIError, invalid, timed_out
 from zspa.runtime.server.image_urls import image_bytes
 from zspa.runtime.server.protocol import ChatCompletionRequest, Message
+from zspa.runtime.server.scheduler import Job
 from zspa.runtime.server.settings import ServerSettings
 
 
@@ -67,6 +68,27 @@ def _prompt(pipeline: Pipeline, settings: ServerSettings, messages: list[dict[st
         raise invalid(str(exc), "messages", "prompt_too_long") from None
     except InvalidInputError as exc:
         raise invalid(str(exc), "messages") from None
+
+
+def encode(job: Job, pipeline: Pipeline, vision_slot: threading.Semaphore, deadline: float,
+           settings: ServerSettings) -> None:
+    """Runs a queued-to-be job's vision stage (vision, embed, prune) in this thread, one request at
+    a time in `vision_slot`, and trades its images' reserved bytes for its kept tokens'."""
+    if not vision_slot.acquire(timeout=max(0.0, deadline - time.monotonic())):
+        raise timed_out(settings.request_timeout_s)
+    try:
+        request = job.request
+        if request is None:  # its client left while it waited for the slot
+            return
+        encoded = pipeline.encode(request)
+    except InvalidInputError as exc:
+        raise invalid(str(exc), "messages") from None
+    finally:
+        vision_slot.release()
+    if not job.swap_request(encoded):
+        raise APIError(429, "the server is busy (its memory for requests waiting for the decoder is full, "
+                       "--max-image-memory-mb); retry later", type="rate_limit_error", code="image_memory_full",
+                       headers={"Retry-After": "1"})
 
 
 def _prepare_image(pipeline: Pipeline, settings: ServerSettings, image_slots: threading.Semaphore, deadline: float,

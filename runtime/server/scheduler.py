@@ -51,12 +51,26 @@ class Job:
     cancel_reason: str = ""
     arrived: float = field(default_factory=time.monotonic)
     memory: ImageMemory | None = None  # where its images' bytes are reserved, until `drop_images`
+    _images_lock: threading.Lock = field(default_factory=threading.Lock)
 
     def drop_images(self) -> None:
         """Prefilled, refused or gone: the request's images are no longer needed (idempotent)."""
-        if self.memory is not None and self.request is not None:
-            self.memory.release(self.request.image_bytes)
-        self.memory, self.request = None, None
+        with self._images_lock:
+            if self.memory is not None and self.request is not None:
+                self.memory.release(self.request.image_bytes)
+            self.memory, self.request = None, None
+
+    def swap_request(self, encoded: Request) -> bool:
+        """Holds `encoded` (the request after its vision stage) instead, its reserved bytes traded
+        for the new ones; False if they do not fit under the bound. A job whose images were
+        dropped meanwhile (its client left) stays dropped."""
+        with self._images_lock:
+            if self.request is None:
+                return True
+            if self.memory is not None and not self.memory.exchange(self.request.image_bytes, encoded.image_bytes):
+                return False
+            self.request = encoded
+            return True
 
     def cancel(self, reason: str) -> None:
         if not self.cancelled.is_set():
