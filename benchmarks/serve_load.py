@@ -5,7 +5,8 @@ all run at once (the others idle while one is loaded) and take turns at each con
 round, over `--rounds`. Each is loaded with streaming requests at every
 `--concurrency` (concurrency × `--requests-per-slot` requests, each generating exactly
 `--max-tokens`), and the script prints, per side and concurrency, time to first token p50/p99
-(at the client, queueing included), generated tokens/s and errors, as median (min–max) over
+(at the client, queueing included), inter-token latency p50/p99 (the gaps between one answer's
+streamed chunks, at the client), generated tokens/s and errors, as median (min–max) over
 rounds, then the tokens/s ratio between the sides. Default: tiny-random-llava (576 visual
 tokens) exported at keep 0.1.
 
@@ -46,7 +47,7 @@ QUESTIONS = ["where is the blue triangle ?", "what colour is the circle ?", "is 
 async def _one(session: aiohttp.ClientSession, url: str, body: dict, limit: asyncio.Semaphore) -> dict:
     async with limit:
         started = time.perf_counter()
-        first, tokens, done, status = None, 0, False, 0
+        first, tokens, done, status, arrivals = None, 0, False, 0, []
         try:
             async with session.post(url, json=body) as response:
                 status = response.status
@@ -58,12 +59,13 @@ async def _one(session: aiohttp.ClientSession, url: str, body: dict, limit: asyn
                         event = json.loads(line[6:])
                         usage = event.get("usage")
                         tokens = usage["completion_tokens"] if usage else tokens
-                        if event.get("choices") and event["choices"][0]["delta"].get("content") and first is None:
-                            first = time.perf_counter() - started
+                        if event.get("choices") and event["choices"][0]["delta"].get("content"):
+                            arrivals.append(time.perf_counter())
+                            first = arrivals[0] - started if first is None else first
         except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
             status = type(exc).__name__
         return {"status": status, "done": done, "ttft": first, "latency": time.perf_counter() - started,
-                "tokens": tokens}
+                "tokens": tokens, "gaps": np.diff(arrivals).tolist()}
 
 
 async def _load(url: str, bodies: list[dict], concurrency: int) -> tuple[list[dict], float]:
@@ -80,8 +82,10 @@ async def _load(url: str, bodies: list[dict], concurrency: int) -> tuple[list[di
 def _summary(results: list[dict], wall_s: float) -> dict:
     complete = [r for r in results if r["status"] == 200 and r["done"]]
     ttft = np.array([r["ttft"] for r in complete if r["ttft"] is not None] or [np.nan]) * 1000
+    gaps = np.array([gap for r in complete for gap in r["gaps"]] or [np.nan]) * 1000
     return {"errors": len(results) - len(complete), "statuses": collections.Counter(r["status"] for r in results),
             "ttft_p50": float(np.percentile(ttft, 50)), "ttft_p99": float(np.percentile(ttft, 99)),
+            "itl_p50": float(np.percentile(gaps, 50)), "itl_p99": float(np.percentile(gaps, 99)),
             "tokens_per_s": sum(r["tokens"] for r in complete) / wall_s,
             "requests_per_s": len(complete) / wall_s}
 
@@ -183,12 +187,14 @@ def main() -> None:
     print(f"\n{bundle.name if args.bundle else f'{args.model} ({args.kv_cache} KV cache)'}, keep {args.keep:g}, "
           f"{args.max_tokens} tokens per request, "
           f"{images}, {args.rounds} rounds, median (min–max):")
-    print(f"{'max-batch':>9} {'conc.':>5} {'TTFT p50 ms':>22} {'TTFT p99 ms':>22} {'tokens/s':>22} {'errors':>6}")
+    print(f"{'max-batch':>9} {'conc.':>5} {'TTFT p50 ms':>22} {'TTFT p99 ms':>22} {'ITL p50 ms':>18} "
+          f"{'ITL p99 ms':>20} {'tokens/s':>22} {'errors':>6}")
     for side in args.batches:
         for concurrency in args.concurrency:
             runs = [r[concurrency] for r in rounds[side]]
             print(f"{side:>9} {concurrency:>5} {_spread([r['ttft_p50'] for r in runs]):>22} "
-                  f"{_spread([r['ttft_p99'] for r in runs]):>22} {_spread([r['tokens_per_s'] for r in runs]):>22} "
+                  f"{_spread([r['ttft_p99'] for r in runs]):>22} {_spread([r['itl_p50'] for r in runs], 1):>18} "
+                  f"{_spread([r['itl_p99'] for r in runs], 1):>20} {_spread([r['tokens_per_s'] for r in runs]):>22} "
                   f"{sum(r['errors'] for r in runs):>6}")
     base = args.batches[0]
     for batched in args.batches[1:]:

@@ -160,6 +160,7 @@ class OrtSharedKVDecoder(_OrtDecoderBase):
         cache for a prefill, or its first `rows` slots for a step. `owner` keeps that memory alive;
         the decoder's own buffers are released."""
         shape = [rows, self.spec.num_kv_heads, self.capacity, self.spec.head_dim]
+        self.binding.bind_output("logits", "cpu")  # unallocated again: a bound one keeps its first batch size
         for past, present, pointer in zip(self.past_names, self.present_names, pointers):
             self.binding.bind_input(past, self.device, 0, self.embeds_dtype, shape, pointer)
             self.binding.bind_output(present, self.device, 0, self.embeds_dtype, shape, pointer)

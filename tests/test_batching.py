@@ -182,6 +182,15 @@ def test_slots_never_move(shared_pipeline, images):
     np.testing.assert_array_equal(batch.cache[0].numpy()[2], slot_two)
     batch.prepare(shared_pipeline.decoder)
     assert batch.pending == 1
+    vocab = shared_pipeline.bundle.manifest.decoder.vocab_size
+    rows = [rows[0], rows[2]]
+    for expected_slots in ([0, 2], [0]):  # the call narrows from 3 slots to 1 once slot 2 frees
+        assert batch.slots == expected_slots
+        logits = batch.step(shared_pipeline.embed_tokens([r.token for r in rows]),
+                            shared_pipeline.position_ids([r.position for r in rows]))
+        assert logits.shape == (len(rows), vocab) and np.isfinite(logits).all()
+        batch.remove({1} if len(rows) > 1 else {0})
+        rows = rows[:1]
 
 
 def test_a_slot_cache_too_large_for_the_device_is_refused_clearly(shared_pipeline):
