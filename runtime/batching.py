@@ -132,6 +132,7 @@ class SlotDecodeBatch:
         self.slots: list[int] = []  # each row's slot, rows in `add` order
         self.lengths: dict[int, int] = {}  # slot → its entries in the cache
         self.pending: int | None = None  # the slot the prefill decoder is bound to
+        self.width = 0  # the slots the step decoder is bound to
         self.prepare(prefill)
 
     def __len__(self) -> int:
@@ -180,7 +181,9 @@ class SlotDecodeBatch:
         mask[:, 0] = 1
         for slot, length in self.lengths.items():
             mask[slot, :length + 1] = 1
-        self.decoder.bind_cache(self._pointers(0), width, self.cache)
+        if width != self.width:  # rebound only when the call's rows change (it costs a binding per tensor)
+            self.decoder.bind_cache(self._pointers(0), width, self.cache)
+            self.width = width
         self.decoder.past_length = total - 1
         logits = self.decoder.step(embeds, mask, positions)
         for slot in self.slots:
