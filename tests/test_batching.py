@@ -32,10 +32,10 @@ def images(photo_path, rgba_png_path):
     return {"photo": photo, "rgba": rgba, "both": [photo, rgba]}
 
 
-async def _serve(pipeline, images, requests, max_batch: int) -> tuple[list, list[int]]:
+async def _serve(pipeline, images, requests, max_batch: int, max_prefill_tokens: int = 512) -> tuple[list, list[int]]:
     """Submits every request at once to a scheduler of `max_batch`; returns each one's final event
     and the batch size of every decoder step."""
-    scheduler = Scheduler(pipeline, 64, ServerMetrics(), max_batch)
+    scheduler = Scheduler(pipeline, 64, ServerMetrics(), max_batch, max_prefill_tokens)
     sizes = []
     step = scheduler._rows.step
 
@@ -196,3 +196,16 @@ def test_slots_never_move(shared_pipeline, images):
 def test_a_slot_cache_too_large_for_the_device_is_refused_clearly(shared_pipeline):
     with pytest.raises(ZspaError, match=r"KV cache of 10000000 slots x 2048 positions needs .* lower --max-batch"):
         decode_rows(shared_pipeline.decoder, 10_000_000)
+
+
+def test_a_burst_of_requests_joins_within_the_prefill_budget(pipeline, images):
+    """--max-prefill-tokens: with a budget under one prompt, one request joins per step (the rows
+    already decoding wait one prefill, not seven); with 512, the first request's prompt leaves room
+    for the second, which spends the rest, so two join before the first step."""
+    finals, sizes = asyncio.run(_serve(pipeline, images, REQUESTS, max_batch=3, max_prefill_tokens=1))
+    assert sizes[:3] == [1, 2, 3] and all(kind == "done" for (kind, _), _ in finals)
+    first, second = (pipeline.request(images[image], question, **options).prefill_tokens
+                     for image, question, options in REQUESTS[:2])
+    assert first < 512 <= first + second
+    _, sizes = asyncio.run(_serve(pipeline, images, REQUESTS, max_batch=3))
+    assert sizes[0] == 2

@@ -135,7 +135,8 @@ def create_app(pipeline: Pipeline, settings: ServerSettings) -> FastAPI:
     # One request's vision stage at a time, each in its own thread: the decoding worker only prefills.
     vision_slot = threading.BoundedSemaphore(1)
     image_memory = ImageMemory(settings.max_image_memory_bytes)
-    scheduler = Scheduler(pipeline, settings.max_queue, metrics, batch_size(pipeline.decoder, settings.max_batch))
+    scheduler = Scheduler(pipeline, settings.max_queue, metrics, batch_size(pipeline.decoder, settings.max_batch),
+                          settings.max_prefill_tokens)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):

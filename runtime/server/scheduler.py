@@ -92,10 +92,12 @@ class _Row:
 
 
 class Scheduler:
-    def __init__(self, pipeline: Pipeline, max_queue: int, metrics: ServerMetrics, max_batch: int = 1):
+    def __init__(self, pipeline: Pipeline, max_queue: int, metrics: ServerMetrics, max_batch: int = 1,
+                 max_prefill_tokens: int = 512):
         self.pipeline = pipeline
         self.metrics = metrics
         self.max_batch = max_batch
+        self.max_prefill_tokens = max_prefill_tokens  # admitted between two steps, at least one request
         self._rows = decode_rows(pipeline.decoder, max_batch)  # refuses a bundle that cannot batch, at start-up
         self._queue: queue.Queue[Job | None] = queue.Queue(maxsize=max_queue)
         self._thread = threading.Thread(target=self._work, name="zspa-pipeline", daemon=True)
@@ -153,7 +155,8 @@ class Scheduler:
         rows: list[_Row] = []
         stopping = False
         while rows or not stopping:
-            while not stopping and len(rows) < self.max_batch:
+            budget = self.max_prefill_tokens
+            while not stopping and len(rows) < self.max_batch and budget > 0:
                 try:
                     job = self._queue.get(block=not rows)  # wait only when nothing is decoding
                 except queue.Empty:
@@ -161,8 +164,10 @@ class Scheduler:
                 self.metrics.queue_depth.set(self.depth)
                 if job is None:
                     stopping = True
-                elif (row := self._admit(job)) is not None:
-                    rows.append(row)
+                else:
+                    budget -= job.request.prefill_tokens if job.request is not None else 0
+                    if (row := self._admit(job)) is not None:
+                        rows.append(row)
             self.metrics.running.set(len(rows))
             if rows:
                 rows = self._step(rows)

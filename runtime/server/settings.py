@@ -21,6 +21,9 @@ class ServerSettings:
     metrics_key: str | None = None  # when set, /metrics needs 'Authorization: Bearer <metrics key>'
     max_queue: int = 64  # requests waiting for the pipeline; past it, 429
     max_batch: int | None = None  # rows decoding together; None: DEFAULT_MAX_BATCH where the bundle can batch, else 1
+    # Prompt tokens admitted (prefilled) between two decode steps, at least one request: while rows
+    # decode, a burst of arrivals joins over several steps instead of stalling every row at once.
+    max_prefill_tokens: int = 512
     request_timeout_s: float = 300.0  # queueing plus generation
     max_body_bytes: int = 32 * MiB
     max_image_bytes: int = 20 * MiB
@@ -55,7 +58,8 @@ class ServerSettings:
 
     def __post_init__(self) -> None:
         for name in ("max_queue", "max_body_bytes", "max_image_bytes", "max_image_pixels", "max_concurrent_images",
-                     "max_images", "max_image_memory_bytes", "default_max_tokens", "max_connections"):
+                     "max_images", "max_image_memory_bytes", "default_max_tokens", "max_connections",
+                     "max_prefill_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be ≥ 1, got {getattr(self, name)}")
         if self.max_batch is not None and not 1 <= self.max_batch <= 256:

@@ -49,6 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
     limits.add_argument("--max-batch", type=int, default=None,
                         help="requests decoding together, one decoder call per step (continuous batching); "
                              "default 8 where the bundle can batch (portable decoder on onnxruntime), else 1")
+    limits.add_argument("--max-prefill-tokens", type=int, default=defaults.max_prefill_tokens,
+                        help="prompt tokens admitted between two decode steps (at least one request), so a burst of "
+                             "new requests joins over several steps while the running ones keep decoding")
     limits.add_argument("--request-timeout", type=float, default=defaults.request_timeout_s,
                         help="seconds a request may take, queueing included; past it, 504")
     limits.add_argument("--max-body-bytes", type=int, default=defaults.max_body_bytes)
@@ -140,7 +143,8 @@ def _serve(args: argparse.Namespace) -> None:
             model_name=args.served_model_name or Path(args.bundle).resolve().name,
             api_key=args.api_key or os.environ.get(API_KEY_ENV) or None,
             metrics_key=args.metrics_key or os.environ.get(METRICS_KEY_ENV) or None,
-            max_queue=args.max_queue, max_batch=args.max_batch, request_timeout_s=args.request_timeout,
+            max_queue=args.max_queue, max_batch=args.max_batch, max_prefill_tokens=args.max_prefill_tokens,
+            request_timeout_s=args.request_timeout,
             max_body_bytes=args.max_body_bytes,
             max_image_bytes=args.max_image_bytes, max_image_pixels=args.max_image_pixels,
             max_concurrent_images=args.max_concurrent_images, max_images=args.max_images,
