@@ -7,6 +7,16 @@ from typing import Any
 from zspa.manifest import DecoderSpec, TextSpec
 
 
+def embedding(model: Any) -> Any:
+    """A transformers VLM's input embedding (Gemma 3's scaled by √hidden, as transformers applies it)."""
+    return model.get_input_embeddings()
+
+
+def language_model(model: Any) -> tuple[Any, Any]:
+    """A transformers VLM's decoder stack (takes `inputs_embeds`, `cache`) and its LM head."""
+    return model.model.language_model, model.lm_head
+
+
 def image_normalisation(image_processor: Any) -> dict[str, Any]:
     """The vision spec's resample, rescale and normalisation fields from a transformers image
     processor (identity values where it skips a step)."""

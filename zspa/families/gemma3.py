@@ -67,13 +67,8 @@ def vision_export(model: nn.Module, processor, generator: torch.Generator, dtype
     return common.batched_image_export(TiledImageFeatures(model), processor, 2, generator, dtype)
 
 
-def embedding(model: nn.Module) -> nn.Module:
-    """The scaled embedding (× √hidden, in the weights' dtype, as transformers)."""
-    return model.get_input_embeddings()
-
-
-def language_model(model: nn.Module) -> tuple[nn.Module, nn.Module]:
-    return model.model.language_model, model.lm_head
+embedding = common.embedding
+language_model = common.language_model
 
 
 def vision_spec(model: nn.Module, processor, num_tokens: int) -> ViewVisionSpec:

@@ -51,12 +51,8 @@ def vision_export(model: nn.Module, processor, generator: torch.Generator, dtype
     return common.batched_image_export(features, processor, 3, generator, dtype)
 
 
-def embedding(model: nn.Module) -> nn.Module:
-    return model.get_input_embeddings()
-
-
-def language_model(model: nn.Module) -> tuple[nn.Module, nn.Module]:
-    return model.model.language_model, model.lm_head
+embedding = common.embedding
+language_model = common.language_model
 
 
 def vision_spec(model: nn.Module, processor, num_tokens: int) -> TileVisionSpec:

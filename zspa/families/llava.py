@@ -68,13 +68,8 @@ def vision_export(model: nn.Module, processor, generator: torch.Generator, dtype
                         {"pixel_values": pixel_values[:1]})
 
 
-def embedding(model: nn.Module) -> nn.Module:
-    return model.get_input_embeddings()
-
-
-def language_model(model: nn.Module) -> tuple[nn.Module, nn.Module]:
-    """The decoder stack (takes `inputs_embeds`, `cache`) and the LM head."""
-    return model.model.language_model, model.lm_head
+embedding = common.embedding
+language_model = common.language_model
 
 
 def image_size(processor) -> tuple[int, int]:

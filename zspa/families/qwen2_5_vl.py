@@ -174,12 +174,8 @@ def _window_size(vision_config) -> int:
     return int(getattr(vision_config, "window_size", 0) or 0)
 
 
-def embedding(model: nn.Module) -> nn.Module:
-    return model.get_input_embeddings()
-
-
-def language_model(model: nn.Module) -> tuple[nn.Module, nn.Module]:
-    return model.model.language_model, model.lm_head
+embedding = common.embedding
+language_model = common.language_model
 
 
 def vision_spec(model: nn.Module, processor, num_tokens: int) -> PatchVisionSpec:
