@@ -28,7 +28,7 @@ from zspa.runtime.deepstack import splice as deepstack_splice
 from zspa.runtime.images import DEFAULT_MAX_PIXELS, IMAGE_FORMATS, ImageSource, VisionInput, load_image
 from zspa.runtime.logprobs import MAX_TOP_LOGPROBS, log_softmax
 from zspa.runtime.positions import SCHEMES, position_extent, prefill_positions
-from zspa.runtime.prompting import Prompt, PromptBuilder
+from zspa.runtime.prompting import Prompt, PromptBuilder, check_question
 from zspa.runtime.sampling import SamplingParams
 from zspa.runtime.sequence import STAGES, GenerationResult, GenerationStats, Limits, Sequence
 from zspa.runtime.vision_cache import VisionCache
@@ -117,8 +117,7 @@ class Request:
     @property
     def prefill_tokens(self) -> int:
         """What its prefill feeds the decoder: the prompt's text and each image's kept tokens."""
-        prompt = self.prompt
-        return len(prompt.input_ids) - len(prompt.image_positions) + sum(block.kept_count for block in self.images)
+        return sum(self.prompt.text_runs) + sum(block.kept_count for block in self.images)
 
     @property
     def image_bytes(self) -> int:
@@ -256,8 +255,8 @@ class Pipeline:
         if isinstance(prompt, Prompt) and len(prompt.image_views) != len(sources):
             raise InvalidInputError(f"the prompt places {len(prompt.image_views)} images, "
                                     f"but {len(sources)} were given")
-        if not isinstance(prompt, str | Prompt) or (isinstance(prompt, str) and not prompt.strip()):
-            raise InvalidInputError("prompt is empty")
+        if not isinstance(prompt, Prompt):
+            check_question(prompt)  # before any image is decoded
         started = time.perf_counter()
         blocks = tuple(self._block(self.prepare_image(source), pruner, keep) for source in sources)
         views = tuple(block.image.vision_input.views for block in blocks)

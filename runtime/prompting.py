@@ -35,6 +35,12 @@ def _sentinel(nonce: str, index: int) -> str:
     return f"\x00zspa-question-{nonce}-{index}\x00"
 
 
+def check_question(question: object) -> None:
+    """A question is a string with something besides whitespace."""
+    if not isinstance(question, str) or not question.strip():
+        raise InvalidInputError("prompt is empty")
+
+
 @dataclass(frozen=True)
 class Prompt:
     input_ids: np.ndarray  # int64 [S], one placeholder token per image block
@@ -104,8 +110,7 @@ class PromptBuilder:
     def build(self, question: str, max_tokens: int | None = None, limit: str = "context", images: int = 1,
               views: tuple[int, ...] | None = None) -> Prompt:
         """One user turn: the images, then the question."""
-        if not isinstance(question, str) or not question.strip():
-            raise InvalidInputError("prompt is empty")
+        check_question(question)
         content = [*({"type": "image"} for _ in range(images)), {"type": "text", "text": question}]
         return self.build_chat([{"role": "user", "content": content}], max_tokens, limit, views)
 

@@ -67,8 +67,7 @@ class ClipVisionSpec(VisionSpec):
     center_crop: bool
 
     def check(self) -> None:
-        if len(self.image_size) != 2 or not all(1 <= side <= 2**14 for side in self.image_size):
-            raise BundleError(f"manifest.json: vision.image_size is {self.image_size!r}; expected [height, width]")
+        _check_size("vision.image_size", self.image_size)
 
 
 @dataclass(frozen=True)
@@ -109,8 +108,7 @@ class TileVisionSpec(VisionSpec):
     tokens_per_tile: int
 
     def check(self) -> None:
-        if len(self.tile_size) != 2 or not all(1 <= side <= 2**14 for side in self.tile_size):
-            raise BundleError(f"manifest.json: vision.tile_size is {self.tile_size!r}; expected [height, width]")
+        _check_size("vision.tile_size", self.tile_size)
         _in_range("vision.tokens_per_tile", self.tokens_per_tile, 1, 2**16)
         if not 1 <= self.min_tiles <= self.max_tiles <= 64:
             raise BundleError("manifest.json: vision.min_tiles and max_tiles must satisfy 1 ≤ min ≤ max ≤ 64")
@@ -132,8 +130,7 @@ class ViewVisionSpec(VisionSpec):
     min_ratio: float
 
     def check(self) -> None:
-        if len(self.image_size) != 2 or not all(1 <= side <= 2**14 for side in self.image_size):
-            raise BundleError(f"manifest.json: vision.image_size is {self.image_size!r}; expected [height, width]")
+        _check_size("vision.image_size", self.image_size)
         _in_range("vision.tokens_per_tile", self.tokens_per_tile, 1, 2**16)
         _in_range("vision.max_crops", self.max_crops, 2, 64)
         _in_range("vision.min_crop_size", self.min_crop_size, 1, 2**14)
@@ -396,6 +393,12 @@ def check_values(manifest: Manifest) -> None:
     for name in names:
         if any(ord(ch) < 32 for ch in name):
             raise BundleError(f"manifest.json: the file name {name!r} holds a control character")
+
+
+def _check_size(where: str, size: list[int]) -> None:
+    """A [height, width] pair of sides in [1, 2^14]."""
+    if len(size) != 2 or not all(1 <= side <= 2**14 for side in size):
+        raise BundleError(f"manifest.json: {where} is {size!r}; expected [height, width]")
 
 
 def _in_range(where: str, value: int, low: int, high: int) -> None:

@@ -25,7 +25,7 @@ from starlette.requests import ClientDisconnect
 from zspa.runtime.batching import batch_size
 from zspa.runtime.pipeline import Pipeline
 from zspa.runtime.server.conversation import encode, prepare
-from zspa.runtime.server.errors import INTERNAL, APIError, timed_out
+from zspa.runtime.server.errors import INTERNAL, APIError, image_memory_full, timed_out
 from zspa.runtime.server.image_memory import ImageMemory
 from zspa.runtime.server.metrics import ServerMetrics
 from zspa.runtime.server.openapi import openapi_schema
@@ -213,9 +213,7 @@ def create_app(pipeline: Pipeline, settings: ServerSettings) -> FastAPI:
         prepared = await _within(deadline, settings, run_in_threadpool(prepare, body, pipeline, settings, image_slots,
                                                                    deadline))
         if not image_memory.reserve(prepared.request.image_bytes):  # on the loop: a late thread reserves nothing
-            raise APIError(429, "the server is busy (its memory for images waiting for the decoder is full, "
-                           "--max-image-memory-mb); retry later", type="rate_limit_error", code="image_memory_full",
-                           headers={"Retry-After": "1"})
+            raise image_memory_full()
         job = Job(prepared.request, prepared.keep, prepared.method, body.stream, asyncio.get_running_loop(),
                   arrived=arrived, memory=image_memory)
         del prepared  # the job holds the images now, and drops them once prefilled

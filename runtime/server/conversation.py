@@ -15,7 +15,7 @@ from zspa.errors import InvalidInputError
 from zspa.pruning.budget import validate_keep
 from zspa.runtime.pipeline import Pipeline, PreparedImage, Request
 from zspa.runtime.prompting import Prompt, PromptTooLong
-from zspa.runtime.server.errors import APIError, invalid, timed_out
+from zspa.runtime.server.errors import image_memory_full, invalid, timed_out
 from zspa.runtime.server.image_urls import image_bytes
 from zspa.runtime.server.protocol import ChatCompletionRequest, Message
 from zspa.runtime.server.scheduler import Job
@@ -86,9 +86,7 @@ def encode(job: Job, pipeline: Pipeline, vision_slot: threading.Semaphore, deadl
     finally:
         vision_slot.release()
     if not job.swap_request(encoded):
-        raise APIError(429, "the server is busy (its memory for requests waiting for the decoder is full, "
-                       "--max-image-memory-mb); retry later", type="rate_limit_error", code="image_memory_full",
-                       headers={"Retry-After": "1"})
+        raise image_memory_full()
 
 
 def _prepare_image(pipeline: Pipeline, settings: ServerSettings, image_slots: threading.Semaphore, deadline: float,

@@ -41,6 +41,13 @@ def timed_out(seconds: float) -> APIError:
                     code="timeout")
 
 
+def image_memory_full() -> APIError:
+    """What a request gets when the memory for requests waiting for the decoder is full."""
+    return APIError(429, "the server is busy (its memory for requests waiting for the decoder is full, "
+                    "--max-image-memory-mb); retry later", type="rate_limit_error", code="image_memory_full",
+                    headers={"Retry-After": "1"})
+
+
 INTERNAL = APIError(500, "internal server error; the server log has the details", type="server_error",
                     code="internal_error")
 
