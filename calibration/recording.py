@@ -28,7 +28,8 @@ class _RecordingGraph:
 
 
 class _RecordingDecoder:
-    """Records prefill steps only (empty past), the inputs a prefill-calibrated decoder needs."""
+    """Records prefill steps only (empty past), the inputs a prefill-calibrated decoder needs;
+    decode steps (`decode`, from token ids) pass through."""
 
     def __init__(self, decoder: DecoderSession, backend: RecordingBackend, spec: DecoderSpec, dtype: type,
                  records: list[Feeds]):
@@ -48,9 +49,13 @@ class _RecordingDecoder:
         if self.backend.recording and self.decoder.past_length == 0:
             record = {"inputs_embeds": np.array(inputs_embeds), "attention_mask": np.array(attention_mask),
                       "position_ids": np.array(position_ids), **self.empty_past,
-                      **optional_inputs(self.spec, inputs_embeds, attention_mask, extras)}
+                      **{name: item.array() for name, item in optional_inputs(
+                          self.spec, inputs_embeds.shape, inputs_embeds.dtype, attention_mask.shape, extras).items()}}
             self.records.append(record)
         return self.decoder.step(inputs_embeds, attention_mask, position_ids, extras)
+
+    def decode(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray) -> np.ndarray:
+        return self.decoder.decode(input_ids, attention_mask, position_ids)
 
 
 class RecordingBackend(OrtBackend):
@@ -62,9 +67,11 @@ class RecordingBackend(OrtBackend):
         self.records: dict[str, list[Feeds]] = defaultdict(list)
         self.recording = True
 
-    def graph(self, path: Path) -> GraphRunner:
+    def graph(self, path: Path) -> _RecordingGraph:
         return _RecordingGraph(super().graph(path), self, self.records[path.stem])
 
-    def decoder(self, path: Path, spec: DecoderSpec, capacity: int) -> DecoderSession:
-        inner = super().decoder(path, spec, capacity)
+    def decoder(self, path: Path, spec: DecoderSpec, capacity: int, embed: _RecordingGraph | None = None
+                ) -> DecoderSession:
+        """`embed`: this backend's recording runner; the decode steps run its graph unrecorded."""
+        inner = super().decoder(path, spec, capacity, embed.runner if embed is not None else None)
         return _RecordingDecoder(inner, self, spec, inner.embeds_dtype, self.records[path.stem])

@@ -3,7 +3,9 @@
 The pipeline asks a backend for two things: a plain graph runner (vision, embed, pruner) and a
 decoder session that owns the KV cache. The onnxruntime decoder keeps the cache as OrtValues
 bound through IO binding: each step's `present` outputs become the next step's `past` inputs
-without a round trip through numpy (on CUDA they stay in device memory).
+without a round trip through numpy (on CUDA they stay in device memory). A decode step takes
+token ids (`decode`): the embed graph's output is bound to the decoder's input where it lies, so
+ids, mask and positions go in and the logits come out (counted in `Transfers`).
 """
 
 from __future__ import annotations
@@ -18,7 +20,8 @@ import onnxruntime as ort
 from zspa.errors import BundleError, InvalidInputError, ZspaError
 from zspa.manifest import DecoderSpec, GraphSpec
 from zspa.runtime.bundle import Bundle
-from zspa.runtime.decoder_inputs import Extras, optional_inputs
+from zspa.runtime.decoder_inputs import Extras, OptionalInput, optional_inputs
+from zspa.runtime.transfers import Transfers
 
 ORT_BACKENDS = ("ort-cpu", "ort-cuda", "ort-trt")
 BACKENDS = (*ORT_BACKENDS, "trt")
@@ -37,6 +40,11 @@ class DecoderSession(Protocol):
 
     def reset(self) -> None: ...
 
+    def decode(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray) -> np.ndarray:
+        """One decode step from token ids [B, 1] (the embeddings never reach the host); returns
+        logits [B, V] as float32. Needs the session opened with the embed graph."""
+        ...
+
     def step(self, inputs_embeds: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray,
              extras: Extras | None = None) -> np.ndarray:
         """Runs one prefill or decode step; returns last-position logits [B, V] as float32.
@@ -49,10 +57,14 @@ class Backend(Protocol):
     """What the pipeline needs from a backend; it never knows which one runs."""
 
     providers: list[str]
+    transfers: Transfers  # every host↔device copy its graphs and decoders made
 
     def graph(self, path: Path) -> GraphRunner: ...
 
-    def decoder(self, path: Path, spec: DecoderSpec, capacity: int) -> DecoderSession: ...
+    def decoder(self, path: Path, spec: DecoderSpec, capacity: int, embed: GraphRunner | None = None
+                ) -> DecoderSession:
+        """`embed`: this backend's runner of the embed graph, which `decode` runs on the device."""
+        ...
 
 
 def make_backend(name: str, bundle: Bundle, threads: int | None = None) -> Backend:
@@ -66,51 +78,91 @@ def make_backend(name: str, bundle: Bundle, threads: int | None = None) -> Backe
 
 
 class OrtGraph:
-    def __init__(self, session: ort.InferenceSession):
-        self.session = session
+    def __init__(self, session: ort.InferenceSession, transfers: Transfers):
+        self.session, self.transfers = session, transfers
         self.input_names = [i.name for i in session.get_inputs()]
         self.input_dtypes = {i.name: _numpy_dtype(i.type) for i in session.get_inputs()}
 
     def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-        return self.session.run(None, {k: np.asarray(v, dtype=self.input_dtypes[k]) for k, v in feeds.items()})
+        sent = {k: self.transfers.sent(np.asarray(v, dtype=self.input_dtypes[k])) for k, v in feeds.items()}
+        return [self.transfers.received(output) for output in self.session.run(None, sent)]
 
 
 class _OrtDecoderBase:
     """IO binding shared by both KV-cache kinds: the step's inputs bound from numpy. Subclasses bind
     `logits` (to the host) before the present outputs: `get_outputs` follows binding order."""
 
-    def __init__(self, session: ort.InferenceSession, spec: DecoderSpec, device: str):
+    def __init__(self, session: ort.InferenceSession, spec: DecoderSpec, device: str, transfers: Transfers,
+                 embed: OrtGraph | None = None):
         self.session = session
         self.spec = spec
         self.device = device
+        self.transfers = transfers
         self.input_dtypes = {i.name: _numpy_dtype(i.type) for i in session.get_inputs()}
         self.embeds_dtype = self.input_dtypes["inputs_embeds"]
         self.past_names, self.present_names = spec.past_names, spec.present_names
         self.binding = session.io_binding()
         self.past_length = 0
+        self._zeros: dict[str, ort.OrtValue] = {}  # uint8 zeros by input name (`_bind_zeros`)
+        self.embed = embed
+        if embed is not None:
+            produced = _numpy_dtype(embed.session.get_outputs()[0].type)
+            if produced != self.embeds_dtype:
+                raise BundleError(f"the embed graph gives {np.dtype(produced).name} embeddings but the decoder takes "
+                                  f"{np.dtype(self.embeds_dtype).name}; re-export the bundle")
+            self.embed_binding = embed.session.io_binding()
 
-    def _run(self, inputs_embeds: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray,
+    def _bind_host(self, name: str, array: np.ndarray) -> None:
+        array = np.ascontiguousarray(array, dtype=self.input_dtypes[name])
+        self.binding.bind_cpu_input(name, self.transfers.sent(array))
+
+    def _bind_zeros(self, name: str, item: OptionalInput) -> None:
+        """Binds `name` to zeros on the device: one zeroed buffer per input, viewed at the step's
+        shape and grown to twice the need when a step outgrows it (the only copy it costs)."""
+        buffer = self._zeros.get(name)
+        if buffer is None or buffer.shape()[0] < item.nbytes:
+            zeros = self.transfers.sent(np.zeros(2 * item.nbytes, np.uint8))
+            buffer = self._zeros[name] = ort.OrtValue.ortvalue_from_numpy(zeros, self.device, 0)
+        self.binding.bind_input(name, self.device, 0, item.dtype, list(item.shape), buffer.data_ptr())
+
+    def _run(self, inputs_embeds: np.ndarray | ort.OrtValue, attention_mask: np.ndarray, position_ids: np.ndarray,
              extras: Extras | None) -> list:
-        binding = self.binding
-        binding.bind_cpu_input("inputs_embeds", np.ascontiguousarray(inputs_embeds, dtype=self.embeds_dtype))
-        binding.bind_cpu_input("attention_mask", np.ascontiguousarray(attention_mask, dtype=np.int64))
-        binding.bind_cpu_input("position_ids", np.ascontiguousarray(position_ids, dtype=np.int64))
-        for name, value in optional_inputs(self.spec, inputs_embeds, attention_mask, extras).items():
-            binding.bind_cpu_input(name, np.ascontiguousarray(value, dtype=self.input_dtypes[name]))
-        self.session.run_with_iobinding(binding)
-        self.past_length += inputs_embeds.shape[1]
-        return binding.get_outputs()
+        if isinstance(inputs_embeds, ort.OrtValue):  # already where the decoder runs
+            self.binding.bind_ortvalue_input("inputs_embeds", inputs_embeds)
+        else:
+            self._bind_host("inputs_embeds", inputs_embeds)
+        shape = _shape(inputs_embeds)
+        self._bind_host("attention_mask", attention_mask)
+        self._bind_host("position_ids", position_ids)
+        for name, item in optional_inputs(self.spec, shape, self.embeds_dtype, attention_mask.shape, extras).items():
+            if item.value is None:
+                self._bind_zeros(name, item)
+            else:
+                self._bind_host(name, item.value)
+        self.session.run_with_iobinding(self.binding)
+        self.past_length += shape[1]
+        return self.binding.get_outputs()
 
-    @staticmethod
-    def _last_logits(logits: ort.OrtValue) -> np.ndarray:
-        return logits.numpy()[:, -1, :].astype(np.float32, copy=False)
+    def _last_logits(self, logits: ort.OrtValue) -> np.ndarray:
+        return self.transfers.received(logits.numpy())[:, -1, :].astype(np.float32, copy=False)
+
+    def decode(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray) -> np.ndarray:
+        """The embed graph writes the step's embeddings on the device; the decoder reads them there."""
+        if self.embed is None:
+            raise ZspaError("this decoder session was opened without the embed graph: it takes embeddings (step)")
+        ids = self.transfers.sent(np.ascontiguousarray(input_ids, dtype=np.int64))
+        self.embed_binding.bind_cpu_input("input_ids", ids)
+        self.embed_binding.bind_output("inputs_embeds", self.device)  # unallocated: its batch size varies
+        self.embed.session.run_with_iobinding(self.embed_binding)
+        return self.step(self.embed_binding.get_outputs()[0], attention_mask, position_ids)
 
 
 class OrtDecoder(_OrtDecoderBase):
     """The portable decoder graph (past → past + new) with its KV cache bound across steps."""
 
-    def __init__(self, session: ort.InferenceSession, spec: DecoderSpec, device: str):
-        super().__init__(session, spec, device)
+    def __init__(self, session: ort.InferenceSession, spec: DecoderSpec, device: str, transfers: Transfers,
+                 embed: OrtGraph | None = None):
+        super().__init__(session, spec, device, transfers, embed)
         self.past: list[ort.OrtValue] = []
         self._previous_binding: ort.IOBinding | None = None
         self.reset()
@@ -120,7 +172,7 @@ class OrtDecoder(_OrtDecoderBase):
         self.past = [ort.OrtValue.ortvalue_from_numpy(empty, self.device, 0) for _ in self.past_names]
         self.past_length = 0
 
-    def step(self, inputs_embeds: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray,
+    def step(self, inputs_embeds: np.ndarray | ort.OrtValue, attention_mask: np.ndarray, position_ids: np.ndarray,
              extras: Extras | None = None) -> np.ndarray:
         # A fresh binding per step, the previous one kept alive: the past is its outputs, and
         # onnxruntime 1.23 (the last for Python 3.10) frees them when their binding is cleared.
@@ -139,10 +191,10 @@ class OrtSharedKVDecoder(_OrtDecoderBase):
     """The shared-buffer decoder graph (`kv_cache: shared`): one [1, Hkv, capacity, Dh] buffer per
     layer, bound once as both past and present, so a step writes only its new positions."""
 
-    def __init__(self, session: ort.InferenceSession, spec: DecoderSpec, device: str, capacity: int,
-                 allocate: bool = True):
+    def __init__(self, session: ort.InferenceSession, spec: DecoderSpec, device: str, transfers: Transfers,
+                 capacity: int, embed: OrtGraph | None = None, allocate: bool = True):
         """`allocate` False: no buffers of its own until `bind_cache` (a batch's step decoder)."""
-        super().__init__(session, spec, device)
+        super().__init__(session, spec, device, transfers, embed)
         self.capacity = capacity
         self.binding.bind_output("logits", "cpu")
         self.buffers: object = None
@@ -169,11 +221,11 @@ class OrtSharedKVDecoder(_OrtDecoderBase):
     def reset(self) -> None:
         self.past_length = 0  # positions past the valid length are never read
 
-    def step(self, inputs_embeds: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray,
+    def step(self, inputs_embeds: np.ndarray | ort.OrtValue, attention_mask: np.ndarray, position_ids: np.ndarray,
              extras: Extras | None = None) -> np.ndarray:
-        if self.past_length + inputs_embeds.shape[1] > self.capacity:
+        if self.past_length + _shape(inputs_embeds)[1] > self.capacity:
             raise InvalidInputError(f"the KV cache holds {self.capacity} positions; this step needs "
-                                    f"{self.past_length + inputs_embeds.shape[1]}")
+                                    f"{self.past_length + _shape(inputs_embeds)[1]}")
         return self._last_logits(self._run(inputs_embeds, attention_mask, position_ids, extras)[0])
 
 
@@ -221,6 +273,7 @@ class OrtBackend:
         self.options.add_session_config_entry("session.set_denormal_as_zero", "1")
         if threads:
             self.options.intra_op_num_threads = threads
+        self.transfers = Transfers()
         self.device = "cuda" if self.providers[0] in ("CUDAExecutionProvider", "TensorrtExecutionProvider") else "cpu"
 
     def session(self, path: Path) -> ort.InferenceSession:
@@ -237,14 +290,19 @@ class OrtBackend:
                                       f"manifest.json's {sorted(t.name for t in declared)}; re-export the bundle")
         return session
 
-    def graph(self, path: Path) -> GraphRunner:
-        return OrtGraph(self.session(path))
+    def graph(self, path: Path) -> OrtGraph:
+        return OrtGraph(self.session(path), self.transfers)
 
-    def decoder(self, path: Path, spec: DecoderSpec, capacity: int) -> DecoderSession:
+    def decoder(self, path: Path, spec: DecoderSpec, capacity: int, embed: OrtGraph | None = None
+                ) -> DecoderSession:
         """A decoder session for the graph's KV-cache kind; `capacity` sizes a shared buffer."""
         if spec.kv_cache == "shared":
-            return OrtSharedKVDecoder(self.session(path), spec, self.device, capacity)
-        return OrtDecoder(self.session(path), spec, self.device)
+            return OrtSharedKVDecoder(self.session(path), spec, self.device, self.transfers, capacity, embed)
+        return OrtDecoder(self.session(path), spec, self.device, self.transfers, embed)
+
+
+def _shape(inputs_embeds: np.ndarray | ort.OrtValue) -> tuple[int, ...]:
+    return tuple(inputs_embeds.shape()) if isinstance(inputs_embeds, ort.OrtValue) else inputs_embeds.shape
 
 
 def _numpy_dtype(onnx_type: str) -> type:

@@ -44,9 +44,9 @@ class SoloDecode:
     def remove(self, rows: set[int]) -> None:
         self.rows -= len(rows)
 
-    def step(self, inputs_embeds: np.ndarray, position_ids: np.ndarray) -> np.ndarray:
+    def step(self, tokens: list[int], position_ids: np.ndarray) -> np.ndarray:
         mask = np.ones((1, self.decoder.past_length + 1), np.int64)
-        return self.decoder.step(inputs_embeds, mask, position_ids)
+        return self.decoder.decode(_token_ids(tokens), mask, position_ids)
 
 
 class DecodeBatch:
@@ -64,10 +64,10 @@ class DecodeBatch:
 
     def add(self, prefilled: OrtDecoder) -> None:
         """Appends the row `prefilled` (the prefill's decoder, batch of one) holds in its cache."""
-        past, length = _arrays(prefilled), prefilled.past_length
+        past, length = self._arrays(prefilled), prefilled.past_length
         width = max(self.decoder.past_length, length)
-        current = _arrays(self.decoder) if self.lengths else [np.empty((0, *p.shape[1:2], 0, *p.shape[3:]), p.dtype)
-                                                       for p in past]
+        empty = [np.empty((0, p.shape[1], 0, *p.shape[3:]), p.dtype) for p in past]
+        current = self._arrays(self.decoder) if self.lengths else empty
         self._store([np.concatenate([_pad_left(c, width), _pad_left(p, width)]) for c, p in zip(current, past)],
                     width)
         self.lengths.append(length)
@@ -83,26 +83,32 @@ class DecodeBatch:
             return
         width = max(self.lengths)
         start = self.decoder.past_length - width
-        self._store([a[kept][:, :, start:] for a in _arrays(self.decoder)], width)
+        self._store([a[kept][:, :, start:] for a in self._arrays(self.decoder)], width)
 
-    def step(self, inputs_embeds: np.ndarray, position_ids: np.ndarray) -> np.ndarray:
-        """One new token per row ([B, 1, H] embeddings, rows in `add` order); returns logits [B, V]."""
+    def step(self, tokens: list[int], position_ids: np.ndarray) -> np.ndarray:
+        """One new token per row (rows in `add` order); returns logits [B, V]."""
         total = self.decoder.past_length + 1
         mask = np.zeros((len(self.lengths), total), np.int64)
         for row, length in enumerate(self.lengths):
             mask[row, total - length - 1:] = 1
-        logits = self.decoder.step(inputs_embeds, mask, position_ids)
+        logits = self.decoder.decode(_token_ids(tokens), mask, position_ids)
         self.lengths = [length + 1 for length in self.lengths]
         return logits
 
+    def _arrays(self, decoder: OrtDecoder) -> list[np.ndarray]:
+        """The cache of `decoder` on the host: the re-layout's copy out (counted)."""
+        return [self.decoder.transfers.received(value.numpy()) for value in decoder.past]
+
     def _store(self, arrays: list[np.ndarray], width: int) -> None:
-        self.decoder.past = [ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(a), self.decoder.device, 0)
+        sent = self.decoder.transfers.sent
+        self.decoder.past = [ort.OrtValue.ortvalue_from_numpy(sent(np.ascontiguousarray(a)), self.decoder.device, 0)
                              for a in arrays]
         self.decoder.past_length = width
 
 
-def _arrays(decoder: OrtDecoder) -> list[np.ndarray]:
-    return [value.numpy() for value in decoder.past]
+def _token_ids(tokens: list[int]) -> np.ndarray:
+    """Each row's next token as the embed graph's `input_ids` [B, 1]."""
+    return np.asarray(tokens, dtype=np.int64)[:, None]
 
 
 def _pad_left(array: np.ndarray, width: int) -> np.ndarray:
@@ -128,7 +134,8 @@ class SlotDecodeBatch:
             needed = len(spec.past_names) * max_batch * self.slot_bytes / 2**30
             raise ZspaError(f"the KV cache of {max_batch} slots x {capacity} positions needs {needed:.1f} GiB, "
                             f"which this device cannot allocate ({exc}); lower --max-batch or --max-context") from None
-        self.decoder = OrtSharedKVDecoder(prefill.session, spec, prefill.device, capacity, allocate=False)
+        self.decoder = OrtSharedKVDecoder(prefill.session, spec, prefill.device, prefill.transfers, capacity,
+                                          prefill.embed, allocate=False)
         self.slots: list[int] = []  # each row's slot, rows in `add` order
         self.lengths: dict[int, int] = {}  # slot → its entries in the cache
         self.pending: int | None = None  # the slot the prefill decoder is bound to
@@ -166,14 +173,14 @@ class SlotDecodeBatch:
             self.lengths.pop(self.slots[row])
         self.slots = [slot for row, slot in enumerate(self.slots) if row not in rows]
 
-    def step(self, inputs_embeds: np.ndarray, position_ids: np.ndarray) -> np.ndarray:
-        """One new token per row ([B, 1, H] embeddings, rows in `add` order); returns logits [B, V].
-        The call covers slots 0 to the highest in use; a free slot among them decodes a dummy
-        token at its position 0, which its next prefill overwrites."""
+    def step(self, tokens: list[int], position_ids: np.ndarray) -> np.ndarray:
+        """One new token per row (rows in `add` order); returns logits [B, V]. The call covers
+        slots 0 to the highest in use; a free slot among them decodes token 0 at its position 0,
+        which its next prefill overwrites."""
         width = max(self.slots) + 1
         slots = np.asarray(self.slots)
-        embeds = np.zeros((width, *inputs_embeds.shape[1:]), inputs_embeds.dtype)
-        embeds[slots] = inputs_embeds
+        ids = np.zeros((width, 1), np.int64)
+        ids[slots] = _token_ids(tokens)
         positions = np.zeros((*position_ids.shape[:-2], width, 1), np.int64)
         positions[..., slots, :] = position_ids
         total = max(self.lengths.values()) + 1
@@ -185,7 +192,7 @@ class SlotDecodeBatch:
             self.decoder.bind_cache(self._pointers(0), width, self.cache)
             self.width = width
         self.decoder.past_length = total - 1
-        logits = self.decoder.step(embeds, mask, positions)
+        logits = self.decoder.decode(ids, mask, positions)
         for slot in self.slots:
             self.lengths[slot] += 1
         return logits[slots]
@@ -211,4 +218,4 @@ def decode_rows(decoder: DecoderSession, max_batch: int) -> SoloDecode | DecodeB
     if type(decoder) is not OrtDecoder:
         raise ZspaError(f"--max-batch {max_batch} needs a decoder on onnxruntime (an ort-* backend); TensorRT "
                         "engines decode one request at a time: use --max-batch 1 for them")
-    return DecodeBatch(OrtDecoder(decoder.session, decoder.spec, decoder.device))
+    return DecodeBatch(OrtDecoder(decoder.session, decoder.spec, decoder.device, decoder.transfers, decoder.embed))

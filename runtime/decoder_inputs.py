@@ -5,6 +5,9 @@ place that knows which a graph takes (from its manifest spec) and what a step th
 - `image_block_ids` [B, total length] (Gemma 3's bidirectional image blocks, 0 for text): zeros
   where not given (decode steps: a text query attends causally, which already sees every block).
 
+Zeros are not copied: backends bind them from a zeroed device buffer, so a decode step moves no
+optional-input bytes.
+
 Every decoder session (onnxruntime, TensorRT, calibration's recorder) binds what `optional_inputs`
 returns, so a new optional input is added here and in the exporter only.
 """
@@ -12,6 +15,7 @@ returns, so a new optional input is added here and in the exporter only.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -21,25 +25,44 @@ from zspa.manifest import DecoderSpec
 Extras = Mapping[str, np.ndarray]
 
 
-def optional_inputs(spec: DecoderSpec, inputs_embeds: np.ndarray, attention_mask: np.ndarray,
-                    extras: Extras | None) -> dict[str, np.ndarray]:
-    """The optional inputs `spec`'s graph takes for this step: each given one checked against the
-    shape the step needs, zeros for the others. Extras the graph does not take are ignored."""
+@dataclass(frozen=True)
+class OptionalInput:
+    """One optional input of a step: its shape and dtype, and its value (None: zeros, which a
+    backend binds from a zeroed buffer on the device rather than copying them every step)."""
+
+    shape: tuple[int, ...]
+    dtype: type
+    value: np.ndarray | None
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape)) * np.dtype(self.dtype).itemsize
+
+    def array(self) -> np.ndarray:
+        """The value on the host, zeros materialised."""
+        return np.zeros(self.shape, self.dtype) if self.value is None else self.value
+
+
+def optional_inputs(spec: DecoderSpec, embeds_shape: tuple[int, ...], embeds_dtype: type,
+                    mask_shape: tuple[int, ...], extras: Extras | None) -> dict[str, OptionalInput]:
+    """The optional inputs `spec`'s graph takes for a step of embeddings `embeds_shape` [B, S, H]
+    and mask `mask_shape` [B, total]: each given one checked against the shape the step needs,
+    zeros for the others. Extras the graph does not take are ignored."""
     extras = extras or {}
     shapes = {}
     if spec.deepstack_layers:
-        shapes["deepstack_embeds"] = ((spec.deepstack_layers, *inputs_embeds.shape), inputs_embeds.dtype)
+        shapes["deepstack_embeds"] = ((spec.deepstack_layers, *embeds_shape), embeds_dtype)
     if spec.image_blocks:
-        shapes["image_block_ids"] = (attention_mask.shape, np.int64)
-    feeds = {}
+        shapes["image_block_ids"] = (tuple(mask_shape), np.int64)
+    inputs = {}
     for name, (shape, dtype) in shapes.items():
         value = extras.get(name)
-        if value is None:
-            value = np.zeros(shape, dtype=dtype)
-        elif value.shape != shape:
-            raise InvalidInputError(f"decoder input {name} of shape {value.shape}; this step takes {shape}")
-        feeds[name] = np.ascontiguousarray(value, dtype=dtype)
-    return feeds
+        if value is not None:
+            if value.shape != shape:
+                raise InvalidInputError(f"decoder input {name} of shape {value.shape}; this step takes {shape}")
+            value = np.ascontiguousarray(value, dtype=dtype)
+        inputs[name] = OptionalInput(shape, dtype, value)
+    return inputs
 
 
 def image_block_ids(rows: list[np.ndarray], length: int) -> np.ndarray:

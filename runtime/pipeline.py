@@ -174,7 +174,7 @@ class Pipeline:
         self.vision = backend.graph(bundle.graph_file("vision"))
         self.embed = backend.graph(bundle.graph_file("embed"))
         self.pruners = {p.graph: backend.graph(bundle.graph_file(p.graph)) for p in manifest.pruners}
-        self.decoder = backend.decoder(bundle.graph_file("decoder"), manifest.decoder, self.max_context)
+        self.decoder = backend.decoder(bundle.graph_file("decoder"), manifest.decoder, self.max_context, self.embed)
         self.prompts = PromptBuilder.from_file(bundle.member("tokenizer.json"), manifest.text)
 
     @classmethod
@@ -414,13 +414,9 @@ class Pipeline:
             total += float(log_softmax(logits)[token])
             greedy = greedy and int(np.argmax(logits)) == token
             if i + 1 < len(continuation):
-                logits = solo.step(self.embed_tokens([token]), self.position_ids([answer.position]))[0]
+                logits = solo.step([token], self.position_ids([answer.position]))[0]
                 answer.advance()
         return total, greedy
-
-    def embed_tokens(self, tokens: list[int]) -> np.ndarray:
-        """Embeddings [B, 1, H] of one next token per row."""
-        return self.embed.run({"input_ids": np.array(tokens, dtype=np.int64)[:, None]})[0]
 
     def position_ids(self, positions: list[int]) -> np.ndarray:
         """Decoder position_ids for one new token per row: [B, 1], or [3, B, 1] under M-RoPE."""
@@ -437,7 +433,7 @@ class Pipeline:
                 yield delta
             if answer.done:
                 break
-            logits = solo.step(self.embed_tokens([answer.token]), self.position_ids([answer.position]))[0]
+            logits = solo.step([answer.token], self.position_ids([answer.position]))[0]
             answer.advance()
         tail = answer.finish()
         if tail:

@@ -39,9 +39,9 @@ async def _serve(pipeline, images, requests, max_batch: int, max_prefill_tokens:
     sizes = []
     step = scheduler._rows.step
 
-    def counted(inputs_embeds, position_ids):
-        sizes.append(inputs_embeds.shape[0])
-        return step(inputs_embeds, position_ids)
+    def counted(tokens, position_ids):
+        sizes.append(len(tokens))
+        return step(tokens, position_ids)
 
     scheduler._rows.step = counted
     loop = asyncio.get_running_loop()
@@ -97,7 +97,7 @@ def _alone(pipeline, image, keep: float) -> np.ndarray:
     answer.accept(logits)
     solo = SoloDecode(pipeline.decoder)
     solo.add(pipeline.decoder)
-    return solo.step(pipeline.embed_tokens([answer.token]), pipeline.position_ids([answer.position]))[0]
+    return solo.step([answer.token], pipeline.position_ids([answer.position]))[0]
 
 
 def test_padding_is_masked_and_trimmed(pipeline, images):
@@ -112,8 +112,7 @@ def test_padding_is_masked_and_trimmed(pipeline, images):
         rows.append(answer)
     short, long = rows
     assert batch.lengths == [short.length, long.length] and batch.decoder.past_length == long.length
-    logits = batch.step(pipeline.embed_tokens([r.token for r in rows]), pipeline.position_ids([r.position
-                                                                                              for r in rows]))
+    logits = batch.step([r.token for r in rows], pipeline.position_ids([r.position for r in rows]))
     for row, keep in enumerate((0.1, 1.0)):
         np.testing.assert_allclose(logits[row], _alone(pipeline, images["photo"], keep), rtol=0, atol=1e-4)
     batch.remove({1})
@@ -172,7 +171,7 @@ def test_slots_never_move(shared_pipeline, images):
         batch.add(shared_pipeline.decoder)
         rows.append(answer)
     assert batch.slots == [0, 1, 2] and [batch.lengths[s] for s in range(3)] == [r.length for r in rows]
-    logits = batch.step(shared_pipeline.embed_tokens([r.token for r in rows]),
+    logits = batch.step([r.token for r in rows],
                         shared_pipeline.position_ids([r.position for r in rows]))
     for row, keep in enumerate((0.1, 1.0, 0.25)):
         np.testing.assert_allclose(logits[row], _alone(shared_pipeline, images["photo"], keep), rtol=0, atol=1e-4)
@@ -186,11 +185,79 @@ def test_slots_never_move(shared_pipeline, images):
     rows = [rows[0], rows[2]]
     for expected_slots in ([0, 2], [0]):  # the call narrows from 3 slots to 1 once slot 2 frees
         assert batch.slots == expected_slots
-        logits = batch.step(shared_pipeline.embed_tokens([r.token for r in rows]),
+        logits = batch.step([r.token for r in rows],
                             shared_pipeline.position_ids([r.position for r in rows]))
         assert logits.shape == (len(rows), vocab) and np.isfinite(logits).all()
         batch.remove({1} if len(rows) > 1 else {0})
         rows = rows[:1]
+
+
+def _joined(pipeline, batch, image, keep: float):
+    """Encodes and prefills one request into `batch`; returns its sequence, its encoded request,
+    and the bytes (sent, received) the prefill and the join moved between host and device."""
+    decoder = pipeline.decoder
+    batch.prepare(decoder)
+    request = pipeline.encode(pipeline.request(image, "Hi", keep=keep, max_new_tokens=4, ignore_eos=True))
+    before = decoder.transfers.snapshot()
+    answer, logits = pipeline.prefill(request)
+    answer.accept(logits)
+    batch.add(decoder)
+    return answer, request, np.subtract(decoder.transfers.snapshot(), before)
+
+
+def _stepped(pipeline, batch, rows) -> tuple[int, int]:
+    """One batch step for `rows`; the bytes (sent, received) it moved."""
+    before = pipeline.decoder.transfers.snapshot()
+    logits = batch.step([r.token for r in rows], pipeline.position_ids([r.position for r in rows]))
+    moved = np.subtract(pipeline.decoder.transfers.snapshot(), before)
+    for row, answer in enumerate(rows):
+        answer.advance()
+        answer.accept(logits[row])
+    return moved
+
+
+def test_a_slot_join_and_step_move_no_cache_and_no_embeddings(shared_pipeline, images):
+    """Counted by the backend: a join sends its prefill's inputs and receives one row of logits,
+    no KV byte either way; a decode step sends each row's token id, mask and positions and
+    receives the logits, no embeddings (the embed graph's output feeds the decoder where it lies)
+    and no DeepStack zeros (a zeroed device buffer)."""
+    spec, vocab = shared_pipeline.bundle.manifest.decoder, shared_pipeline.bundle.manifest.decoder.vocab_size
+    position_rows = 3 if spec.mrope else 1
+    batch = decode_rows(shared_pipeline.decoder, 3)
+    rows = []
+    for keep in (0.1, 1.0):
+        answer, request, (sent, received) = _joined(shared_pipeline, batch, images["photo"], keep)
+        tokens, hidden = answer.length, request.encoded.prompt_embeds.shape[-1]
+        planes = spec.deepstack_layers * tokens * hidden * 4  # the kept tokens' planes, zeros elsewhere
+        assert received == vocab * 4
+        assert sent == tokens * (hidden * 4 + 8 + 8 * position_rows) + planes
+        rows.append(answer)
+    _stepped(shared_pipeline, batch, rows)  # the first step sizes the zeroed buffers
+    total = max(batch.lengths.values()) + 1
+    sent, received = _stepped(shared_pipeline, batch, rows)
+    assert received == 2 * vocab * 4
+    assert sent == 2 * 8 + 2 * total * 8 + 2 * 8 * position_rows
+
+
+def test_the_portable_decoders_join_copies_the_cache_through_the_host(pipeline, images):
+    """What the slot cache saves: the concat decoder's join takes the new row's cache and the
+    batch's to the host and sends back the re-laid-out one."""
+    batch = decode_rows(pipeline.decoder, 2)
+    first, _, _ = _joined(pipeline, batch, images["photo"], 1.0)
+    held = sum(value.numpy().nbytes for value in batch.decoder.past)
+    decoder = pipeline.decoder
+    batch.prepare(decoder)
+    request = pipeline.encode(pipeline.request(images["photo"], "Hi", keep=0.1, max_new_tokens=4, ignore_eos=True))
+    answer, logits = pipeline.prefill(request)
+    row = sum(value.numpy().nbytes for value in decoder.past)
+    before = decoder.transfers.snapshot()
+    batch.add(decoder)
+    sent, received = np.subtract(decoder.transfers.snapshot(), before)
+    assert received == held + row
+    assert sent == sum(value.numpy().nbytes for value in batch.decoder.past) > held + row  # the short row padded
+    answer.accept(logits)
+    sent, received = _stepped(pipeline, batch, [first, answer])
+    assert received == 2 * pipeline.bundle.manifest.decoder.vocab_size * 4  # a step moves no cache either
 
 
 def test_a_slot_cache_too_large_for_the_device_is_refused_clearly(shared_pipeline):

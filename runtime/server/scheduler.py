@@ -208,7 +208,7 @@ class Scheduler:
         """One decoder call for every row; returns the rows that go on."""
         pipeline = self.pipeline
         try:
-            logits = self._rows.step(pipeline.embed_tokens([row.answer.token for row in rows]),
+            logits = self._rows.step([row.answer.token for row in rows],
                                      pipeline.position_ids([row.answer.position for row in rows]))
         except Exception:  # the batch's cache is lost with it: every row fails, the service goes on
             log.exception("generation failed (a batch of %d)", len(rows))
