@@ -21,8 +21,10 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def build_llava_shaped(workdir: Path, name: str, *, text_hidden: int, text_layers: int, keeps: list[float],
-                       image_size: int = 336, vision_hidden: int = 128, vision_layers: int = 2):
-    """(model, processor, bundle path) for a fresh random-weight model exported at `keeps`."""
+                       image_size: int = 336, vision_hidden: int = 128, vision_layers: int = 2,
+                       kv_cache: str = "concat"):
+    """(model, processor, bundle path) for a fresh random-weight model exported at `keeps` with
+    the `kv_cache` decoder."""
     from zspa.export.exporter import ExportOptions, export_bundle
     from zspa.export.tiny import build_model, build_processor
 
@@ -37,5 +39,5 @@ def build_llava_shaped(workdir: Path, name: str, *, text_hidden: int, text_layer
           f"decoder {text_hidden} x {text_layers} layers "
           f"({params:.0f} M params)")
     bundle = workdir / name
-    export_bundle(ExportOptions(str(source), bundle, keeps=keeps, progress=False))
+    export_bundle(ExportOptions(str(source), bundle, keeps=keeps, kv_cache=kv_cache, progress=False))
     return model.eval(), processor, bundle

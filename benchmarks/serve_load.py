@@ -8,9 +8,12 @@ round, over `--rounds`. Each is loaded with streaming requests at every
 (at the client, queueing included), inter-token latency p50/p99 (the gaps between one answer's
 streamed chunks, at the client), generated tokens/s and errors, as median (min–max) over
 rounds, then the tokens/s ratio between the sides. Default: tiny-random-llava (576 visual
-tokens) exported at keep 0.1.
+tokens) exported at keep 0.1; `--model llava-shaped` is the speed benchmarks' random-weight
+LLaVA-1.5-shaped model (576 visual tokens, a 1024 x 8 decoder: benchmarks/llava_shaped.py).
 
     python benchmarks/serve_load.py --batches 1,8 --concurrency 1,8,32,64 --rounds 3
+    python benchmarks/serve_load.py --model llava-shaped --kv-cache shared --max-context 1024 \
+        --concurrency 1,32 --requests-per-slot 2
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 from zspa.cli.common import int_list  # noqa: E402
 
+from llava_shaped import build_llava_shaped  # noqa: E402
 from machine import describe_machine  # noqa: E402
 from serving import chat_body, data_url, running_server  # noqa: E402 (the tests' server launcher)
 
@@ -148,6 +152,8 @@ def _servers(bundle: Path, args: argparse.Namespace, logs: Path, stack: contextl
     for side in args.batches:
         server = stack.enter_context(running_server(
             bundle, logs / f"server-{side}.log", "--served-model-name", "bench", "--max-batch", str(side),
+            *(["--max-context", str(args.max_context)] if args.max_context else []),
+            *(["--max-prefill-tokens", str(args.max_prefill_tokens)] if args.max_prefill_tokens else []),
             "--max-queue", str(max(args.concurrency) * args.requests_per_slot), "--log-level", "warning"))
         urls[side] = f"{server.url}/v1/chat/completions"
         asyncio.run(_load(urls[side], _bodies(args, 4), 4))  # untimed: first calls at new batch shapes
@@ -156,7 +162,8 @@ def _servers(bundle: Path, args: argparse.Namespace, logs: Path, stack: contextl
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="tiny-random-llava", help="built-in model to export at --keep")
+    parser.add_argument("--model", default="tiny-random-llava",
+                        help="built-in model to export at --keep, or llava-shaped (benchmarks/llava_shaped.py)")
     parser.add_argument("--bundle", type=Path, default=None, help="an exported bundle instead of --model")
     parser.add_argument("--keep", type=float, default=0.1)
     parser.add_argument("--kv-cache", choices=["concat", "shared"], default="concat",
@@ -169,13 +176,20 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="rounds; the sides take turns within each")
     parser.add_argument("--image-size", type=_size, default=None, metavar="WxH",
                         help="resize the example image (224x224) to this; 672x672 gives Qwen2.5-VL 576 visual tokens")
+    parser.add_argument("--max-context", type=int, default=None,
+                        help="each server's --max-context (what sizes a shared-KV slot cache; default: the model's)")
+    parser.add_argument("--max-prefill-tokens", type=int, default=None,
+                        help="each server's --max-prefill-tokens (prompt tokens fed between two decode steps)")
     parser.add_argument("--same-image", action="store_true",
                         help="every request carries the same image (vision-cache hits); default: a distinct frame each")
     args = parser.parse_args()
     print(describe_machine())
     with tempfile.TemporaryDirectory() as tmp:
         bundle = args.bundle
-        if bundle is None:
+        if bundle is None and args.model == "llava-shaped":
+            _, _, bundle = build_llava_shaped(Path(tmp), "llava-shaped", text_hidden=1024, text_layers=8,
+                                              keeps=[args.keep], kv_cache=args.kv_cache)
+        elif bundle is None:
             from zspa.export.exporter import ExportOptions, export_bundle
 
             bundle = Path(tmp) / "bundle"
@@ -186,6 +200,8 @@ def main() -> None:
     images = f"{size} images, " + ("one for all (vision-cache hits)" if args.same_image else "a distinct one each")
     print(f"\n{bundle.name if args.bundle else f'{args.model} ({args.kv_cache} KV cache)'}, keep {args.keep:g}, "
           f"{args.max_tokens} tokens per request, "
+          f"{f'--max-context {args.max_context}, ' if args.max_context else ''}"
+          f"{f'--max-prefill-tokens {args.max_prefill_tokens}, ' if args.max_prefill_tokens else ''}"
           f"{images}, {args.rounds} rounds, median (min–max):")
     print(f"{'max-batch':>9} {'conc.':>5} {'TTFT p50 ms':>22} {'TTFT p99 ms':>22} {'ITL p50 ms':>18} "
           f"{'ITL p99 ms':>20} {'tokens/s':>22} {'errors':>6}")

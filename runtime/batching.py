@@ -176,17 +176,21 @@ class SlotDecodeBatch:
     def step(self, tokens: list[int], position_ids: np.ndarray) -> np.ndarray:
         """One new token per row (rows in `add` order); returns logits [B, V]. The call covers
         slots 0 to the highest in use; a free slot among them decodes token 0 at its position 0,
-        which its next prefill overwrites."""
+        which its next prefill overwrites, and the slot of a prefill under way (in chunks) at the
+        end of what it has fed so far, which its next chunk overwrites."""
         width = max(self.slots) + 1
         slots = np.asarray(self.slots)
         ids = np.zeros((width, 1), np.int64)
         ids[slots] = _token_ids(tokens)
         positions = np.zeros((*position_ids.shape[:-2], width, 1), np.int64)
         positions[..., slots, :] = position_ids
-        total = max(self.lengths.values()) + 1
+        lengths = dict(self.lengths)
+        if self.pending is not None and self.pending < width:
+            lengths[self.pending] = self.prefill.past_length
+        total = max(lengths.values()) + 1
         mask = np.zeros((width, total), np.int64)
         mask[:, 0] = 1
-        for slot, length in self.lengths.items():
+        for slot, length in lengths.items():
             mask[slot, :length + 1] = 1
         if width != self.width:  # rebound only when the call's rows change (it costs a binding per tensor)
             self.decoder.bind_cache(self._pointers(0), width, self.cache)

@@ -71,3 +71,23 @@ def image_block_ids(rows: list[np.ndarray], length: int) -> np.ndarray:
     for block, block_rows in enumerate(rows, start=1):
         ids[0, block_rows] = block
     return ids
+
+
+def chunk_extras(extras: Extras, start: int, end: int) -> dict[str, np.ndarray]:
+    """A prefill's optional inputs for its tokens [start, end): DeepStack planes are per new token
+    ([L, B, S, D]), image block ids cover the past too ([B, P + S])."""
+    chunk = {}
+    if "deepstack_embeds" in extras:
+        chunk["deepstack_embeds"] = extras["deepstack_embeds"][:, :, start:end]
+    if "image_block_ids" in extras:
+        chunk["image_block_ids"] = extras["image_block_ids"][:, :end]
+    return chunk
+
+
+def chunk_ends(block_ids: np.ndarray) -> np.ndarray:
+    """Where a prefill chunk may end, given its bidirectional blocks' ids [S] (`image_block_ids`;
+    zeros for a causal decoder): after any token but one followed by a token of its own block
+    (a block's queries must see the whole block)."""
+    inside = (block_ids[:-1] == block_ids[1:]) & (block_ids[1:] > 0)
+    return np.append(np.flatnonzero(~inside) + 1, len(block_ids))
+

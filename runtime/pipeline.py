@@ -22,7 +22,7 @@ from zspa.pruning.budget import token_budget, validate_keep
 from zspa.runtime.backends import Backend, make_backend
 from zspa.runtime.batching import SoloDecode
 from zspa.runtime.bundle import Bundle
-from zspa.runtime.decoder_inputs import image_block_ids
+from zspa.runtime.decoder_inputs import chunk_ends, chunk_extras, image_block_ids
 from zspa.runtime.deepstack import gather as deepstack_gather
 from zspa.runtime.deepstack import splice as deepstack_splice
 from zspa.runtime.images import DEFAULT_MAX_PIXELS, IMAGE_FORMATS, ImageSource, VisionInput, load_image
@@ -36,7 +36,7 @@ from zspa.runtime.vision_kinds import vision_kind
 from zspa.signing import TrustPolicy
 
 __all__ = ["STAGES", "Encoded", "EncodedImage", "GenerationResult", "GenerationStats", "GenerationStream",
-           "ImageBlock", "Pipeline", "PreparedImage", "Request"]
+           "ImageBlock", "Pipeline", "PrefillChunks", "PreparedImage", "Request"]
 
 
 @dataclass(frozen=True)
@@ -99,6 +99,31 @@ class Encoded:
         arrays = [self.prompt_embeds, *(a for image in self.images for a in (image.kept, image.planes)
                                         if a is not None)]
         return sum(array.nbytes for array in arrays)
+
+
+@dataclass
+class PrefillChunks:
+    """A request's prefill, spliced once and fed in chunks (`Pipeline.prefill_chunk`): what lets
+    the service run a long prompt between decode steps instead of stalling every running row for
+    all of it (vLLM's chunked prefill)."""
+
+    request: Request
+    sequence: np.ndarray  # [1, S, H] the prompt's embeddings with each image's kept tokens spliced in
+    positions: np.ndarray  # [1, S] or [3, 1, S]
+    extras: dict[str, np.ndarray]  # the decoder's optional inputs for the whole prefill
+    ends: np.ndarray  # where a chunk may end, ascending, the last S
+    stats: GenerationStats
+    kept_indices: np.ndarray
+    fed: int = 0
+    logits: np.ndarray | None = None  # of the last chunk fed
+
+    @property
+    def length(self) -> int:
+        return self.sequence.shape[1]
+
+    @property
+    def done(self) -> bool:
+        return self.fed == self.length
 
 
 @dataclass(frozen=True)
@@ -322,6 +347,14 @@ class Pipeline:
         """Splices each image's kept tokens into the prompt and prefills, on `self.decoder` (whose
         KV cache then holds this request alone), encoding it first unless `encode` did; returns its
         sequence and the first token's logits [V]."""
+        chunks = self.start_prefill(request)
+        self.prefill_chunk(chunks, chunks.length)
+        return self.finish_prefill(chunks)
+
+    def start_prefill(self, request: Request) -> PrefillChunks:
+        """Splices the request (encoding it first unless `encode` did) and resets `self.decoder`
+        for it; `prefill_chunk` then feeds it, a chunk at a time if the caller wants (the service
+        interleaves chunks with decode steps), and `finish_prefill` makes its sequence."""
         built = request.prompt
         encoded = request.encoded or self._encode(request)
         stats = dataclasses.replace(encoded.stats, timings_ms=dict(encoded.stats.timings_ms),
@@ -331,41 +364,63 @@ class Pipeline:
         pieces, rows, kept_planes, image_kept, view_kept = [], [], [], [], []
         placeholders = iter(built.image_positions)
         previous, length = 0, 0
-        for block, image in zip(request.images, encoded.images):
-            image_kept.append(image.kept_indices)
-            # An image of several views is pruned as one pool; each view's kept tokens go to its own block.
-            per_view = block.num_tokens // block.image.vision_input.views
-            for view in range(block.image.vision_input.views):
-                at = next(placeholders)
-                in_view = (image.kept_indices >= view * per_view) & (image.kept_indices < (view + 1) * per_view)
-                pieces += [prompt_embeds[:, previous:at], image.kept[:, in_view]]
-                length += at - previous
-                rows.append(length + np.arange(int(in_view.sum())))
-                length += len(rows[-1])
-                if image.planes is not None:
-                    kept_planes.append(image.planes[:, :, in_view])
-                view_kept.append(image.kept_indices[in_view] - view * per_view)
-                previous = at + 1
         with _Timer(timings, "prefill"):
+            for block, image in zip(request.images, encoded.images):
+                image_kept.append(image.kept_indices)
+                # An image of several views is pruned as one pool; each view's kept tokens go to its own block.
+                per_view = block.num_tokens // block.image.vision_input.views
+                for view in range(block.image.vision_input.views):
+                    at = next(placeholders)
+                    in_view = (image.kept_indices >= view * per_view) & (image.kept_indices < (view + 1) * per_view)
+                    pieces += [prompt_embeds[:, previous:at], image.kept[:, in_view]]
+                    length += at - previous
+                    rows.append(length + np.arange(int(in_view.sum())))
+                    length += len(rows[-1])
+                    if image.planes is not None:
+                        kept_planes.append(image.planes[:, :, in_view])
+                    view_kept.append(image.kept_indices[in_view] - view * per_view)
+                    previous = at + 1
             pieces.append(prompt_embeds[:, previous:])
             sequence = np.concatenate(pieces, axis=1)
-            extras = {"image_block_ids": image_block_ids(rows, sequence.shape[1])}
+            block_ids = image_block_ids(rows, sequence.shape[1])
+            extras = {"image_block_ids": block_ids}
             if kept_planes:
                 extras["deepstack_embeds"] = deepstack_splice(np.concatenate(kept_planes, axis=2),
                                                               np.concatenate(rows), sequence.shape[1])
             positions = prefill_positions(built.text_runs, view_kept,
                                           [grid for block in request.images for grid in block.view_grids],
                                           self.positions, self.kind.mrope)
-            stats.prompt_tokens = sequence.shape[1]
             self.decoder.reset()
-            logits = self.decoder.step(sequence, np.ones((1, sequence.shape[1]), np.int64), positions[..., None, :],
-                                       extras)
+        stats.prompt_tokens = sequence.shape[1]
         starts = np.cumsum([0, *(block.num_tokens for block in request.images)])
         kept_indices = np.concatenate([np.zeros(0, np.int64),
                                        *(start + kept for start, kept in zip(starts, image_kept))])
-        answer = Sequence(stats, kept_indices, request.params, request.limits, self.prompts.decode,
-                          int(positions.max()) + 1, request.started, request.logprobs)
-        return answer, logits[0]
+        bidirectional = block_ids[0] if self.bundle.manifest.decoder.image_blocks else np.zeros_like(block_ids[0])
+        return PrefillChunks(request, sequence, positions[..., None, :], extras, chunk_ends(bidirectional), stats,
+                             kept_indices)
+
+    def prefill_chunk(self, chunks: PrefillChunks, budget: int) -> int:
+        """Feeds the next chunk of `chunks` to `self.decoder`: as many tokens as fit in `budget`,
+        ending where a chunk may end (never inside an image block, whose tokens see each other),
+        at least one such chunk; returns how many tokens it fed."""
+        start = chunks.fed
+        fits = chunks.ends[(chunks.ends > start) & (chunks.ends <= start + max(budget, 1))]
+        end = int(fits[-1]) if len(fits) else int(chunks.ends[chunks.ends > start][0])
+        with _Timer(chunks.stats.timings_ms, "prefill"):
+            chunks.logits = self.decoder.step(chunks.sequence[:, start:end], np.ones((1, end), np.int64),
+                                              chunks.positions[..., start:end],
+                                              chunk_extras(chunks.extras, start, end))
+        chunks.fed = end
+        return end - start
+
+    def finish_prefill(self, chunks: PrefillChunks) -> tuple[Sequence, np.ndarray]:
+        """The request's sequence and its first token's logits [V], once every chunk is fed."""
+        if not chunks.done:
+            raise InvalidInputError(f"the prefill has fed {chunks.fed} of its {chunks.length} tokens")
+        request = chunks.request
+        answer = Sequence(chunks.stats, chunks.kept_indices, request.params, request.limits, self.prompts.decode,
+                          int(chunks.positions.max()) + 1, request.started, request.logprobs)
+        return answer, chunks.logits[0]
 
     def _vision(self, image: PreparedImage, stats: GenerationStats) -> np.ndarray:
         """The vision outputs [1 + L, N, D] of one image (image_features, then any DeepStack

@@ -147,6 +147,7 @@ class TrtDecoder(_EngineRunner):
     def __init__(self, trt, engine, device: _Device, spec: DecoderSpec, capacity: int,
                  embed: TrtGraph | None = None):
         super().__init__(trt, engine, device)
+        self.transfers = device.transfers
         self.embedder = _EngineRunner(trt, embed.engine, device) if embed is not None else None
         self.spec, self.capacity, self.past_length = spec, capacity, 0
         self.past_names, self.present_names = spec.past_names, spec.present_names

@@ -32,15 +32,18 @@ def images(photo_path, rgba_png_path):
     return {"photo": photo, "rgba": rgba, "both": [photo, rgba]}
 
 
-async def _serve(pipeline, images, requests, max_batch: int, max_prefill_tokens: int = 512) -> tuple[list, list[int]]:
+async def _serve(pipeline, images, requests, max_batch: int, max_prefill_tokens: int = 512,
+                 events: list | None = None) -> tuple[list, list[int]]:
     """Submits every request at once to a scheduler of `max_batch`; returns each one's final event
-    and the batch size of every decoder step."""
+    and the batch size of every decoder step (also appended to `events` as ("step", size, None))."""
     scheduler = Scheduler(pipeline, 64, ServerMetrics(), max_batch, max_prefill_tokens)
     sizes = []
     step = scheduler._rows.step
 
     def counted(tokens, position_ids):
         sizes.append(len(tokens))
+        if events is not None:
+            events.append(("step", len(tokens), None))
         return step(tokens, position_ids)
 
     scheduler._rows.step = counted
@@ -265,14 +268,47 @@ def test_a_slot_cache_too_large_for_the_device_is_refused_clearly(shared_pipelin
         decode_rows(shared_pipeline.decoder, 10_000_000)
 
 
-def test_a_burst_of_requests_joins_within_the_prefill_budget(pipeline, images):
-    """--max-prefill-tokens: with a budget under one prompt, one request joins per step (the rows
-    already decoding wait one prefill, not seven); with 512, the first request's prompt leaves room
-    for the second, which spends the rest, so two join before the first step."""
-    finals, sizes = asyncio.run(_serve(pipeline, images, REQUESTS, max_batch=3, max_prefill_tokens=1))
-    assert sizes[:3] == [1, 2, 3] and all(kind == "done" for (kind, _), _ in finals)
-    first, second = (pipeline.request(images[image], question, **options).prefill_tokens
-                     for image, question, options in REQUESTS[:2])
-    assert first < 512 <= first + second
-    _, sizes = asyncio.run(_serve(pipeline, images, REQUESTS, max_batch=3))
-    assert sizes[0] == 2
+def _chunked_prefills_answer_as_alone(pipeline, images, monkeypatch, budget: int) -> None:
+    """--max-prefill-tokens: between two decode steps at most `budget` prompt tokens are fed, a
+    longer prompt in chunks with steps of the running rows between them; every answer, of the
+    rows decoding meanwhile and of the chunked prompts, equals the request's answer alone."""
+    events, prefilling = [], []  # kept alive, so each prefill's id stays its own
+    chunk = pipeline.prefill_chunk
+
+    def counted(chunks, allowed):
+        fed = chunk(chunks, allowed)
+        events.append(("chunk", fed, id(chunks)))
+        prefilling.append(chunks)
+        return fed
+
+    monkeypatch.setattr(pipeline, "prefill_chunk", counted)
+    finals, _ = asyncio.run(_serve(pipeline, images, REQUESTS, max_batch=3, max_prefill_tokens=budget, events=events))
+    monkeypatch.undo()
+    prefills = {key for kind, _, key in events if kind == "chunk"}
+    spans = [[i for i, event in enumerate(events) if event[2] == key] for key in prefills]
+    assert len(prefills) == len(REQUESTS)
+    assert any(events[i][0] == "step" for span in spans for i in range(span[0], span[-1]))  # rows decoded between
+    last_chunks = {span[-1] for span in spans}
+    waits, fed, joined = [], 0, 0  # what rows already decoding waited for between two of their steps
+    for index, (kind, count, _) in enumerate(events):
+        if kind == "chunk":
+            fed, joined = fed + count, joined + (index in last_chunks)
+            continue
+        if count > joined:  # some of this step's rows were decoding before the gap
+            waits.append(fed)
+        fed, joined = 0, 0
+    assert 0 < max(waits) <= budget
+    for (image, question, options), ((kind, result), streamed) in zip(REQUESTS, finals):
+        assert kind == "done", result
+        alone = pipeline.generate(images[image], question, **options)
+        assert result.token_ids == alone.token_ids and result.text == streamed, (question, options)
+
+
+def test_prefill_runs_in_chunks_within_the_budget(pipeline, images, monkeypatch):
+    _chunked_prefills_answer_as_alone(pipeline, images, monkeypatch, budget=32)
+
+
+def test_a_slot_cache_prefills_in_chunks_beside_decoding_rows(shared_pipeline, images, monkeypatch):
+    """The slot of a prefill under way sits among decoding slots: a step writes its dummy token
+    where the next chunk goes, so the chunks already fed stay intact."""
+    _chunked_prefills_answer_as_alone(shared_pipeline, images, monkeypatch, budget=32)

@@ -132,6 +132,27 @@ def test_two_images_with_crops_reproduce_hf_generate(gemma3_hf, gemma3_pipeline,
     assert result.stats.visual_tokens_total == 4 * TOKENS
 
 
+@pytest.mark.parametrize("keep", [1.0, 0.25])
+def test_a_chunked_prefill_never_cuts_an_image_block(gemma3_pipeline, photo, keep):
+    """Chunks end only between blocks (a block's queries see the whole block): fed 16 tokens at
+    a time, the first logits equal a prefill in one piece, though a block is longer than 16."""
+    pipeline = gemma3_pipeline
+    request = pipeline.encode(pipeline.request(photo.resize((900, 400)), QUESTION, keep=keep, max_new_tokens=2))
+    _, whole = pipeline.prefill(request)
+    chunks = pipeline.start_prefill(request)
+    fed = []
+    while not chunks.done:
+        fed.append(pipeline.prefill_chunk(chunks, 16))
+    _, chunked = pipeline.finish_prefill(chunks)
+    block_ids = chunks.extras["image_block_ids"][0]
+    ends = np.cumsum(fed)
+    assert all(e == len(block_ids) or block_ids[e] == 0 or block_ids[e] != block_ids[e - 1] for e in ends)
+    longest = max(np.bincount(block_ids)[1:])
+    assert longest > 16 and max(fed) >= longest  # the longest block went in one chunk, over the budget
+    assert len(fed) > 3
+    np.testing.assert_allclose(chunked, whole, rtol=0, atol=1e-4)
+
+
 def test_a_causal_only_decoder_is_wrong_at_the_image_rows(gemma3_hf, gemma3_pipeline, photo):
     """transformers' `token_type_ids` mask opens each image block both ways; without it (a causal
     decoder, or image_block_ids all zero) the logits move, and ours follow the bidirectional ones."""

@@ -1,9 +1,11 @@
 """One pipeline, one worker thread, a bounded queue in front of it: continuous batching.
 
 Up to `max_batch` requests decode together, one decoder call per step (`runtime/batching.py`).
-Between steps the worker admits waiting requests (each runs its own vision, pruning and
-prefill, then joins the batch) and drops rows that are done, stopped or cancelled; the others
-never wait for them. The queue bounds how many may wait (past it the service answers 429); each
+Between steps the worker feeds at most `max_prefill_tokens` of prompts (a waiting request's
+prefill, cut in chunks where it is longer: vLLM's chunked prefill; its vision stage ran in its
+own thread, `Pipeline.encode`), lets a request whose prefill is complete join the batch, and
+drops rows that are done, stopped or cancelled; the others never wait for them longer than one
+budget of prefill. The queue bounds how many may wait (past it the service answers 429); each
 job carries a cancel flag that a disconnect or a timeout sets, checked every step. Events go
 back to the request's event loop with `call_soon_threadsafe`.
 """
@@ -23,7 +25,7 @@ from PIL import Image
 
 from zspa.errors import ZspaError
 from zspa.runtime.batching import decode_rows
-from zspa.runtime.pipeline import Pipeline, Request
+from zspa.runtime.pipeline import Pipeline, PrefillChunks, Request
 from zspa.runtime.sequence import Sequence
 from zspa.runtime.server.errors import INTERNAL, APIError, from_zspa_error
 from zspa.runtime.server.image_memory import ImageMemory
@@ -91,13 +93,21 @@ class _Row:
     admitted: float
 
 
+@dataclass
+class _Admission:
+    """A job whose prefill is under way, a chunk per scheduler iteration."""
+
+    job: Job
+    chunks: PrefillChunks
+
+
 class Scheduler:
     def __init__(self, pipeline: Pipeline, max_queue: int, metrics: ServerMetrics, max_batch: int = 1,
                  max_prefill_tokens: int = 512):
         self.pipeline = pipeline
         self.metrics = metrics
         self.max_batch = max_batch
-        self.max_prefill_tokens = max_prefill_tokens  # admitted between two steps, at least one request
+        self.max_prefill_tokens = max_prefill_tokens  # of prompts fed between two steps (at least one chunk)
         self._rows = decode_rows(pipeline.decoder, max_batch)  # refuses a bundle that cannot batch, at start-up
         self._queue: queue.Queue[Job | None] = queue.Queue(maxsize=max_queue)
         self._thread = threading.Thread(target=self._work, name="zspa-pipeline", daemon=True)
@@ -153,56 +163,84 @@ class Scheduler:
             self.failure = f"warm-up failed: {exc}"
             return
         rows: list[_Row] = []
+        admission: _Admission | None = None  # one prefill under way at a time
         stopping = False
-        while rows or not stopping:
+        while rows or admission or not stopping:
             budget = self.max_prefill_tokens
-            while not stopping and len(rows) < self.max_batch and budget > 0:
-                try:
-                    job = self._queue.get(block=not rows)  # wait only when nothing is decoding
-                except queue.Empty:
-                    break
-                self.metrics.queue_depth.set(self.depth)
-                if job is None:
-                    stopping = True
-                else:
-                    budget -= job.request.prefill_tokens if job.request is not None else 0
-                    if (row := self._admit(job)) is not None:
-                        rows.append(row)
+            while budget > 0:
+                if admission is None:
+                    if stopping or len(rows) >= self.max_batch:
+                        break
+                    try:
+                        job = self._queue.get(block=not rows)  # wait only when nothing is decoding
+                    except queue.Empty:
+                        break
+                    self.metrics.queue_depth.set(self.depth)
+                    if job is None:
+                        stopping = True
+                        continue
+                    admission = self._admit(job)
+                    if admission is None:
+                        continue
+                fed, row, admission = self._prefill(admission, budget)
+                budget -= max(fed, 1)
+                if row is not None:
+                    rows.append(row)
             self.metrics.running.set(len(rows))
             if rows:
                 rows = self._step(rows)
                 self.metrics.running.set(len(rows))
 
-    def _admit(self, job: Job) -> _Row | None:
-        """Vision, pruning and prefill for a waiting job, then its first token; it joins the batch
-        unless that token already ends it."""
+    def _admit(self, job: Job) -> _Admission | None:
+        """Starts a waiting job's prefill (its vision stage is done, or runs here): splices its
+        prompt and binds the prefill to a free cache slot; None if it ended instead."""
         try:
-            return self._prefill(job)
-        finally:
-            job.drop_images()
-
-    def _prefill(self, job: Job) -> _Row | None:
-        if job.cancelled.is_set():
-            self.metrics.cancelled.labels(job.cancel_reason).inc()
-            return None
-        if self._cut is not None:
-            job.emit("error", self._cut)
-            return None
-        self.metrics.queue_wait.observe(time.monotonic() - job.arrived)
-        try:
+            if job.cancelled.is_set():
+                self.metrics.cancelled.labels(job.cancel_reason).inc()
+                return None
+            if self._cut is not None:
+                job.emit("error", self._cut)
+                return None
+            self.metrics.queue_wait.observe(time.monotonic() - job.arrived)
             self._rows.prepare(self.pipeline.decoder)  # a slot cache binds the prefill to a free slot
-            answer, logits = self.pipeline.prefill(job.request)
-            job.emit("started")
-            row = _Row(job, answer, time.monotonic())
-            if self._take(row, logits):
-                self._rows.add(self.pipeline.decoder)
-                return row
+            return _Admission(job, self.pipeline.start_prefill(job.request))
         except ZspaError as exc:
             job.emit("error", from_zspa_error(exc, "messages"))
         except Exception:
             log.exception("generation failed")
             job.emit("error", INTERNAL)
+        finally:
+            job.drop_images()  # the spliced prompt is all its prefill needs now
         return None
+
+    def _prefill(self, admission: _Admission, budget: int) -> tuple[int, _Row | None, _Admission | None]:
+        """Feeds the next chunk of `admission`'s prefill within `budget` tokens; once the prompt is
+        complete, its first token, and the row joins the batch unless that token already ends it.
+        Returns the tokens fed, the row that joined, and the admission if its prefill goes on."""
+        job = admission.job
+        if job.cancelled.is_set():
+            self.metrics.cancelled.labels(job.cancel_reason).inc()
+            return 0, None, None
+        if self._cut is not None:
+            job.emit("error", self._cut)
+            return 0, None, None
+        try:
+            fed = self.pipeline.prefill_chunk(admission.chunks, budget)
+            if not admission.chunks.done:
+                return fed, None, admission
+            answer, logits = self.pipeline.finish_prefill(admission.chunks)
+            job.emit("started")
+            row = _Row(job, answer, time.monotonic())
+            if self._take(row, logits):
+                self._rows.add(self.pipeline.decoder)
+                return fed, row, None
+            return fed, None, None
+        except ZspaError as exc:
+            job.emit("error", from_zspa_error(exc, "messages"))
+        except Exception:
+            log.exception("generation failed")
+            job.emit("error", INTERNAL)
+        return 0, None, None
 
     def _step(self, rows: list[_Row]) -> list[_Row]:
         """One decoder call for every row; returns the rows that go on."""

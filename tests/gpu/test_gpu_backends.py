@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import onnxruntime as ort
 import pytest
+from decode_step import check_decode_step
 
 from zspa.runtime.pipeline import Pipeline
 
@@ -24,3 +25,4 @@ def test_gpu_backend_matches_cpu(bundle_copy, photo_path, backend, provider):
     np.testing.assert_allclose(gpu.first_token_logits, cpu.first_token_logits, atol=1e-3, rtol=1e-3)
     if backend == "ort-trt":
         assert any((bundle_copy / "engines" / "ort-trt").iterdir())  # engines cached for the next start
+    check_decode_step(gpu_pipeline, Pipeline.load(bundle_copy), photo_path)

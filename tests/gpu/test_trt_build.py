@@ -53,3 +53,6 @@ def test_trt_backend_answers_like_onnxruntime(prefix, context, photo_path, tmp_p
     assert trt_pipeline.providers[0].startswith("TensorRT")
     np.testing.assert_array_equal(result.kept_indices, reference.kept_indices)  # fp32 pruner engine
     np.testing.assert_allclose(result.first_token_logits, reference.first_token_logits, atol=1e-3, rtol=1e-3)
+    from decode_step import check_decode_step
+
+    check_decode_step(trt_pipeline, Pipeline.load(bundle, max_context=context), photo_path)
