@@ -7,7 +7,8 @@ round, over `--rounds`. Each is loaded with streaming requests at every
 `--max-tokens`), and the script prints, per side and concurrency, time to first token p50/p99
 (at the client, queueing included), inter-token latency p50/p99 (the gaps between one answer's
 streamed chunks, at the client), generated tokens/s and errors, as median (min–max) over
-rounds, then the tokens/s ratio between the sides. Default: tiny-random-llava (576 visual
+rounds, then each server's resident memory once warm and its peak under the load as a multiple
+of it (joins included; Linux /proc), and the tokens/s ratio between the sides. Default: tiny-random-llava (576 visual
 tokens) exported at keep 0.1; `--model llava-shaped` is the speed benchmarks' random-weight
 LLaVA-1.5-shaped model (576 visual tokens, a 1024 x 8 decoder: benchmarks/llava_shaped.py).
 
@@ -145,10 +146,20 @@ def _measure(urls: dict[int, str], args: argparse.Namespace) -> dict[int, list[d
     return rounds
 
 
-def _servers(bundle: Path, args: argparse.Namespace, logs: Path, stack: contextlib.ExitStack) -> dict[int, str]:
-    """One server process per side (`--max-batch`), started, ready and warmed up; an idle one costs
-    the other nothing measurable (its worker blocks on an empty queue)."""
-    urls = {}
+def _memory_mb(pid: int, field: str) -> float:
+    """A /proc/PID/status memory field (VmRSS: resident now; VmHWM: resident peak) in MB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    raise KeyError(field)
+
+
+def _servers(bundle: Path, args: argparse.Namespace, logs: Path,
+             stack: contextlib.ExitStack) -> tuple[dict[int, str], dict[int, tuple[int, float]]]:
+    """One server process per side (`--max-batch`), started, ready and warmed up (an idle one costs
+    the other nothing measurable: its worker blocks on an empty queue); their URLs, and each one's
+    pid and resident MB once warm (model, preallocated cache, arenas), its peak reset there."""
+    urls, ready = {}, {}
     for side in args.batches:
         server = stack.enter_context(running_server(
             bundle, logs / f"server-{side}.log", "--served-model-name", "bench", "--max-batch", str(side),
@@ -157,7 +168,9 @@ def _servers(bundle: Path, args: argparse.Namespace, logs: Path, stack: contextl
             "--max-queue", str(max(args.concurrency) * args.requests_per_slot), "--log-level", "warning"))
         urls[side] = f"{server.url}/v1/chat/completions"
         asyncio.run(_load(urls[side], _bodies(args, 4), 4))  # untimed: first calls at new batch shapes
-    return urls
+        Path(f"/proc/{server.process.pid}/clear_refs").write_text("5")  # VmHWM := VmRSS (Linux ≥ 4.0)
+        ready[side] = server.process.pid, _memory_mb(server.process.pid, "VmRSS")
+    return urls, ready
 
 
 def main() -> None:
@@ -195,7 +208,9 @@ def main() -> None:
             bundle = Path(tmp) / "bundle"
             export_bundle(ExportOptions(args.model, bundle, keeps=[args.keep], kv_cache=args.kv_cache, progress=False))
         with contextlib.ExitStack() as stack:
-            rounds = _measure(_servers(bundle, args, Path(tmp), stack), args)
+            urls, ready = _servers(bundle, args, Path(tmp), stack)
+            rounds = _measure(urls, args)
+            peaks = {side: _memory_mb(pid, "VmHWM") / rss for side, (pid, rss) in ready.items()}
     size = "x".join(map(str, args.image_size or Image.open(IMAGE).size))
     images = f"{size} images, " + ("one for all (vision-cache hits)" if args.same_image else "a distinct one each")
     print(f"\n{bundle.name if args.bundle else f'{args.model} ({args.kv_cache} KV cache)'}, keep {args.keep:g}, "
@@ -212,6 +227,9 @@ def main() -> None:
                   f"{_spread([r['ttft_p99'] for r in runs]):>22} {_spread([r['itl_p50'] for r in runs], 1):>18} "
                   f"{_spread([r['itl_p99'] for r in runs], 1):>20} {_spread([r['tokens_per_s'] for r in runs]):>22} "
                   f"{sum(r['errors'] for r in runs):>6}")
+    for side, (_, rss) in ready.items():
+        print(f"--max-batch {side}: resident {rss:.0f} MB when warm (model, cache, arenas); "
+              f"peak under load {peaks[side]:.2f}x that")
     base = args.batches[0]
     for batched in args.batches[1:]:
         for concurrency in args.concurrency:

@@ -32,7 +32,7 @@ def images(photo_path, rgba_png_path):
     return {"photo": photo, "rgba": rgba, "both": [photo, rgba]}
 
 
-async def _serve(pipeline, images, requests, max_batch: int, max_prefill_tokens: int = 512,
+async def _serve(pipeline, images, requests, max_batch: int, max_prefill_tokens: int = 128,
                  events: list | None = None) -> tuple[list, list[int]]:
     """Submits every request at once to a scheduler of `max_batch`; returns each one's final event
     and the batch size of every decoder step (also appended to `events` as ("step", size, None))."""

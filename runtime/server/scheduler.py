@@ -103,7 +103,7 @@ class _Admission:
 
 class Scheduler:
     def __init__(self, pipeline: Pipeline, max_queue: int, metrics: ServerMetrics, max_batch: int = 1,
-                 max_prefill_tokens: int = 512):
+                 max_prefill_tokens: int = 128):
         self.pipeline = pipeline
         self.metrics = metrics
         self.max_batch = max_batch

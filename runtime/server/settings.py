@@ -21,9 +21,10 @@ class ServerSettings:
     metrics_key: str | None = None  # when set, /metrics needs 'Authorization: Bearer <metrics key>'
     max_queue: int = 64  # requests waiting for the pipeline; past it, 429
     max_batch: int | None = None  # rows decoding together; None: DEFAULT_MAX_BATCH where the bundle can batch, else 1
-    # Prompt tokens admitted (prefilled) between two decode steps, at least one request: while rows
-    # decode, a burst of arrivals joins over several steps instead of stalling every row at once.
-    max_prefill_tokens: int = 512
+    # Prompt tokens fed between two decode steps, a longer prompt in chunks: while rows decode, a
+    # long prompt or a burst of arrivals costs them this much prefill per step, not whole prompts
+    # (serve_load, LLaVA-shaped: 512 → 128 cut the p99 gap between two tokens by a third).
+    max_prefill_tokens: int = 128
     request_timeout_s: float = 300.0  # queueing plus generation
     max_body_bytes: int = 32 * MiB
     max_image_bytes: int = 20 * MiB

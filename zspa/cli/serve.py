@@ -50,8 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="requests decoding together, one decoder call per step (continuous batching); "
                              "default 8 where the bundle can batch (portable decoder on onnxruntime), else 1")
     limits.add_argument("--max-prefill-tokens", type=int, default=defaults.max_prefill_tokens,
-                        help="prompt tokens admitted between two decode steps (at least one request), so a burst of "
-                             "new requests joins over several steps while the running ones keep decoding")
+                        help="prompt tokens fed between two decode steps, a longer prompt in chunks (chunked prefill), "
+                             "so running requests wait at most this much prefill per token (default: %(default)s)")
     limits.add_argument("--request-timeout", type=float, default=defaults.request_timeout_s,
                         help="seconds a request may take, queueing included; past it, 504")
     limits.add_argument("--max-body-bytes", type=int, default=defaults.max_body_bytes)
