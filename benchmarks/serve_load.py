@@ -10,7 +10,9 @@ streamed chunks, at the client), generated tokens/s and errors, as median (minâ€
 rounds, then each server's resident memory once warm and its peak under the load as a multiple
 of it (joins included; Linux /proc), and the tokens/s ratio between the sides. Default: tiny-random-llava (576 visual
 tokens) exported at keep 0.1; `--model llava-shaped` is the speed benchmarks' random-weight
-LLaVA-1.5-shaped model (576 visual tokens, a 1024 x 8 decoder: benchmarks/llava_shaped.py).
+LLaVA-1.5-shaped model (576 visual tokens, a 1024 x 8 decoder: benchmarks/llava_shaped.py), and
+`--model qwen2.5-vl-shaped` family_ttft.py's Qwen2.5-VL-shaped one (a 256 x 4 windowed tower, the
+same decoder; 576 visual tokens at `--image-size 672x672`).
 
     python benchmarks/serve_load.py --batches 1,8 --concurrency 1,8,32,64 --rounds 3
     python benchmarks/serve_load.py --model llava-shaped --kv-cache shared --max-context 1024 \
@@ -39,6 +41,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 from zspa.cli.common import int_list  # noqa: E402
 
+from family_ttft import save_model  # noqa: E402
 from llava_shaped import build_llava_shaped  # noqa: E402
 from machine import describe_machine  # noqa: E402
 from serving import chat_body, data_url, running_server  # noqa: E402 (the tests' server launcher)
@@ -176,7 +179,8 @@ def _servers(bundle: Path, args: argparse.Namespace, logs: Path,
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="tiny-random-llava",
-                        help="built-in model to export at --keep, or llava-shaped (benchmarks/llava_shaped.py)")
+                        help="built-in model to export at --keep, or llava-shaped / qwen2.5-vl-shaped (random-weight "
+                             "models with a 1024 x 8 decoder, built here)")
     parser.add_argument("--bundle", type=Path, default=None, help="an exported bundle instead of --model")
     parser.add_argument("--keep", type=float, default=0.1)
     parser.add_argument("--kv-cache", choices=["concat", "shared"], default="concat",
@@ -205,8 +209,12 @@ def main() -> None:
         elif bundle is None:
             from zspa.export.exporter import ExportOptions, export_bundle
 
+            model = args.model
+            if model == "qwen2.5-vl-shaped":
+                model = str(Path(tmp) / "qwen2.5-vl-shaped-model")
+                save_model(Path(model), "qwen2_5_vl", text_hidden=1024, text_layers=8)
             bundle = Path(tmp) / "bundle"
-            export_bundle(ExportOptions(args.model, bundle, keeps=[args.keep], kv_cache=args.kv_cache, progress=False))
+            export_bundle(ExportOptions(model, bundle, keeps=[args.keep], kv_cache=args.kv_cache, progress=False))
         with contextlib.ExitStack() as stack:
             urls, ready = _servers(bundle, args, Path(tmp), stack)
             rounds = _measure(urls, args)

@@ -5,9 +5,10 @@ from __future__ import annotations
 import numpy as np
 import onnxruntime as ort
 import pytest
-from decode_step import check_decode_step
 
 from zspa.runtime.pipeline import Pipeline
+
+from decode_step import check_decode_step
 
 AVAILABLE = ort.get_available_providers()
 
