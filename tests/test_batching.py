@@ -263,6 +263,54 @@ def test_the_portable_decoders_join_copies_the_cache_through_the_host(pipeline, 
     assert received == 2 * pipeline.bundle.manifest.decoder.vocab_size * 4  # a step moves no cache either
 
 
+def test_a_request_cancelled_mid_prefill_stops_and_frees_its_slot(shared_pipeline, images, monkeypatch):
+    """A client that leaves while its long prompt is being fed in chunks: its prefill stops at the
+    next chunk and nothing is sent to it; the next request prefills into the freed slot beside a
+    row that is decoding, and both answer as they would alone."""
+    requests = [("photo", "Why?", {"keep": 0.1, "max_new_tokens": 24, "ignore_eos": True}),
+                ("rgba", "Describe it.", {"keep": 1.0, "max_new_tokens": 4}),  # unpruned, the long one: cancelled
+                ("photo", "Who is this?", {"keep": 0.25, "max_new_tokens": 6})]
+    metrics, chunk, long_chunks = ServerMetrics(), shared_pipeline.prefill_chunk, []
+
+    async def scenario() -> tuple[list, list]:
+        loop = asyncio.get_running_loop()
+        jobs = [Job(shared_pipeline.request(images[image], question, **options), options["keep"], "zspa", True, loop)
+                for image, question, options in requests]
+
+        long_request = jobs[1].request
+
+        def counted(chunks, allowed):
+            fed = chunk(chunks, allowed)
+            if chunks.request is long_request:
+                long_chunks.append(fed)
+                if len(long_chunks) == 2:
+                    jobs[1].cancel("disconnect")
+            return fed
+
+        monkeypatch.setattr(shared_pipeline, "prefill_chunk", counted)
+        scheduler = Scheduler(shared_pipeline, 8, metrics, 2, max_prefill_tokens=16)
+        scheduler.start(warmup=False)
+        for job in jobs:
+            scheduler.submit(job)
+        finals = [await _final(jobs[0]), await _final(jobs[2])]
+        scheduler.stop()
+        return finals, [jobs[1].events.get_nowait()[0] for _ in range(jobs[1].events.qsize())]
+
+    finals, sent_to_cancelled = asyncio.run(scenario())
+    monkeypatch.undo()
+    assert len(long_chunks) == 2 and max(long_chunks) <= 16 and sent_to_cancelled == []  # stopped at once, silent
+    assert metrics.registry.get_sample_value("zspa_generations_cancelled_total", {"reason": "disconnect"}) == 1
+    for (image, question, options), (kind, result) in zip([requests[0], requests[2]], finals):
+        assert kind == "done", result
+        assert result.token_ids == shared_pipeline.generate(images[image], question, **options).token_ids
+
+
+async def _final(job: Job) -> tuple:
+    while (event := await asyncio.wait_for(job.events.get(), 120))[0] not in ("done", "error"):
+        pass
+    return event
+
+
 def test_a_slot_cache_too_large_for_the_device_is_refused_clearly(shared_pipeline):
     with pytest.raises(ZspaError, match=r"KV cache of 10000000 slots x 2048 positions needs .* lower --max-batch"):
         decode_rows(shared_pipeline.decoder, 10_000_000)

@@ -26,7 +26,7 @@ class ServerMetrics:
         self.requests = Counter("zspa_http_requests", "HTTP requests by route and status code", ["route", "status"],
                                 registry=r)
         self.queue_depth = Gauge("zspa_queue_depth", "Requests waiting for the pipeline", registry=r)
-        self.running = Gauge("zspa_requests_running", "Requests the pipeline is generating for (0 or 1)", registry=r)
+        self.running = Gauge("zspa_requests_running", "Requests decoding in the batch", registry=r)
         self.cancelled = Counter("zspa_generations_cancelled", "Generations stopped early, by reason", ["reason"],
                                  registry=r)
         self.queue_wait = Histogram("zspa_queue_wait_seconds", "Time from arrival to the pipeline starting",
