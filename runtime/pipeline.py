@@ -140,11 +140,6 @@ class Request:
     encoded: Encoded | None = None  # set by `Pipeline.encode`, which also drops the preprocessed pixels
 
     @property
-    def prefill_tokens(self) -> int:
-        """What its prefill feeds the decoder: the prompt's text and each image's kept tokens."""
-        return sum(self.prompt.text_runs) + sum(block.kept_count for block in self.images)
-
-    @property
     def image_bytes(self) -> int:
         """What it holds for its images until prefill: the preprocessed images, or once encoded
         the kept tokens (and the prompt's embeddings)."""

@@ -43,7 +43,7 @@ class _Device:
         return check(self.rt.cudaMallocHost(max(nbytes, 1)))
 
     def to_device(self, pointer: int, staged: np.ndarray) -> None:
-        """Copies `staged` (page-locked: a `_Staging` view) to `pointer`, in stream order."""
+        """Copies `staged` (page-locked: an `_EngineRunner.staging` view) to `pointer`, in stream order."""
         kind = self.rt.cudaMemcpyKind.cudaMemcpyHostToDevice
         self.transfers.sent(staged)
         check(self.rt.cudaMemcpyAsync(pointer, staged.ctypes.data, staged.nbytes, kind, self.stream))

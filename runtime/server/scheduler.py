@@ -13,11 +13,13 @@ back to the request's event loop with `call_soon_threadsafe`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import queue
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -195,20 +197,12 @@ class Scheduler:
         """Starts a waiting job's prefill (its vision stage is done, or runs here): splices its
         prompt and binds the prefill to a free cache slot; None if it ended instead."""
         try:
-            if job.cancelled.is_set():
-                self.metrics.cancelled.labels(job.cancel_reason).inc()
-                return None
-            if self._cut is not None:
-                job.emit("error", self._cut)
+            if self._ended(job):
                 return None
             self.metrics.queue_wait.observe(time.monotonic() - job.arrived)
-            self._rows.prepare(self.pipeline.decoder)  # a slot cache binds the prefill to a free slot
-            return _Admission(job, self.pipeline.start_prefill(job.request))
-        except ZspaError as exc:
-            job.emit("error", from_zspa_error(exc, "messages"))
-        except Exception:
-            log.exception("generation failed")
-            job.emit("error", INTERNAL)
+            with self._errors_to(job):
+                self._rows.prepare(self.pipeline.decoder)  # a slot cache binds the prefill to a free slot
+                return _Admission(job, self.pipeline.start_prefill(job.request))
         finally:
             job.drop_images()  # the spliced prompt is all its prefill needs now
         return None
@@ -218,13 +212,9 @@ class Scheduler:
         complete, its first token, and the row joins the batch unless that token already ends it.
         Returns the tokens fed, the row that joined, and the admission if its prefill goes on."""
         job = admission.job
-        if job.cancelled.is_set():
-            self.metrics.cancelled.labels(job.cancel_reason).inc()
+        if self._ended(job):
             return 0, None, None
-        if self._cut is not None:
-            job.emit("error", self._cut)
-            return 0, None, None
-        try:
+        with self._errors_to(job):
             fed = self.pipeline.prefill_chunk(admission.chunks, budget)
             if not admission.chunks.done:
                 return fed, None, admission
@@ -235,12 +225,30 @@ class Scheduler:
                 self._rows.add(self.pipeline.decoder)
                 return fed, row, None
             return fed, None, None
+        return 0, None, None
+
+    def _ended(self, job: Job) -> bool:
+        """Whether a job waiting for (or in) its prefill is over: cancelled (counted), or cut by a
+        drain that ran out of time (told so)."""
+        if job.cancelled.is_set():
+            self.metrics.cancelled.labels(job.cancel_reason).inc()
+            return True
+        if self._cut is not None:
+            job.emit("error", self._cut)
+            return True
+        return False
+
+    @contextlib.contextmanager
+    def _errors_to(self, job: Job) -> Iterator[None]:
+        """Sends a failure of `job`'s own work to its client (a clear 4xx-style error, or an
+        internal one, logged) and lets the worker go on."""
+        try:
+            yield
         except ZspaError as exc:
             job.emit("error", from_zspa_error(exc, "messages"))
         except Exception:
             log.exception("generation failed")
             job.emit("error", INTERNAL)
-        return 0, None, None
 
     def _step(self, rows: list[_Row]) -> list[_Row]:
         """One decoder call for every row; returns the rows that go on."""
