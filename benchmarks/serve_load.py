@@ -5,8 +5,11 @@ all run at once (the others idle while one is loaded) and take turns at each con
 round, over `--rounds`. Each is loaded with streaming requests at every
 `--concurrency` (concurrency × `--requests-per-slot` requests, each generating exactly
 `--max-tokens`), and the script prints, per side and concurrency, time to first token p50/p99
-(at the client, queueing included), inter-token latency p50/p99 (the gaps between one answer's
-streamed chunks, at the client), generated tokens/s and errors, as median (min–max) over
+(at the client, queueing included), inter-token latency p50/p99 at the client (the gaps between
+one answer's streamed chunks: text the detokenizer holds back, an incomplete UTF-8 character,
+merges tokens into one chunk) and at the server (every token's gap, from the scheduler's
+`zspa_inter_token_latency_seconds` histogram, interpolated within its buckets as Prometheus'
+histogram_quantile does), generated tokens/s and errors, as median (min–max) over
 rounds, then each server's resident memory once warm and its peak under the load as a multiple
 of it (joins included; Linux /proc), and the tokens/s ratio between the sides. Default: tiny-random-llava (576 visual
 tokens) exported at keep 0.1; `--model llava-shaped` is the speed benchmarks' random-weight
@@ -31,11 +34,13 @@ import json
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 
 import aiohttp
 import numpy as np
 from PIL import Image
+from prometheus_client.parser import text_string_to_metric_families
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
@@ -98,6 +103,33 @@ def _summary(results: list[dict], wall_s: float) -> dict:
             "requests_per_s": len(complete) / wall_s}
 
 
+def _token_gap_buckets(url: str) -> dict[float, float]:
+    """The server's `zspa_inter_token_latency_seconds` histogram: cumulative count by upper bound."""
+    base = url.removesuffix("/v1/chat/completions")
+    with urllib.request.urlopen(f"{base}/metrics", timeout=30) as response:
+        text = response.read().decode()
+    family = next(f for f in text_string_to_metric_families(text) if f.name == "zspa_inter_token_latency_seconds")
+    return {float(sample.labels["le"]): sample.value for sample in family.samples if sample.name.endswith("_bucket")}
+
+
+def _bucket_quantile(before: dict[float, float], after: dict[float, float], q: float) -> float:
+    """The q-quantile in ms of what was observed between two scrapes, interpolated linearly within
+    its bucket (Prometheus' histogram_quantile); the highest finite bound if it lies past it."""
+    bounds = sorted(after)
+    counts = [after[b] - before.get(b, 0.0) for b in bounds]
+    if not counts[-1]:
+        return float("nan")
+    rank = q * counts[-1]
+    lower, below = 0.0, 0.0
+    for bound, count in zip(bounds, counts):
+        if count >= rank:
+            if bound == float("inf"):
+                return lower * 1000
+            return (lower + (bound - lower) * (rank - below) / max(count - below, 1e-12)) * 1000
+        lower, below = bound, count
+    return lower * 1000
+
+
 def _spread(values: list[float], digits: int = 0) -> str:
     """Median (min–max) over rounds."""
     return f"{np.median(values):.{digits}f} ({min(values):.{digits}f}–{max(values):.{digits}f})"
@@ -143,8 +175,12 @@ def _measure(urls: dict[int, str], args: argparse.Namespace) -> dict[int, list[d
         for concurrency in args.concurrency:
             count = max(16, concurrency * args.requests_per_slot)
             for side in order:
-                rounds[side][index][concurrency] = _summary(*asyncio.run(_load(urls[side], _bodies(args, count),
-                                                                               concurrency)))
+                before = _token_gap_buckets(urls[side])
+                summary = _summary(*asyncio.run(_load(urls[side], _bodies(args, count), concurrency)))
+                after = _token_gap_buckets(urls[side])
+                summary["server_itl_p50"], summary["server_itl_p99"] = (_bucket_quantile(before, after, q)
+                                                                        for q in (0.5, 0.99))
+                rounds[side][index][concurrency] = summary
         print(f"round {index + 1}: done", flush=True)
     return rounds
 
@@ -226,14 +262,18 @@ def main() -> None:
           f"{f'--max-context {args.max_context}, ' if args.max_context else ''}"
           f"{f'--max-prefill-tokens {args.max_prefill_tokens}, ' if args.max_prefill_tokens else ''}"
           f"{images}, {args.rounds} rounds, median (min–max):")
+    print("ITL: inter-token latency at the client (per streamed chunk) and at the server (per token, bucketed)")
     print(f"{'max-batch':>9} {'conc.':>5} {'TTFT p50 ms':>22} {'TTFT p99 ms':>22} {'ITL p50 ms':>18} "
-          f"{'ITL p99 ms':>20} {'tokens/s':>22} {'errors':>6}")
+          f"{'ITL p99 ms':>20} {'server ITL p50':>18} {'server ITL p99':>20} {'tokens/s':>22} {'errors':>6}")
     for side in args.batches:
         for concurrency in args.concurrency:
             runs = [r[concurrency] for r in rounds[side]]
             print(f"{side:>9} {concurrency:>5} {_spread([r['ttft_p50'] for r in runs]):>22} "
                   f"{_spread([r['ttft_p99'] for r in runs]):>22} {_spread([r['itl_p50'] for r in runs], 1):>18} "
-                  f"{_spread([r['itl_p99'] for r in runs], 1):>20} {_spread([r['tokens_per_s'] for r in runs]):>22} "
+                  f"{_spread([r['itl_p99'] for r in runs], 1):>20} "
+                  f"{_spread([r['server_itl_p50'] for r in runs], 1):>18} "
+                  f"{_spread([r['server_itl_p99'] for r in runs], 1):>20} "
+                  f"{_spread([r['tokens_per_s'] for r in runs]):>22} "
                   f"{sum(r['errors'] for r in runs):>6}")
     for side, (_, rss) in ready.items():
         print(f"--max-batch {side}: resident {rss:.0f} MB when warm (model, cache, arenas); "

@@ -33,10 +33,10 @@ def images(photo_path, rgba_png_path):
 
 
 async def _serve(pipeline, images, requests, max_batch: int, max_prefill_tokens: int = 128,
-                 events: list | None = None) -> tuple[list, list[int]]:
+                 events: list | None = None, metrics: ServerMetrics | None = None) -> tuple[list, list[int]]:
     """Submits every request at once to a scheduler of `max_batch`; returns each one's final event
     and the batch size of every decoder step (also appended to `events` as ("step", size, None))."""
-    scheduler = Scheduler(pipeline, 64, ServerMetrics(), max_batch, max_prefill_tokens)
+    scheduler = Scheduler(pipeline, 64, metrics or ServerMetrics(), max_batch, max_prefill_tokens)
     sizes = []
     step = scheduler._rows.step
 
@@ -151,12 +151,18 @@ def test_shared_kv_rows_batch_on_slots_and_answer_as_alone(shared_pipeline, imag
     from zspa.runtime.batching import SlotDecodeBatch
 
     assert batch_size(shared_pipeline.decoder, None) == 8
-    finals, sizes = asyncio.run(_serve(shared_pipeline, images, REQUESTS, max_batch=3))
+    metrics = ServerMetrics()
+    finals, sizes = asyncio.run(_serve(shared_pipeline, images, REQUESTS, max_batch=3, metrics=metrics))
     assert max(sizes) == 3 and min(sizes) < 3
     for (image, question, options), ((kind, result), streamed) in zip(REQUESTS, finals):
         assert kind == "done", result
         alone = shared_pipeline.generate(images[image], question, **options)
         assert result.token_ids == alone.token_ids and result.text == alone.text == streamed, (question, options)
+    # A gap per row of every step: each token after an answer's first (which prefill gives), and
+    # the end-of-sequence token of an answer that stopped on one (not in its token ids).
+    gaps = metrics.registry.get_sample_value("zspa_inter_token_latency_seconds_count")
+    answered = [len(result.token_ids) for (_, result), _ in finals]
+    assert gaps == sum(sizes) and sum(answered) - len(answered) <= gaps <= sum(answered)
     assert isinstance(decode_rows(shared_pipeline.decoder, 2), SlotDecodeBatch)
 
 

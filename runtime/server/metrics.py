@@ -13,6 +13,9 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 from zspa.runtime.pipeline import STAGES, GenerationStats
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+# A decode step takes milliseconds to tens of them; a gap past a few steps is a row held up.
+_TOKEN_GAP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5,
+                      0.75, 1.0, 2.5, 5.0)
 _RATE_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000)
 
 
@@ -36,6 +39,10 @@ class ServerMetrics:
         self.time_to_first_token = Histogram("zspa_time_to_first_token_seconds",
                                              "From the pipeline starting to the first token",
                                              buckets=_LATENCY_BUCKETS, registry=r)
+        self.inter_token_latency = Histogram(
+            "zspa_inter_token_latency_seconds",
+            "Between two tokens of one answer, at the scheduler: a decode step, and any prefill chunks fed before it",
+            buckets=_TOKEN_GAP_BUCKETS, registry=r)
         self.decode_rate = Histogram("zspa_decode_tokens_per_second", "Decode speed per request",
                                      buckets=_RATE_BUCKETS, registry=r)
         self.keep = Counter("zspa_keep_ratio_requests", "Completed generations by keep ratio and pruning method",

@@ -93,6 +93,7 @@ class _Row:
     job: Job
     answer: Sequence
     admitted: float
+    last_token: float  # when its latest token came (`zspa_inter_token_latency_seconds`)
 
 
 @dataclass
@@ -220,7 +221,8 @@ class Scheduler:
                 return fed, None, admission
             answer, logits = self.pipeline.finish_prefill(admission.chunks)
             job.emit("started")
-            row = _Row(job, answer, time.monotonic())
+            now = time.monotonic()
+            row = _Row(job, answer, now, now)
             if self._take(row, logits):
                 self._rows.add(self.pipeline.decoder)
                 return fed, row, None
@@ -262,8 +264,10 @@ class Scheduler:
                 row.job.emit("error", INTERNAL)
             self._rows.remove(set(range(len(rows))))
             return []
-        ended = set()
+        ended, now = set(), time.monotonic()
         for index, row in enumerate(rows):
+            self.metrics.inter_token_latency.observe(now - row.last_token)
+            row.last_token = now
             row.answer.advance()
             if not self._take(row, logits[index]):
                 ended.add(index)
