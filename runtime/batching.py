@@ -21,6 +21,7 @@ import onnxruntime as ort
 
 from zspa.errors import ZspaError
 from zspa.runtime.backends import DecoderSession, OrtDecoder, OrtSharedKVDecoder
+from zspa.runtime.decoder_inputs import Extras
 
 
 class SoloDecode:
@@ -33,10 +34,19 @@ class SoloDecode:
     def __len__(self) -> int:
         return self.rows
 
-    def prepare(self, decoder: DecoderSession) -> None:
-        """Nothing to do before a prefill: it uses the decoder's own cache."""
+    max_prefills = 1  # the prefill's decoder holds one prompt at a time
 
-    def add(self, prefilled: DecoderSession) -> None:
+    def prepare(self, decoder: DecoderSession) -> int:
+        """Nothing to do before a prefill: it uses the decoder's own cache (slot 0)."""
+        return 0
+
+    def resume(self, slot: int, fed: int) -> None:
+        """Nothing to do: one prefill at a time, on the decoder's own cache."""
+
+    def release(self, slot: int) -> None:
+        """Nothing to do: the next prefill resets the decoder."""
+
+    def add(self, prefilled: DecoderSession, slot: int = 0) -> None:
         if prefilled is not self.decoder or self.rows:
             raise ZspaError("a batch of one takes only the request its own decoder prefilled")
         self.rows = 1
@@ -59,10 +69,19 @@ class DecodeBatch:
     def __len__(self) -> int:
         return len(self.lengths)
 
-    def prepare(self, decoder: DecoderSession) -> None:
-        """Nothing to do before a prefill: `add` copies its cache in."""
+    max_prefills = 1  # the prefill's decoder holds one prompt at a time
 
-    def add(self, prefilled: OrtDecoder) -> None:
+    def prepare(self, decoder: DecoderSession) -> int:
+        """Nothing to do before a prefill: `add` copies its cache in."""
+        return 0
+
+    def resume(self, slot: int, fed: int) -> None:
+        """Nothing to do: one prefill at a time, on the prefill's own decoder."""
+
+    def release(self, slot: int) -> None:
+        """Nothing to do: the next prefill resets the prefill's decoder."""
+
+    def add(self, prefilled: OrtDecoder, slot: int = 0) -> None:
         """Appends the row `prefilled` (the prefill's decoder, batch of one) holds in its cache."""
         past, length = self._arrays(prefilled), prefilled.past_length
         width = max(self.decoder.past_length, length)
@@ -121,10 +140,12 @@ def _pad_left(array: np.ndarray, width: int) -> np.ndarray:
 
 class SlotDecodeBatch:
     def __init__(self, prefill: OrtSharedKVDecoder, max_batch: int):
-        """`prefill`: the shared-KV decoder requests prefill on; it is bound to a free slot of this
-        batch's cache before each prefill (`prepare`), so its own buffers are released."""
+        """`prefill`: the shared-KV decoder requests prefill on; it is bound to the slots of this
+        batch's cache it prefills (`prepare`, `resume`, `prefill_first_chunks`), so its own
+        buffers are released."""
         spec, capacity = prefill.spec, prefill.capacity
         self.prefill, self.max_batch = prefill, max_batch
+        self.max_prefills = max_batch  # each prompt under way holds a slot of its own
         shape = [max_batch, spec.num_kv_heads, capacity, spec.head_dim]
         self.slot_bytes = spec.num_kv_heads * capacity * spec.head_dim * np.dtype(prefill.embeds_dtype).itemsize
         try:
@@ -138,9 +159,10 @@ class SlotDecodeBatch:
                                           prefill.embed, allocate=False)
         self.slots: list[int] = []  # each row's slot, rows in `add` order
         self.lengths: dict[int, int] = {}  # slot → its entries in the cache
-        self.pending: int | None = None  # the slot the prefill decoder is bound to
+        self.pending: dict[int, int] = {}  # slot of a prefill under way → what it has fed
+        self.bound: tuple[int, int] | None = None  # (first slot, rows) the prefill decoder is bound to
         self.width = 0  # the slots the step decoder is bound to
-        self.prepare(prefill)
+        self._bind_prefill(0, 1)
 
     def __len__(self) -> int:
         return len(self.slots)
@@ -148,24 +170,64 @@ class SlotDecodeBatch:
     def _pointers(self, slot: int) -> list[int]:
         return [value.data_ptr() + slot * self.slot_bytes for value in self.cache]
 
-    def prepare(self, decoder: DecoderSession) -> None:
-        """Binds the prefill decoder to the lowest free slot (rows stay packed at the front)."""
+    def _bind_prefill(self, first: int, rows: int) -> None:
+        """The prefill decoder's cache becomes slots [first, first + rows) (a binding per tensor, so
+        only when they change); what it had fed into the slot it leaves is kept in `pending`."""
+        if self.bound is not None and self.bound[1] == 1 and self.bound[0] in self.pending:
+            self.pending[self.bound[0]] = self.prefill.past_length
+        if self.bound != (first, rows):
+            self.prefill.bind_cache(self._pointers(first), rows, self.cache)
+            self.bound = first, rows
+
+    def prepare(self, decoder: DecoderSession) -> int:
+        """Takes the lowest free slot for a prefill, binds the prefill decoder to it and returns it
+        (rows stay packed at the front; prompts prepared together get neighbouring slots)."""
         if decoder is not self.prefill:
             raise ZspaError("a slot batch prefills on its own prefill decoder only")
-        free = min(set(range(self.max_batch)) - set(self.slots), default=None)
+        free = min(set(range(self.max_batch)) - set(self.slots) - set(self.pending), default=None)
         if free is None:
             raise ZspaError(f"every one of the {self.max_batch} cache slots is taken")
-        if free != self.pending:
-            self.prefill.bind_cache(self._pointers(free), 1, self.cache)
-            self.pending = free
+        self._bind_prefill(free, 1)
+        self.pending[free] = 0
+        return free
 
-    def add(self, prefilled: DecoderSession) -> None:
-        """The row the prefill just wrote into the prepared slot joins; nothing is copied."""
-        if prefilled is not self.prefill or self.pending is None:
-            raise ZspaError("a slot batch takes only the request prepared on its prefill decoder")
-        self.slots.append(self.pending)
-        self.lengths[self.pending] = prefilled.past_length
-        self.pending = None
+    def resume(self, slot: int, fed: int) -> None:
+        """Binds the prefill decoder to `slot`, whose prefill has fed `fed` tokens, for its next chunk."""
+        self._bind_prefill(slot, 1)
+        self.prefill.past_length = fed
+
+    def prefill_first_chunks(self, slots: list[int], inputs_embeds: np.ndarray, position_ids: np.ndarray,
+                             extras: Extras) -> np.ndarray:
+        """The first S tokens of several prompts in one decoder call: `slots` consecutive (ascending,
+        prepared), `inputs_embeds` [len(slots), S, H] and positions and extras batched alike.
+        Every row starts at past 0 and feeds S tokens: onnxruntime's GroupQueryAttention takes
+        several rows of several new tokens only when none has a past, and the graph gives the
+        last position's logits, so no row is padded. Returns the logits [len(slots), V]."""
+        if slots != list(range(slots[0], slots[0] + len(slots))) or any(self.pending.get(s) != 0 for s in slots):
+            raise ZspaError(f"first chunks share a call only in consecutive slots that have fed nothing, not {slots}")
+        self._bind_prefill(slots[0], len(slots))
+        self.prefill.past_length = 0
+        length = inputs_embeds.shape[1]
+        logits = self.prefill.step(inputs_embeds, np.ones((len(slots), length), np.int64), position_ids, extras)
+        for slot in slots:
+            self.pending[slot] = length
+        return logits
+
+    def release(self, slot: int) -> None:
+        """Frees the slot of a prefill that will not finish (its request ended)."""
+        self.pending.pop(slot, None)
+
+    def add(self, prefilled: DecoderSession, slot: int) -> None:
+        """The row whose prefill just completed in `slot` joins; nothing is copied."""
+        if prefilled is not self.prefill or slot not in self.pending:
+            raise ZspaError("a slot batch takes only a request prepared on its prefill decoder")
+        self.lengths[slot] = self._fed(slot)
+        self.pending.pop(slot)
+        self.slots.append(slot)
+
+    def _fed(self, slot: int) -> int:
+        """What the prefill under way in `slot` has fed: the prefill decoder's count while bound to it."""
+        return self.prefill.past_length if self.bound == (slot, 1) else self.pending[slot]
 
     def remove(self, rows: set[int]) -> None:
         """Frees the slots of finished rows; the other rows stay where they are."""
@@ -185,8 +247,9 @@ class SlotDecodeBatch:
         positions = np.zeros((*position_ids.shape[:-2], width, 1), np.int64)
         positions[..., slots, :] = position_ids
         lengths = dict(self.lengths)
-        if self.pending is not None and self.pending < width:
-            lengths[self.pending] = self.prefill.past_length
+        for slot in self.pending:
+            if slot < width:
+                lengths[slot] = self._fed(slot)
         total = max(lengths.values()) + 1
         mask = np.zeros((width, total), np.int64)
         mask[:, 0] = 1

@@ -84,6 +84,18 @@ def chunk_extras(extras: Extras, start: int, end: int) -> dict[str, np.ndarray]:
     return chunk
 
 
+def stack_extras(rows: list[Extras]) -> dict[str, np.ndarray]:
+    """The optional inputs of one-row chunks of equal length, as one call of all those rows: each
+    along its batch axis (DeepStack planes [L, B, S, D]: 1; image block ids [B, P + S]: 0), zeros
+    for a row that gives none (a prompt without images has no DeepStack planes)."""
+    stacked = {}
+    for name, axis in (("deepstack_embeds", 1), ("image_block_ids", 0)):
+        given = next((row[name] for row in rows if name in row), None)
+        if given is not None:
+            stacked[name] = np.concatenate([row.get(name, np.zeros_like(given)) for row in rows], axis=axis)
+    return stacked
+
+
 def chunk_ends(block_ids: np.ndarray) -> np.ndarray:
     """Where a prefill chunk may end, given its bidirectional blocks' ids [S] (`image_block_ids`;
     zeros for a causal decoder): after any token but one followed by a token of its own block

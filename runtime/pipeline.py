@@ -20,9 +20,9 @@ from zspa.errors import InvalidInputError
 from zspa.manifest import PrunerSpec
 from zspa.pruning.budget import token_budget, validate_keep
 from zspa.runtime.backends import Backend, make_backend
-from zspa.runtime.batching import SoloDecode
+from zspa.runtime.batching import SlotDecodeBatch, SoloDecode
 from zspa.runtime.bundle import Bundle
-from zspa.runtime.decoder_inputs import chunk_ends, chunk_extras, image_block_ids
+from zspa.runtime.decoder_inputs import chunk_ends, chunk_extras, image_block_ids, stack_extras
 from zspa.runtime.deepstack import gather as deepstack_gather
 from zspa.runtime.deepstack import splice as deepstack_splice
 from zspa.runtime.images import DEFAULT_MAX_PIXELS, IMAGE_FORMATS, ImageSource, VisionInput, load_image
@@ -124,6 +124,18 @@ class PrefillChunks:
     @property
     def done(self) -> bool:
         return self.fed == self.length
+
+    def next_end(self, budget: int) -> int:
+        """Where the next chunk ends: as far as fits in `budget` tokens, where a chunk may end
+        (never inside an image block, whose tokens see each other), at least one such chunk."""
+        after = self.ends[self.ends > self.fed]
+        fits = after[after <= self.fed + max(budget, 1)]
+        return int(fits[-1]) if len(fits) else int(after[0])
+
+    def piece(self, end: int) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+        """The decoder's inputs for the tokens [fed, end): embeddings, positions, optional inputs."""
+        return (self.sequence[:, self.fed:end], self.positions[..., self.fed:end],
+                chunk_extras(self.extras, self.fed, end))
 
 
 @dataclass(frozen=True)
@@ -395,18 +407,29 @@ class Pipeline:
                              kept_indices)
 
     def prefill_chunk(self, chunks: PrefillChunks, budget: int) -> int:
-        """Feeds the next chunk of `chunks` to `self.decoder`: as many tokens as fit in `budget`,
-        ending where a chunk may end (never inside an image block, whose tokens see each other),
-        at least one such chunk; returns how many tokens it fed."""
-        start = chunks.fed
-        fits = chunks.ends[(chunks.ends > start) & (chunks.ends <= start + max(budget, 1))]
-        end = int(fits[-1]) if len(fits) else int(chunks.ends[chunks.ends > start][0])
+        """Feeds the next chunk of `chunks` to `self.decoder`, as many tokens as fit in `budget`
+        (`PrefillChunks.next_end`); returns how many tokens it fed."""
+        start, end = chunks.fed, chunks.next_end(budget)
+        embeds, positions, extras = chunks.piece(end)
         with _Timer(chunks.stats.timings_ms, "prefill"):
-            chunks.logits = self.decoder.step(chunks.sequence[:, start:end], np.ones((1, end), np.int64),
-                                              chunks.positions[..., start:end],
-                                              chunk_extras(chunks.extras, start, end))
+            chunks.logits = self.decoder.step(embeds, np.ones((1, end), np.int64), positions, extras)
         chunks.fed = end
         return end - start
+
+    def prefill_first_chunks(self, group: list[PrefillChunks], length: int, batch: SlotDecodeBatch,
+                             slots: list[int]) -> None:
+        """Feeds the first `length` tokens of every prompt in `group` (none fed yet, each at least
+        that long) in one decoder call, into `batch`'s consecutive `slots`: several prompts
+        admitted together prefill together. Each one's prefill time counts the whole call."""
+        pieces = [chunks.piece(length) for chunks in group]
+        started = time.perf_counter()
+        logits = batch.prefill_first_chunks(slots, np.concatenate([embeds for embeds, _, _ in pieces]),
+                                            np.concatenate([positions for _, positions, _ in pieces], axis=-2),
+                                            stack_extras([extras for _, _, extras in pieces]))
+        took = (time.perf_counter() - started) * 1000.0
+        for row, chunks in enumerate(group):
+            chunks.logits, chunks.fed = logits[row:row + 1], length
+            chunks.stats.timings_ms["prefill"] += took
 
     def finish_prefill(self, chunks: PrefillChunks) -> tuple[Sequence, np.ndarray]:
         """The request's sequence and its first token's logits [V], once every chunk is fed."""

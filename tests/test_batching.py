@@ -173,11 +173,11 @@ def test_slots_never_move(shared_pipeline, images):
     pointers = [value.data_ptr() for value in batch.cache]
     rows = []
     for keep in (0.1, 1.0, 0.25):
-        batch.prepare(shared_pipeline.decoder)
+        slot = batch.prepare(shared_pipeline.decoder)
         answer, logits = shared_pipeline.prefill(shared_pipeline.request(images["photo"], "Hi", keep=keep,
                                                                           max_new_tokens=4))
         answer.accept(logits)
-        batch.add(shared_pipeline.decoder)
+        batch.add(shared_pipeline.decoder, slot)
         rows.append(answer)
     assert batch.slots == [0, 1, 2] and [batch.lengths[s] for s in range(3)] == [r.length for r in rows]
     logits = batch.step([r.token for r in rows],
@@ -188,8 +188,8 @@ def test_slots_never_move(shared_pipeline, images):
     batch.remove({1})
     assert batch.slots == [0, 2] and [value.data_ptr() for value in batch.cache] == pointers
     np.testing.assert_array_equal(batch.cache[0].numpy()[2], slot_two)
-    batch.prepare(shared_pipeline.decoder)
-    assert batch.pending == 1
+    assert batch.prepare(shared_pipeline.decoder) == 1 and batch.pending == {1: 0}
+    batch.release(1)
     vocab = shared_pipeline.bundle.manifest.decoder.vocab_size
     rows = [rows[0], rows[2]]
     for expected_slots in ([0, 2], [0]):  # the call narrows from 3 slots to 1 once slot 2 frees
@@ -205,12 +205,12 @@ def _joined(pipeline, batch, image, keep: float):
     """Encodes and prefills one request into `batch`; returns its sequence, its encoded request,
     and the bytes (sent, received) the prefill and the join moved between host and device."""
     decoder = pipeline.decoder
-    batch.prepare(decoder)
+    slot = batch.prepare(decoder)
     request = pipeline.encode(pipeline.request(image, "Hi", keep=keep, max_new_tokens=4, ignore_eos=True))
     before = decoder.transfers.snapshot()
     answer, logits = pipeline.prefill(request)
     answer.accept(logits)
-    batch.add(decoder)
+    batch.add(decoder, slot)
     return answer, request, np.subtract(decoder.transfers.snapshot(), before)
 
 
@@ -322,12 +322,13 @@ def test_a_slot_cache_too_large_for_the_device_is_refused_clearly(shared_pipelin
         decode_rows(shared_pipeline.decoder, 10_000_000)
 
 
-def _chunked_prefills_answer_as_alone(pipeline, images, monkeypatch, budget: int) -> None:
+def _chunked_prefills_answer_as_alone(pipeline, images, monkeypatch, budget: int) -> list[int]:
     """--max-prefill-tokens: between two decode steps at most `budget` prompt tokens are fed, a
     longer prompt in chunks with steps of the running rows between them; every answer, of the
-    rows decoding meanwhile and of the chunked prompts, equals the request's answer alone."""
-    events, prefilling = [], []  # kept alive, so each prefill's id stays its own
-    chunk = pipeline.prefill_chunk
+    rows decoding meanwhile and of the chunked prompts, equals the request's answer alone.
+    Returns how many prompts each call that fed several first chunks together held."""
+    events, prefilling, together = [], [], []  # prefilling: kept alive, so each prefill's id stays its own
+    chunk, first_chunks = pipeline.prefill_chunk, pipeline.prefill_first_chunks
 
     def counted(chunks, allowed):
         fed = chunk(chunks, allowed)
@@ -335,7 +336,14 @@ def _chunked_prefills_answer_as_alone(pipeline, images, monkeypatch, budget: int
         prefilling.append(chunks)
         return fed
 
+    def counted_together(group, length, batch, slots):
+        first_chunks(group, length, batch, slots)
+        together.append(len(group))
+        events.extend(("chunk", length, id(chunks)) for chunks in group)
+        prefilling.extend(group)
+
     monkeypatch.setattr(pipeline, "prefill_chunk", counted)
+    monkeypatch.setattr(pipeline, "prefill_first_chunks", counted_together)
     finals, _ = asyncio.run(_serve(pipeline, images, REQUESTS, max_batch=3, max_prefill_tokens=budget, events=events))
     monkeypatch.undo()
     prefills = {key for kind, _, key in events if kind == "chunk"}
@@ -356,13 +364,24 @@ def _chunked_prefills_answer_as_alone(pipeline, images, monkeypatch, budget: int
         assert kind == "done", result
         alone = pipeline.generate(images[image], question, **options)
         assert result.token_ids == alone.token_ids and result.text == streamed, (question, options)
+    return together
 
 
 def test_prefill_runs_in_chunks_within_the_budget(pipeline, images, monkeypatch):
-    _chunked_prefills_answer_as_alone(pipeline, images, monkeypatch, budget=32)
+    """The portable decoder's prefill decoder holds one prompt at a time: none is fed together."""
+    assert _chunked_prefills_answer_as_alone(pipeline, images, monkeypatch, budget=32) == []
 
 
 def test_a_slot_cache_prefills_in_chunks_beside_decoding_rows(shared_pipeline, images, monkeypatch):
     """The slot of a prefill under way sits among decoding slots: a step writes its dummy token
     where the next chunk goes, so the chunks already fed stay intact."""
     _chunked_prefills_answer_as_alone(shared_pipeline, images, monkeypatch, budget=32)
+
+
+def test_prompts_admitted_together_prefill_their_first_chunks_in_one_call(shared_pipeline, images, monkeypatch):
+    """Three requests admitted at once into neighbouring slots, a budget of 128: their first
+    chunks (64 tokens each, as the shortest prompt of the two first is 78 long) go into one
+    decoder call, every row at past 0; the rest of each prompt follows in chunks of its own, and
+    every answer equals the request's answer alone."""
+    together = _chunked_prefills_answer_as_alone(shared_pipeline, images, monkeypatch, budget=128)
+    assert together and max(together) >= 2

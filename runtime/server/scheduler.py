@@ -1,9 +1,10 @@
 """One pipeline, one worker thread, a bounded queue in front of it: continuous batching.
 
 Up to `max_batch` requests decode together, one decoder call per step (`runtime/batching.py`).
-Between steps the worker feeds at most `max_prefill_tokens` of prompts (a waiting request's
-prefill, cut in chunks where it is longer: vLLM's chunked prefill; its vision stage ran in its
-own thread, `Pipeline.encode`), lets a request whose prefill is complete join the batch, and
+Between steps the worker feeds at most `max_prefill_tokens` of prompts (waiting requests'
+prefills, first come first, cut in chunks where longer: vLLM's chunked prefill; on a slot cache
+the first chunks of several prompts admitted together share one call; their vision stage ran in
+their own threads, `Pipeline.encode`), lets a request whose prefill is complete join the batch, and
 drops rows that are done, stopped or cancelled; the others never wait for them longer than one
 budget of prefill. The queue bounds how many may wait (past it the service answers 429); each
 job carries a cancel flag that a disconnect or a timeout sets, checked every step. Events go
@@ -98,10 +99,11 @@ class _Row:
 
 @dataclass
 class _Admission:
-    """A job whose prefill is under way, a chunk per scheduler iteration."""
+    """A job whose prefill is under way, in chunks, into its cache slot."""
 
     job: Job
     chunks: PrefillChunks
+    slot: int
 
 
 class Scheduler:
@@ -166,68 +168,129 @@ class Scheduler:
             self.failure = f"warm-up failed: {exc}"
             return
         rows: list[_Row] = []
-        admission: _Admission | None = None  # one prefill under way at a time
+        admissions: list[_Admission] = []  # prefills under way, first come first
         stopping = False
-        while rows or admission or not stopping:
+        while rows or admissions or not stopping:
             budget = self.max_prefill_tokens
             while budget > 0:
-                if admission is None:
-                    if stopping or len(rows) >= self.max_batch:
-                        break
-                    try:
-                        job = self._queue.get(block=not rows)  # wait only when nothing is decoding
-                    except queue.Empty:
-                        break
-                    self.metrics.queue_depth.set(self.depth)
-                    if job is None:
-                        stopping = True
-                        continue
-                    admission = self._admit(job)
-                    if admission is None:
-                        continue
-                fed, row, admission = self._prefill(admission, budget)
+                stopping = self._admit_waiting(rows, admissions, stopping)
+                if not admissions:
+                    break
+                fed, joined = self._feed(admissions, budget)
                 budget -= max(fed, 1)
-                if row is not None:
-                    rows.append(row)
+                rows += joined
             self.metrics.running.set(len(rows))
             if rows:
                 rows = self._step(rows)
                 self.metrics.running.set(len(rows))
 
+    def _admit_waiting(self, rows: list[_Row], admissions: list[_Admission], stopping: bool) -> bool:
+        """Starts the prefill of waiting jobs while a slot is free (blocking only when nothing runs);
+        returns whether the queue said stop."""
+        while not stopping and len(rows) + len(admissions) < self.max_batch and \
+                len(admissions) < self._rows.max_prefills:
+            try:
+                job = self._queue.get(block=not rows and not admissions)  # wait only when idle
+            except queue.Empty:
+                break
+            self.metrics.queue_depth.set(self.depth)
+            if job is None:
+                return True
+            admission = self._admit(job)
+            if admission is not None:
+                admissions.append(admission)
+        return stopping
+
     def _admit(self, job: Job) -> _Admission | None:
-        """Starts a waiting job's prefill (its vision stage is done, or runs here): splices its
-        prompt and binds the prefill to a free cache slot; None if it ended instead."""
+        """Starts a waiting job's prefill (its vision stage is done, or runs here): takes a free
+        cache slot and splices its prompt; None if it ended instead."""
         try:
             if self._ended(job):
                 return None
             self.metrics.queue_wait.observe(time.monotonic() - job.arrived)
             with self._errors_to(job):
-                self._rows.prepare(self.pipeline.decoder)  # a slot cache binds the prefill to a free slot
-                return _Admission(job, self.pipeline.start_prefill(job.request))
+                slot = self._rows.prepare(self.pipeline.decoder)
+                try:
+                    return _Admission(job, self.pipeline.start_prefill(job.request), slot)
+                except Exception:
+                    self._rows.release(slot)
+                    raise
         finally:
             job.drop_images()  # the spliced prompt is all its prefill needs now
         return None
 
-    def _prefill(self, admission: _Admission, budget: int) -> tuple[int, _Row | None, _Admission | None]:
-        """Feeds the next chunk of `admission`'s prefill within `budget` tokens; once the prompt is
-        complete, its first token, and the row joins the batch unless that token already ends it.
-        Returns the tokens fed, the row that joined, and the admission if its prefill goes on."""
+    def _feed(self, admissions: list[_Admission], budget: int) -> tuple[int, list[_Row]]:
+        """Feeds prompts under way within `budget` tokens, in one decoder call: the first comer's
+        next chunk, or the first chunks of several that have fed nothing yet when together they
+        use more of the budget (`_first_chunks`). Removes the admissions that complete or end;
+        returns the tokens fed and the rows that joined the batch."""
+        for admission in [a for a in admissions if self._ended(a.job)]:
+            self._rows.release(admission.slot)
+            admissions.remove(admission)
+        if not admissions:
+            return 0, []
+        group, length = self._first_chunks(admissions, budget)
+        if len(group) > 1:
+            try:
+                self.pipeline.prefill_first_chunks([a.chunks for a in group], length, self._rows,
+                                                   [a.slot for a in group])
+            except Exception as exc:  # the call's prompts fail together; the service goes on
+                for admission in group:
+                    self._fail(admission.job, exc)
+                    self._rows.release(admission.slot)
+                    admissions.remove(admission)
+                return 0, []
+            fed = length * len(group)
+        else:
+            admission, fed = group[0], 0
+            with self._errors_to(admission.job):
+                self._rows.resume(admission.slot, admission.chunks.fed)
+                fed = self.pipeline.prefill_chunk(admission.chunks, budget)
+            if not fed:  # it failed (its client was told)
+                self._rows.release(admission.slot)
+                admissions.remove(admission)
+                return 0, []
+        joined = []
+        for admission in [a for a in group if a.chunks.done]:
+            admissions.remove(admission)
+            row = self._join(admission)
+            if row is not None:
+                joined.append(row)
+        return fed, joined
+
+    def _first_chunks(self, admissions: list[_Admission], budget: int) -> tuple[list[_Admission], int]:
+        """The prefills one call feeds, and the tokens each gets: the first comer alone, or the m
+        first comers that have fed nothing and lie in consecutive slots, S tokens each, where
+        S = min(budget // m, the shortest of their prompts) is a place each may end a chunk and
+        m·S beats what the first comer alone takes."""
+        head = admissions[0]
+        best, length = [head], head.chunks.next_end(budget) - head.chunks.fed
+        if head.chunks.fed or self._rows.max_prefills == 1:
+            return best, length
+        fresh = [a for a in admissions if not a.chunks.fed]
+        for count in range(2, len(fresh) + 1):
+            group = fresh[:count]
+            slots = sorted(a.slot for a in group)
+            size = min(budget // count, *(a.chunks.length for a in group))
+            if slots != list(range(slots[0], slots[0] + count)) or size < 1:
+                break
+            if count * size > len(best) * length and all(size in a.chunks.ends for a in group):
+                best, length = sorted(group, key=lambda a: a.slot), size
+        return best, length
+
+    def _join(self, admission: _Admission) -> _Row | None:
+        """A complete prefill's first token; its row joins the batch unless that token ends it."""
         job = admission.job
-        if self._ended(job):
-            return 0, None, None
         with self._errors_to(job):
-            fed = self.pipeline.prefill_chunk(admission.chunks, budget)
-            if not admission.chunks.done:
-                return fed, None, admission
             answer, logits = self.pipeline.finish_prefill(admission.chunks)
             job.emit("started")
             now = time.monotonic()
             row = _Row(job, answer, now, now)
             if self._take(row, logits):
-                self._rows.add(self.pipeline.decoder)
-                return fed, row, None
-            return fed, None, None
-        return 0, None, None
+                self._rows.add(self.pipeline.decoder, admission.slot)
+                return row
+        self._rows.release(admission.slot)
+        return None
 
     def _ended(self, job: Job) -> bool:
         """Whether a job waiting for (or in) its prefill is over: cancelled (counted), or cut by a
@@ -246,10 +309,15 @@ class Scheduler:
         internal one, logged) and lets the worker go on."""
         try:
             yield
-        except ZspaError as exc:
+        except Exception as exc:
+            self._fail(job, exc)
+
+    @staticmethod
+    def _fail(job: Job, exc: Exception) -> None:
+        if isinstance(exc, ZspaError):
             job.emit("error", from_zspa_error(exc, "messages"))
-        except Exception:
-            log.exception("generation failed")
+        else:
+            log.error("generation failed", exc_info=exc)
             job.emit("error", INTERNAL)
 
     def _step(self, rows: list[_Row]) -> list[_Row]:

@@ -45,11 +45,11 @@ def test_ort_cuda_slot_cache_batches_rows_as_they_answer_alone(tmp_path, photo_p
     pipeline = Pipeline.load(bundle, backend="ort-cuda", max_context=1024)
     batch, rows, keeps = decode_rows(pipeline.decoder, 3), [], (0.1, 1.0, 0.25)
     for keep in keeps:
-        batch.prepare(pipeline.decoder)
+        slot = batch.prepare(pipeline.decoder)
         answer, logits = pipeline.prefill(pipeline.request(photo_path, "Hi", keep=keep, max_new_tokens=6,
                                                            ignore_eos=True))
         answer.accept(logits)
-        batch.add(pipeline.decoder)
+        batch.add(pipeline.decoder, slot)
         rows.append(answer)
     for _ in range(5):
         logits = batch.step([r.token for r in rows], pipeline.position_ids([r.position for r in rows]))
