@@ -11,11 +11,14 @@ merges tokens into one chunk) and at the server (every token's gap, from the sch
 `zspa_inter_token_latency_seconds` histogram, interpolated within its buckets as Prometheus'
 histogram_quantile does), generated tokens/s and errors, as median (min–max) over
 rounds, then each server's resident memory once warm and its peak under the load as a multiple
-of it (joins included; Linux /proc), and the tokens/s ratio between the sides. Default: tiny-random-llava (576 visual
-tokens) exported at keep 0.1; `--model llava-shaped` is the speed benchmarks' random-weight
-LLaVA-1.5-shaped model (576 visual tokens, a 1024 x 8 decoder: benchmarks/llava_shaped.py), and
-`--model qwen2.5-vl-shaped` family_ttft.py's Qwen2.5-VL-shaped one (a 256 x 4 windowed tower, the
-same decoder; 576 visual tokens at `--image-size 672x672`).
+of it (joins included; Linux /proc), and the tokens/s ratio between the sides. Distinct frames
+never hit the vision cache, so the servers run without one (`--vision-cache-mb 0`) unless
+`--same-image`: filling it would add up to its bound to the peak and hide what requests cost.
+Default: tiny-random-llava (576 visual tokens) exported at keep 0.1; `--model llava-shaped` is
+the speed benchmarks' random-weight LLaVA-1.5-shaped model (576 visual tokens, a 1024 x 8
+decoder: benchmarks/llava_shaped.py), and `--model qwen2.5-vl-shaped` family_ttft.py's
+Qwen2.5-VL-shaped one (a 256 x 4 windowed tower, the same decoder; 576 visual tokens at
+`--image-size 672x672`). `--malloc glibc` runs the servers on glibc's own malloc settings.
 
     python benchmarks/serve_load.py --batches 1,8 --concurrency 1,8,32,64 --rounds 3
     python benchmarks/serve_load.py --model llava-shaped --kv-cache shared --max-context 1024 \
@@ -204,6 +207,7 @@ def _servers(bundle: Path, args: argparse.Namespace, logs: Path,
             bundle, logs / f"server-{side}.log", "--served-model-name", "bench", "--max-batch", str(side),
             *(["--max-context", str(args.max_context)] if args.max_context else []),
             *(["--max-prefill-tokens", str(args.max_prefill_tokens)] if args.max_prefill_tokens else []),
+            *([] if args.same_image else ["--vision-cache-mb", "0"]), "--malloc", args.malloc,
             "--max-queue", str(max(args.concurrency) * args.requests_per_slot), "--log-level", "warning"))
         urls[side] = f"{server.url}/v1/chat/completions"
         asyncio.run(_load(urls[side], _bodies(args, 4), 4))  # untimed: first calls at new batch shapes
@@ -233,6 +237,8 @@ def main() -> None:
                         help="each server's --max-context (what sizes a shared-KV slot cache; default: the model's)")
     parser.add_argument("--max-prefill-tokens", type=int, default=None,
                         help="each server's --max-prefill-tokens (prompt tokens fed between two decode steps)")
+    parser.add_argument("--malloc", choices=["tuned", "glibc"], default="tuned",
+                        help="each server's --malloc (glibc: its own defaults, which keep memory requests free)")
     parser.add_argument("--same-image", action="store_true",
                         help="every request carries the same image (vision-cache hits); default: a distinct frame each")
     args = parser.parse_args()
@@ -261,6 +267,7 @@ def main() -> None:
           f"{args.max_tokens} tokens per request, "
           f"{f'--max-context {args.max_context}, ' if args.max_context else ''}"
           f"{f'--max-prefill-tokens {args.max_prefill_tokens}, ' if args.max_prefill_tokens else ''}"
+          f"--malloc {args.malloc}, "
           f"{images}, {args.rounds} rounds, median (min–max):")
     print("ITL: inter-token latency at the client (per streamed chunk) and at the server (per token, bucketed)")
     print(f"{'max-batch':>9} {'conc.':>5} {'TTFT p50 ms':>22} {'TTFT p99 ms':>22} {'ITL p50 ms':>18} "

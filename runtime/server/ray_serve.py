@@ -20,6 +20,7 @@ from fastapi import FastAPI
 from ray import serve
 
 from zspa.runtime.batching import DEFAULT_MAX_BATCH
+from zspa.runtime.malloc import tune_malloc
 from zspa.runtime.pipeline import Pipeline
 from zspa.runtime.server.app import create_app
 from zspa.runtime.server.scheduler import warm_up
@@ -51,6 +52,8 @@ class ZspaReplica:
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         """Loads and warms the pipeline before Ray sends this replica anything."""
+        if self.spec.settings.tune_malloc:
+            tune_malloc()
         pipeline = Pipeline.load(self.spec.bundle, **self.spec.pipeline)
         if self.spec.settings.warmup:
             warm_up(pipeline)

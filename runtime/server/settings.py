@@ -45,6 +45,7 @@ class ServerSettings:
     max_connections: int = 512  # open connections and requests in flight; past it, uvicorn answers 503
     header_timeout_s: float = 10.0  # a request's headers must be complete this long after connecting or a response
     keep_alive_timeout_s: float = 5.0  # an idle keep-alive connection is closed after this
+    tune_malloc: bool = True  # glibc: a fixed mmap threshold and 2 arenas (runtime/malloc.py)
     # Host header names requests may carry (any port); None: any. zspa-serve fills it from the bound
     # address: loopback names when bound to loopback, so a web page cannot reach the service
     # through DNS rebinding.

@@ -98,6 +98,10 @@ def build_parser() -> argparse.ArgumentParser:
     runtime.add_argument("--positions", choices=["contiguous", "original"], default=None,
                          help="position ids of kept visual tokens (default: the bundle's)")
     runtime.add_argument("--no-warmup", action="store_true", help="report ready without a warm-up generation")
+    runtime.add_argument("--malloc", choices=["tuned", "glibc"], default="tuned",
+                         help="tuned: glibc's mmap threshold fixed at 128 KiB and 2 arenas, so memory requests "
+                              "free goes back to the system (MALLOC_MMAP_THRESHOLD_ and MALLOC_ARENA_MAX still win); "
+                              "glibc: its own defaults")
     runtime.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     scale = parser.add_argument_group("scale-out on Ray Serve (pip install 'zspa[ray]')")
     scale.add_argument("--ray", action="store_true",
@@ -134,9 +138,12 @@ def _serve(args: argparse.Namespace) -> None:
     except ImportError as exc:
         raise ZspaError(f"zspa-serve needs the serve extra ({exc.name} is missing): "
                         "pip install 'zspa[serve]'") from None
+    from zspa.runtime.malloc import tune_malloc
     from zspa.runtime.pipeline import Pipeline
     from zspa.runtime.server.settings import ServerSettings
 
+    if args.malloc == "tuned":
+        tune_malloc()  # before the model loads: freed request memory goes back to the system
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         settings = ServerSettings(
@@ -155,7 +162,7 @@ def _serve(args: argparse.Namespace) -> None:
             allowed_image_domains=tuple(args.allowed_image_domains), image_ca_file=args.image_ca_file,
             warmup=not args.no_warmup, allowed_hosts=allowed_hosts(args.host, args.allowed_hosts),
             max_connections=args.max_connections, header_timeout_s=args.header_timeout,
-            keep_alive_timeout_s=args.keep_alive_timeout,
+            keep_alive_timeout_s=args.keep_alive_timeout, tune_malloc=args.malloc == "tuned",
         )
     except ValueError as exc:
         raise ZspaError(str(exc)) from None
