@@ -4,7 +4,10 @@ The shared-KV decoder (`--kv-cache shared`, GroupQueryAttention) batches on a ca
 moves (`SlotDecodeBatch`): per layer [max_batch, Hkv, capacity, Dh], allocated once, a slot per
 running request. A request prefills straight into a free slot, each step writes every row's next
 position in place (GroupQueryAttention reads each row's own length, `seqlens_k`), and a finished
-row frees its slot; nothing is copied when requests join or leave.
+row frees its slot; nothing is copied when requests join or leave. Several prompts may be under
+way at once, each in its own slot: the prefill decoder is rebound to a prompt's slot for its next
+chunk, and prompts that have fed nothing in neighbouring slots can feed their first chunks in one
+call (`prefill_first_chunks`).
 
 The portable decoder (past → past + new, `--kv-cache concat`) takes a batch with an attention
 mask, so rows of different lengths share one KV cache [B, H, T, D]: each row's entries sit at
