@@ -27,7 +27,24 @@ from zspa.runtime.backends import DecoderSession, OrtDecoder, OrtSharedKVDecoder
 from zspa.runtime.decoder_inputs import Extras
 
 
-class SoloDecode:
+class _OnePrefillAtATime:
+    """Batches whose prefill decoder holds one prompt under way (its own cache, slot 0): nothing
+    to bind before a prefill or between its chunks, nothing to free when it ends early (the next
+    prefill resets that decoder)."""
+
+    max_prefills = 1
+
+    def prepare(self, decoder: DecoderSession) -> int:
+        return 0
+
+    def resume(self, slot: int, fed: int) -> None:
+        pass
+
+    def release(self, slot: int) -> None:
+        pass
+
+
+class SoloDecode(_OnePrefillAtATime):
     """A batch of one on the prefill's own decoder (any backend): its cache is used in place."""
 
     def __init__(self, decoder: DecoderSession):
@@ -36,18 +53,6 @@ class SoloDecode:
 
     def __len__(self) -> int:
         return self.rows
-
-    max_prefills = 1  # the prefill's decoder holds one prompt at a time
-
-    def prepare(self, decoder: DecoderSession) -> int:
-        """Nothing to do before a prefill: it uses the decoder's own cache (slot 0)."""
-        return 0
-
-    def resume(self, slot: int, fed: int) -> None:
-        """Nothing to do: one prefill at a time, on the decoder's own cache."""
-
-    def release(self, slot: int) -> None:
-        """Nothing to do: the next prefill resets the decoder."""
 
     def add(self, prefilled: DecoderSession, slot: int = 0) -> None:
         if prefilled is not self.decoder or self.rows:
@@ -62,7 +67,7 @@ class SoloDecode:
         return self.decoder.decode(_token_ids(tokens), mask, position_ids)
 
 
-class DecodeBatch:
+class DecodeBatch(_OnePrefillAtATime):
     def __init__(self, decoder: OrtDecoder):
         """`decoder`: a portable ORT decoder of its own (it may share the session with the prefill one)."""
         self.decoder = decoder
@@ -72,20 +77,9 @@ class DecodeBatch:
     def __len__(self) -> int:
         return len(self.lengths)
 
-    max_prefills = 1  # the prefill's decoder holds one prompt at a time
-
-    def prepare(self, decoder: DecoderSession) -> int:
-        """Nothing to do before a prefill: `add` copies its cache in."""
-        return 0
-
-    def resume(self, slot: int, fed: int) -> None:
-        """Nothing to do: one prefill at a time, on the prefill's own decoder."""
-
-    def release(self, slot: int) -> None:
-        """Nothing to do: the next prefill resets the prefill's decoder."""
-
     def add(self, prefilled: OrtDecoder, slot: int = 0) -> None:
-        """Appends the row `prefilled` (the prefill's decoder, batch of one) holds in its cache."""
+        """Appends the row `prefilled` (the prefill's decoder, batch of one) holds in its cache:
+        the join copies it in."""
         past, length = self._arrays(prefilled), prefilled.past_length
         width = max(self.decoder.past_length, length)
         empty = [np.empty((0, p.shape[1], 0, *p.shape[3:]), p.dtype) for p in past]
