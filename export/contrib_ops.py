@@ -1,9 +1,11 @@
-"""onnxruntime contrib operators (`com.microsoft`) for the dynamo exporter: the schema onnxscript
-needs to emit a node it does not know, from the inputs, outputs and attributes zspa uses
-(onnxruntime's ContribOperators.md)."""
+"""Operators onnxscript's torch library does not emit, for the dynamo exporter's translation
+tables: onnxruntime contrib operators (`com.microsoft`), from the inputs, outputs and attributes
+zspa uses (onnxruntime's ContribOperators.md), and standard ONNX operators newer than the
+library's opset (`TensorScatter` and `Attention` of opset 24), from onnx's own schemas."""
 
 from __future__ import annotations
 
+import onnx.defs
 from onnx.defs import OpSchema
 from onnxscript import values
 from onnxscript._internal.values import Op
@@ -22,3 +24,9 @@ def contrib_op(name: str, inputs: list[tuple[str, str]], outputs: list[tuple[str
         attributes=[OpSchema.Attribute(attribute, kind, "") for attribute, kind in attributes.items()],
     )
     return Op(values.Opset("com.microsoft", 1), name, schema)
+
+
+def standard_op(name: str, version: int) -> Op:
+    """An onnxscript op for the standard ONNX `name` as of opset `version` (the graph must be
+    exported at that opset). Ops with optional outputs return them all: take the ones used."""
+    return Op(values.Opset("", version), name, onnx.defs.get_schema(name, version, ""))

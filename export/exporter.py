@@ -19,8 +19,9 @@ from zspa.export.graphs import DecoderGraph, DeepstackDecoderGraph, EmbedGraph, 
 from zspa.export.loading import LoadedModel, load_model
 from zspa.export.onnx_io import describe_graph, export_graph, node_count
 from zspa.export.parity import check_parity
-from zspa.export.shared_kv import TRANSLATION_TABLE, SharedKVDecoderGraph, gqa_attention
+from zspa.export.shared_kv import GROUP_QUERY_ATTENTION, BufferAttention, SharedKVDecoderGraph, buffer_attention
 from zspa.export.staging import staged_directory
+from zspa.export.static_kv import STATIC_CACHE_ATTENTION
 from zspa.export.vision_attention import TRANSLATION_TABLE as VISION_TRANSLATION_TABLE
 from zspa.integrity import sha256_file
 from zspa.manifest import MANIFEST_NAME, SCHEMA_VERSION, Manifest, PrunerSpec
@@ -32,7 +33,9 @@ from zspa.signing import SigningKey, sign_bundle
 
 DTYPES = {"fp32": (torch.float32, "float32"), "fp16": (torch.float16, "float16")}
 DEFAULT_OPSET = 18
-KV_CACHES = ("concat", "shared")
+# The in-place KV-cache kinds by name; "concat" (past → past + new) is the portable one.
+BUFFER_ATTENTIONS = {"shared": GROUP_QUERY_ATTENTION, "static": STATIC_CACHE_ATTENTION}
+KV_CACHES = ("concat", *BUFFER_ATTENTIONS)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 
 
@@ -46,7 +49,9 @@ class ExportOptions:
     relevance_ratio: float = METHOD_DEFAULTS["zspa"]["relevance_ratio"]
     pooling: str = METHOD_DEFAULTS["zspa"]["pooling"]
     dtype: str = "fp32"
-    kv_cache: str = "concat"  # or "shared": in-place KV buffers through onnxruntime's GroupQueryAttention
+    # or "shared" (in-place KV buffers through onnxruntime's GroupQueryAttention) or "static"
+    # (in-place through opset 24's TensorScatter + Attention, TensorRT's form)
+    kv_cache: str = "concat"
     opset: int = DEFAULT_OPSET
     force: bool = False
     revision: str | None = None
@@ -199,14 +204,15 @@ def _write_bundle(loaded: LoadedModel, options: ExportOptions, out: Path, torch_
     language_model, lm_head = family.language_model(model)
     decoder_class = ImageBlockDecoderGraph if decoder_spec.image_blocks else DecoderGraph
     decoder = _with_deepstack(decoder_class(language_model, lm_head), language_model, decoder_spec)  # the reference
-    if options.kv_cache == "shared":
+    if options.kv_cache in BUFFER_ATTENTIONS:
+        kind = BUFFER_ATTENTIONS[options.kv_cache]
         if decoder_spec.image_blocks:
-            raise InvalidInputError("--kv-cache shared runs onnxruntime's GroupQueryAttention, which has no mask for "
-                                    f"{family.NAME}'s bidirectional image blocks; export it with --kv-cache concat")
-        with gqa_attention(language_model):
-            _export_decoder(_with_deepstack(SharedKVDecoderGraph(language_model, lm_head), language_model,
+            raise InvalidInputError(f"--kv-cache {options.kv_cache} has no mask for {family.NAME}'s bidirectional "
+                                    "image blocks yet; export it with --kv-cache concat")
+        with buffer_attention(language_model, kind):
+            _export_decoder(_with_deepstack(SharedKVDecoderGraph(language_model, lm_head, kind), language_model,
                                             decoder_spec), decoder_spec, hidden, torch_dtype, out / "decoder.onnx",
-                            options.opset)
+                            kind.opset or options.opset, kind)
     else:
         with grouped_attention_export(language_model):
             _export_decoder(decoder, decoder_spec, hidden, torch_dtype, out / "decoder.onnx", options.opset)
@@ -260,10 +266,12 @@ def _with_deepstack(decoder: torch.nn.Module, language_model: torch.nn.Module, s
     return DeepstackDecoderGraph(decoder, list(language_model.layers[: spec.deepstack_layers])).eval()
 
 
-def _export_decoder(decoder: torch.nn.Module, spec, hidden: int, torch_dtype, path: Path, opset: int) -> None:
+def _export_decoder(decoder: torch.nn.Module, spec, hidden: int, torch_dtype, path: Path, opset: int,
+                    buffers: BufferAttention | None = None) -> None:
+    """`buffers`: the in-place cache's attention kind (None: the portable concat cache)."""
     batch, seq, past_len = 2, 3, 4  # past ≥ 2 so neither axis is specialised
     positions_shape = (3, batch) if spec.mrope else (batch,)  # M-RoPE: (temporal, height, width) × batch
-    capacity = past_len + seq + 5 if spec.kv_cache == "shared" else past_len
+    capacity = past_len + seq + 5 if buffers else past_len
     past = [torch.randn(batch, spec.num_kv_heads, capacity, spec.head_dim).to(torch_dtype)
             for _ in range(2 * spec.num_layers)]
     optional = {}  # runtime/decoder_inputs.py feeds the same ones
@@ -281,8 +289,9 @@ def _export_decoder(decoder: torch.nn.Module, spec, hidden: int, torch_dtype, pa
         *past,
     )
     past_names, present_names = spec.past_names, spec.present_names
-    shared = spec.kv_cache == "shared"  # past and present are one buffer: its capacity, not a length
-    past_axis, present_axis = ("max_cache_length",) * 2 if shared else ("past_sequence_length", "total_sequence_length")
+    # in place, past and present are one buffer: its capacity, not a length
+    past_axis, present_axis = (("max_cache_length",) * 2 if buffers
+                               else ("past_sequence_length", "total_sequence_length"))
     axes = {
         "inputs_embeds": {0: "batch_size", 1: "sequence_length"},
         "attention_mask": {0: "batch_size", 1: "total_sequence_length"},
@@ -296,7 +305,7 @@ def _export_decoder(decoder: torch.nn.Module, spec, hidden: int, torch_dtype, pa
     inputs = ["inputs_embeds", "attention_mask", "position_ids", *optional]
     export_graph(decoder, args, path, input_names=[*inputs, *past_names],
                  output_names=["logits", *present_names], dynamic_axes=axes, opset=opset,
-                 custom_translation_table=TRANSLATION_TABLE if shared else None)
+                 custom_translation_table=buffers.translation_table if buffers else None)
 
 
 def _save_tokenizer(processor, out: Path) -> dict[str, str]:

@@ -44,6 +44,7 @@ def build_engines(options: BuildOptions) -> Path:
     trt = import_tensorrt()
     gpu, capability = cuda_device()
     engines.check_precision(options.precision, capability)
+    engines.check_tensorrt_version(bundle.manifest, trt.__version__)
     ranges = engines.ShapeRanges.for_manifest(bundle.manifest, options.max_context)
     engine_root = bundle.path / ENGINES_DIR
     target = engine_root / engines.engine_dir_name(gpu, capability, trt.__version__)

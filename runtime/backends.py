@@ -26,6 +26,9 @@ from zspa.runtime.transfers import Transfers
 ORT_BACKENDS = ("ort-cpu", "ort-cuda", "ort-trt")
 BACKENDS = (*ORT_BACKENDS, "trt")
 Provider = str | tuple[str, dict[str, str]]
+# KV-cache kinds whose past and present are one buffer per layer (manifest `decoder.kv_cache`): both
+# read each row's valid length off the attention mask, so one session and one slot batch serve them.
+IN_PLACE_KV_CACHES = ("shared", "static")
 _NUMPY_DTYPES = {"float32": np.float32, "float16": np.float16, "int64": np.int64, "int32": np.int32}
 
 
@@ -188,8 +191,8 @@ class OrtDecoder(_OrtDecoderBase):
 
 
 class OrtSharedKVDecoder(_OrtDecoderBase):
-    """The shared-buffer decoder graph (`kv_cache: shared`): one [1, Hkv, capacity, Dh] buffer per
-    layer, bound once as both past and present, so a step writes only its new positions."""
+    """The in-place decoder graphs (`kv_cache: shared` or `static`): one [1, Hkv, capacity, Dh]
+    buffer per layer, bound once as both past and present, so a step writes only its new positions."""
 
     def __init__(self, session: ort.InferenceSession, spec: DecoderSpec, device: str, transfers: Transfers,
                  capacity: int, embed: OrtGraph | None = None, allocate: bool = True):
@@ -200,8 +203,7 @@ class OrtSharedKVDecoder(_OrtDecoderBase):
         self.buffers: object = None
         if allocate:
             shape = [1, spec.num_kv_heads, capacity, spec.head_dim]
-            self.buffers = [ort.OrtValue.ortvalue_from_shape_and_type(shape, self.embeds_dtype, device, 0)
-                            for _ in self.past_names]
+            self.buffers = [kv_buffer(spec, shape, self.embeds_dtype, device, transfers) for _ in self.past_names]
             for past, present, buffer in zip(self.past_names, self.present_names, self.buffers):
                 self.binding.bind_ortvalue_input(past, buffer)
                 self.binding.bind_ortvalue_output(present, buffer)
@@ -227,6 +229,16 @@ class OrtSharedKVDecoder(_OrtDecoderBase):
             raise InvalidInputError(f"the KV cache holds {self.capacity} positions; this step needs "
                                     f"{self.past_length + _shape(inputs_embeds)[1]}")
         return self._last_logits(self._run(inputs_embeds, attention_mask, position_ids, extras)[0])
+
+
+def kv_buffer(spec: DecoderSpec, shape: list[int], dtype: type, device: str, transfers: Transfers) -> ort.OrtValue:
+    """One in-place cache tensor. A static cache's attention reads every position under its mask,
+    and a masked probability of 0 times uninitialised memory that happens to hold NaN is NaN, so
+    its buffers start zeroed (a CPU calloc; one copy on a GPU); GroupQueryAttention reads only each
+    row's valid prefix."""
+    if spec.kv_cache == "static":
+        return ort.OrtValue.ortvalue_from_numpy(transfers.sent(np.zeros(shape, dtype)), device, 0)
+    return ort.OrtValue.ortvalue_from_shape_and_type(shape, dtype, device, 0)
 
 
 def execution_providers(backend: str, engine_cache: Path, fp16: bool) -> list[Provider]:
@@ -295,8 +307,8 @@ class OrtBackend:
 
     def decoder(self, path: Path, spec: DecoderSpec, capacity: int, embed: OrtGraph | None = None
                 ) -> DecoderSession:
-        """A decoder session for the graph's KV-cache kind; `capacity` sizes a shared buffer."""
-        if spec.kv_cache == "shared":
+        """A decoder session for the graph's KV-cache kind; `capacity` sizes an in-place buffer."""
+        if spec.kv_cache in IN_PLACE_KV_CACHES:
             return OrtSharedKVDecoder(self.session(path), spec, self.device, self.transfers, capacity, embed)
         return OrtDecoder(self.session(path), spec, self.device, self.transfers, embed)
 

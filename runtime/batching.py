@@ -23,7 +23,7 @@ import numpy as np
 import onnxruntime as ort
 
 from zspa.errors import ZspaError
-from zspa.runtime.backends import DecoderSession, OrtDecoder, OrtSharedKVDecoder
+from zspa.runtime.backends import DecoderSession, OrtDecoder, OrtSharedKVDecoder, kv_buffer
 from zspa.runtime.decoder_inputs import Extras
 
 
@@ -146,7 +146,7 @@ class SlotDecodeBatch:
         shape = [max_batch, spec.num_kv_heads, capacity, spec.head_dim]
         self.slot_bytes = spec.num_kv_heads * capacity * spec.head_dim * np.dtype(prefill.embeds_dtype).itemsize
         try:
-            self.cache = [ort.OrtValue.ortvalue_from_shape_and_type(shape, prefill.embeds_dtype, prefill.device, 0)
+            self.cache = [kv_buffer(spec, shape, prefill.embeds_dtype, prefill.device, prefill.transfers)
                           for _ in spec.past_names]
         except (MemoryError, RuntimeError) as exc:  # onnxruntime reports a failed allocation as RuntimeError
             needed = len(spec.past_names) * max_batch * self.slot_bytes / 2**30

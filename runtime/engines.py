@@ -73,6 +73,8 @@ class ShapeRanges:
             "num_patches": tuple(n * self.patches_per_token for n in
                                  (self.min_visual_tokens, self.opt_visual_tokens, self.max_visual_tokens)),
             "num_windows": (1, max(1, self.opt_visual_tokens // 16), self.max_visual_tokens),
+            # a static KV cache: the buffers' capacity, one fixed value so every decode step has one shape
+            "max_cache_length": (self.max_context,) * 3,
         }
         if self.tokens_per_tile:
             ranges["num_tiles"] = tuple(max(1, n // self.tokens_per_tile) for n in ranges["num_visual_tokens"])
@@ -123,7 +125,7 @@ def engine_sources(manifest: Manifest, precision: str) -> dict[str, tuple[str, s
         variant = f"{name}-trt-{precision}"
         if variant in manifest.graphs:
             sources[name] = (variant, precision)
-        elif name == "decoder" and manifest.decoder.kv_cache == "shared":
+        elif name == "decoder" and manifest.decoder.kv_cache == "shared":  # ("static" builds: TensorScatter)
             raise BundleError("the decoder uses onnxruntime's GroupQueryAttention (exported with --kv-cache shared),"
                               " which TensorRT cannot build; re-export with --kv-cache concat")
         elif spec.quantization.get("method", "").startswith("onnxruntime"):
@@ -136,6 +138,20 @@ def engine_sources(manifest: Manifest, precision: str) -> dict[str, tuple[str, s
         else:
             sources[name] = (name, precision if precision in ("fp32", "fp16", "bf16") else "fp16")
     return sources
+
+
+# TensorScatter, the static KV cache's in-place update, is parsed from TensorRT 10.15 on (onnx-tensorrt's
+# operator table; the parser of 10.15 reads opsets up to 24).
+STATIC_KV_TENSORRT = (10, 15)
+
+
+def check_tensorrt_version(manifest: Manifest, version: str) -> None:
+    """Refuses, before any engine is built, a bundle this TensorRT cannot parse."""
+    release = tuple(int(part) for part in re.findall(r"\d+", version)[:2])
+    if manifest.decoder.kv_cache == "static" and release < STATIC_KV_TENSORRT:
+        need = ".".join(map(str, STATIC_KV_TENSORRT))
+        raise BundleError(f"the decoder's static KV cache (TensorScatter, opset 24) needs TensorRT {need} or newer; "
+                          f"this is {version}: re-export with --kv-cache concat for it")
 
 
 def strongly_typed(graph: GraphSpec) -> bool:

@@ -9,7 +9,9 @@ present (the portable graph writes past+new into present), so no cache byte cros
 A decode step (`decode`) runs the embed engine in a context of its own and points the decoder's
 `inputs_embeds` at its output: token ids go in, logits come out. CUDA graphs are not used for
 the decode step: the portable graph's past length changes every step, and a captured graph
-fixes shapes.
+fixes shapes. A static-cache decoder (`kv_cache: static`, TensorRT ≥ 10.15) has one buffer per
+cache tensor, bound as both past and present at the engines' full context, which TensorRT's
+KV-cache update layer writes in place: its decode steps all have the same shapes.
 """
 
 from __future__ import annotations
@@ -153,9 +155,16 @@ class TrtDecoder(_EngineRunner):
         self.past_names, self.present_names = spec.past_names, spec.present_names
         itemsize = np.dtype(self.dtype(self.past_names[0])).itemsize
         nbytes = spec.num_kv_heads * capacity * spec.head_dim * itemsize
-        self.caches = [(device.alloc(nbytes), device.alloc(nbytes)) for _ in self.past_names]
+        self.caches = [self._cache_pair(nbytes) for _ in self.past_names]
         self.current = 0  # which buffer of each pair holds the past
         self._zeros: dict[str, tuple[int, int]] = {}  # optional inputs' zeroed buffers: pointer, bytes
+
+    def _cache_pair(self, nbytes: int) -> tuple[int, int]:
+        """The (past, present) buffers of one cache tensor: two, used alternately."""
+        return self.device.alloc(nbytes), self.device.alloc(nbytes)
+
+    def _past_shape(self) -> tuple[int, ...]:
+        return 1, self.spec.num_kv_heads, self.past_length, self.spec.head_dim
 
     def reset(self) -> None:
         self.past_length, self.current = 0, 0
@@ -208,7 +217,7 @@ class TrtDecoder(_EngineRunner):
                 self._bind_zeros(name, item)
             else:
                 self.feed(name, item.value)
-        past_shape = (1, self.spec.num_kv_heads, self.past_length, self.spec.head_dim)
+        past_shape = self._past_shape()
         for name, present, buffers in zip(self.past_names, self.present_names, self.caches):
             self.context.set_input_shape(name, past_shape)
             self.context.set_tensor_address(name, buffers[self.current])
@@ -219,6 +228,21 @@ class TrtDecoder(_EngineRunner):
         self.device.synchronize()
         self.current, self.past_length = 1 - self.current, total
         return logits[:, -1, :].astype(np.float32)  # a copy: the staging buffer is reused by the next step
+
+
+class TrtStaticDecoder(TrtDecoder):
+    """The static-cache decoder engine: one [1, Hkv, capacity, Dh] buffer per cache tensor, bound
+    as both past and present (the engine's KV-cache update writes each step's new positions in
+    place), so every decode step binds the same shapes. The buffers start zeroed: attention reads
+    the whole capacity under its mask, and a masked 0 times uninitialised NaN is NaN."""
+
+    def _cache_pair(self, nbytes: int) -> tuple[int, int]:
+        pointer = self.device.alloc(nbytes)
+        check(self.device.rt.cudaMemsetAsync(pointer, 0, nbytes, self.device.stream))
+        return pointer, pointer
+
+    def _past_shape(self) -> tuple[int, ...]:
+        return 1, self.spec.num_kv_heads, self.capacity, self.spec.head_dim
 
 
 class TrtBackend:
@@ -253,5 +277,9 @@ class TrtBackend:
         return TrtGraph(self.trt, self._engine(path), self.device)
 
     def decoder(self, path: Path, spec: DecoderSpec, capacity: int, embed: TrtGraph | None = None) -> TrtDecoder:
+        """A static cache is the engines' whole context (its capacity is a fixed dimension of the
+        engine); the pipeline's `capacity` still bounds what requests may use."""
+        if spec.kv_cache == "static":
+            return TrtStaticDecoder(self.trt, self._engine(path), self.device, spec, self.record.max_context, embed)
         return TrtDecoder(self.trt, self._engine(path), self.device, spec, min(capacity, self.record.max_context),
                           embed)

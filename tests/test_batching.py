@@ -134,14 +134,17 @@ def test_batch_size_defaults_and_refusals(pipeline):
         decode_rows(OtherDecoder(), 4)
 
 
-@pytest.fixture(scope="module", params=["tiny-random-llava", "tiny-random-qwen3-vl"])
+@pytest.fixture(scope="module", params=[("tiny-random-llava", "shared"), ("tiny-random-qwen3-vl", "shared"),
+                                        ("tiny-random-llava", "static")], ids="-".join)
 def shared_pipeline(request, tmp_path_factory):
-    """The model exported with --kv-cache shared (GroupQueryAttention over in-place buffers)."""
+    """The model exported with an in-place KV cache: --kv-cache shared (GroupQueryAttention) or
+    static (TensorScatter + Attention, TensorRT's form), both served by the same slot cache."""
     from zspa.export.exporter import ExportOptions, export_bundle
     from zspa.runtime.pipeline import Pipeline
 
-    out = tmp_path_factory.mktemp("shared") / request.param
-    export_bundle(ExportOptions(request.param, out, keeps=[0.1, 0.25], kv_cache="shared", progress=False))
+    model, kv_cache = request.param
+    out = tmp_path_factory.mktemp(kv_cache) / model
+    export_bundle(ExportOptions(model, out, keeps=[0.1, 0.25], kv_cache=kv_cache, progress=False))
     return Pipeline.load(out, max_context=2048)
 
 

@@ -175,8 +175,10 @@ class DecoderSpec:
     positions: str  # family default: "contiguous" | "original"
     # M-RoPE (Qwen2-VL, Qwen2.5-VL): `position_ids` is [3, B, S], (temporal, height, width) (DESIGN §6).
     mrope: bool = False
-    # "concat": past → past+new, portable (TensorRT); "shared": one in-place buffer per layer through
-    # onnxruntime's GroupQueryAttention (export/shared_kv.py), onnxruntime only.
+    # "concat": past → past+new, portable; "shared": one in-place buffer per layer through
+    # onnxruntime's GroupQueryAttention (export/shared_kv.py), onnxruntime only; "static": one
+    # in-place buffer per layer through opset 24's TensorScatter + Attention (export/static_kv.py),
+    # TensorRT's form (≥ 10.15) that onnxruntime also runs.
     kv_cache: str = "concat"
     # DeepStack (Qwen3-VL): `deepstack_embeds` [L, B, S, D] is added to the hidden states after each of
     # the first L decoder layers (zero rows outside the image); the vision graph gives one plane each.
@@ -337,7 +339,7 @@ def _vision_spec_type(value: Any) -> type[VisionSpec]:
 
 # Ranges for the manifest's values: a tampered or hand-edited manifest fails here naming the field,
 # not later as an "unexpected error" deep in preprocessing or a session.
-_KNOWN = {"decoder.kv_cache": ("concat", "shared"),
+_KNOWN = {"decoder.kv_cache": ("concat", "shared", "static"),
           "decoder.positions": ("contiguous", "original"), "decoder.kv_dtype": ("float32", "float16", "bfloat16"),
           "vision.resample": tuple(range(6))}  # PIL's filters: NEAREST, LANCZOS, BILINEAR, BICUBIC, BOX, HAMMING
 _MAX_TOKENS_ID = 2**24  # vocabularies are ~10^5; a context or vocabulary past this is a corrupt value

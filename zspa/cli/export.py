@@ -47,10 +47,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--pooling", choices=["mean", "max"], default=zspa_defaults["pooling"],
                         help="how question-token embeddings are pooled for relevance (default: mean)")
     parser.add_argument("--dtype", choices=["fp32", "fp16"], default="fp32", help="graph precision (default: fp32)")
-    parser.add_argument("--kv-cache", choices=["concat", "shared"], default="concat",
-                        help="decoder KV cache: concat (past → past+new; portable, what zspa-build needs) or shared "
+    parser.add_argument("--kv-cache", choices=["concat", "shared", "static"], default="concat",
+                        help="decoder KV cache: concat (past → past+new; portable, any TensorRT 10), shared "
                         "(one in-place buffer per layer through onnxruntime's GroupQueryAttention; faster decode on "
-                        "onnxruntime, not buildable by TensorRT) (default: concat)")
+                        "onnxruntime, not buildable by TensorRT) or static (one in-place buffer per layer through "
+                        "opset 24's TensorScatter + Attention: fixed shapes per decode step, for TensorRT 10.15 or "
+                        "newer; onnxruntime runs it too) (default: concat)")
     parser.add_argument("--min-pixels", type=int, default=None, metavar="N",
                         help="Qwen-VL: the fewest pixels an image is resized to (default: the checkpoint's)")
     parser.add_argument("--max-pixels", type=int, default=None, metavar="N",
