@@ -16,6 +16,7 @@ median (min, max) over rounds, with the machine named.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 import tempfile
@@ -69,15 +70,15 @@ def main() -> None:
             export_bundle(ExportOptions(str(work / "n576-model"), bundles[kind], keeps=[0.1], kv_cache=kind,
                                         progress=False))
         for keep in (0.1, 1.0):
-            runs = {kind: [] for kind in KINDS}
+            runs: dict[str, list[dict]] = {kind: [] for kind in KINDS}
 
-            def measure(kind: str, keep: float = keep) -> float:
+            def measure(kind: str, keep: float, runs: dict[str, list[dict]]) -> float:
                 result = run_worker(__file__, "decode", bundle=bundles[kind], keep=keep, tokens=args.tokens,
                                     max_context=args.max_context)
                 runs[kind].append(result)
                 return result["tokens_per_s"]
 
-            rates = alternate({kind: lambda kind=kind: measure(kind) for kind in KINDS}, args.rounds)
+            rates = alternate({kind: functools.partial(measure, kind, keep, runs) for kind in KINDS}, args.rounds)
             print(f"\nkeep {keep:g} (context {runs['concat'][0]['context']}):")
             for kind in KINDS:
                 line = (f"  {kind:6}: decode {spread(rates[kind], 1)} tokens/s, TTFT "

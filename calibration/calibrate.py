@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from zspa.calibration.dataset import MIN_SAMPLES, CalibrationSet
 from zspa.calibration.fidelity import graph_bytes, measure_fidelity
-from zspa.calibration.quantize import quantize_int4_weights, quantize_int8_static, quantize_modelopt
+from zspa.calibration.quantize import WEIGHT_ONLY_BITS, quantize_int8_static, quantize_modelopt, quantize_weights
 from zspa.calibration.recording import RecordingBackend
 from zspa.errors import InvalidInputError
 from zspa.export.onnx_io import describe_graph
@@ -28,7 +28,7 @@ from zspa.runtime.bundle import Bundle
 from zspa.runtime.pipeline import Pipeline
 
 VISION_PRECISIONS = ("int8", "fp32")
-DECODER_PRECISIONS = ("int4", "fp32")
+DECODER_PRECISIONS = (*WEIGHT_ONLY_BITS, "fp32")
 TENSORRT_PRECISIONS = ("int8", "fp8")
 _EXTERNAL_DATA_BYTES = 2**30  # past this, write external data: protobuf stops at 2 GB
 
@@ -107,9 +107,9 @@ def _quantize(source: Bundle, out: Path, feeds, options: CalibrateOptions) -> di
     jobs = []
     if options.vision == "int8":
         jobs.append(("vision", "vision", lambda src, dst, ext: quantize_int8_static(src, dst, feeds["vision"], ext)))
-    if options.decoder == "int4":
+    if options.decoder in WEIGHT_ONLY_BITS:
         jobs.append(("decoder", "decoder",
-                     lambda src, dst, ext: quantize_int4_weights(src, dst, options.block_size, ext)))
+                     lambda src, dst, ext: quantize_weights(src, dst, options.decoder, options.block_size, ext)))
     if options.tensorrt:
         for name in ("vision", "decoder"):
             jobs.append((name, f"{name}-trt-{options.tensorrt}", lambda src, dst, ext, name=name:

@@ -8,8 +8,9 @@
   saturates a pair of products at 16 bits; with |w| ≤ 64 a pair is at most 2·255·64 = 32,640 and
   never saturates, so a bundle keeps the same accuracy on whatever CPU runs it (onnxruntime's
   quantization docs: reduce_range or U8U8 there).
-- INT4 weight-only (onnxruntime MatMulNBits): block-wise symmetric round-to-nearest weights,
-  activations kept in float; the decoder's memory traffic per token drops about 8x from fp32.
+- INT4 / INT8 weight-only (onnxruntime MatMulNBits): block-wise symmetric round-to-nearest
+  weights, activations kept in float; the decoder's memory traffic per token drops about 8x
+  (int4) or 4x (int8) from fp32. INT8 is the closer of the two to fp32, llama.cpp's q8_0 peer.
 - ModelOpt ONNX PTQ (INT8 / FP8): explicit Q/DQ graphs for TensorRT, calibrated on the same feeds.
 """
 
@@ -65,16 +66,20 @@ def quantize_int8_static(source: Path, target: Path, feeds: list[Feeds], externa
             "ops": ["Conv", "MatMul", "Gemm"], "samples": len(feeds)}
 
 
-def quantize_int4_weights(source: Path, target: Path, block_size: int = 32,
-                          external_data: bool = False) -> dict[str, Any]:
-    """`accuracy_level` 4 lets the CPU kernel run the products in int8, as onnxruntime-genai does for int4."""
-    quantizer = MatMulNBitsQuantizer(onnx.load(str(source)), bits=4, block_size=block_size, is_symmetric=True,
-                                     accuracy_level=4)
+WEIGHT_ONLY_BITS = {"int4": 4, "int8": 8}
+
+
+def quantize_weights(source: Path, target: Path, precision: str, block_size: int = 32,
+                     external_data: bool = False) -> dict[str, Any]:
+    """Every MatMul's weights to `precision` ("int4" or "int8") in blocks of `block_size`.
+    `accuracy_level` 4 lets the CPU kernel run the products in int8, as onnxruntime-genai does."""
+    quantizer = MatMulNBitsQuantizer(onnx.load(str(source)), bits=WEIGHT_ONLY_BITS[precision],
+                                     block_size=block_size, is_symmetric=True, accuracy_level=4)
     quantizer.process()
     declare_oldest_ir_version(quantizer.model.model)
     quantizer.model.save_model_to_file(str(target), use_external_data_format=external_data)
-    return {"precision": "int4", "method": "onnxruntime MatMulNBits (weight-only, round to nearest)",
-            "weights": f"int4 symmetric, blocks of {block_size}", "activations": "float", "accuracy_level": 4}
+    return {"precision": precision, "method": "onnxruntime MatMulNBits (weight-only, round to nearest)",
+            "weights": f"{precision} symmetric, blocks of {block_size}", "activations": "float", "accuracy_level": 4}
 
 
 def quantize_modelopt(source: Path, target: Path, feeds: list[Feeds], precision: str,

@@ -36,6 +36,12 @@ def tiny_bundle(tmp_path_factory) -> Path:
     return _export_builtin(tmp_path_factory, "tiny-random-llava", "tiny")
 
 
+@pytest.fixture(scope="session")
+def static_bundle(tmp_path_factory) -> Path:
+    """tiny-random-llava exported with --kv-cache static (TensorScatter + Attention, opset 24)."""
+    return _export_builtin(tmp_path_factory, "tiny-random-llava", "tiny-static", kv_cache="static")
+
+
 @pytest.fixture
 def bundle_copy(tiny_bundle, tmp_path) -> Path:
     """A private copy of the tiny bundle that a test may damage."""

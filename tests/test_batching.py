@@ -143,8 +143,11 @@ def shared_pipeline(request, tmp_path_factory):
     from zspa.runtime.pipeline import Pipeline
 
     model, kv_cache = request.param
-    out = tmp_path_factory.mktemp(kv_cache) / model
-    export_bundle(ExportOptions(model, out, keeps=[0.1, 0.25], kv_cache=kv_cache, progress=False))
+    if kv_cache == "static":
+        out = request.getfixturevalue("static_bundle")
+    else:
+        out = tmp_path_factory.mktemp(kv_cache) / model
+        export_bundle(ExportOptions(model, out, keeps=[0.1, 0.25], kv_cache=kv_cache, progress=False))
     return Pipeline.load(out, max_context=2048)
 
 

@@ -15,15 +15,6 @@ from zspa.runtime.engines import ShapeRanges, check_tensorrt_version, engine_sou
 from zspa.runtime.pipeline import Pipeline
 
 
-@pytest.fixture(scope="module")
-def static_bundle(tmp_path_factory):
-    from zspa.export.exporter import ExportOptions, export_bundle
-
-    out = tmp_path_factory.mktemp("bundles") / "tiny-static"
-    export_bundle(ExportOptions("tiny-random-llava", out, keeps=[0.1], kv_cache="static", progress=False))
-    return out
-
-
 def test_decoder_is_tensor_scatter_and_attention_at_opset_24(static_bundle):
     manifest = Bundle.open(static_bundle).manifest
     assert manifest.decoder.kv_cache == "static" and manifest.opset == 18

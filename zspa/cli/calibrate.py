@@ -12,8 +12,8 @@ from zspa.cli.common import add_debug_flag, run_command
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="zspa-calibrate", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-        description="Write a new bundle with an INT8 (static Q/DQ) vision graph and an INT4 weight-only decoder, "
-                    "calibrated by running the bundle on real images and prompts at its keep ratio.",
+        description="Write a new bundle with an INT8 (static Q/DQ) vision graph and an INT4 (or INT8) weight-only "
+                    "decoder, calibrated by running the bundle on real images and prompts at its keep ratio.",
     )
     parser.add_argument("bundle", type=Path, help="source bundle (fp32 or fp16, from zspa-export)")
     parser.add_argument("--images", type=Path, required=True, help="directory of calibration images")
@@ -22,14 +22,16 @@ def build_parser() -> argparse.ArgumentParser:
                              "in turn")
     parser.add_argument("-o", "--output", type=Path, required=True, help="the new bundle's directory")
     parser.add_argument("--vision", choices=["int8", "fp32"], default="int8", help="vision graph precision")
-    parser.add_argument("--decoder", choices=["int4", "fp32"], default="int4", help="decoder weight precision")
+    parser.add_argument("--decoder", choices=["int4", "int8", "fp32"], default="int4",
+                        help="decoder weight precision (weight-only, MatMulNBits): int4 is the smallest and fastest, "
+                             "int8 the closest to fp32")
     parser.add_argument("--tensorrt", choices=["int8", "fp8"], default=None,
                         help="also write NVIDIA ModelOpt Q/DQ graphs for TensorRT (needs nvidia-modelopt)")
     parser.add_argument("--keep", type=float, default=None, help="keep ratio to calibrate at (default: the smallest)")
     parser.add_argument("--method", default=None, help="pruning method (default: the bundle's first)")
     parser.add_argument("--max-samples", type=int, default=64)
     parser.add_argument("--min-samples", type=int, default=8)
-    parser.add_argument("--block-size", type=int, default=32, help="INT4 quantization block")
+    parser.add_argument("--block-size", type=int, default=32, help="weight-only quantization block")
     parser.add_argument("--fidelity-tokens", type=int, default=16, help="tokens per prompt in the fidelity check")
     parser.add_argument("--force", action="store_true", help="replace an existing output bundle")
     add_debug_flag(parser)
