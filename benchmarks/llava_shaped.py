@@ -22,15 +22,16 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
 
 def build_llava_shaped(workdir: Path, name: str, *, text_hidden: int, text_layers: int, keeps: list[float],
                        image_size: int = 336, vision_hidden: int = 128, vision_layers: int = 2,
-                       kv_cache: str = "concat"):
+                       kv_cache: str = "concat", intermediate_size: int | None = None):
     """(model, processor, bundle path) for a fresh random-weight model exported at `keeps` with
-    the `kv_cache` decoder."""
+    the `kv_cache` decoder; `intermediate_size` defaults to Llama's 8/3 of the width."""
     from zspa.export.exporter import ExportOptions, export_bundle
     from zspa.export.tiny import build_model, build_processor
 
     processor = build_processor(image_size=image_size)
     model = build_model(processor, image_size=image_size, vision_hidden=vision_hidden, vision_layers=vision_layers,
-                        text_hidden=text_hidden, text_layers=text_layers, max_context=4096)
+                        text_hidden=text_hidden, text_layers=text_layers, max_context=4096,
+                        intermediate_size=intermediate_size)
     source = workdir / f"{name}-model"
     model.save_pretrained(source)
     processor.save_pretrained(source)

@@ -24,7 +24,9 @@ from zspa.runtime.pipeline import Pipeline
 # only): 7-bit weights. Full 8-bit weights gave 0.022 on the Xeon but 0.104 on EPYC-Rome (saturation).
 VISION_INT8_TOLERANCE = 0.05
 DECODER_INT4_TOLERANCE = 0.5  # measured 0.32-0.39: Gaussian weights (σ 0.2) lose ~10 % per product to int4
-DECODER_INT8_TOLERANCE = 0.05  # measured 0.019 on an AMD EPYC (AVX2 only), where u8s8 products could saturate
+# INT8 weight-only decoder (MatMulNBits, int8 products at accuracy level 4): measured 0.028-0.044 on
+# these feeds on an AMD EPYC with AVX-512 VNNI and under qemu's AVX2-only EPYC-Rome alike.
+DECODER_INT8_TOLERANCE = 0.08
 
 
 def _calibration_folder(root: Path, count: int, split_offset: int = 2000) -> tuple[Path, Path]:
@@ -157,7 +159,7 @@ def test_int8_decoder_is_far_closer_to_fp32_than_int4(calibrated, tiny_bundle, r
             if a.name == "bits"} == {8}
     int8 = _relative_errors(tiny_bundle / "decoder.onnx", tmp_path / "decoder.onnx", recorded_feeds["decoder"])
     int4 = _relative_errors(tiny_bundle / "decoder.onnx", calibrated / "decoder.onnx", recorded_feeds["decoder"])
-    assert max(int8) < DECODER_INT8_TOLERANCE and max(int8) < min(int4) / 5
+    assert max(int8) < DECODER_INT8_TOLERANCE and max(int8) < min(int4) / 4
 
 
 def test_int8_weights_cannot_saturate_x86_kernels_without_vnni(calibrated):
