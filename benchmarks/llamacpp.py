@@ -67,6 +67,8 @@ def worker_llama(args) -> dict:
     from llama_cpp.llama_chat_format import Llava15ChatHandler
 
     handler = Llava15ChatHandler(clip_model_path=args.mmproj, verbose=False) if args.image else None
+    if handler is not None:  # its default system prompt (about 110 tokens) would lengthen llama.cpp's prefill
+        handler.DEFAULT_SYSTEM_MESSAGE = None
     llm = Llama(model_path=args.gguf, chat_handler=handler, n_ctx=2048, n_batch=1024, n_threads=THREADS,
                 n_threads_batch=THREADS, verbose=False)
     if args.image:
