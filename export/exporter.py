@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import datetime as dt
 import shutil
 import tempfile
 from dataclasses import dataclass, field
@@ -242,7 +241,6 @@ def _write_bundle(loaded: LoadedModel, options: ExportOptions, out: Path, torch_
         schema_version=SCHEMA_VERSION,
         zspa_version=zspa.__version__,
         family=family.NAME,
-        created_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         opset=options.opset,
         dtype=dtype_name,
         source=loaded.source,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import subprocess
 import sys
@@ -10,6 +11,8 @@ import time
 import pytest
 
 from zspa.manifest import Manifest
+from zspa.pruning import METHOD_DEFAULTS
+from zspa.pruning.onnx_pruner import build_pruner
 
 
 def test_export_from_local_directory(tiny_hf, tmp_path, photo_path):
@@ -109,3 +112,32 @@ def test_graphs_declare_the_oldest_ir_version_their_opset_needs(bundle_fixture, 
     for path in graphs:
         model = onnx.load(str(path), load_external_data=False)
         assert model.ir_version == 8, path.name
+
+
+def _digests(bundle) -> dict[str, str]:
+    return {str(path.relative_to(bundle)): hashlib.sha256(path.read_bytes()).hexdigest()
+            for path in sorted(bundle.rglob("*")) if path.is_file()}
+
+
+def test_exports_are_byte_identical(tiny_bundle, tmp_path):
+    """Signing, caching and "is this the bundle I tested?" need the same flags to give the same
+    bytes: exported again in this process (whose earlier builds must not leak into names) and in
+    another one, every file's sha256 equals the session bundle's."""
+    from zspa.export.exporter import ExportOptions, export_bundle
+
+    expected = _digests(tiny_bundle)
+    keeps = [pruner.keep for pruner in Manifest.read(tiny_bundle / "manifest.json").pruners]  # the fixture's
+    assert {"manifest.json", "decoder.onnx", "pruner-zspa.onnx"} <= expected.keys()
+    export_bundle(ExportOptions("tiny-random-llava", tmp_path / "here", keeps=keeps, progress=False))
+    assert _digests(tmp_path / "here") == expected
+    other = subprocess.run([sys.executable, "-m", "zspa.cli.export", "--model", "tiny-random-llava",
+                            "--keep", ",".join(map(str, keeps)),
+                            "-o", str(tmp_path / "there"), "--quiet"], capture_output=True, text=True, timeout=300)
+    assert other.returncode == 0, other.stderr
+    assert _digests(tmp_path / "there") == expected
+
+
+@pytest.mark.parametrize("method", sorted(METHOD_DEFAULTS))
+def test_pruner_graphs_number_their_names_per_build(method):
+    assert build_pruner(method, {}, hidden=16).SerializeToString() == \
+        build_pruner(method, {}, hidden=16).SerializeToString()

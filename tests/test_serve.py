@@ -169,9 +169,10 @@ def test_keep_and_pruning_method_select_the_pruner(client, photo_url):
     assert (kept(keep=1.0), kept(keep=0.25, pruning_method="zspa"), kept()) == (576, 144, 58)
 
 
-def test_models_lists_the_bundle(client):
+def test_models_lists_the_bundle(client, tiny_bundle):
     (model,) = client.models.list().data
     assert model.id == MODEL and model.model_extra["pruning"] == {"zspa": [0.1, 0.25, 1.0]}
+    assert model.created == int((tiny_bundle / "manifest.json").stat().st_mtime)  # when the export published it
 
 
 def _encoded(image: Image.Image, fmt: str) -> bytes:

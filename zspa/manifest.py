@@ -227,7 +227,6 @@ class Manifest:
     schema_version: int
     zspa_version: str
     family: str
-    created_at: str
     opset: int
     dtype: str
     source: SourceSpec

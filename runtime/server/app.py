@@ -14,7 +14,6 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from datetime import datetime
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -22,6 +21,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
+from zspa.manifest import MANIFEST_NAME
 from zspa.runtime.batching import batch_size
 from zspa.runtime.pipeline import Pipeline
 from zspa.runtime.server.conversation import encode, prepare
@@ -192,7 +192,7 @@ def create_app(pipeline: Pipeline, settings: ServerSettings) -> FastAPI:
         _authorize(request, settings)
         manifest = pipeline.bundle.manifest
         return {"object": "list", "data": [{
-            "id": settings.model_name, "object": "model", "created": _epoch(manifest.created_at), "owned_by": "zspa",
+            "id": settings.model_name, "object": "model", "created": _published(pipeline.bundle), "owned_by": "zspa",
             "source": manifest.source.model_id, "visual_tokens": manifest.vision.num_tokens,
             "pruning": {method: pipeline.bundle.keeps(method) for method in pipeline.bundle.methods},
         }]}
@@ -373,8 +373,7 @@ async def _sse(job: Job, deadline: float, settings: ServerSettings, request_id: 
         job.cancel("disconnect")  # no effect once the job has finished
 
 
-def _epoch(iso: str) -> int:
-    try:
-        return int(datetime.fromisoformat(iso).timestamp())
-    except ValueError:
-        return 0
+def _published(bundle) -> int:
+    """OpenAI's `created`: when the export published the bundle (the manifest carries no time, so
+    that two exports of one model are byte-identical)."""
+    return int((bundle.path / MANIFEST_NAME).stat().st_mtime)

@@ -17,7 +17,7 @@ Contract: `image_features` f[B,N,D], `prompt_embeds` f[B,T,D], `prompt_mask` i64
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -32,17 +32,19 @@ _ELEM = {"float32": TensorProto.FLOAT, "float16": TensorProto.FLOAT16}
 
 
 class _Graph:
-    """A tiny builder: `op` appends a node and returns its output name(s); `const` adds an initializer."""
+    """A tiny builder: `op` appends a node and returns its output name(s); `const` adds an initializer.
 
-    _ids = itertools.count()
+    A loop body shares its parent's `ids`, so names stay unique across the graph and its bodies, and
+    each build numbers from zero: the same method and parameters give the same bytes (a bundle's
+    digest must not depend on what the process built before)."""
 
-    def __init__(self):
+    def __init__(self, ids: Iterator[int] | None = None):
         self.nodes: list[onnx.NodeProto] = []
         self.initializers: list[onnx.TensorProto] = []
+        self.ids = ids if ids is not None else itertools.count()
 
-    @classmethod
-    def name(cls, hint: str) -> str:
-        return f"{hint}_{next(cls._ids)}"
+    def name(self, hint: str) -> str:
+        return f"{hint}_{next(self.ids)}"
 
     def op(self, op_type: str, *inputs: str, outputs: int = 1, **attrs) -> str | list[str]:
         names = [self.name(op_type.lower()) for _ in range(outputs)]
@@ -95,7 +97,7 @@ class _Pruner:
         each further step takes the token least similar to everything taken, updating every token's
         closeness (its highest cosine to the taken set) by one matrix–vector product."""
         g = self.g
-        scores = self._loop(_Graph.name("core_step"), core, scores,
+        scores = self._loop(g.name("core_step"), core, scores,
                             lambda body, scores_in: body.op("ArgMax", scores_in, axis=1, keepdims=1),
                             self.column(-np.inf))
         seeds = self._first(g.op("Equal", scores, g.const(-np.inf, np.float32)), core)
@@ -114,14 +116,15 @@ class _Pruner:
             similarity = body.op("Squeeze", body.op("MatMul", vector, self.tokens_t), squeeze_axis)
             return pick, body.op("Max", closeness_in, similarity)
 
-        closeness = self._loop(_Graph.name("fill_step"), g.op("Sub", self.k, core), closeness, fill_step,
+        closeness = self._loop(g.name("fill_step"), g.op("Sub", self.k, core), closeness, fill_step,
                                self.column(np.inf))
         self.picked = g.op("Equal", closeness, g.const(np.inf, np.float32))
 
     def _loop(self, name: str, steps: str, state: str, step: Callable, struck: str) -> str:
         """`steps` [1] iterations over a float [B,N] state: `step(body, state)` returns the pick [B,1]
         (and optionally the updated state), and the pick is struck out with `struck` [B,1]."""
-        g, body = self.g, _Graph()
+        g = self.g
+        body = _Graph(g.ids)
         result = step(body, "state_in")
         pick, updated = result if isinstance(result, tuple) else (result, "state_in")
         state_out = body.op("ScatterElements", updated, pick, struck, axis=1)
@@ -213,7 +216,8 @@ def _cdpruner(p: _Pruner) -> None:
     """Greedy MAP of the conditional DPP (see baselines.CDPrunerSelector): K steps, each adding the
     token of largest residual variance and writing its row of the incremental Cholesky factor into a
     [B,K,N] buffer; step t reads only the t rows written so far."""
-    g, body = p.g, _Graph()
+    g = p.g
+    body = _Graph(g.ids)
     relevance = _relevance(p, "mean")
     low = g.op("ReduceMin", relevance, g.const([-1]), keepdims=1)
     span = g.op("Max", g.op("Sub", g.op("ReduceMax", relevance, g.const([-1]), keepdims=1), low),
