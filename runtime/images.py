@@ -32,9 +32,10 @@ MAX_ASPECT_RATIO = 200  # Qwen2-VL's processor's own limit, applied to every fam
 FULL_RESIZE_PIXELS = 4_000_000
 
 ImageSource = str | Path | bytes | Image.Image
-# The decoders input may reach: the formats VLM inputs come in. Pillow knows dozens more, some
-# rarely hardened (TIFF, PSD, …) and EPS, which hands the data to Ghostscript where installed.
-IMAGE_FORMATS = ("PNG", "JPEG", "WEBP")
+# The decoders input may reach: the formats OpenAI's API takes (PNG, JPEG, WebP, non-animated GIF).
+# Pillow knows dozens more, some rarely hardened (TIFF, PSD, …) and EPS, which hands the data to
+# Ghostscript where installed.
+IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "GIF")
 
 
 def load_image(source: ImageSource, *, max_pixels: int = DEFAULT_MAX_PIXELS,
@@ -64,6 +65,9 @@ def load_image(source: ImageSource, *, max_pixels: int = DEFAULT_MAX_PIXELS,
     if max(width, height) > MAX_ASPECT_RATIO * min(width, height):
         raise InvalidInputError(f"{name}: {width}x{height} has an aspect ratio over {MAX_ASPECT_RATIO}:1")
     try:
+        if getattr(image, "is_animated", False):  # which frame the model should see is the sender's choice
+            raise InvalidInputError(f"{name}: an animated {image.format} ({image.n_frames} frames); "
+                                    "send one still frame")
         image.load()
         return _to_rgb(image)
     except (OSError, SyntaxError, ValueError) as exc:  # truncated or corrupt data surfaces on decode

@@ -171,3 +171,20 @@ def test_eval_refuses_settings_the_bundle_lacks(tiny_bundle, dataset, tmp_path):
     assert run.returncode == 2 and "keep must be in (0, 1]" in run.stderr
     run = eval_cli(tiny_bundle, "--data", dataset, "--out", tmp_path / "e", "--methods", "divprune")
     assert run.returncode == 2 and "'divprune' is not in this bundle" in run.stderr
+
+
+def test_eval_without_a_usable_question_fails_saying_why(tiny_bundle, photo_path, tmp_path):
+    """A metadata file (no question or answer per line) must not print an empty table and exit 0;
+    nor may a file whose every image fails."""
+    metadata = tmp_path / "metadata.jsonl"
+    metadata.write_text(json.dumps({"file_name": "a.png", "text": "a red square"}) + "\n")
+    run = eval_cli(tiny_bundle, "--data", metadata, "--out", tmp_path / "e")
+    assert run.returncode == 2 and "no usable question (1 line(s) skipped)" in run.stderr
+    assert "metadata.jsonl:1: missing or non-text field(s): question, answer" in run.stderr
+    assert not (tmp_path / "e").exists()
+    (tmp_path / "broken.png").write_bytes(b"no image here")
+    unreadable = tmp_path / "unreadable.jsonl"
+    unreadable.write_text(json.dumps({"image": "broken.png", "question": "What?", "answer": "x"}) + "\n")
+    run = eval_cli(tiny_bundle, "--data", unreadable, "--out", tmp_path / "f")
+    assert run.returncode == 2 and "no question could be answered" in run.stderr
+    assert not (tmp_path / "f" / "results.json").exists()

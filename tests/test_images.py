@@ -54,12 +54,12 @@ def test_preprocess_matches_transformers_pil_processor(tiny_hf, vision_spec, pho
 
 
 def test_corrupt_bytes_are_refused():
-    with pytest.raises(InvalidInputError, match="not a readable PNG, JPEG or WebP image"):
+    with pytest.raises(InvalidInputError, match="not a readable PNG, JPEG, WebP or GIF image"):
         load_image(b"definitely not an image")
 
 
-@pytest.mark.parametrize("fmt", ["TIFF", "BMP", "GIF", "PPM", "ICO", "EPS", "PSD", "TGA"])
-def test_formats_outside_png_jpeg_webp_are_refused(photo_path, fmt):
+@pytest.mark.parametrize("fmt", ["TIFF", "BMP", "PPM", "ICO", "EPS", "PSD", "TGA"])
+def test_formats_outside_openais_list_are_refused(photo_path, fmt):
     image = Image.open(photo_path).convert("RGB").resize((32, 32))
     buffer = io.BytesIO()
     if fmt == "PSD":  # Pillow reads PSD but cannot write it: a minimal header is enough to be recognised
@@ -70,7 +70,29 @@ def test_formats_outside_png_jpeg_webp_are_refused(photo_path, fmt):
     else:
         image.save(buffer, format=fmt)
     assert Image.open(io.BytesIO(buffer.getvalue())).format == fmt  # Pillow alone would open it
-    with pytest.raises(InvalidInputError, match="not a readable PNG, JPEG or WebP image"):
+    with pytest.raises(InvalidInputError, match="not a readable PNG, JPEG, WebP or GIF image"):
+        load_image(buffer.getvalue())
+
+
+def test_a_still_gif_decodes_with_its_transparency_on_white():
+    """OpenAI takes non-animated GIFs; a palette image's transparent index is composited on white,
+    as transformers' convert_rgb does."""
+    image = Image.new("P", (8, 4))
+    image.putpalette([200, 10, 30, 0, 0, 0] + [0] * 762)
+    image.paste(1, (0, 0, 4, 4))  # the left half: index 1, declared transparent below
+    buffer = io.BytesIO()
+    image.save(buffer, format="GIF", transparency=1)
+    rgb = np.asarray(load_image(buffer.getvalue()))
+    assert rgb.shape == (4, 8, 3)
+    assert (rgb[:, :4] == 255).all() and (rgb[:, 4:] == [200, 10, 30]).all()
+
+
+@pytest.mark.parametrize("fmt", ["GIF", "WEBP", "PNG"])
+def test_animated_images_are_refused(fmt):
+    frames = [Image.new("RGB", (16, 16), colour) for colour in ("red", "blue", "green")]
+    buffer = io.BytesIO()
+    frames[0].save(buffer, format=fmt, save_all=True, append_images=frames[1:], duration=100)
+    with pytest.raises(InvalidInputError, match=f"an animated {fmt} \\(3 frames\\); send one still frame"):
         load_image(buffer.getvalue())
 
 

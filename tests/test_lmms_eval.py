@@ -38,6 +38,19 @@ def test_settings_the_bundle_cannot_run_are_refused_before_any_request(tiny_bund
         ZspaLMM(bundle=str(tiny_bundle), batch_size="4")
 
 
+def test_a_misspelt_model_arg_is_refused_by_name(tiny_bundle):
+    """`kep=0.1` must not quietly run an unpruned evaluation; what the harness itself passes is taken."""
+    from lmms_eval.models import get_model
+
+    from zspa.errors import ZspaError
+
+    with pytest.raises(ZspaError, match="unknown model_args kep: zspa takes bundle, keep"):
+        get_model("zspa").create_from_arg_string(f"bundle={tiny_bundle},kep=0.1")
+    lmm = get_model("zspa").create_from_arg_string(f"bundle={tiny_bundle},keep=0.1",
+                                                   {"batch_size": 1, "max_batch_size": 4, "device": "cpu"})
+    assert lmm.keep == 0.1
+
+
 @pytest.mark.parametrize("context, images, expected", [
     ("What is it?", 1, ["image", "What is it?"]),
     ("<image>\nWhat is it?", 1, ["image", "What is it?"]),

@@ -85,7 +85,7 @@ def test_pipeline_stays_healthy_after_errors(pipeline, photo_path):
 
 
 def test_bad_image_fails_the_call_even_when_streaming(pipeline):
-    with pytest.raises(InvalidInputError, match="not a readable PNG, JPEG or WebP image"):
+    with pytest.raises(InvalidInputError, match="not a readable PNG, JPEG, WebP or GIF image"):
         pipeline.generate(b"garbage", Q, stream=True)
 
 

@@ -169,15 +169,22 @@ def test_keep_and_pruning_method_select_the_pruner(client, photo_url):
     assert (kept(keep=1.0), kept(keep=0.25, pruning_method="zspa"), kept()) == (576, 144, 58)
 
 
+def test_a_gif_is_answered_like_the_pipeline(client, pipeline, photo_path):
+    gif = _encoded(Image.open(photo_path).convert("RGB"), "GIF")
+    response = client.chat.completions.create(model=MODEL, messages=_messages(data_url(gif, "image/gif"), "What?"),
+                                              temperature=0, max_tokens=6)
+    assert response.choices[0].message.content == pipeline.generate(gif, "What?", max_new_tokens=6).text
+
+
 def test_models_lists_the_bundle(client, tiny_bundle):
     (model,) = client.models.list().data
     assert model.id == MODEL and model.model_extra["pruning"] == {"zspa": [0.1, 0.25, 1.0]}
     assert model.created == int((tiny_bundle / "manifest.json").stat().st_mtime)  # when the export published it
 
 
-def _encoded(image: Image.Image, fmt: str) -> bytes:
+def _encoded(image: Image.Image, fmt: str, **options) -> bytes:
     out = io.BytesIO()
-    image.save(out, format=fmt)
+    image.save(out, format=fmt, **options)
     return out.getvalue()
 
 
@@ -225,6 +232,8 @@ BAD_REQUESTS = {
     "tiff": (_with_image(data_url(_encoded(Image.new("RGB", (64, 64)), "TIFF"), "image/png")), IMAGE_PARAM,
              "not a readable PNG image"),
     "remote image": (_with_image("http://127.0.0.1:9/cat.png"), IMAGE_PARAM, "--allow-remote-images"),
+    "animated gif": (_with_image(data_url(_encoded(Image.new("RGB", (64, 64)), "GIF", save_all=True, append_images=[
+        Image.new("RGB", (64, 64), "red")]), "image/gif")), IMAGE_PARAM, "an animated GIF (2 frames)"),
     "6000x1 image (98 bytes)": (_with_image(data_url(_png(Image.new("RGB", (6000, 1))), "image/png")), IMAGE_PARAM,
                                 "aspect ratio over 200:1"),
     "1x20000 image": (_with_image(data_url(_png(Image.new("L", (1, 20000))), "image/png")), IMAGE_PARAM,

@@ -18,7 +18,7 @@ from zspa.runtime.server.remote_images import FetchPolicy, FetchRefused, ImageTo
 log = logging.getLogger("zspa.serve")
 
 # A data URL's declared type → the one format its bytes may decode as.
-IMAGE_TYPES = {"image/png": "PNG", "image/jpeg": "JPEG", "image/jpg": "JPEG", "image/webp": "WEBP"}
+IMAGE_TYPES = {"image/png": "PNG", "image/jpeg": "JPEG", "image/jpg": "JPEG", "image/webp": "WEBP", "image/gif": "GIF"}
 _WRAPPING = re.compile(r"[\r\n\t ]")
 _NO_WHITESPACE = str.maketrans("", "", "\r\n\t ")
 _DATA_URL = re.compile(r"data:(?P<mime>[^;,]*)(?P<params>(?:;[^;,]*)*),(?P<data>.*)", re.DOTALL)
@@ -45,7 +45,7 @@ def _from_data_url(url: str, param: str, max_bytes: int) -> tuple[bytes, tuple[s
         raise invalid("malformed data URL: expected data:image/<type>;base64,<data>", param)
     mime = match["mime"].lower()
     if mime not in IMAGE_TYPES:
-        raise invalid(f"unsupported image type {mime or 'none'!r}; send PNG, JPEG or WebP", param)
+        raise invalid(f"unsupported image type {mime or 'none'!r}; send PNG, JPEG, WebP or GIF", param)
     data = match["data"]
     if _WRAPPING.search(data):  # MIME-style base64 wrapped at 76 columns: the line breaks are not data
         data = data.translate(_NO_WHITESPACE)

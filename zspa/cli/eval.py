@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from zspa.cli.common import add_backend_flags, add_debug_flag, backend_options, method_list, ratio_list, run_command
+from zspa.errors import InvalidInputError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -32,7 +33,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _settings(bundle, methods, keeps) -> list[tuple[str, float]]:
-    from zspa.errors import InvalidInputError
 
     methods = methods or bundle.methods
     if not methods:
@@ -51,16 +51,21 @@ def _eval(args: argparse.Namespace) -> None:
     from zspa.runtime.evaluation import Evaluation, kind_table, markdown_table, plot_accuracy, read_dataset
     from zspa.runtime.pipeline import Pipeline
 
-    pipeline = Pipeline.load(args.bundle, **backend_options(args), positions=args.positions)
-    settings = _settings(pipeline.bundle, args.methods, args.keeps)
     items, problems = read_dataset(args.data)
     for problem in problems:
         print(f"zspa-eval: skipping {problem}", file=sys.stderr)
+    if not items:  # an empty table and exit 0 would read as a finished evaluation
+        raise InvalidInputError(f"{args.data}: no usable question ({len(problems)} line(s) skipped); each line is a "
+                                'JSON object with "question", "answer" and "image" or "images"')
+    pipeline = Pipeline.load(args.bundle, **backend_options(args), positions=args.positions)
+    settings = _settings(pipeline.bundle, args.methods, args.keeps)
     items = items[: args.limit] if args.limit else items
     evaluation = Evaluation(pipeline, args.out, settings, args.max_new_tokens)
     for problem in evaluation.run(items, progress=not args.quiet):
         print(f"zspa-eval: skipping {problem}", file=sys.stderr)
     table = evaluation.summary()
+    if not table:
+        raise InvalidInputError("no question could be answered (each failed, above); no results written")
     report = {"bundle": str(Path(args.bundle).resolve()), "data": str(args.data.resolve()),
               "positions": pipeline.positions, "skipped_lines": problems, "results": table}
     (args.out / "results.json").write_text(json.dumps(report, indent=2) + "\n")

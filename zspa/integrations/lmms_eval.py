@@ -28,7 +28,12 @@ class ZspaLMM(lmms):
 
     def __init__(self, bundle: str, keep: float | str = 1.0, method: str | None = None, backend: str = "ort-cpu",
                  positions: str | None = None, threads: int | str | None = None, batch_size: int | str = 1,
-                 **unused) -> None:
+                 max_batch_size: int | str | None = None, device: str | None = None, **unknown) -> None:
+        """`max_batch_size` and `device` are what the harness passes every model; the backend says
+        where zspa runs. Any other key is refused: a misspelt `keep` would run an unpruned evaluation."""
+        if unknown:
+            raise InvalidInputError(f"unknown model_args {', '.join(sorted(unknown))}: zspa takes "
+                                    "bundle, keep, method, backend, positions and threads")
         super().__init__()
         if int(batch_size) != 1:
             raise InvalidInputError("zspa answers one request at a time: use --batch_size 1")
