@@ -9,7 +9,7 @@ from zspa.pruning.budget import core_size, token_budget
 
 # Every method and its default parameters (zspa.pruning.methods builds the torch selectors).
 METHOD_DEFAULTS: dict[str, dict] = {
-    # α = 0.25 and mean pooling: chosen on the shapes benchmark (README, "Pruning quality").
+    # α = 0.25 and mean pooling: chosen on the shapes benchmark (docs/evaluation.md).
     "zspa": {"relevance_ratio": 0.25, "pooling": "mean"},
     "random": {"seed": 0},
     "uniform": {},
