@@ -6,8 +6,9 @@ whole view's tokens, against that view's share of the image's tokens; then, for 
 stage's picks there, the highest cosine similarity each has to a kept detail token (near 1: a
 duplicate of something already kept).
 
-The picks are the eager selector's (`zspa.pruning.zspa_prune`, what the pruner graph is exported
-from) on the bundle's own vision-graph output, so a bundle of a real checkpoint
+The picks are the bundle's own pruner graph's, on its own vision-graph output; the relevance core
+is the same graph at α = 1 given the core's budget (its K highest-relevance tokens, ties to the
+lower index, exactly the core ZSPAPrune seeds with). So a bundle of a real checkpoint
 (`zspa-export --model internvl3-1b`) measures the real model; the default tiny model has random
 weights, so its figures say how the method treats the thumbnail's geometry, not what a trained
 tower sees.
@@ -23,8 +24,6 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from machine import describe_machine  # noqa: E402
@@ -54,25 +53,38 @@ def whole_view(pipeline, vision_input) -> tuple[int, int]:
     return (0, per_piece) if pipeline.bundle.manifest.vision.kind == "gemma3" else (n - per_piece, n)
 
 
+def core_graph(pipeline, hidden: int, dtype: str):
+    """ZSPAPrune at α = 1 with the bundle's pooling: fed the core's budget, its picks are the core."""
+    import onnxruntime as ort
+
+    from zspa.pruning.onnx_pruner import build_pruner
+
+    pooling = pipeline.bundle.pruner_for(0.5, "zspa").params["pooling"]
+    model = build_pruner("zspa", {"relevance_ratio": 1.0, "pooling": pooling}, hidden=hidden, dtype=dtype)
+    return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+
+
 def measure(pipeline, image, keep: float) -> dict:
     from zspa.pruning.budget import core_size, token_budget
-    from zspa.pruning.zspa_prune import farthest_point_fill, greedy_top, question_relevance
 
-    spec = next(p for p in pipeline.bundle.manifest.pruners if p.method == "zspa").params
+    pruner = pipeline.bundle.pruner_for(keep, "zspa")
     vision_input = pipeline.kind.prepare(image, pipeline.bundle.manifest.vision)
-    features = torch.from_numpy(pipeline.vision.run(vision_input.feeds)[0])
+    features = pipeline.vision.run(vision_input.feeds)[0]
     prompt = pipeline.prompts.build(QUESTION, views=(vision_input.views,))
-    embeds = torch.from_numpy(pipeline.embed.run({"input_ids": prompt.input_ids[None]})[0])
-    tokens = F.normalize(features.float(), dim=-1)
-    n, k = tokens.shape[1], token_budget(keep, tokens.shape[1])
-    relevance = question_relevance(tokens, embeds, torch.from_numpy(prompt.question_mask)[None], spec["pooling"])
-    core = greedy_top(relevance, core_size(k, spec["relevance_ratio"]))
-    kept = farthest_point_fill(tokens, core, k)[0].numpy()
-    core, diversity = set(core[0].tolist()), [int(i) for i in kept if int(i) not in set(core[0].tolist())]
+    feeds = {"image_features": features, "prompt_embeds": pipeline.embed.run({"input_ids": prompt.input_ids[None]})[0],
+             "prompt_mask": prompt.question_mask[None]}
+    n, k = features.shape[1], token_budget(keep, features.shape[1])
+    kept = pipeline.pruners[pruner.graph].run({**feeds, "budget": np.array([k], np.int64)})[1][0]
+    core_count = core_size(k, pruner.params["relevance_ratio"])
+    core = core_graph(pipeline, features.shape[-1], str(features.dtype)).run(
+        None, {**feeds, "budget": np.array([core_count], np.int64)})[1][0]
+    tokens = features[0].astype(np.float32)
+    tokens /= np.maximum(np.linalg.norm(tokens, axis=-1, keepdims=True), 1e-12)
+    core, diversity = set(core.tolist()), [int(i) for i in kept if int(i) not in set(core.tolist())]
     start, end = whole_view(pipeline, vision_input)
     detail_kept = [int(i) for i in kept if not start <= i < end]
     whole_diversity = [i for i in diversity if start <= i < end]
-    closest = (tokens[0, whole_diversity] @ tokens[0, detail_kept].T).amax(-1).numpy() if whole_diversity else []
+    closest = (tokens[whole_diversity] @ tokens[detail_kept].T).max(-1) if whole_diversity else []
     return {"pieces": n // pipeline.bundle.manifest.vision.tokens_per_tile, "n": n, "k": k, "share": (end - start) / n,
             "core": (sum(start <= i < end for i in core), len(core)),
             "diversity": (len(whole_diversity), len(diversity)), "closest": closest}

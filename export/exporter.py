@@ -26,8 +26,8 @@ from zspa.integrity import sha256_file
 from zspa.manifest import MANIFEST_NAME, SCHEMA_VERSION, Manifest, PrunerSpec
 from zspa.pruning import METHOD_DEFAULTS
 from zspa.pruning.budget import validate_keep
-from zspa.pruning.methods import make_selector
 from zspa.pruning.onnx_pruner import save_pruner
+from zspa.pruning.params import method_params
 from zspa.signing import SigningKey, sign_bundle
 
 DTYPES = {"fp32": (torch.float32, "float32"), "fp16": (torch.float16, "float16")}
@@ -121,7 +121,7 @@ def _validate(options: ExportOptions) -> None:
     if None not in (options.min_pixels, options.max_pixels) and options.min_pixels > options.max_pixels:
         raise InvalidInputError(f"--min-pixels {options.min_pixels} is over --max-pixels {options.max_pixels}")
     for method in options.methods:
-        make_selector(method, _method_params(options, method))  # validates names and parameters
+        method_params(method, _method_params(options, method))  # validates names and parameters
 
 
 def _bound_pixels(processor, min_pixels: int | None, max_pixels: int | None) -> None:
@@ -224,7 +224,7 @@ def _write_bundle(loaded: LoadedModel, options: ExportOptions, out: Path, torch_
         params = _method_params(options, method)
         name = f"pruner-{method}"
         save_pruner(method, params, out / f"{name}.onnx", hidden=hidden, dtype=dtype_name, opset=options.opset)
-        pruners += [PrunerSpec(method, keep, None, params, name) for keep in keeps]
+        pruners += [PrunerSpec(method, keep, params, name) for keep in keeps]
         bar.update()
 
     step("checking parity with transformers")

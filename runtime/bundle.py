@@ -9,8 +9,8 @@ from pathlib import Path, PurePosixPath, PureWindowsPath
 from zspa.errors import BundleError, InvalidInputError
 from zspa.integrity import sha256_file
 from zspa.manifest import MANIFEST_NAME, Manifest, PrunerSpec
-from zspa.pruning.budget import token_budget, validate_keep
-from zspa.runtime.vision_kinds import check_kind, vision_kind
+from zspa.pruning.budget import validate_keep
+from zspa.runtime.vision_kinds import check_kind
 from zspa.signing import TrustPolicy, verify_bundle
 
 
@@ -91,30 +91,15 @@ class Bundle:
         return self.manifest.pruners[0].method if self.manifest.pruners else None
 
     def pruner_for(self, keep: float, method: str | None = None) -> PrunerSpec | None:
-        """The pruner that runs `keep` for `method` (None for keep 1.0), or an error listing the choices.
-
-        A per-request graph runs any keep (its spec comes back with this keep); a static-K graph
-        only the K it was exported with."""
+        """The pruner that runs `keep` for `method` (None for keep 1.0): the method's per-request
+        graph, its spec carrying this keep; an error naming the bundle's methods otherwise."""
         method = method or self.default_method
         if method is not None:
             self.require_method(method)
         if validate_keep(keep) == 1.0:
             return None
-        candidates = [p for p in self.manifest.pruners if p.method == method]
-        per_request = next((p for p in candidates if p.k is None), None)
-        if per_request is not None:
-            return dataclasses.replace(per_request, keep=keep)
-        if not vision_kind(self.manifest.vision).fixed_tokens(self.manifest.vision):
-            raise BundleError(f"{method} has only static-K pruners, which cannot prune images whose token count "
-                              "varies; re-export the bundle")
-        k = token_budget(keep, self.manifest.vision.num_tokens)
-        if k == self.manifest.vision.num_tokens:
-            return None
-        for pruner in candidates:
-            if pruner.k == k:
-                return pruner
-        available = ", ".join(f"{p.keep:g} (K={p.k})" for p in candidates) or "none"
-        raise InvalidInputError(
-            f"keep {keep:g} (K={k}) is not in this bundle for {method}; available: {available}, or 1.0 for no "
-            f"pruning. Re-export with --keep {keep:g} to add it (bundles from zspa ≥ 0.2 run any keep)"
-        )
+        if method is None:
+            raise InvalidInputError(f"keep {keep:g} needs a pruner, and this bundle has none: use keep 1.0, or "
+                                    "re-export it with --keep below 1")
+        pruner = next(p for p in self.manifest.pruners if p.method == method)
+        return dataclasses.replace(pruner, keep=keep)

@@ -51,7 +51,7 @@ class ShapeRanges:
             raise InvalidInputError(f"--max-context must be in (1, {limit}] (the model's context), got {context}")
         max_prefill = min(context, manifest.vision.num_tokens + 512)  # keep 1.0 with a long prompt
         num_tokens = manifest.vision.num_tokens
-        smallest_k = min((p.k or token_budget(p.keep, num_tokens) for p in manifest.pruners), default=num_tokens)
+        smallest_k = min((token_budget(p.keep, num_tokens) for p in manifest.pruners), default=num_tokens)
         vision = manifest.vision
         kind = vision_kind(vision)
         fixed, low = kind.fixed_tokens(vision), kind.fewest_tokens(vision)

@@ -314,11 +314,11 @@ class Pipeline:
 
     @staticmethod
     def _block(image: PreparedImage, pruner: PrunerSpec | None, keep: float) -> ImageBlock:
-        """The image's share of the budget: K = the pruner's static K, or max(1, round(keep · N))."""
+        """The image's share of the budget: K = max(1, round(keep · N))."""
         num_tokens = image.vision_input.num_tokens
         if pruner is None:
             return ImageBlock(image, num_tokens, None)
-        kept_count = min(num_tokens, pruner.k if pruner.k is not None else token_budget(keep, num_tokens))
+        kept_count = token_budget(keep, num_tokens)
         return ImageBlock(image, kept_count, pruner if kept_count < num_tokens else None)
 
     def encode(self, request: Request) -> Request:
@@ -461,9 +461,8 @@ class Pipeline:
         """One image's kept features [1, K, D] and indices [K], scored against the question."""
         if block.pruner is None:
             return features, np.arange(block.num_tokens, dtype=np.int64)
-        feeds = {"image_features": features, "prompt_embeds": prompt_embeds, "prompt_mask": question_mask[None]}
-        if block.pruner.k is None:
-            feeds["budget"] = np.array([block.kept_count], dtype=np.int64)
+        feeds = {"image_features": features, "prompt_embeds": prompt_embeds, "prompt_mask": question_mask[None],
+                 "budget": np.array([block.kept_count], dtype=np.int64)}
         kept, kept_indices = self.pruners[block.pruner.graph].run(feeds)
         return kept, kept_indices[0]
 

@@ -10,11 +10,13 @@ import torch
 from zspa.errors import InvalidInputError
 from zspa.pruning import METHOD_DEFAULTS, METHODS
 from zspa.pruning.budget import token_budget
-from zspa.pruning.methods import make_selector
+from zspa.pruning.onnx_pruner import build_pruner
+from zspa.pruning.params import method_params
 
 from oracles import cdpruner_oracle, dart_oracle, divprune_oracle, random_oracle, uniform_oracle, zspa_oracle
 from test_pruner import pruner_graph, random_inputs
 from test_pruner import run as run_graph
+from torch_pruners import make_selector
 
 
 def run(session, features, prompt, mask, k):
@@ -93,10 +95,17 @@ def test_prompt_aware_methods_follow_the_question():
         assert np.array_equal(picks[0], picks[1]) == (method not in ("zspa", "cdpruner")), method
 
 
-def test_unknown_methods_and_parameters_are_refused():
-    with pytest.raises(InvalidInputError, match="unknown pruning method 'fastv'"):
-        make_selector("fastv", {})
-    with pytest.raises(InvalidInputError, match="takes no parameter"):
-        make_selector("uniform", {"seed": 1})
-    with pytest.raises(InvalidInputError, match="pooling"):
-        make_selector("zspa", {"pooling": "median"})
+@pytest.mark.parametrize("method, params, message", [
+    ("fastv", {}, "unknown pruning method 'fastv'"),
+    ("uniform", {"seed": 1}, "uniform takes no parameter"),
+    ("zspa", {"pooling": "median"}, "pooling must be one of"),
+    ("zspa", {"relevance_ratio": 1.5}, "relevance ratio must be in \\[0, 1\\]"),
+    ("dart", {"pivots": 0}, "pivots must be an integer ≥ 1"),
+    ("dart", {"pivots": 2.5}, "pivots must be an integer ≥ 1"),
+    ("random", {"seed": -1}, "seed must be an integer ≥ 0"),
+])
+def test_unknown_methods_and_bad_parameters_are_refused_before_a_graph_is_built(method, params, message):
+    with pytest.raises(InvalidInputError, match=message):
+        method_params(method, params)
+    with pytest.raises(InvalidInputError, match=message):
+        build_pruner(method, params, hidden=8)

@@ -5,11 +5,9 @@ from __future__ import annotations
 import dataclasses
 import json
 
-import numpy as np
 import pytest
 
 from zspa.errors import BundleError, InvalidInputError
-from zspa.manifest import PrunerSpec
 from zspa.runtime.bundle import Bundle
 
 
@@ -128,43 +126,26 @@ def test_symlinks_out_of_the_bundle_are_refused(bundle_copy, tmp_path):
         Bundle.open(bundle_copy)
 
 
-def test_static_k_pruners_of_older_bundles_run_only_their_k(tiny_bundle):
-    """zspa 0.1 bundles (and methods without a per-request graph) list one static-K graph per keep."""
+def test_per_request_pruners_run_any_keep(tiny_bundle):
     bundle = Bundle.open(tiny_bundle)
-    static = PrunerSpec("cdpruner", 0.1, 58, {}, "pruner-cdpruner-k58")
-    old = Bundle(bundle.path, dataclasses.replace(bundle.manifest, pruners=[static]))
-    assert old.pruner_for(0.1) == static and old.pruner_for(0.1001) == static  # same K = 58
-    assert old.pruner_for(1.0) is None
-    with pytest.raises(InvalidInputError, match=r"keep 0\.3 \(K=173\) is not in this bundle"):
-        old.pruner_for(0.3)
-    assert bundle.pruner_for(0.3).k is None and bundle.pruner_for(0.3).keep == 0.3  # per-request: any keep
+    assert bundle.pruner_for(0.3).keep == 0.3 and bundle.pruner_for(0.3).graph == "pruner-zspa"
+    assert bundle.pruner_for(1.0) is None
+    unpruned = Bundle(bundle.path, dataclasses.replace(bundle.manifest, pruners=[]))
+    with pytest.raises(InvalidInputError, match="keep 0.1 needs a pruner, and this bundle has none"):
+        unpruned.pruner_for(0.1)
 
 
-def test_a_zspa_0_1_bundle_still_answers(bundle_copy, photo_path, pipeline):
-    """A bundle as zspa 0.1 wrote it (static-K graph per keep, no budget input) runs through today's
-    runtime, and its pruner keeps exactly what the per-request graph keeps."""
-    from zspa.export.onnx_io import describe_graph
-    from zspa.export.static_pruner import export_static_pruner
-    from zspa.runtime.pipeline import Pipeline
-
-    params = {"relevance_ratio": 0.25, "pooling": "mean"}
-    export_static_pruner("zspa", params, 576, 58, 64, bundle_copy / "pruner-zspa-k58.onnx")
-
+def test_a_zspa_0_1_bundle_is_refused_with_the_way_out(bundle_copy):
+    """zspa 0.1 wrote one fixed-K graph per keep and no vision kind; today's runtime feeds K per
+    request, so such a bundle is refused as a whole, before anything loads."""
     def to_version_0_1(data):
-        del data["vision"]["kind"]  # zspa 0.1 knew one kind
-        data["graphs"]["pruner-zspa-k58"] = dataclasses.asdict(describe_graph(bundle_copy / "pruner-zspa-k58.onnx"))
-        del data["graphs"]["pruner-zspa"]
-        data["pruners"] = [{"method": "zspa", "keep": 0.1, "k": 58, "params": params, "graph": "pruner-zspa-k58"}]
+        del data["vision"]["kind"]
+        data["pruners"] = [{"method": "zspa", "keep": 0.1, "k": 58, "params": {}, "graph": "pruner-zspa"}]
 
     _edit_manifest(bundle_copy, to_version_0_1)
-    (bundle_copy / "pruner-zspa.onnx").unlink()
-    old = Pipeline.load(bundle_copy).generate(photo_path, "What is it?", keep=0.1, max_new_tokens=4)
-    new = pipeline.generate(photo_path, "What is it?", keep=0.1, max_new_tokens=4)
-    assert old.stats.visual_tokens_kept == 58
-    np.testing.assert_array_equal(old.kept_indices, new.kept_indices)
-    assert old.token_ids == new.token_ids
-    with pytest.raises(InvalidInputError, match="Re-export"):
-        Pipeline.load(bundle_copy).generate(photo_path, "What is it?", keep=0.3, max_new_tokens=1)
+    with pytest.raises(BundleError, match=r"pruners\[0\] has a fixed K \(58\), the format of zspa 0.1; "
+                                          "re-export it with this version"):
+        Bundle.open(bundle_copy)
 
 
 def _set(section: str, **values):

@@ -12,11 +12,10 @@ from PIL import Image
 
 from zspa.pruning import METHOD_DEFAULTS
 from zspa.pruning.budget import token_budget
-from zspa.pruning.graph import PrunerGraph
-from zspa.pruning.zspa_prune import ZSPASelector
 from zspa.runtime.views import crop_boxes, prepare_views
 
 from references import greedy_continue
+from torch_pruners import PrunerGraph, ZSPASelector
 
 QUESTION = "What is the man wearing on his head?"
 MAX_NEW = 10

@@ -12,13 +12,12 @@ from PIL import Image
 
 from zspa.pruning import METHOD_DEFAULTS
 from zspa.pruning.budget import token_budget
-from zspa.pruning.graph import PrunerGraph
-from zspa.pruning.zspa_prune import ZSPASelector
 from zspa.runtime.positions import prefill_positions
 from zspa.runtime.tiles import tile_grid
 from zspa.runtime.vision_kinds import prepare_vision
 
 from references import greedy_continue
+from torch_pruners import PrunerGraph, ZSPASelector
 
 QUESTION = "What is the man wearing on his head?"
 MAX_NEW = 10

@@ -10,11 +10,10 @@ from PIL import Image
 from zspa.manifest import Manifest
 from zspa.pruning import METHOD_DEFAULTS
 from zspa.pruning.budget import token_budget
-from zspa.pruning.graph import PrunerGraph
-from zspa.pruning.zspa_prune import ZSPASelector
 from zspa.runtime.positions import prefill_positions
 
 from references import greedy_continue
+from torch_pruners import PrunerGraph, ZSPASelector
 
 QUESTION = "What is the man wearing on his head?"
 MAX_NEW = 12

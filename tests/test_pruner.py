@@ -10,11 +10,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from zspa.pruning.budget import core_size, token_budget
-from zspa.pruning.graph import PrunerGraph
 from zspa.pruning.onnx_pruner import build_pruner
-from zspa.pruning.zspa_prune import ZSPASelector, question_relevance
 
 from oracles import zspa_oracle
+from torch_pruners import PrunerGraph, ZSPASelector, question_relevance
 
 N, D, K = 576, 64, 58
 

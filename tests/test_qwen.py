@@ -12,14 +12,13 @@ from PIL import Image
 
 from zspa.pruning import METHOD_DEFAULTS
 from zspa.pruning.budget import token_budget
-from zspa.pruning.graph import PrunerGraph
-from zspa.pruning.zspa_prune import ZSPASelector
 from zspa.runtime.images import load_image
 from zspa.runtime.positions import prefill_positions
 from zspa.runtime.qwen_vision import position_taps, rotary_positions, window_order, window_slots
 from zspa.runtime.vision_kinds import prepare_vision
 
 from references import greedy_continue
+from torch_pruners import PrunerGraph, ZSPASelector
 
 QUESTION = "What is the man wearing on his head?"
 MAX_NEW = 10

@@ -205,12 +205,11 @@ def kv_names(num_layers: int, prefix: str) -> list[str]:
 
 @dataclass(frozen=True)
 class PrunerSpec:
-    """One exported keep of one method. `k` None: a per-request graph (`zspa.pruning.onnx_pruner`)
-    that takes K as its `budget` input, so any keep runs; an int: a graph with that static K."""
+    """One method's per-request graph (`zspa.pruning.onnx_pruner`: K is its `budget` input, so any
+    keep runs) and a keep the commands default to."""
 
     method: str
     keep: float
-    k: int | None
     params: dict[str, Any]
     graph: str
 
@@ -257,6 +256,7 @@ class Manifest:
             )
         if version < SCHEMA_VERSION:
             raise BundleError(f"manifest.json: schema_version {version} is no longer supported; re-export the bundle")
+        _refuse_static_pruners(data.get("pruners"))
         manifest = _build(cls, data, "manifest")
         check_values(manifest)
         return manifest
@@ -274,6 +274,15 @@ class Manifest:
         except (ValueError, RecursionError) as exc:  # a 5,000-digit integer, nesting past the recursion limit
             raise BundleError(f"{path}: a value cannot be read ({exc})") from None
         return cls.from_dict(data)
+
+
+def _refuse_static_pruners(pruners: Any) -> None:
+    """zspa 0.1 exported one graph per keep with K fixed (`k` an integer), which a per-request
+    runtime cannot feed; such a bundle is refused whole rather than half run."""
+    for i, pruner in enumerate(pruners if isinstance(pruners, list) else []):
+        if isinstance(pruner, dict) and pruner.get("k") is not None:
+            raise BundleError(f"manifest.json: pruners[{i}] has a fixed K ({pruner['k']!r}), the format of zspa 0.1; "
+                              "re-export it with this version (its pruners run any keep)")
 
 
 def _build(cls: type, data: Any, where: str) -> Any:
@@ -294,7 +303,6 @@ def _build(cls: type, data: Any, where: str) -> Any:
 def _convert(hint: Any, value: Any, where: str) -> Any:
     origin = typing.get_origin(hint)
     if hint is VisionSpec:
-        value = {"kind": "clip", **value} if isinstance(value, dict) else value  # zspa 0.1 (LLaVA) has no kind
         return _build(_vision_spec_type(value), value, where)
     if dataclasses.is_dataclass(hint):
         return _build(hint, value, where)
@@ -386,8 +394,8 @@ def check_values(manifest: Manifest) -> None:
         if not math.isfinite(value) or (where == "vision.rescale_factor" and value <= 0):
             raise BundleError(f"manifest.json: {where} is {value!r}; it must be a finite number")
     for i, pruner in enumerate(manifest.pruners):
-        if not 0 < pruner.keep <= 1 or (pruner.k is not None and pruner.k < 1) or pruner.graph not in manifest.graphs:
-            raise BundleError(f"manifest.json: pruners[{i}] (keep {pruner.keep!r}, k {pruner.k!r}, graph "
+        if not 0 < pruner.keep <= 1 or pruner.graph not in manifest.graphs:
+            raise BundleError(f"manifest.json: pruners[{i}] (keep {pruner.keep!r}, graph "
                               f"{pruner.graph!r}) is not a pruner this bundle can run")
     names = [*(g.file for g in manifest.graphs.values()), *manifest.files,
              *(name for g in manifest.graphs.values() for name in g.data_files)]

@@ -97,8 +97,8 @@ def _export(args: argparse.Namespace) -> None:
     for name in manifest.graphs:
         print(f"{name:<22}{report.node_counts[name]:>8}{report.sizes[name] / 1e6:>10.2f} MB")
     for pruner in manifest.pruners:
-        budget = "any keep per request" if pruner.k is None else f"static K={pruner.k}"
-        print(f"pruner {pruner.method}: keep {pruner.keep:g} by default, {budget} (N={manifest.vision.num_tokens})")
+        print(f"pruner {pruner.method}: keep {pruner.keep:g} by default, any keep per request "
+              f"(N={manifest.vision.num_tokens})")
     print("parity vs transformers (max abs diff): "
           + ", ".join(f"{k.removesuffix('_max_abs_diff')} {v:.2e}" for k, v in manifest.parity.items()))
     if manifest.source.random_weights:

@@ -1,8 +1,6 @@
-"""Visual-token pruning methods (torch, export-friendly) and the budget arithmetic they share.
-
-Methods only choose indices; `PrunerGraph` owns the invariants every method shares (static K,
-ascending order, gathering the unnormalised features), in the spirit of TensorRT Edge-LLM's
-pruner base class. Importing this package does not import torch; `zspa.pruning.graph` does.
+"""Visual-token pruning: the methods' names and defaults, their parameters' checks (`params`), the
+budget arithmetic (`budget`), and each method as one per-request ONNX graph (`onnx_pruner`), the
+only implementation a bundle runs. Importing this package imports neither torch nor onnx.
 """
 
 from zspa.pruning.budget import core_size, token_budget

@@ -1,8 +1,8 @@
 """Pruner graphs whose budget is chosen per request: N dynamic, K an input (DESIGN §4, §5).
 
 K = max(1, round(keep·N)) depends on the image (Qwen2.5-VL's N grows with it) and on the keep a
-request asks for, so the greedy steps cannot be unrolled at export time as the traced torch
-selectors are. These graphs are written directly in ONNX. A greedy method is one ONNX `Loop` of K
+request asks for, so the greedy steps cannot be unrolled at export time. These graphs are
+written directly in ONNX. A greedy method is one ONNX `Loop` of K
 iterations whose trip count comes from the `budget` input; each iteration picks one token and
 strikes it out of the scores (−inf) and of the closeness vector (+inf), so no buffer of picks is
 carried: the kept set is read off the final state, in ascending order, by one TopK. ArgMax /
@@ -25,7 +25,8 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from zspa.onnx_ir import declare_oldest_ir_version
-from zspa.pruning import DPP_EPSILON, METHOD_DEFAULTS
+from zspa.pruning import DPP_EPSILON
+from zspa.pruning.params import method_params
 from zspa.pruning.random_order import HASH_MODULUS, HASH_MULTIPLIER
 
 _ELEM = {"float32": TensorProto.FLOAT, "float16": TensorProto.FLOAT16}
@@ -199,7 +200,7 @@ def _divprune(p: _Pruner) -> None:
 
 
 def _dart(p: _Pruner, pivots: int) -> None:
-    """Pivots by feature norm, then the tokens least similar to any pivot (see baselines.DartSelector).
+    """Pivots by feature norm, then the tokens least similar to any pivot.
     Neither step is greedy: two TopKs, whose ties go to the lower index."""
     g = p.g
     count = g.op("Min", p.k, g.const([pivots]))
@@ -213,7 +214,7 @@ def _dart(p: _Pruner, pivots: int) -> None:
 
 
 def _cdpruner(p: _Pruner) -> None:
-    """Greedy MAP of the conditional DPP (see baselines.CDPrunerSelector): K steps, each adding the
+    """Greedy MAP of the conditional DPP: K steps, each adding the
     token of largest residual variance and writing its row of the incremental Cholesky factor into a
     [B,K,N] buffer; step t reads only the t rows written so far."""
     g = p.g
@@ -298,10 +299,10 @@ _BUILDERS: dict[str, Callable[..., None]] = {
 
 
 def build_pruner(method: str, params: dict, *, hidden: int, dtype: str = "float32", opset: int = 18) -> onnx.ModelProto:
-    """The per-request pruner graph of `method` with `params` (validated by `make_selector`)."""
+    """The per-request pruner graph of `method` with `params` over its defaults."""
     g = _Graph()
     p = _Pruner(g)
-    _BUILDERS[method](p, **{**METHOD_DEFAULTS[method], **params})
+    _BUILDERS[method](p, **method_params(method, params))
     kept_indices = p.kept_indices()
     index = g.op("Expand", g.op("Unsqueeze", kept_indices, g.const([-1])),
                  g.op("Concat", g.op("Shape", kept_indices), p.hidden, axis=0))

@@ -1,22 +1,128 @@
-"""Peer pruning methods with ZSPAPrune's signature, each written as a static, exportable graph.
+"""Eager PyTorch pruners: the references the parity tests prune with before transformers' own
+language model runs, beside the numpy oracles (`oracles.py`) the exported graphs are checked against.
 
+The product's pruners are the ONNX graphs of `zspa.pruning.onnx_pruner`; these are written
+independently of them (unrolled loops over K, torch ops) and agree index for index (tested).
 Every selector takes `image_features [B,N,D], prompt_embeds [B,T,D], prompt_mask [B,T], k` and
-returns K distinct indices; `PrunerGraph` sorts and gathers. All of them run before the
-decoder on the projected visual tokens, which is where a compiled pipeline can prune. Ties go to
-the lower index (first argmax) throughout.
+returns K distinct indices; `PrunerGraph` sorts and gathers. Ties go to the lower index.
+
+ZSPAPrune (DESIGN §5): a core of the tokens most relevant to the question, then diversity tokens
+chosen greedily by max–min cosine distance (farthest point, as DivPrune), seeded with the core.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from zspa.pruning import DPP_EPSILON
+from zspa.pruning.budget import core_size
+from zspa.pruning.params import method_params
 from zspa.pruning.random_order import random_indices
-from zspa.pruning.zspa_prune import farthest_point_fill, greedy_top, question_relevance
+
+
+class TokenSelector(Protocol):
+    """A pruning method: returns K indices per batch row, in any order, without duplicates."""
+
+    def __call__(
+        self, image_features: torch.Tensor, prompt_embeds: torch.Tensor, prompt_mask: torch.Tensor, k: int
+    ) -> torch.Tensor: ...
+
+
+class PrunerGraph(nn.Module):
+    """`image_features, prompt_embeds, prompt_mask → kept_features, kept_indices` (DESIGN §4).
+
+    Indices come out ascending, so kept tokens keep their original spatial order, as the pruner
+    graphs give them.
+    """
+
+    def __init__(self, selector: TokenSelector, k: int):
+        super().__init__()
+        self.selector = selector
+        self.k = k
+
+    def forward(
+        self, image_features: torch.Tensor, prompt_embeds: torch.Tensor, prompt_mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        indices = self.selector(image_features, prompt_embeds, prompt_mask, self.k)
+        kept_indices = torch.sort(indices, dim=-1).values
+        hidden = image_features.shape[-1]
+        kept = torch.gather(image_features, 1, kept_indices.unsqueeze(-1).expand(-1, -1, hidden))
+        return kept, kept_indices
+
+
+@dataclass(frozen=True)
+class ZSPASelector:
+    relevance_ratio: float
+    pooling: str
+
+    def __call__(
+        self, image_features: torch.Tensor, prompt_embeds: torch.Tensor, prompt_mask: torch.Tensor, k: int
+    ) -> torch.Tensor:
+        tokens = F.normalize(image_features.float(), dim=-1)
+        relevance = question_relevance(tokens, prompt_embeds.float(), prompt_mask, self.pooling)
+        n_core = core_size(k, self.relevance_ratio)
+        return farthest_point_fill(tokens, greedy_top(relevance, n_core), k)
+
+
+def question_relevance(tokens: torch.Tensor, prompt_embeds: torch.Tensor, prompt_mask: torch.Tensor,
+                       pooling: str) -> torch.Tensor:
+    """r_i = cos(v_i, mean question embedding), or the max over question tokens of cos(v_i, e_t).
+
+    `tokens` are L2-normalised visual tokens [B,N,D]; `prompt_mask` marks the question [B,T].
+    """
+    mask = prompt_mask.to(prompt_embeds.dtype).unsqueeze(-1)
+    if pooling == "mean":
+        pooled = (prompt_embeds * mask).sum(1) / mask.sum(1).clamp_min(1.0)
+        return torch.matmul(tokens, F.normalize(pooled, dim=-1).unsqueeze(-1)).squeeze(-1)
+    cosines = torch.matmul(tokens, F.normalize(prompt_embeds, dim=-1).transpose(1, 2))
+    return cosines.masked_fill(mask.transpose(1, 2) == 0, float("-inf")).amax(-1)
+
+
+def greedy_top(scores: torch.Tensor, count: int) -> torch.Tensor:
+    """Top-`count` indices of `scores` [B,N], ties to the lower index.
+
+    An unrolled argmax loop rather than TopK: argmax picks the first maximum in torch and ONNX
+    alike, while torch.topk leaves the order of ties unspecified. Each pick is struck out with
+    one scatter (two nodes a step), not a one-hot mask.
+    """
+    struck = torch.full_like(scores[:, :1], float("-inf"))
+    picks = []
+    for _ in range(count):
+        pick = scores.argmax(-1, keepdim=True)
+        scores = scores.scatter(1, pick, struck)
+        picks.append(pick)
+    return torch.cat(picks, dim=1)
+
+
+def farthest_point_fill(tokens: torch.Tensor, seeds: torch.Tensor, k: int) -> torch.Tensor:
+    """Extends `seeds` [B,S] to K indices, each step taking the token farthest, in minimum cosine
+    distance, from all chosen so far. `tokens`: L2-normalised [B,N,D].
+
+    Largest minimum distance 1 − cos is smallest maximum similarity, so the loop tracks each
+    token's closeness (its highest cosine to the chosen set) and takes the argmin; chosen tokens
+    are struck out with +inf by scatter, and each step's vector is one Gather from the flattened
+    tokens: seven graph nodes a step, since at K≈N/10 the graph is launch-bound.
+    """
+    batch, n, hidden = tokens.shape
+    flat = tokens.reshape(-1, hidden)
+    row_offsets = (torch.arange(batch, device=tokens.device) * n).view(batch, 1)
+    tokens_t = tokens.transpose(1, 2)
+    closeness = torch.matmul(F.embedding(seeds + row_offsets, flat), tokens_t).amax(1)
+    closeness = closeness.scatter(1, seeds, torch.full_like(seeds, 0, dtype=tokens.dtype) + torch.inf)
+    struck = torch.full_like(closeness[:, :1], float("inf"))
+    picks = [seeds]
+    for _ in range(k - seeds.shape[1]):
+        pick = closeness.argmin(-1, keepdim=True)
+        similarity = torch.matmul(F.embedding(pick + row_offsets, flat), tokens_t).squeeze(1)
+        closeness = torch.maximum(closeness, similarity).scatter(1, pick, struck)
+        picks.append(pick)
+    return torch.cat(picks, dim=1)
 
 
 def _constant_indices(indices: np.ndarray, batch_like: torch.Tensor) -> torch.Tensor:
@@ -143,3 +249,18 @@ def greedy_dpp_map(kernel: torch.Tensor, k: int) -> torch.Tensor:
         residual = residual - factor * factor
         picks.append(pick)
     return torch.cat(picks, dim=1)
+
+
+_SELECTORS = {
+    "zspa": ZSPASelector,
+    "random": RandomSelector,
+    "uniform": UniformSelector,
+    "divprune": DivPruneSelector,
+    "dart": DartSelector,
+    "cdpruner": CDPrunerSelector,
+}
+
+
+def make_selector(method: str, params: dict[str, Any]) -> TokenSelector:
+    """The method's selector with its defaults and `params`, checked as the exporter checks them."""
+    return _SELECTORS[method](**method_params(method, params))
