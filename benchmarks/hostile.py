@@ -20,7 +20,6 @@ import json
 import resource
 import socket
 import statistics
-import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -29,11 +28,12 @@ from pathlib import Path
 import httpx
 from PIL import Image
 
+from zspa.testing import builtin_bundle, chat_body, data_url, running_server, slowloris
+
 from machine import describe_machine
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests"))
-from serving import builtin_bundle, chat_body, data_url, running_server, slowloris  # noqa: E402
+
 
 IMAGES = [(6000, 1, "PNG"), (6000, 1, "WEBP"), (1, 6000, "PNG"), (20000, 1, "PNG"), (200000, 1, "PNG"),
           (6000, 30, "PNG"), (30, 6000, "WEBP"), (6700, 34, "PNG"), (7000, 7000, "PNG")]

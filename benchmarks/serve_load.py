@@ -34,7 +34,6 @@ import contextlib
 import io
 import itertools
 import json
-import sys
 import tempfile
 import time
 import urllib.request
@@ -45,14 +44,14 @@ import numpy as np
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests"))
-from zspa.cli.common import int_list  # noqa: E402
+from zspa.cli.common import int_list
+from zspa.testing import chat_body, data_url, running_server
 
-from family_ttft import save_model  # noqa: E402
-from llava_shaped import build_llava_shaped  # noqa: E402
-from machine import describe_machine  # noqa: E402
-from serving import chat_body, data_url, running_server  # noqa: E402 (the tests' server launcher)
+from family_ttft import save_model
+from llava_shaped import build_llava_shaped
+from machine import describe_machine
+
+ROOT = Path(__file__).resolve().parent.parent
 
 IMAGE = ROOT / "zspa" / "assets" / "shapes-example.png"
 _FRAMES = itertools.count()

@@ -16,7 +16,6 @@ import argparse
 import collections
 import io
 import json
-import sys
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -25,11 +24,12 @@ import httpx
 import numpy as np
 from PIL import Image
 
+from zspa.testing import builtin_bundle, chat_body, data_url, running_server
+
 from machine import describe_machine
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests"))
-from serving import builtin_bundle, chat_body, data_url, running_server  # noqa: E402 (the tests' launcher)
+
 
 IMAGE = data_url((ROOT / "zspa" / "assets" / "shapes-example.png").read_bytes(), "image/png")
 KINDS = ["plain"] * 6 + ["stream"] * 3 + ["fresh_image"] * 3 + ["abandoned"] * 2 + ["bad_keep", "bad_base64",

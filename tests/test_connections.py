@@ -13,7 +13,7 @@ import time
 import httpx
 import pytest
 
-from serving import chat_body, data_url, free_port, running_server, slowloris
+from zspa.testing import chat_body, data_url, free_port, running_server, slowloris
 
 MODEL = "tiny"
 

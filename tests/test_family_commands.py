@@ -18,8 +18,7 @@ from zspa.manifest import Manifest
 from zspa.pruning.budget import token_budget
 from zspa.runtime.engines import ShapeRanges, optimisation_profile
 from zspa.runtime.pipeline import Pipeline
-
-from serving import chat_body, data_url, running_server
+from zspa.testing import chat_body, data_url, running_server
 
 QUESTION = "What is the man wearing on his head?"
 

@@ -28,8 +28,7 @@ from zspa.manifest import Manifest  # noqa: E402
 from zspa.runtime.images import load_image  # noqa: E402
 from zspa.runtime.server.errors import APIError  # noqa: E402
 from zspa.runtime.server.image_urls import image_bytes  # noqa: E402
-
-from serving import running_server  # noqa: E402
+from zspa.testing import running_server  # noqa: E402
 
 CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance,
           negative_data_rejection]

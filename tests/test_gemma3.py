@@ -252,7 +252,7 @@ def test_serve_answers_images_with_crops_over_two_turns(gemma3_pipeline, photo, 
 
     import openai
 
-    from serving import data_url, running_server
+    from zspa.testing import data_url, running_server
 
     images = [photo.resize((900, 400)), photo.resize((400, 1300))]
     encoded = []

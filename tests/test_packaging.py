@@ -28,6 +28,17 @@ def test_namespace_maps_card_folders():
     assert Path(zspa.calibration.__file__).resolve().parent == ROOT / "calibration"
 
 
+def test_each_module_has_one_name():
+    """The card's folders load only as `zspa.…`: a second name would give two `Bundle` classes
+    (an isinstance that fails, a registry filled twice). Checked from the repository root, where
+    `runtime/` is importable as a top-level package if anything asks for it."""
+    modules = _imported_after("import zspa.runtime.pipeline, zspa.runtime.server.app, zspa.export.exporter, "
+                              "zspa.calibration.calibrate, zspa.cli.export, zspa.cli.serve, zspa.testing")
+    assert {"zspa.runtime.bundle", "zspa.export.exporter", "zspa.calibration.calibrate"} <= modules
+    top_level = {name for name in modules if name.split(".")[0] in ("runtime", "export", "calibration")}
+    assert top_level == set()
+
+
 def test_import_zspa_is_light():
     modules = _imported_after("import zspa, zspa.manifest, zspa.errors, zspa.pruning")
     assert not {"torch", "onnxruntime", "transformers", "onnx"} & modules

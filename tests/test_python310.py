@@ -8,11 +8,14 @@ import glob
 import os
 import shutil
 import subprocess
+from pathlib import Path
 
 import httpx
 import pytest
 
-from serving import ROOT, chat_body, data_url, running_server
+from zspa.testing import chat_body, data_url, running_server
+
+ROOT = Path(__file__).resolve().parent.parent
 
 # The base install plus the [serve] extra, as pyproject.toml lists them.
 RUNTIME_REQUIREMENTS = ["numpy>=1.24", "onnxruntime>=1.18", "tokenizers>=0.19", "pillow>=10", "jinja2>=3.1",
@@ -58,12 +61,15 @@ def venv310(tmp_path_factory) -> str:
                              text=True, timeout=900)
     if install.returncode != 0:
         pytest.skip(f"cannot install the runtime's requirements for Python 3.10: {install.stderr[-500:]}")
+    install = subprocess.run([python, "-m", "pip", "install", "-q", "--no-deps", str(ROOT)], capture_output=True,
+                             text=True, timeout=900)
+    assert install.returncode == 0, f"this checkout does not install on Python 3.10: {install.stderr[-2000:]}"
     return python
 
 
 @pytest.mark.slow
 def test_plain_and_streaming_requests_on_python310(venv310, tiny_bundle, pipeline, photo_path, tmp_path):
-    """The service from this checkout under 3.10 (the source tree maps the packages, no torch):
+    """The service from this checkout, installed under 3.10 (no torch):
     a plain request answers 200 with the pipeline's own answer, and a stream completes."""
     url = data_url(photo_path.read_bytes())
     expected = pipeline.generate(photo_path, "What is in the picture?", max_new_tokens=8).text

@@ -22,7 +22,7 @@ if not Path("/proc").is_dir():
 
 import openai  # noqa: E402
 
-from serving import data_url, free_port  # noqa: E402
+from zspa.testing import data_url, free_port  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 QUESTIONS = ["What is in the picture?", "Describe it.", "What colour is it?"]

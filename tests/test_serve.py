@@ -21,7 +21,7 @@ import openai
 import pytest
 from PIL import Image
 
-from serving import chat_body, data_url, running_server
+from zspa.testing import chat_body, data_url, running_server
 
 API_KEY = "test-key"
 MODEL = "tiny"

@@ -1,4 +1,6 @@
-"""Helpers for the service tests: a real `zspa-serve` process on a free loopback port, and request bodies."""
+"""Helpers the test suite and the benchmarks share, as `numpy.testing` is numpy's: a real
+`zspa-serve` process on a free loopback port, request bodies, a slowloris client, a built-in
+model's bundle. Needs httpx (the dev extra); nothing in the product imports it."""
 
 from __future__ import annotations
 
@@ -14,8 +16,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 @dataclass
@@ -45,7 +45,7 @@ def running_server(bundle: Path, log: Path, *args: str, env: dict[str, str] | No
     port = free_port()
     command = [python, "-m", "zspa.cli.serve", str(bundle), "--port", str(port), *args]
     with open(log, "wb") as out:
-        process = subprocess.Popen(command, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
+        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT,
                                    env={**os.environ, **(env or {})})
     server = Server(f"http://127.0.0.1:{port}", process, log)
     try:
