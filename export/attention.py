@@ -54,10 +54,9 @@ def attention_implementation(language_model: nn.Module, name: str, function: Cal
     AttentionInterface.register(name, function)
     if mask_function is not None:
         AttentionMaskInterface.register(name, mask_function)
-    config = language_model.config
-    previous = config._attn_implementation
-    config._attn_implementation = name
+    previous = language_model.config._attn_implementation
+    language_model.set_attn_implementation(name)  # transformers' public switch (a PreTrainedModel's)
     try:
         yield
     finally:
-        config._attn_implementation = previous
+        language_model.set_attn_implementation(previous)

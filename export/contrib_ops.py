@@ -7,8 +7,7 @@ from __future__ import annotations
 
 import onnx.defs
 from onnx.defs import OpSchema
-from onnxscript import values
-from onnxscript._internal.values import Op
+from onnxscript.values import Op, Opset
 
 FLOATS = ["tensor(float)", "tensor(float16)", "tensor(bfloat16)"]
 
@@ -23,10 +22,10 @@ def contrib_op(name: str, inputs: list[tuple[str, str]], outputs: list[tuple[str
         type_constraints=[(variable, allowed, "") for variable, allowed in types.items()],
         attributes=[OpSchema.Attribute(attribute, kind, "") for attribute, kind in attributes.items()],
     )
-    return Op(values.Opset("com.microsoft", 1), name, schema)
+    return Op(Opset("com.microsoft", 1), name, schema)
 
 
 def standard_op(name: str, version: int) -> Op:
     """An onnxscript op for the standard ONNX `name` as of opset `version` (the graph must be
     exported at that opset). Ops with optional outputs return them all: take the ones used."""
-    return Op(values.Opset("", version), name, onnx.defs.get_schema(name, version, ""))
+    return Op(Opset("", version), name, onnx.defs.get_schema(name, version, ""))

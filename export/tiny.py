@@ -148,7 +148,7 @@ def build_model(
     )
     torch.manual_seed(seed)
     model = LlavaForConditionalGeneration(config)
-    model.config._attn_implementation = "eager"
+    model.set_attn_implementation("eager")
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     return model.eval()

@@ -94,7 +94,7 @@ def build_model(processor, *, vision_hidden: int = 64, vision_layers: int = 2, t
     model = Gemma3ForConditionalGeneration(config)
     with torch.no_grad():  # the projector starts at zero (every visual token alike)
         model.model.multi_modal_projector.mm_input_projection_weight.normal_(0.0, initializer_range)
-    model.config._attn_implementation = "eager"
+    model.set_attn_implementation("eager")
     model.generation_config.eos_token_id = [ids["<eos>"], ids["<end_of_turn>"]]
     model.generation_config.pad_token_id = ids["<pad>"]
     model.generation_config.bos_token_id = ids["<bos>"]

@@ -102,7 +102,7 @@ def build_model(processor: ImageTextProcessor, *, vision_hidden: int = 64, visio
     )
     torch.manual_seed(seed)
     model = getattr(transformers, model_class)(config)
-    model.config._attn_implementation = "eager"
+    model.set_attn_implementation("eager")
     model.generation_config.eos_token_id = [ids["<|im_end|>"], ids["<|endoftext|>"]]
     model.generation_config.pad_token_id = ids["<|endoftext|>"]
     return model.eval()

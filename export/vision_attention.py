@@ -88,7 +88,7 @@ class TiledImageFeatures(torch.nn.Module):
         from transformers import AttentionInterface
 
         AttentionInterface.register(FUSED_TOWER, tower_attention)
-        model.model.vision_tower.config._attn_implementation = FUSED_TOWER
+        model.model.vision_tower.set_attn_implementation(FUSED_TOWER)
         self.model = model.model
         self.feature_kwargs = feature_kwargs
 
