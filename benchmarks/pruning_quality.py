@@ -17,9 +17,10 @@ import tempfile
 from pathlib import Path
 
 from zspa.datasets import needles, shapes
+from zspa.evaluation import Evaluation, kind_table, markdown_table, read_dataset
 from zspa.export.exporter import ExportOptions, export_bundle
+from zspa.plots import plot_accuracy
 from zspa.pruning import METHOD_DEFAULTS, METHODS
-from zspa.runtime.evaluation import Evaluation, kind_table, markdown_table, plot_accuracy, read_dataset
 from zspa.runtime.pipeline import Pipeline
 
 DATASETS = {"needles": (needles, "needles-llava"), "shapes": (shapes, "shapes-llava")}

@@ -21,11 +21,11 @@ from zspa.calibration.quantize import WEIGHT_ONLY_BITS, quantize_int8_static, qu
 from zspa.calibration.recording import RecordingBackend
 from zspa.errors import InvalidInputError
 from zspa.export.onnx_io import describe_graph
-from zspa.export.staging import staged_directory
 from zspa.manifest import MANIFEST_NAME, GraphSpec, Manifest
 from zspa.pruning.budget import validate_keep
 from zspa.runtime.bundle import Bundle
 from zspa.runtime.pipeline import Pipeline
+from zspa.runtime.staging import staged_directory
 
 VISION_PRECISIONS = ("int8", "fp32")
 DECODER_PRECISIONS = (*WEIGHT_ONLY_BITS, "fp32")

@@ -9,8 +9,8 @@ import numpy as np
 from tqdm import tqdm
 
 from zspa.calibration.dataset import CalibrationSample
+from zspa.evaluation import kl_divergence
 from zspa.manifest import Manifest
-from zspa.runtime.evaluation import kl_divergence
 from zspa.runtime.pipeline import Pipeline
 
 

@@ -19,7 +19,6 @@ from zspa.export.loading import LoadedModel, load_model
 from zspa.export.onnx_io import describe_graph, export_graph, node_count
 from zspa.export.parity import check_parity
 from zspa.export.shared_kv import GROUP_QUERY_ATTENTION, BufferAttention, SharedKVDecoderGraph, buffer_attention
-from zspa.export.staging import staged_directory
 from zspa.export.static_kv import STATIC_CACHE_ATTENTION
 from zspa.export.vision_attention import TRANSLATION_TABLE as VISION_TRANSLATION_TABLE
 from zspa.integrity import sha256_file
@@ -28,6 +27,7 @@ from zspa.pruning import METHOD_DEFAULTS
 from zspa.pruning.budget import validate_keep
 from zspa.pruning.onnx_pruner import save_pruner
 from zspa.pruning.params import method_params
+from zspa.runtime.staging import staged_directory
 from zspa.signing import SigningKey, sign_bundle
 
 DTYPES = {"fp32": (torch.float32, "float32"), "fp16": (torch.float16, "float16")}

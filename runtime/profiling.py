@@ -172,49 +172,6 @@ def markdown_report(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot_report(report: dict, out: Path) -> list[Path]:
-    """Stacked per-stage bars per setting, and TTFT against keep beside the token-count prediction."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = report["settings"]
-    labels = [f"{r['method']}\n{r['keep']:g}" for r in rows]
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(rows)), 4.2), dpi=120)
-    bottom = np.zeros(len(rows))
-    for stage in ("preprocess", "vision", "embed", "prune", "prefill"):
-        values = np.array([r["latency_ms"][stage]["p50"] for r in rows])
-        ax.bar(labels, values, bottom=bottom, label=stage)
-        bottom += values
-    ax.set_ylabel("ms (p50)")
-    ax.set_title("Time to first token by stage")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    stages_path = out / "stages.png"
-    fig.savefig(stages_path)
-    plt.close(fig)
-
-    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
-    full = next((r for r in rows if r["keep"] == 1.0), None)
-    for method in dict.fromkeys(r["method"] for r in rows if r["keep"] < 1.0):
-        series = sorted([r for r in rows if r["method"] == method] + ([full] if full else []), key=lambda r: r["keep"])
-        ax.plot([r["keep"] for r in series], [r["latency_ms"]["time_to_first_token"]["p50"] for r in series],
-                marker="o", label=f"{method} measured")
-        if full:
-            predicted = [ttft_prediction(r, full) for r in series]
-            ax.plot([r["keep"] for r in series], predicted, linestyle="--", label=f"{method} predicted from tokens")
-    ax.set_xlabel("keep")
-    ax.set_ylabel("time to first token, ms (p50)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    ttft_path = out / "ttft_vs_keep.png"
-    fig.savefig(ttft_path)
-    plt.close(fig)
-    return [stages_path, ttft_path]
-
-
 def ttft_prediction(row: dict, full: dict) -> float:
     """The stages before the decoder as measured, prefill scaled from keep 1.0 by token count."""
     lat, full_lat = row["latency_ms"], full["latency_ms"]
@@ -226,4 +183,4 @@ def write_report(report: dict, out: Path) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     (out / "profile.json").write_text(json.dumps(report, indent=2) + "\n")
     (out / "profile.md").write_text(markdown_report(report))
-    return [out / "profile.json", out / "profile.md", *plot_report(report, out)]
+    return [out / "profile.json", out / "profile.md"]

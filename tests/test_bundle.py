@@ -73,7 +73,7 @@ def test_not_a_bundle(tmp_path):
 
 
 def test_staging_keeps_target_intact_on_failure(bundle_copy):
-    from zspa.export.staging import staged_directory
+    from zspa.runtime.staging import staged_directory
 
     before = sorted(p.name for p in bundle_copy.iterdir())
     with pytest.raises(RuntimeError):
@@ -85,7 +85,7 @@ def test_staging_keeps_target_intact_on_failure(bundle_copy):
 
 
 def test_staging_replaces_only_bundles_with_force(bundle_copy, tmp_path):
-    from zspa.export.staging import staged_directory
+    from zspa.runtime.staging import staged_directory
 
     with pytest.raises(InvalidInputError, match="--force"):
         with staged_directory(bundle_copy, force=False):

@@ -121,8 +121,8 @@ def test_tensorrt_gets_the_fused_vision_attention_as_the_pattern_it_fuses(prefix
     import onnx
     import onnxruntime as ort
 
-    from zspa.export.trt_build import expand_for_tensorrt
     from zspa.runtime.qwen_vision import vision_indices
+    from zspa.runtime.trt_build import expand_for_tensorrt
 
     bundle = Bundle.open(request.getfixturevalue(f"{prefix}_bundle"))
     path, spec = bundle.graph_file("vision"), bundle.manifest.vision
@@ -156,7 +156,7 @@ def test_engine_folders_are_published_whole_by_concurrent_builds(tmp_path):
     (plans and their record) is ever replaced."""
     import threading
 
-    from zspa.export.staging import engine_folder, staged_directory
+    from zspa.runtime.staging import engine_folder, staged_directory
 
     target = tmp_path / "engines" / "gpu-sm87-trt10.3"
     target.parent.mkdir()
@@ -189,7 +189,7 @@ def test_engine_folders_are_published_whole_by_concurrent_builds(tmp_path):
 
 
 def test_timing_cache_is_replaced_atomically(tmp_path):
-    from zspa.export.staging import write_atomically
+    from zspa.runtime.staging import write_atomically
 
     cache = tmp_path / "timing.cache"
     cache.write_bytes(b"old")

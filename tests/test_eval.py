@@ -9,8 +9,8 @@ import sys
 import numpy as np
 import pytest
 
-from zspa.runtime.evaluation import EvalItem, Evaluation, kl_divergence, normalise, predicted, read_dataset
-from zspa.runtime.intervals import bootstrap_interval, difference_of_means, mean_of, ratio_of_means
+from zspa.evaluation import EvalItem, Evaluation, kl_divergence, normalise, predicted, read_dataset
+from zspa.intervals import bootstrap_interval, difference_of_means, mean_of, ratio_of_means
 
 
 def test_normalise_and_choice_extraction(tmp_path):

@@ -15,10 +15,10 @@ from pathlib import Path
 import pytest
 
 from zspa.errors import ZspaError
-from zspa.export import staging
-from zspa.export.staging import remove_leftovers, staged_directory
 from zspa.integrity import sha256_file
+from zspa.runtime import staging
 from zspa.runtime.bundle import Bundle
+from zspa.runtime.staging import remove_leftovers, staged_directory
 
 TESTS = Path(__file__).resolve().parent
 EXPORT = ["zspa.cli.export", "--model", "tiny-random-llava", "--keep", "0.1", "--method", "zspa", "--force",
@@ -31,8 +31,8 @@ KILL_POINTS = {
     "pruner written": "zspa.export.exporter:save_pruner:1",
     "parity checked": "zspa.export.exporter:check_parity:1",
     "manifest written": "zspa.export.exporter:node_count:1",
-    "synced, not yet swapped": "zspa.export.staging:_sync_tree:1",
-    "swapped, old one not yet removed": "zspa.export.staging:exchange:1",
+    "synced, not yet swapped": "zspa.runtime.staging:_sync_tree:1",
+    "swapped, old one not yet removed": "zspa.runtime.staging:exchange:1",
 }
 
 

@@ -15,7 +15,7 @@ import pytest
 pytest.importorskip("lmms_eval", reason="lmms-eval is not installed (pip install 'zspa[lmms-eval]')")
 
 from zspa.datasets import needles  # noqa: E402
-from zspa.runtime.evaluation import normalise  # noqa: E402
+from zspa.evaluation import normalise  # noqa: E402
 
 TASK_DIR = Path(__file__).resolve().parents[1] / "benchmarks" / "lmms_eval" / "zspa_needles"
 

@@ -114,7 +114,7 @@ def test_caption_lists_every_object_by_colour_then_shape():
 
 
 def test_module_cli_writes_a_zspa_eval_data_file(tmp_path):
-    from zspa.runtime.evaluation import read_dataset
+    from zspa.evaluation import read_dataset
 
     done = subprocess.run([sys.executable, "-m", "zspa.datasets.needles", "--split", "test", "--count", "6",
                            "--out", str(tmp_path)], capture_output=True, text=True, timeout=120)

@@ -51,12 +51,14 @@ def test_import_zspa_is_light():
         "import zspa.runtime.pipeline, zspa.runtime.bundle, zspa.runtime.images",
         "import zspa.cli.run",
         "import zspa.cli.serve, zspa.runtime.server.app",
-        "import zspa.runtime.trt_backend, zspa.runtime.engines",
+        "import zspa.runtime.trt_backend, zspa.runtime.engines, zspa.runtime.trt_build",
+        "import zspa.runtime.profiling, zspa.cli.profile",
     ],
 )
-def test_runtime_never_imports_torch_or_transformers(code):
+def test_runtime_never_imports_torch_transformers_or_matplotlib(code):
+    """A device installs the runtime alone; matplotlib is the plots extra, imported only to draw."""
     modules = _imported_after(code)
-    assert "torch" not in modules and "transformers" not in modules
+    assert not {"torch", "transformers", "matplotlib"} & modules
 
 
 def test_zspa_run_end_to_end_imports_no_torch(tiny_bundle, photo_path):

@@ -103,3 +103,20 @@ def test_profile_refuses_bad_arguments(tiny_bundle, tmp_path, args, message):
     run = profile_cli(tiny_bundle, "--out", tmp_path / "p", *args)
     assert run.returncode == 2 and message in run.stderr and "Traceback" not in run.stderr
     assert not (tmp_path / "p").exists()
+
+
+def test_a_device_without_matplotlib_gets_the_numbers_and_no_charts(tiny_bundle, photo_path, tmp_path, monkeypatch,
+                                                                     capsys):
+    """The runtime install has no matplotlib: the report is written, the charts are skipped with a
+    line saying how to get them (they used to fail the run after all its measurements)."""
+    import importlib.util
+
+    from zspa.cli.profile import main
+
+    found = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "matplotlib" else found(name, *a))
+    out = tmp_path / "prof"
+    assert main([str(tiny_bundle), "--image", str(photo_path), "--runs", "1", "--warmup", "0", "--max-new-tokens", "2",
+                 "--keeps", "0.1", "--out", str(out), "--quiet"]) == 0
+    assert sorted(path.name for path in out.iterdir()) == ["profile.json", "profile.md"]
+    assert "matplotlib is not installed, so no charts (pip install 'zspa[plots]')" in capsys.readouterr().err

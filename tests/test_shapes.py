@@ -63,7 +63,7 @@ def test_objects_are_drawn_where_the_scene_says():
 
 
 def test_write_jsonl_is_a_zspa_eval_data_file(tmp_path):
-    from zspa.runtime.evaluation import read_dataset
+    from zspa.evaluation import read_dataset
 
     items, problems = read_dataset(write_jsonl(tmp_path, "test", 8))
     assert not problems and len(items) == 8 and all(image.is_file() for i in items for image in i.images)
@@ -75,8 +75,8 @@ def test_shapes_llava_answers_well_above_chance(tmp_path):
     """The shipped model, exported and run by the runtime, on held-out examples. Chance is about
     0.29 overall (1/6 colours, 1/4 shapes, 1/4 quadrants, 1/2 yes/no) and 0.25 for 'where'; the
     shipped model measured 0.58 overall and 0.89 on 'where' over 1000 test examples."""
+    from zspa.evaluation import normalise
     from zspa.export.exporter import ExportOptions, export_bundle
-    from zspa.runtime.evaluation import normalise
     from zspa.runtime.pipeline import Pipeline
 
     export_bundle(ExportOptions("shapes-llava", tmp_path / "b", keeps=[0.1], progress=False))

@@ -18,9 +18,9 @@ def _gpu_or_skip():
 
 def test_build_writes_engines_and_a_record_that_checks(bundle_copy):
     tensorrt, (gpu, capability) = _gpu_or_skip()
-    from zspa.export.trt_build import BuildOptions, build_engines
     from zspa.runtime.bundle import Bundle
     from zspa.runtime.engines import BuildRecord
+    from zspa.runtime.trt_build import BuildOptions, build_engines
 
     target = build_engines(BuildOptions(bundle_copy, "fp16", max_context=1024, workspace_gb=1, progress=False))
     manifest = Bundle.open(bundle_copy).manifest
@@ -43,8 +43,8 @@ def test_trt_backend_answers_like_onnxruntime(prefix, context, photo_path, tmp_p
 
     import numpy as np
 
-    from zspa.export.trt_build import BuildOptions, build_engines
     from zspa.runtime.pipeline import Pipeline
+    from zspa.runtime.trt_build import BuildOptions, build_engines
 
     bundle = tmp_path / "bundle"  # the fixture is built only once a GPU is known to be here
     shutil.copytree(request.getfixturevalue(f"{prefix}_bundle"), bundle)

@@ -29,7 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _build(args: argparse.Namespace) -> None:
-    from zspa.export.trt_build import BuildOptions, build_engines
+    from zspa.runtime.trt_build import BuildOptions, build_engines
 
     target = build_engines(BuildOptions(args.bundle, args.precision, args.max_context, args.workspace, args.force,
                                         trust=trust_policy(args)))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -95,6 +96,17 @@ def backend_options(args: argparse.Namespace) -> dict:
     """`Pipeline.load` keywords from the flags `add_backend_flags` defined."""
     return {"backend": args.backend, "threads": args.threads, "max_context": args.max_context,
             "trust": trust_policy(args)}
+
+
+def charts(draw: Callable, prog: str) -> list[Path]:
+    """`draw(zspa.plots)`'s files where matplotlib is installed; otherwise none, said on stderr (a
+    device's runtime install has no matplotlib, and the numbers are written either way)."""
+    if importlib.util.find_spec("matplotlib") is None:
+        print(f"{prog}: matplotlib is not installed, so no charts (pip install 'zspa[plots]')", file=sys.stderr)
+        return []
+    from zspa import plots
+
+    return draw(plots)
 
 
 def add_debug_flag(parser: argparse.ArgumentParser) -> None:

@@ -7,7 +7,15 @@ import json
 import sys
 from pathlib import Path
 
-from zspa.cli.common import add_backend_flags, add_debug_flag, backend_options, method_list, ratio_list, run_command
+from zspa.cli.common import (
+    add_backend_flags,
+    add_debug_flag,
+    backend_options,
+    charts,
+    method_list,
+    ratio_list,
+    run_command,
+)
 from zspa.errors import InvalidInputError
 
 
@@ -48,7 +56,7 @@ def _settings(bundle, methods, keeps) -> list[tuple[str, float]]:
 
 
 def _eval(args: argparse.Namespace) -> None:
-    from zspa.runtime.evaluation import Evaluation, kind_table, markdown_table, plot_accuracy, read_dataset
+    from zspa.evaluation import Evaluation, kind_table, markdown_table, read_dataset
     from zspa.runtime.pipeline import Pipeline
 
     items, problems = read_dataset(args.data)
@@ -73,9 +81,10 @@ def _eval(args: argparse.Namespace) -> None:
     if by_kind := kind_table(table):
         markdown += "\nAccuracy per question kind:\n\n" + by_kind
     (args.out / "results.md").write_text(markdown)
-    plot_accuracy(table, args.out / "accuracy.png", f"{pipeline.bundle.manifest.source.model_id}: accuracy vs keep")
+    title = f"{pipeline.bundle.manifest.source.model_id}: accuracy vs keep"
+    written = charts(lambda plots: [plots.plot_accuracy(table, args.out / "accuracy.png", title)], "zspa-eval")
     print(markdown, end="")
-    print(f"wrote {args.out / 'results.json'}, results.md, accuracy.png")
+    print(f"wrote {args.out / 'results.json'}, results.md" + "".join(f", {path.name}" for path in written))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -6,7 +6,15 @@ import argparse
 import sys
 from pathlib import Path
 
-from zspa.cli.common import add_backend_flags, add_debug_flag, backend_options, method_list, ratio_list, run_command
+from zspa.cli.common import (
+    add_backend_flags,
+    add_debug_flag,
+    backend_options,
+    charts,
+    method_list,
+    ratio_list,
+    run_command,
+)
 
 DEFAULT_IMAGE = Path(__file__).resolve().parent.parent / "assets" / "example.png"
 
@@ -61,7 +69,7 @@ def _profile(args: argparse.Namespace) -> None:
     config = ProfileConfig(args.image, args.prompt, _settings(pipeline.bundle, args.methods, args.keeps),
                            args.warmup, args.runs, args.max_new_tokens)
     report = run_profile(pipeline, config, progress=not args.quiet)
-    paths = write_report(report, args.out)
+    paths = write_report(report, args.out) + charts(lambda plots: plots.plot_profile(report, args.out), "zspa-profile")
     print(markdown_report(report), end="")
     print("wrote " + ", ".join(str(p) for p in paths))
 

@@ -1,7 +1,7 @@
 """Document hooks of the zspa_needles lmms-eval task: one image, the question as asked, scored by
 exact match after zspa-eval's normalisation (one-word answers)."""
 
-from zspa.runtime.evaluation import normalise
+from zspa.evaluation import normalise
 
 
 def doc_to_visual(doc):

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from zspa.errors import InvalidInputError, ZspaError
-from zspa.runtime.intervals import bootstrap_interval, difference_of_means, mean_of, ratio_of_means
+from zspa.intervals import bootstrap_interval, difference_of_means, mean_of, ratio_of_means
 from zspa.runtime.logprobs import log_softmax
 from zspa.runtime.pipeline import Pipeline
 
@@ -278,31 +278,3 @@ def kind_table(table: list[dict]) -> str:
 
 def _interval(bounds: tuple[float, float]) -> str:
     return "(–)" if any(np.isnan(bounds)) else f"({bounds[0]:.3f}–{bounds[1]:.3f})"
-
-
-def plot_accuracy(table: list[dict], path: Path, title: str) -> None:
-    """Accuracy against keep, one line per method with its 95 % interval shaded, the unpruned
-    accuracy as a dashed line."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
-    for method in dict.fromkeys(r["method"] for r in table if r["method"] != "none"):
-        rows = sorted((r for r in table if r["method"] == method), key=lambda r: r["keep"])
-        keeps = [r["keep"] for r in rows]
-        line, = ax.plot(keeps, [r["accuracy"] for r in rows], marker="o", label=method)
-        ax.fill_between(keeps, *zip(*(r["accuracy_interval"] for r in rows)), color=line.get_color(), alpha=0.12)
-    baseline = [r["accuracy"] for r in table if r["method"] == "none"]
-    if baseline:
-        ax.axhline(baseline[0], color="black", linestyle="--", linewidth=1, label="unpruned")
-    ax.set_xscale("log")
-    ax.set_xlabel("keep (fraction of visual tokens)")
-    ax.set_ylabel("accuracy")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)

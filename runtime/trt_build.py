@@ -6,7 +6,7 @@ manifest (`engines.optimisation_profile`), at the precision `engines.engine_sour
 (pruners in fp32); graphs with Q/DQ nodes build strongly typed. One timing cache per bundle is
 reused across builds (replaced atomically: a build reading it never sees half of another's). Engines
 are written to a staging folder of the build's own and swapped into
-`engines/<gpu>-sm<cc>-trt<version>/` with a build record in one step (export/staging.py, as a
+`engines/<gpu>-sm<cc>-trt<version>/` with a build record in one step (runtime/staging.py, as a
 bundle is): two builds at once each publish a whole folder, the last one wins, and a runtime
 loading the engines meanwhile sees the old folder or the new one.
 """
@@ -19,10 +19,10 @@ from pathlib import Path
 from tqdm import tqdm
 
 from zspa.errors import BundleError, ZspaError
-from zspa.export.staging import ENGINES_DIR, engine_folder, staged_directory, write_atomically
 from zspa.runtime import engines
 from zspa.runtime.bundle import Bundle
 from zspa.runtime.cuda import cuda_device, import_tensorrt
+from zspa.runtime.staging import ENGINES_DIR, engine_folder, staged_directory, write_atomically
 from zspa.signing import TrustPolicy
 
 TIMING_CACHE = "timing.cache"
