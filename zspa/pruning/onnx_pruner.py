@@ -300,9 +300,10 @@ _BUILDERS: dict[str, Callable[..., None]] = {
 
 def build_pruner(method: str, params: dict, *, hidden: int, dtype: str = "float32", opset: int = 18) -> onnx.ModelProto:
     """The per-request pruner graph of `method` with `params` over its defaults."""
+    checked = method_params(method, params)  # before anything is built: the name, then the values
     g = _Graph()
     p = _Pruner(g)
-    _BUILDERS[method](p, **method_params(method, params))
+    _BUILDERS[method](p, **checked)
     kept_indices = p.kept_indices()
     index = g.op("Expand", g.op("Unsqueeze", kept_indices, g.const([-1])),
                  g.op("Concat", g.op("Shape", kept_indices), p.hidden, axis=0))
