@@ -436,7 +436,7 @@ class Pipeline:
         if not chunks.done:
             raise InvalidInputError(f"the prefill has fed {chunks.fed} of its {chunks.length} tokens")
         request = chunks.request
-        answer = Sequence(chunks.stats, chunks.kept_indices, request.params, request.limits, self.prompts.decode,
+        answer = Sequence(chunks.stats, chunks.kept_indices, request.params, request.limits, self.prompts.detokenizer(),
                           int(chunks.positions.max()) + 1, request.started, request.logprobs)
         return answer, chunks.logits[0]
 

@@ -18,6 +18,7 @@ from tokenizers import Tokenizer
 from zspa.errors import BundleError, InvalidInputError
 from zspa.manifest import TextSpec
 from zspa.runtime.chat_template import render
+from zspa.runtime.detokenize import Detokenizer, make_detokenizer
 
 
 class PromptTooLong(InvalidInputError):
@@ -189,6 +190,10 @@ class PromptBuilder:
 
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def detokenizer(self) -> Detokenizer:
+        """An answer's incremental text (`runtime/detokenize.py`)."""
+        return make_detokenizer(self.tokenizer, self.decode)
 
     def encode_text(self, text: str) -> list[int]:
         """Token ids of `text` alone, no special tokens: an answer to append after the prompt."""

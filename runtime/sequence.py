@@ -5,12 +5,11 @@ of logits per step, so a request behaves the same either way."""
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from zspa.runtime.detokenize import IncrementalDetokenizer
+from zspa.runtime.detokenize import Detokenizer
 from zspa.runtime.logprobs import TokenLogprob, token_logprob
 from zspa.runtime.sampling import SamplingParams, next_token
 from zspa.runtime.stops import first_stop, held_back
@@ -61,7 +60,7 @@ class Limits:
 
 class Sequence:
     def __init__(self, stats: GenerationStats, kept_indices: np.ndarray, params: SamplingParams, limits: Limits,
-                 decode: Callable[[list[int]], str], next_position: int, started: float,
+                 detokenizer: Detokenizer, next_position: int, started: float,
                  logprobs: int | None = None):
         """`logprobs`: None, or how many alternatives each answer token's log-probability comes with."""
         self.stats, self.kept_indices, self.params, self.limits = stats, kept_indices, params, limits
@@ -69,7 +68,7 @@ class Sequence:
         self.logprobs: list[TokenLogprob] = []
         self._logprobs_sent = 0
         self.rng = np.random.default_rng(params.seed)
-        self.detokenizer = IncrementalDetokenizer(decode)
+        self.detokenizer = detokenizer
         self.position = next_position  # where the next token fed to the decoder sits
         self.length = stats.prompt_tokens  # this sequence's entries in the KV cache
         self.started = started
