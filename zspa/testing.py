@@ -45,7 +45,8 @@ def running_server(bundle: Path, log: Path, *args: str, env: dict[str, str] | No
     port = free_port()
     command = [python, "-m", "zspa.cli.serve", str(bundle), "--port", str(port), *args]
     with open(log, "wb") as out:
-        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT,
+        # in the log's folder: a source checkout as the working directory would shadow the installed package
+        process = subprocess.Popen(command, cwd=log.parent, stdout=out, stderr=subprocess.STDOUT,
                                    env={**os.environ, **(env or {})})
     server = Server(f"http://127.0.0.1:{port}", process, log)
     try:
