@@ -43,7 +43,7 @@ def running_server(bundle: Path, log: Path, *args: str, env: dict[str, str] | No
                    python: str = sys.executable):
     """Starts `zspa-serve` under `python` and waits for /ready; stops it (SIGTERM, then SIGKILL) afterwards."""
     port = free_port()
-    command = [python, "-m", "zspa.cli.serve", str(bundle), "--port", str(port), *args]
+    command = [python, "-m", "zspa.cli.serve", str(Path(bundle).resolve()), "--port", str(port), *args]
     with open(log, "wb") as out:
         # in the log's folder: a source checkout as the working directory would shadow the installed package
         process = subprocess.Popen(command, cwd=log.parent, stdout=out, stderr=subprocess.STDOUT,
