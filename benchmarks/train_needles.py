@@ -9,7 +9,11 @@ then greedy first-token accuracy on the held-out test split, per question kind. 
 `save_pretrained` directory (fp16 + processor) that `zspa-export --model DIR` reads (default: the
 shipped `needles-llava`), and the log, loss curve and accuracies under `--results`.
 
-    python benchmarks/train_needles.py [--minutes 60] [--alignment-share 0.3]
+With `--tower PATH` (stage 0's weights, `benchmarks/needles_tower.py`), the tower starts trained
+and stays frozen through stage 1, as LLaVA's pretrained CLIP does, and stage 2 runs at
+`--tune-lr-scale` of stage 1's learning rate.
+
+    python benchmarks/train_needles.py [--minutes 60] [--alignment-share 0.3] [--tower tower.pt]
 """
 
 from __future__ import annotations
@@ -98,6 +102,9 @@ def main() -> None:
     parser.add_argument("--minutes", type=float, default=60.0, help="wall-clock budget for both stages")
     parser.add_argument("--alignment-share", type=float, default=0.35, help="share of the budget for stage 1")
     parser.add_argument("--freeze-lm", action="store_true", help="stage 1 trains the tower and projector only")
+    parser.add_argument("--tower", type=Path, default=None,
+                        help="stage 0's tower weights: loaded, and frozen through stage 1")
+    parser.add_argument("--tune-lr-scale", type=float, default=1.0, help="stage 2's learning rate over stage 1's")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--seed", type=int, default=0)
@@ -118,12 +125,16 @@ def main() -> None:
         f"Python {platform.python_version()}")
     torch.manual_seed(args.seed)
     model, processor = build_untrained(args.seed)
-    model.config._attn_implementation = "sdpa"  # training speed; the export chooses its own
+    model.set_attn_implementation("sdpa")  # training speed; the export chooses its own
+    if args.tower is not None:
+        model.model.vision_tower.load_state_dict(torch.load(args.tower, weights_only=True))
+        log(f"tower from stage 0: {args.tower}")
     log(f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters")
     started = time.perf_counter()
 
     align_minutes = args.minutes * args.alignment_share
-    frozen = ("model.language_model", "lm_head") if args.freeze_lm else ()
+    frozen = (("model.language_model", "lm_head") if args.freeze_lm else ()) + (
+        ("model.vision_tower",) if args.tower is not None else ())
     trainable = [p for name, p in model.named_parameters() if not name.startswith(frozen)]
     log(f"stage 1 (alignment on captions): {align_minutes:.1f} min, {len(trainable)} trainable tensors")
     align_steps, align_curve = train_for(model, trainable, caption_batches(processor, args.batch_size, 0),
@@ -135,8 +146,8 @@ def main() -> None:
 
     tune_minutes = args.minutes - (time.perf_counter() - started) / 60
     log(f"stage 2 (questions): {tune_minutes:.1f} min")
-    tune_steps, tune_curve = train_for(model, model.parameters(),
-                                       question_batches(processor, args.batch_size, 0), tune_minutes, args.lr, log=log)
+    tune_steps, tune_curve = train_for(model, model.parameters(), question_batches(processor, args.batch_size, 0),
+                                       tune_minutes, args.lr * args.tune_lr_scale, log=log)
     minutes = (time.perf_counter() - started) / 60
     result = accuracy(model, processor, needles, "test", args.test_examples)
     log(f"trained {align_steps} + {tune_steps} steps in {minutes:.1f} min; question loss with own / swapped "
@@ -145,7 +156,7 @@ def main() -> None:
         + ", ".join(f"{k} {v:.3f}" for k, v in sorted(result.items())))
 
     args.out.mkdir(parents=True, exist_ok=True)
-    model.config._attn_implementation = "eager"
+    model.set_attn_implementation("eager")
     model.to(torch.float16).save_pretrained(args.out)
     processor.save_pretrained(args.out)
     curves = {"stage 1: captions": align_curve, "stage 2: questions": tune_curve}
