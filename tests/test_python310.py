@@ -61,7 +61,10 @@ def venv310(tmp_path_factory) -> str:
                              text=True, timeout=900)
     if install.returncode != 0:
         pytest.skip(f"cannot install the runtime's requirements for Python 3.10: {install.stderr[-500:]}")
-    install = subprocess.run([python, "-m", "pip", "install", "-q", "--no-deps", str(ROOT)], capture_output=True,
+    source = tmp_path_factory.mktemp("source") / "zspa"  # pip builds in the source tree: keep build/ out of ours
+    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(".git", ".venv", "build", "*.egg-info", "bundles",
+                                                               "__pycache__", "site", "results"))
+    install = subprocess.run([python, "-m", "pip", "install", "-q", "--no-deps", str(source)], capture_output=True,
                              text=True, timeout=900)
     assert install.returncode == 0, f"this checkout does not install on Python 3.10: {install.stderr[-2000:]}"
     return python
