@@ -17,9 +17,14 @@ from zspa.testing import chat_body, data_url, running_server
 
 ROOT = Path(__file__).resolve().parent.parent
 
-# The base install plus the [serve] extra, as pyproject.toml lists them.
-RUNTIME_REQUIREMENTS = ["numpy>=1.24", "onnxruntime>=1.18", "tokenizers>=0.19", "pillow>=10", "jinja2>=3.1",
-                        "tqdm>=4.66", "fastapi>=0.110", "uvicorn>=0.29", "prometheus-client>=0.20"]
+
+
+def runtime_requirements() -> list[str]:
+    """The base install plus the [serve] extra, read from pyproject.toml."""
+    import tomllib  # the suite runs on ≥ 3.11; only the venv below is 3.10
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    return [*project["dependencies"], *project["optional-dependencies"]["serve"]]
 
 
 def python310() -> str | None:
@@ -57,7 +62,7 @@ def venv310(tmp_path_factory) -> str:
     venv = tmp_path_factory.mktemp("py310") / "venv"
     subprocess.run([interpreter, "-m", "venv", str(venv)], check=True, timeout=120)
     python = str(venv / "bin" / "python")
-    install = subprocess.run([python, "-m", "pip", "install", "-q", *RUNTIME_REQUIREMENTS], capture_output=True,
+    install = subprocess.run([python, "-m", "pip", "install", "-q", *runtime_requirements()], capture_output=True,
                              text=True, timeout=900)
     if install.returncode != 0:
         pytest.skip(f"cannot install the runtime's requirements for Python 3.10: {install.stderr[-500:]}")

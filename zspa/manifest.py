@@ -1,20 +1,22 @@
 """The bundle manifest (DESIGN §3): the only thing the runtime knows about a model.
 
-Plain dataclasses and json, no third-party imports, so the device runtime can read it. Every
-field the generation loop needs lives here; a family branch in the runtime means a field is
-missing from this file.
+Plain dataclasses, read by pydantic in strict mode (nothing coerced: "8" is no int, true no
+number), so a tampered or hand-edited manifest fails naming its field; `zspa.manifest_schema`
+publishes the same types as a JSON Schema. Every field the generation loop needs lives here; a
+family branch in the runtime means a field is missing from this file.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
+
+from pydantic import Discriminator, TypeAdapter, ValidationError
 
 from zspa.errors import BundleError
 
@@ -62,6 +64,7 @@ class VisionSpec:
 class ClipVisionSpec(VisionSpec):
     """"clip" (LLaVA): resize the shortest edge, center-crop to the tower's fixed square."""
 
+    kind: Literal["clip"]
     image_size: list[int]  # [height, width] fed to the vision graph
     resize_shortest_edge: int | None
     center_crop: bool
@@ -77,6 +80,7 @@ class PatchVisionSpec(VisionSpec):
     where `window_size` > 0; "qwen3_vl": the same, plus the taps into the learned position table
     whose side is `position_grid`."""
 
+    kind: Literal["qwen2_vl", "qwen3_vl"]
     patch_size: int
     temporal_patch_size: int
     merge_size: int
@@ -101,6 +105,7 @@ class TileVisionSpec(VisionSpec):
     plus a thumbnail of the whole image when there is more than one tile; every tile gives
     `tokens_per_tile` visual tokens, all of one image one block (runtime/tiles.py)."""
 
+    kind: Literal["internvl"]
     tile_size: list[int]  # [height, width] of a tile, what the vision graph takes
     min_tiles: int
     max_tiles: int
@@ -122,6 +127,7 @@ class ViewVisionSpec(VisionSpec):
     `min_crop_size` px), each resized the same; every view gives `tokens_per_tile` tokens and is a
     block of its own in the prompt (runtime/views.py)."""
 
+    kind: Literal["gemma3"]
     image_size: list[int]  # [height, width] of a view, what the vision graph takes
     tokens_per_tile: int  # tokens per view (the vision graph's batch holds an image's views)
     pan_and_scan: bool
@@ -142,6 +148,9 @@ class ViewVisionSpec(VisionSpec):
 VISION_SPECS: dict[str, type[VisionSpec]] = {"clip": ClipVisionSpec, "qwen2_vl": PatchVisionSpec,
                                              "qwen3_vl": PatchVisionSpec, "internvl": TileVisionSpec,
                                              "gemma3": ViewVisionSpec}
+# A manifest's vision section: the spec type its `kind` names.
+AnyVisionSpec = Annotated[ClipVisionSpec | PatchVisionSpec | TileVisionSpec | ViewVisionSpec,
+                          Discriminator("kind")]
 
 
 @dataclass(frozen=True)
@@ -230,7 +239,7 @@ class Manifest:
     dtype: str
     source: SourceSpec
     graphs: dict[str, GraphSpec]
-    vision: VisionSpec
+    vision: AnyVisionSpec
     text: TextSpec
     decoder: DecoderSpec
     pruners: list[PrunerSpec]
@@ -257,7 +266,11 @@ class Manifest:
         if version < SCHEMA_VERSION:
             raise BundleError(f"manifest.json: schema_version {version} is no longer supported; re-export the bundle")
         _refuse_static_pruners(data.get("pruners"))
-        manifest = _build(cls, data, "manifest")
+        _check_vision_kind(data.get("vision"))
+        try:  # from JSON text: strict mode reads objects into dataclasses only there
+            manifest = _reader().validate_json(json.dumps(data), strict=True)
+        except ValidationError as exc:
+            raise BundleError(f"manifest.json: {_describe(exc)}") from None
         check_values(manifest)
         return manifest
 
@@ -285,63 +298,45 @@ def _refuse_static_pruners(pruners: Any) -> None:
                               "re-export it with this version (its pruners run any keep)")
 
 
-def _build(cls: type, data: Any, where: str) -> Any:
-    """Builds a dataclass from JSON, naming the exact field that is missing or mistyped."""
-    if not isinstance(data, dict):
-        raise BundleError(f"manifest.json: {where} should be an object")
-    hints = typing.get_type_hints(cls)
-    kwargs = {}
-    for f in dataclasses.fields(cls):
-        if f.name not in data:
-            if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING:
-                continue
-            raise BundleError(f"manifest.json: missing field {where}.{f.name}")
-        kwargs[f.name] = _convert(hints[f.name], data[f.name], f"{where}.{f.name}")
-    return cls(**kwargs)
+@functools.cache
+def _reader() -> TypeAdapter[Manifest]:
+    return TypeAdapter(Manifest)
 
 
-def _convert(hint: Any, value: Any, where: str) -> Any:
-    origin = typing.get_origin(hint)
-    if hint is VisionSpec:
-        return _build(_vision_spec_type(value), value, where)
-    if dataclasses.is_dataclass(hint):
-        return _build(hint, value, where)
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in typing.get_args(hint):
-            return None
-        options = [a for a in typing.get_args(hint) if a is not type(None)]
-        for option in options:
-            try:
-                return _convert(option, value, where)
-            except BundleError:
-                continue
-        raise BundleError(f"manifest.json: {where} has an unexpected value {value!r}")
-    if origin is list:
-        if not isinstance(value, list):
-            raise BundleError(f"manifest.json: {where} should be a list")
-        (item,) = typing.get_args(hint)
-        return [_convert(item, v, f"{where}[{i}]") for i, v in enumerate(value)]
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise BundleError(f"manifest.json: {where} should be an object")
-        _, item = typing.get_args(hint)
-        return {k: _convert(item, v, f"{where}.{k}") for k, v in value.items()}
-    if hint is Any:
-        return value
-    if hint is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
-        raise BundleError(f"manifest.json: {where} should be {hint.__name__}, got {type(value).__name__}")
-    return value
-
-
-def _vision_spec_type(value: Any) -> type[VisionSpec]:
-    """The spec type of a manifest's vision section, by its kind."""
-    kind = value.get("kind") if isinstance(value, dict) else None
+def _check_vision_kind(vision: Any) -> None:
+    """A kind this version prepares, said as such (pydantic would only list the tags it expected)."""
+    if not isinstance(vision, dict):
+        return  # pydantic names what is missing or mistyped
+    kind = vision.get("kind")
     if not isinstance(kind, str) or kind not in VISION_SPECS:  # a list or an object is no kind (and unhashable)
         raise BundleError(f"manifest.json: vision.kind is {kind!r}, not one of {list(VISION_SPECS)}; "
                           "re-export the bundle, or upgrade zspa if a newer one wrote it")
-    return VISION_SPECS[kind]
+
+
+_SCALARS = {"int", "str", "float", "bool"}  # how pydantic labels a scalar union's members (no field is named so)
+_EXPECTED = {"int_type": "int", "float_type": "float", "string_type": "str", "bool_type": "bool",
+             "list_type": "a list", "dict_type": "an object", "dataclass_type": "an object"}
+
+
+def _describe(exc: ValidationError) -> str:
+    """pydantic's first error as the field's dotted path and what is wrong with it."""
+    errors = exc.errors()
+    loc = list(errors[0]["loc"])
+    if loc[:1] == ["vision"] and len(loc) > 1 and loc[1] in VISION_SPECS:
+        del loc[1]  # the discriminated union's tag
+    if all(e["loc"][-1] in _SCALARS and e["loc"][:-1] == errors[0]["loc"][:-1] for e in errors):
+        members = " or ".join(e["loc"][-1] for e in errors)  # no member of a union took it
+        return f"{_dotted(loc[:-1])} should be {members}, got {type(errors[0]['input']).__name__}"
+    where, error = _dotted(loc), errors[0]
+    if error["type"] == "missing":
+        return f"missing field {where}"
+    if error["type"] in _EXPECTED:
+        return f"{where} should be {_EXPECTED[error['type']]}, got {type(error['input']).__name__}"
+    return f"{where}: {error['msg']}"
+
+
+def _dotted(loc: list[str | int]) -> str:
+    return "manifest" + "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in loc)
 
 
 # Ranges for the manifest's values: a tampered or hand-edited manifest fails here naming the field,
