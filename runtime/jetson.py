@@ -1,5 +1,8 @@
-"""Jetson telemetry: `tegrastats` lines → samples, a background sampler, and the clock-lock check.
+"""Jetson telemetry: samples from jetson-stats (`jtop`) or `tegrastats`, a background sampler, and
+the clock-lock check.
 
+Where jetson-stats is installed and its service answers, the sampler reads `jtop`'s documented
+attributes (the numbers `jtop` shows); otherwise it runs `tegrastats`, which every JetPack ships.
 tegrastats prints one dense line per interval; its fields vary by module and JetPack (Nano's
 `POM_5V_IN 2532/2532`, Xavier's and Orin Nano's `VDD_IN 5251mW/8535mW`, AGX Orin's
 `VIN_SYS_5V0 …`; `GR3D_FREQ 0%@921` or `0%@[305,305]`). The parser takes what a line has and
@@ -13,6 +16,7 @@ import shutil
 import statistics
 import subprocess
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,7 +26,8 @@ _CORE = re.compile(r"(\d+)%@(\d+)")
 _ENGINE = re.compile(r"\b(EMC_FREQ|GR3D_FREQ) (\d+)%(?:@\[?([\d,]+)\]?)?")
 _TEMPERATURE = re.compile(r"\b([A-Za-z][\w]*)@(-?\d+(?:\.\d+)?)C\b")
 _POWER = re.compile(r"\b([A-Z][A-Z0-9_]*) (\d+)(?:mW)?/(\d+)(?:mW)?\b")
-_POWER_INPUT_RAILS = ("VDD_IN", "VIN_SYS_5V0", "POM_5V_IN")  # the board's total input, by generation
+# The board's total input, by generation; "TOT" is jtop's estimate where it lists no input rail.
+_POWER_INPUT_RAILS = ("VDD_IN", "VIN_SYS_5V0", "POM_5V_IN", "TOT")
 
 
 @dataclass(frozen=True)
@@ -60,37 +65,84 @@ def parse_tegrastats(line: str) -> TegraSample:
     return TegraSample(**values, temperatures_c=temperatures, power_mw=power)
 
 
+def jtop_sample(jetson) -> TegraSample:
+    """A reading of jetson-stats' `jtop` client as a sample, from the attributes its API documents
+    (`memory` in kB, `cpu`/`gpu`/EMC clocks in kHz, `power` rails and total in mW, `temperature`
+    in °C with -256 for a sensor that is not there)."""
+    memory, cores = jetson.memory, jetson.cpu["cpu"]
+    gpu = next(iter(jetson.gpu.values()), None)
+    emc = memory["EMC"] if "EMC" in memory else None
+    power = jetson.power or {}
+    rails = {name: int(rail["power"]) for name, rail in power.get("rail", {}).items()}
+    if "tot" in power:
+        rails["TOT"] = int(power["tot"]["power"])
+    return TegraSample(
+        ram_used_mb=memory["RAM"]["used"] // 1024, ram_total_mb=memory["RAM"]["tot"] // 1024,
+        cpu_load_pct=[round(100 - core["idle"]) if core["online"] else None for core in cores],
+        cpu_freq_mhz=[core["freq"]["cur"] // 1000 if core["online"] else None for core in cores],
+        gpu_load_pct=round(gpu["status"]["load"]) if gpu else None,
+        gpu_freq_mhz=gpu["freq"]["cur"] // 1000 if gpu else None,
+        emc_load_pct=round(emc["val"]) if emc else None, emc_freq_mhz=emc["cur"] // 1000 if emc else None,
+        temperatures_c={name: float(t["temp"]) for name, t in jetson.temperature.items()
+                        if t.get("online", True) and t["temp"] > -200},
+        power_mw=rails)
+
+
 def tegrastats_available() -> bool:
     return shutil.which("tegrastats") is not None
 
 
-class TegrastatsSampler:
-    """Runs `tegrastats --interval MS` while in the `with` block and keeps the parsed samples."""
+class TelemetrySampler:
+    """Keeps samples every `interval_ms` while in the `with` block: from jetson-stats' jtop where it
+    is installed and its service answers, else from a `tegrastats --interval` process."""
 
     def __init__(self, interval_ms: int = 100):
         self.interval_ms = interval_ms
         self.samples: list[TegraSample] = []
-        self._process: subprocess.Popen | None = None
-        self._reader: threading.Thread | None = None
+        self.source: str | None = None  # "jtop" | "tegrastats"
+        self._stop: Callable[[], None] | None = None
 
-    def __enter__(self) -> TegrastatsSampler:
-        self._process = subprocess.Popen(["tegrastats", "--interval", str(self.interval_ms)],
-                                         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
+    def __enter__(self) -> TelemetrySampler:
+        self._stop = self._start_jtop() or self._start_tegrastats()
         return self
 
-    def _read(self) -> None:
-        for line in self._process.stdout:
-            self.samples.append(parse_tegrastats(line))
-
     def __exit__(self, *exc) -> None:
-        self._process.terminate()
-        self._process.wait(timeout=5)
-        self._reader.join(timeout=5)
+        self._stop()
+
+    def _start_jtop(self) -> Callable[[], None] | None:
+        try:
+            from jtop import JtopException, jtop
+        except ImportError:
+            return None
+        client = jtop(interval=self.interval_ms / 1000)
+        client.attach(lambda jetson: self.samples.append(jtop_sample(jetson)))
+        try:
+            client.start()
+        except (JtopException, OSError):  # jtop.service not installed, not running, or another version
+            return None
+        self.source = "jtop"
+        return client.close
+
+    def _start_tegrastats(self) -> Callable[[], None]:
+        process = subprocess.Popen(["tegrastats", "--interval", str(self.interval_ms)],
+                                   stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+
+        def read() -> None:
+            for line in process.stdout:
+                self.samples.append(parse_tegrastats(line))
+
+        reader = threading.Thread(target=read, daemon=True)
+        reader.start()
+        self.source = "tegrastats"
+
+        def stop() -> None:
+            process.terminate()
+            process.wait(timeout=5)
+            reader.join(timeout=5)
+        return stop
 
     def summary(self) -> dict:
-        return summarise(self.samples)
+        return {"source": self.source, **summarise(self.samples)}
 
 
 def summarise(samples: list[TegraSample]) -> dict:

@@ -114,7 +114,7 @@ def machine() -> dict:
 def run_profile(pipeline: Pipeline, config: ProfileConfig, progress: bool = True) -> dict:
     from tqdm.auto import tqdm
 
-    from zspa.runtime.jetson import TegrastatsSampler, clocks_locked, tegrastats_available
+    from zspa.runtime.jetson import TelemetrySampler, clocks_locked, tegrastats_available
 
     on_jetson = tegrastats_available()
     total = len(config.settings) * (config.warmup + config.runs)
@@ -123,7 +123,7 @@ def run_profile(pipeline: Pipeline, config: ProfileConfig, progress: bool = True
         for method, keep in config.settings:
             bar.set_description(f"profiling {method or 'unpruned'} keep {keep:g}")
             if on_jetson:
-                with TegrastatsSampler() as sampler:
+                with TelemetrySampler() as sampler:
                     row = profile_setting(pipeline, config, method, keep, bar.update)
                 row["jetson"] = sampler.summary()
             else:

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+import time
+import types
 
 import jsonschema
 import pytest
 
-from zspa.runtime.jetson import clocks_locked, parse_tegrastats, summarise
+from zspa.runtime.jetson import TelemetrySampler, clocks_locked, jtop_sample, parse_tegrastats, summarise
 from zspa.runtime.profiling import SCHEMA_PATH
 
 # tegrastats lines in the formats of four Jetson generations (JetPack 4.6 to 6.x).
@@ -43,6 +46,104 @@ def test_tegrastats_lines_of_every_generation():
     summary = summarise([orin_nano, parse_tegrastats(ORIN_NANO.replace("VDD_IN 11820mW", "VDD_IN 8180mW"))])
     assert summary["input_power_mw"] == {"mean": 10000.0, "max": 11820}
     assert summary["max_temperature_c"] == 57.25 and summary["samples"] == 2
+
+
+def _jtop_reading(gpu_load: float = 99.0) -> types.SimpleNamespace:
+    """What a jetson-stats client holds on an Orin Nano, in the shapes and units its API documents."""
+    core = {"online": True, "idle": 62.0, "freq": {"cur": 1497600, "min": 115200, "max": 1497600}}
+    return types.SimpleNamespace(
+        memory={"RAM": {"tot": 7802880, "used": 6873088}, "SWAP": {"tot": 3901440, "used": 377856},
+                "EMC": {"online": True, "val": 61, "cur": 2133000}},
+        cpu={"total": {}, "cpu": [core, {"online": False}]},
+        gpu={"gpu": {"type": "integrated", "status": {"load": gpu_load}, "freq": {"cur": 624750}}},
+        power={"rail": {"VDD_IN": {"power": 11820}, "VDD_SOC": {"power": 3011}}, "tot": {"power": 11820}},
+        temperature={"tj": {"online": True, "temp": 57.25}, "cv0": {"online": False, "temp": -256}})
+
+
+def test_a_jtop_reading_becomes_the_same_sample_as_tegrastats_line():
+    sample = jtop_sample(_jtop_reading())
+    line = parse_tegrastats(ORIN_NANO)
+    assert (sample.ram_used_mb, sample.ram_total_mb) == (6712, 7620) == (line.ram_used_mb, line.ram_total_mb)
+    assert sample.cpu_load_pct == [38, None] and sample.cpu_freq_mhz == [1497, None]
+    assert (sample.gpu_load_pct, sample.gpu_freq_mhz) == (99, 624) == (line.gpu_load_pct, line.gpu_freq_mhz)
+    assert (sample.emc_load_pct, sample.emc_freq_mhz) == (61, 2133) == (line.emc_load_pct, line.emc_freq_mhz)
+    assert sample.input_power_mw == 11820 == line.input_power_mw
+    assert sample.temperatures_c == {"tj": 57.25}  # the absent sensor (-256 °C) dropped
+    without_rails = jtop_sample(types.SimpleNamespace(**{**vars(_jtop_reading()), "power": {
+        "rail": {"VDD_GPU_SOC": {"power": 3065}}, "tot": {"power": 7454}}}))
+    assert without_rails.input_power_mw == 7454  # jtop's total where no input rail is listed
+
+
+@pytest.fixture
+def fake_tegrastats(tmp_path, monkeypatch):
+    """A `tegrastats` on PATH that prints the Orin Nano line at its --interval, as the real one does."""
+    script = tmp_path / "bin" / "tegrastats"
+    script.parent.mkdir()
+    script.write_text(f"#!/bin/sh\nwhile true; do echo '{ORIN_NANO}'; sleep 0.02; done\n")
+    script.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{script.parent}:{os.environ['PATH']}")
+
+
+def _jtop_module(start) -> types.ModuleType:
+    """A stand-in for the `jtop` package: its client class calls `start(client)` when started."""
+    module = types.ModuleType("jtop")
+    module.JtopException = type("JtopException", (Exception,), {})
+
+    class Client:
+        def __init__(self, interval):
+            self.observers, self.closed = [], False
+
+        def attach(self, observer):
+            self.observers.append(observer)
+
+        def start(self):
+            start(self, module)
+
+        def close(self):
+            self.closed = True
+    module.jtop = Client
+    return module
+
+
+def _sample_briefly(sampler: TelemetrySampler) -> TelemetrySampler:
+    with sampler:
+        deadline = time.monotonic() + 10
+        while not sampler.samples and time.monotonic() < deadline:
+            time.sleep(0.02)
+    return sampler
+
+
+def test_the_sampler_runs_tegrastats_without_jetson_stats(fake_tegrastats, monkeypatch):
+    monkeypatch.setitem(sys.modules, "jtop", None)  # not installed
+    sampler = _sample_briefly(TelemetrySampler(interval_ms=20))
+    assert sampler.source == "tegrastats" and sampler.samples[0] == parse_tegrastats(ORIN_NANO)
+    assert sampler.summary()["source"] == "tegrastats"
+
+
+def test_the_sampler_falls_back_to_tegrastats_when_the_jtop_service_is_down(fake_tegrastats, monkeypatch):
+    def refuse(client, module):
+        raise module.JtopException("The jtop.service is not active. Please run:\nsudo jtop --install-service")
+
+    monkeypatch.setitem(sys.modules, "jtop", _jtop_module(refuse))
+    sampler = _sample_briefly(TelemetrySampler(interval_ms=20))
+    assert sampler.source == "tegrastats" and sampler.samples
+
+
+def test_the_sampler_reads_jtop_where_its_service_answers(monkeypatch):
+    clients = []
+
+    def answer(client, module):
+        clients.append(client)
+        for load in (40.0, 80.0):
+            for observer in client.observers:
+                observer(_jtop_reading(gpu_load=load))
+
+    monkeypatch.setitem(sys.modules, "jtop", _jtop_module(answer))
+    monkeypatch.setenv("PATH", "")  # no tegrastats either: jtop must be what answered
+    sampler = _sample_briefly(TelemetrySampler())
+    summary = sampler.summary()
+    assert summary["source"] == "jtop" and summary["samples"] == 2 and clients[0].closed
+    assert summary["gpu_load_pct"] == {"mean": 60.0, "max": 80}
 
 
 def _sysfs(root, cpu_range, gpu_range):
