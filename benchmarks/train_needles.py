@@ -10,8 +10,10 @@ then greedy first-token accuracy on the held-out test split, per question kind. 
 shipped `needles-llava`), and the log, loss curve and accuracies under `--results`.
 
 With `--tower PATH` (stage 0's weights, `benchmarks/needles_tower.py`), the tower starts trained
-and stays frozen through stage 1, as LLaVA's pretrained CLIP does, and stage 2 runs at
-`--tune-lr-scale` of stage 1's learning rate.
+and stays frozen through stage 1 (`--freeze-tower`: through stage 2 too), as LLaVA's pretrained
+CLIP does, and stage 2 runs at `--tune-lr-scale` of stage 1's learning rate. `--stage1 both` puts
+the five questions before each caption in stage 1, so questions start on the few-object scenes of
+the curriculum; `--question-curriculum` restarts the curriculum for stage 2's scenes.
 
     python benchmarks/train_needles.py [--minutes 60] [--alignment-share 0.3] [--tower tower.pt]
 """
@@ -46,21 +48,20 @@ def curriculum(step: int) -> tuple[int, int]:
 CURRICULUM_STEPS_PER_OBJECT = 20
 
 
-def caption_batches(processor, batch_size: int, first: int):
+def scene_batches(processor, batch_size: int, first: int, questions: bool, captions: bool, grow: bool):
+    """Fresh training scenes every step. Per image: five questions, one of each kind (the first,
+    in rotation, in the exact inference format) and/or its caption last (after the questions, so
+    no answer can be read off the caption); with `grow`, few objects first (`curriculum`)."""
     def batches(step: int) -> dict[str, torch.Tensor]:
-        indices = range(first + step * batch_size, first + (step + 1) * batch_size)
-        scenes = [needles.scene("train", i, curriculum(step))[0] for i in indices]
-        images = [needles.render(objects, seed=needles.SPLIT_SEEDS["train"] * 1_000_003 + i)
-                  for objects, i in zip(scenes, indices)]
-        return batch(processor, images, [[(needles.CAPTION_PROMPT, needles.caption(s))] for s in scenes])
-    return batches
-
-
-def question_batches(processor, batch_size: int, first: int):
-    def batches(step: int) -> dict[str, torch.Tensor]:
-        indices = range(first + step * batch_size, first + (step + 1) * batch_size)
-        return batch(processor, [needles.image_for("train", i) for i in indices],
-                     [needles.training_turns("train", i) for i in indices])
+        count = curriculum(step) if grow else (needles.MIN_OBJECTS, needles.MAX_OBJECTS)
+        images, dialogues = [], []
+        for i in range(first + step * batch_size, first + (step + 1) * batch_size):
+            objects, rng = needles.scene("train", i, count)
+            images.append(needles.render(objects, seed=needles.SPLIT_SEEDS["train"] * 1_000_003 + i))
+            kinds = needles.QUESTION_KINDS[i % 5:] + needles.QUESTION_KINDS[:i % 5]
+            turns = [needles.ask(objects, kind, rng) for kind in kinds] if questions else []
+            dialogues.append(turns + ([(needles.CAPTION_PROMPT, needles.caption(objects))] if captions else []))
+        return batch(processor, images, dialogues)
     return batches
 
 
@@ -74,6 +75,17 @@ def image_reliance(model, inputs: dict[str, torch.Tensor]) -> tuple[float, float
     swapped = model(**{**inputs, "pixel_values": inputs["pixel_values"].roll(1, 0)}).loss.item()
     model.train(was_training)
     return own, swapped
+
+
+def trainable(model, frozen: tuple[str, ...]) -> list[torch.nn.Parameter]:
+    """The parameters outside `frozen` (name prefixes); the frozen ones stop requiring gradients,
+    so backward skips them (a frozen tower's whole backward pass)."""
+    parameters = []
+    for name, parameter in model.named_parameters():
+        parameter.requires_grad_(not name.startswith(frozen) if frozen else True)
+        if parameter.requires_grad:
+            parameters.append(parameter)
+    return parameters
 
 
 def plot_curve(curves: dict[str, list[tuple[int, float, float]]], path: Path) -> None:
@@ -104,6 +116,11 @@ def main() -> None:
     parser.add_argument("--freeze-lm", action="store_true", help="stage 1 trains the tower and projector only")
     parser.add_argument("--tower", type=Path, default=None,
                         help="stage 0's tower weights: loaded, and frozen through stage 1")
+    parser.add_argument("--freeze-tower", action="store_true", help="with --tower: frozen through stage 2 too")
+    parser.add_argument("--stage1", choices=("captions", "both"), default="captions",
+                        help="stage 1's targets: captions alone, or the five questions then the caption")
+    parser.add_argument("--question-curriculum", action="store_true",
+                        help="stage 2's scenes also start with few objects and grow")
     parser.add_argument("--tune-lr-scale", type=float, default=1.0, help="stage 2's learning rate over stage 1's")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--lr", type=float, default=1e-3)
@@ -133,25 +150,31 @@ def main() -> None:
     started = time.perf_counter()
 
     align_minutes = args.minutes * args.alignment_share
-    frozen = (("model.language_model", "lm_head") if args.freeze_lm else ()) + (
-        ("model.vision_tower",) if args.tower is not None else ())
-    trainable = [p for name, p in model.named_parameters() if not name.startswith(frozen)]
-    log(f"stage 1 (alignment on captions): {align_minutes:.1f} min, {len(trainable)} trainable tensors")
-    align_steps, align_curve = train_for(model, trainable, caption_batches(processor, args.batch_size, 0),
-                                         align_minutes, args.lr, log=log)
+    tower_frozen = ("model.vision_tower",) if args.tower is not None else ()
+    stage1_frozen = tower_frozen + (("model.language_model", "lm_head") if args.freeze_lm else ())
+    stage2_frozen = tower_frozen if args.freeze_tower else ()
+    with_questions = args.stage1 == "both"
+    log(f"stage 1 (alignment on captions{' after questions' * with_questions}): {align_minutes:.1f} min")
+    align_steps, align_curve = train_for(
+        model, trainable(model, stage1_frozen),
+        scene_batches(processor, args.batch_size, 0, questions=with_questions, captions=True, grow=True),
+        align_minutes, args.lr, log=log)
     after_alignment = accuracy(model, processor, needles, "test", 200)
-    probe = caption_batches(processor, args.batch_size, 50_000_000)(10**6)  # full scenes, unseen
+    probe = scene_batches(processor, args.batch_size, 50_000_000, False, True, False)(0)  # full scenes, unseen
     log(f"after stage 1 ({align_steps} steps): test accuracy on 200 questions {after_alignment}; caption loss "
         "with own / swapped images %.3f / %.3f" % image_reliance(model, probe))
 
     tune_minutes = args.minutes - (time.perf_counter() - started) / 60
     log(f"stage 2 (questions): {tune_minutes:.1f} min")
-    tune_steps, tune_curve = train_for(model, model.parameters(), question_batches(processor, args.batch_size, 0),
-                                       tune_minutes, args.lr * args.tune_lr_scale, log=log)
+    tune_steps, tune_curve = train_for(
+        model, trainable(model, stage2_frozen),
+        scene_batches(processor, args.batch_size, 0, questions=True, captions=False, grow=args.question_curriculum),
+        tune_minutes, args.lr * args.tune_lr_scale, log=log)
     minutes = (time.perf_counter() - started) / 60
     result = accuracy(model, processor, needles, "test", args.test_examples)
+    unseen = scene_batches(processor, args.batch_size, 60_000_000, questions=True, captions=False, grow=False)(0)
     log(f"trained {align_steps} + {tune_steps} steps in {minutes:.1f} min; question loss with own / swapped "
-        "images %.3f / %.3f" % image_reliance(model, question_batches(processor, args.batch_size, 60_000_000)(0)))
+        "images %.3f / %.3f" % image_reliance(model, unseen))
     log(f"test accuracy ({args.test_examples} questions): "
         + ", ".join(f"{k} {v:.3f}" for k, v in sorted(result.items())))
 
