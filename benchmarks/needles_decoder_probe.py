@@ -1,0 +1,139 @@
+"""Can `needles-llava`'s decoder learn the lookups at all? A diagnostic for issue 27's training.
+
+The tower is taken out of the question: each of the 256 image positions gets an ideal patch
+embedding, the sum of learnt vectors for its object's colour and shape (or "none") and its region,
+straight from the generator's labels (`needles_tower.patch_labels`). What is left is the decoder
+learning to find the patch a question names among 8–24 objects: if it stays at the image-blind loss
+(about 0.72 here) with perfect patches, no vision recipe can pass it. Scenes grow from two objects
+(`--steps-per-object`); first-token accuracy on held-out test questions, per kind, as it trains.
+No image is rendered and no tower runs, so a step costs the decoder's alone.
+
+    python benchmarks/needles_decoder_probe.py [--minutes 20] [--lr 1e-3] [--steps-per-object 20]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+import torch
+from torch import nn
+
+from zspa.datasets import needles
+from zspa.export.needles import build_untrained
+
+from machine import describe_machine
+from needles_tower import patch_labels
+from vlm_training import prompt_text, train_for
+
+
+class IdealPatches(nn.Module):
+    """The decoder, fed ideal patch embeddings at the image positions."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model, hidden = model, model.config.text_config.hidden_size
+        self.image_token_id = model.config.image_token_id
+        self.colour = nn.Embedding(1 + len(needles.COLOURS), hidden)  # 0: no object
+        self.shape = nn.Embedding(1 + len(needles.SHAPES), hidden)
+        self.region = nn.Embedding(len(needles.REGIONS), hidden)
+        for table in (self.colour, self.shape, self.region):
+            nn.init.normal_(table.weight, std=0.02)
+
+    def logits(self, input_ids, attention_mask, classes, regions):
+        shapes = len(needles.SHAPES)
+        present = classes > 0
+        patches = (self.colour(torch.where(present, (classes - 1) // shapes + 1, 0))
+                   + self.shape(torch.where(present, (classes - 1) % shapes + 1, 0)) + self.region(regions))
+        embeds = self.model.get_input_embeddings()(input_ids)
+        embeds = embeds.masked_scatter((input_ids == self.image_token_id)[..., None], patches.to(embeds.dtype))
+        hidden = self.model.model.language_model(inputs_embeds=embeds, attention_mask=attention_mask)
+        return self.model.lm_head(hidden.last_hidden_state)
+
+    def forward(self, input_ids, attention_mask, labels, classes, regions):
+        logits = self.logits(input_ids, attention_mask, classes, regions)
+        loss = nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten())
+        return type("Output", (), {"loss": loss})  # what train_for reads
+
+
+def rows(processor, split: str, indices, count: tuple[int, int], first_only: bool = False) -> dict:
+    """Token rows with the image token repeated once per patch, labels on answers and EOS, and each
+    scene's patch labels; five questions per scene (the first in inference format) or the first."""
+    tokenizer, image_token_id = processor.tokenizer, processor.tokenizer.convert_tokens_to_ids("<image>")
+    batch: dict[str, list] = {"input_ids": [], "labels": [], "classes": [], "regions": []}
+    for i in indices:
+        objects, rng = needles.scene(split, i, count)
+        kinds = needles.QUESTION_KINDS[i % 5:] + needles.QUESTION_KINDS[:i % 5]
+        turns = [needles.ask(objects, kind, rng) for kind in kinds[:1 if first_only else None]]
+        ids = tokenizer.encode(prompt_text(processor, turns[0][0]))
+        at = ids.index(image_token_id)
+        row = ids[:at] + [image_token_id] * needles.GRID ** 2 + ids[at + 1:]
+        label = [-100] * len(row)
+        for turn, (question, answer) in enumerate(turns):
+            if turn:
+                follow_up = tokenizer.encode(f"USER: {question} ASSISTANT:", add_special_tokens=False)
+                row, label = row + follow_up, label + [-100] * len(follow_up)
+            target = tokenizer.encode(answer, add_special_tokens=False) + [tokenizer.eos_token_id]
+            row, label = row + target, label + target
+        classes, regions = patch_labels(objects)
+        for key, value in zip(batch, (row, label, classes, regions)):
+            batch[key].append(value)
+    width = max(map(len, batch["input_ids"]))
+    return {"input_ids": torch.tensor([r + [tokenizer.pad_token_id] * (width - len(r)) for r in batch["input_ids"]]),
+            "attention_mask": torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in batch["input_ids"]]),
+            "labels": torch.tensor([r + [-100] * (width - len(r)) for r in batch["labels"]]),
+            "classes": torch.from_numpy(np.stack(batch["classes"])),
+            "regions": torch.from_numpy(np.stack(batch["regions"]))}
+
+
+@torch.no_grad()
+def accuracy(probe: IdealPatches, processor, count: int) -> dict[str, float]:
+    """Greedy first-token accuracy on the first `count` test questions, per kind."""
+    probe.eval()
+    hits: dict[str, list[bool]] = {}
+    for start in range(0, count, 100):
+        indices = list(range(start, min(count, start + 100)))
+        inputs = rows(processor, "test", indices, (needles.MIN_OBJECTS, needles.MAX_OBJECTS), first_only=True)
+        logits = probe.logits(inputs["input_ids"], inputs["attention_mask"], inputs["classes"], inputs["regions"])
+        answer_at = (inputs["labels"] != -100).float().argmax(1)
+        rows_at = torch.arange(len(indices))
+        right = logits[rows_at, answer_at - 1].argmax(-1) == inputs["input_ids"][rows_at, answer_at]
+        for i, ok in zip(indices, right.tolist()):
+            for kind in (needles.QUESTION_KINDS[i % 5], "all"):
+                hits.setdefault(kind, []).append(ok)
+    probe.train()
+    return {kind: round(float(np.mean(v)), 3) for kind, v in hits.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--minutes", type=float, default=20.0)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--steps-per-object", type=int, default=20, help="curriculum: steps before one more object")
+    parser.add_argument("--test-questions", type=int, default=1000)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+
+    torch.manual_seed(args.seed)
+    model, processor = build_untrained(args.seed)
+    model.set_attn_implementation("sdpa")
+    probe = IdealPatches(model)
+    print(f"decoder probe: {vars(args)}; {describe_machine()}, torch {torch.__version__}", flush=True)
+
+    def batches(step: int) -> dict:
+        most = min(needles.MAX_OBJECTS, 2 + step // args.steps_per_object)
+        return rows(processor, "train", range(step * args.batch_size, (step + 1) * args.batch_size),
+                    (max(1, most // 3), most))
+
+    parameters = [p for name, p in probe.named_parameters() if not name.startswith("model.model.vision_tower")
+                  and not name.startswith("model.model.multi_modal_projector")]
+    started = time.perf_counter()
+    steps, _ = train_for(probe, parameters, batches, args.minutes, args.lr)
+    print(f"{steps} steps in {(time.perf_counter() - started) / 60:.1f} min; test accuracy "
+          f"({args.test_questions} questions): {accuracy(probe, processor, args.test_questions)}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
