@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -25,7 +26,7 @@ from zspa.export.needles import build_untrained
 
 from machine import describe_machine
 from needles_tower import patch_labels
-from vlm_training import prompt_text, train_for
+from vlm_training import dialogue_rows, first_token_right, prompt_text, train_for
 
 
 class IdealPatches(nn.Module):
@@ -54,37 +55,25 @@ class IdealPatches(nn.Module):
     def forward(self, input_ids, attention_mask, labels, classes, regions):
         logits = self.logits(input_ids, attention_mask, classes, regions)
         loss = nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten())
-        return type("Output", (), {"loss": loss})  # what train_for reads
+        return SimpleNamespace(loss=loss)  # what train_for reads
 
 
 def rows(processor, split: str, indices, count: tuple[int, int], first_only: bool = False) -> dict:
     """Token rows with the image token repeated once per patch, labels on answers and EOS, and each
     scene's patch labels; five questions per scene (the first in inference format) or the first."""
     tokenizer, image_token_id = processor.tokenizer, processor.tokenizer.convert_tokens_to_ids("<image>")
-    batch: dict[str, list] = {"input_ids": [], "labels": [], "classes": [], "regions": []}
+    prompts, dialogues, labels = [], [], []
     for i in indices:
         objects, rng = needles.scene(split, i, count)
         kinds = needles.QUESTION_KINDS[i % 5:] + needles.QUESTION_KINDS[:i % 5]
-        turns = [needles.ask(objects, kind, rng) for kind in kinds[:1 if first_only else None]]
-        ids = tokenizer.encode(prompt_text(processor, turns[0][0]))
+        dialogues.append([needles.ask(objects, kind, rng) for kind in kinds[:1 if first_only else None]])
+        ids = tokenizer.encode(prompt_text(processor, dialogues[-1][0][0]))
         at = ids.index(image_token_id)
-        row = ids[:at] + [image_token_id] * needles.GRID ** 2 + ids[at + 1:]
-        label = [-100] * len(row)
-        for turn, (question, answer) in enumerate(turns):
-            if turn:
-                follow_up = tokenizer.encode(f"USER: {question} ASSISTANT:", add_special_tokens=False)
-                row, label = row + follow_up, label + [-100] * len(follow_up)
-            target = tokenizer.encode(answer, add_special_tokens=False) + [tokenizer.eos_token_id]
-            row, label = row + target, label + target
-        classes, regions = patch_labels(objects)
-        for key, value in zip(batch, (row, label, classes, regions)):
-            batch[key].append(value)
-    width = max(map(len, batch["input_ids"]))
-    return {"input_ids": torch.tensor([r + [tokenizer.pad_token_id] * (width - len(r)) for r in batch["input_ids"]]),
-            "attention_mask": torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in batch["input_ids"]]),
-            "labels": torch.tensor([r + [-100] * (width - len(r)) for r in batch["labels"]]),
-            "classes": torch.from_numpy(np.stack(batch["classes"])),
-            "regions": torch.from_numpy(np.stack(batch["regions"]))}
+        prompts.append(ids[:at] + [image_token_id] * needles.GRID ** 2 + ids[at + 1:])
+        labels.append(patch_labels(objects))
+    return {**dialogue_rows(tokenizer, prompts, dialogues),
+            "classes": torch.from_numpy(np.stack([c for c, _ in labels])),
+            "regions": torch.from_numpy(np.stack([r for _, r in labels]))}
 
 
 @torch.no_grad()
@@ -96,10 +85,7 @@ def accuracy(probe: IdealPatches, processor, count: int) -> dict[str, float]:
         indices = list(range(start, min(count, start + 100)))
         inputs = rows(processor, "test", indices, (needles.MIN_OBJECTS, needles.MAX_OBJECTS), first_only=True)
         logits = probe.logits(inputs["input_ids"], inputs["attention_mask"], inputs["classes"], inputs["regions"])
-        answer_at = (inputs["labels"] != -100).float().argmax(1)
-        rows_at = torch.arange(len(indices))
-        right = logits[rows_at, answer_at - 1].argmax(-1) == inputs["input_ids"][rows_at, answer_at]
-        for i, ok in zip(indices, right.tolist()):
+        for i, ok in zip(indices, first_token_right(logits, inputs)):
             for kind in (needles.QUESTION_KINDS[i % 5], "all"):
                 hits.setdefault(kind, []).append(ok)
     probe.train()

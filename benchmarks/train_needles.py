@@ -82,7 +82,7 @@ def trainable(model, frozen: tuple[str, ...]) -> list[torch.nn.Parameter]:
     so backward skips them (a frozen tower's whole backward pass)."""
     parameters = []
     for name, parameter in model.named_parameters():
-        parameter.requires_grad_(not name.startswith(frozen) if frozen else True)
+        parameter.requires_grad_(not name.startswith(frozen))
         if parameter.requires_grad:
             parameters.append(parameter)
     return parameters

@@ -20,10 +20,18 @@ def prompt_text(processor, question: str) -> str:
 def batch(processor, images: list, dialogues: list[list[tuple[str, str]]]) -> dict[str, torch.Tensor]:
     """Per image, its question–answer pairs in one sequence (the first in exactly the
     single-question format that inference uses), right-padded; labels on answers and EOS only."""
-    tokenizer = processor.tokenizer
     encoded = processor(images=images, text=[prompt_text(processor, d[0][0]) for d in dialogues], return_tensors="np")
+    return {**dialogue_rows(processor.tokenizer, [list(ids) for ids in encoded["input_ids"]], dialogues),
+            "pixel_values": torch.from_numpy(encoded["pixel_values"])}
+
+
+def dialogue_rows(tokenizer, prompts: list[list[int]], dialogues: list[list[tuple[str, str]]]
+                  ) -> dict[str, torch.Tensor]:
+    """Each prompt's token ids (its image tokens already expanded) followed by its dialogue's
+    answer, then every further turn as 'USER: q ASSISTANT:' and its answer; right-padded, labels on
+    answers and EOS only."""
     rows, labels = [], []
-    for ids, dialogue in zip(encoded["input_ids"], dialogues):
+    for ids, dialogue in zip(prompts, dialogues):
         row, label = list(ids), [-100] * len(ids)
         for turn, (question, answer) in enumerate(dialogue):
             if turn:
@@ -41,8 +49,14 @@ def batch(processor, images: list, dialogues: list[list[tuple[str, str]]]) -> di
         "input_ids": torch.tensor([r + [pad] * (width - len(r)) for r in rows]),
         "attention_mask": torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows]),
         "labels": torch.tensor([r + [-100] * (width - len(r)) for r in labels]),
-        "pixel_values": torch.from_numpy(encoded["pixel_values"]),
     }
+
+
+def first_token_right(logits: torch.Tensor, inputs: dict[str, torch.Tensor]) -> list[bool]:
+    """Per row, whether the greedy prediction at its first answer position is the answer's token."""
+    answer_at = (inputs["labels"] != -100).float().argmax(1)
+    rows = torch.arange(len(answer_at))
+    return (logits[rows, answer_at - 1].argmax(-1) == inputs["input_ids"][rows, answer_at]).tolist()
 
 
 @torch.no_grad()
@@ -57,12 +71,9 @@ def accuracy(model, processor, dataset, split: str, count: int, batch_size: int 
         examples = [dataset.example(split, i) for i in indices]
         inputs = batch(processor, [dataset.image_for(split, i) for i in indices],
                        [[(ex.question, ex.answer)] for ex in examples])
-        answer_at = (inputs["labels"] != -100).float().argmax(1)  # first answer position
         logits = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
                        pixel_values=inputs["pixel_values"]).logits
-        predicted = logits[torch.arange(len(indices)), answer_at - 1].argmax(-1)
-        expected = inputs["input_ids"][torch.arange(len(indices)), answer_at]
-        for ex, ok in zip(examples, (predicted == expected).tolist()):
+        for ex, ok in zip(examples, first_token_right(logits, inputs)):
             hits.setdefault(ex.kind, []).append(ok)
             hits.setdefault("all", []).append(ok)
     model.train(was_training)
