@@ -59,8 +59,9 @@ def test_trt_backend_without_tensorrt_says_what_to_install(tiny_bundle, photo_pa
 
 def test_cpu_sessions_flush_denormals_in_their_worker_threads(tmp_path):
     """Halving the smallest normal float gives a denormal under IEEE rules, zero when flushed. The
-    calling thread keeps IEEE rules, and its share of the work is onnxruntime's choice (over half
-    on a Xeon, 5/8 on an EPYC), so only the workers' part is asserted flushed."""
+    calling thread keeps IEEE rules, and how much of the work the workers take is onnxruntime's
+    choice (over half on a Xeon, 5/8 on an EPYC, 3/16 once on a loaded CI runner), so the test
+    asserts only that the workers' part, over a few runs, comes back flushed."""
     size = 1 << 22
     value = helper.make_tensor_value_info
     graph = helper.make_graph([helper.make_node("Mul", ["x", "half"], ["y"])], "halve",
@@ -71,6 +72,7 @@ def test_cpu_sessions_flush_denormals_in_their_worker_threads(tmp_path):
     x = np.full(size, np.finfo(np.float32).tiny, np.float32)
 
     plain = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
-    flushed = OrtBackend(threads=4).graph(path).run({"x": x})[0]
+    flushing = OrtBackend(threads=4).graph(path)
+    flushed_counts = [int(np.count_nonzero(flushing.run({"x": x})[0] == 0)) for _ in range(5)]
     assert np.count_nonzero(plain == 0) == 0
-    assert np.count_nonzero(flushed == 0) >= size // 4
+    assert max(flushed_counts) > 0, flushed_counts
