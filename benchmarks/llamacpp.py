@@ -3,18 +3,20 @@
 The peer an edge user would pick instead of zspa on a CPU is llama.cpp (its `mtmd` path runs
 LLaVA-1.5 from a text GGUF and an `mmproj` GGUF). One random-weight LLaVA-1.5-shaped checkpoint
 (CLIP 336 px / 576 tokens, a 1024 × 8 Llama decoder, saved with save_pretrained) is exported by zspa
-(fp32 with the shared-KV decoder, onnxruntime's fastest on a CPU, and zspa-calibrate's INT8 and
-INT4 weight-only decoders, vision fp32) and converted with the scripts llama.cpp ships:
-`convert_hf_to_gguf.py` for the text model (f32, f16, q8_0; q4_0 by llama.cpp's own quantizer) and
-`tools/mtmd/legacy-models/convert_image_encoder_to_gguf.py` for the CLIP tower and projector (f32
-for every side, as zspa's vision graph is fp32). The checkpoint's tokenizer is a small BPE of the
-tests' that llama.cpp's pre-tokenizer table does not know: the converter is told it is the
-default one (the text is a few tokens beside 576 image tokens; each side's context is printed).
+(fp32 with the shared-KV decoder, onnxruntime's fastest on a CPU, and zspa-calibrate's INT8 and INT4
+weight-only decoders in blocks of 32, as q8_0 and q4_0, and of 128; vision fp32) and converted with
+the scripts llama.cpp ships: `convert_hf_to_gguf.py` for the text model (f32, f16, q8_0; q4_0 by
+llama.cpp's own quantizer) and `tools/mtmd/legacy-models/convert_image_encoder_to_gguf.py` for the
+CLIP tower and projector (f32 for every side, as zspa's vision graph is fp32). The checkpoint's
+tokenizer is a small BPE of the tests' that llama.cpp's pre-tokenizer table does not know: the
+converter is told it is the default one (the text is a few tokens beside 576 image tokens; each
+side's context is printed).
 
 Sides: zspa at keep 1.0 (the whole image, context about 600) and keep 0.1 (about 80); llama.cpp
 with the image (about 600) and with a text prompt of about 80 tokens (decode at that context).
 Every measurement is a fresh process (2 threads each), the sides alternate over `--rounds`,
-figures are median (min, max) over rounds, ratios round by round, the machine named.
+figures are median (min, max) over rounds, ratios round by round, the machine named. zspa's decode
+rate is its Python loop's wall time; llama.cpp's is its engine's own counter (no Python).
 
     CMAKE_ARGS="-DGGML_NATIVE=ON" pip install -e ".[bench-llamacpp]"   # builds llama.cpp (minutes)
     pip download --no-deps --no-binary :all: llama-cpp-python==0.3.36 && tar xzf llama_cpp_python-0.3.36.tar.gz
@@ -40,9 +42,13 @@ from llava_shaped import IMAGE, QUESTION, add_model_arguments, build_llava_shape
 from machine import describe_machine  # noqa: E402
 
 THREADS = 2
-ZSPA_PRECISIONS = {"fp32": None, "int8": "int8", "int4": "int4"}  # zspa-calibrate --decoder
+# zspa-calibrate's --decoder and --block-size per side: blocks of 32 are q8_0's and q4_0's; blocks of
+# 128 keep a scale per 128 weights (INT4: 4.25 bits a weight against q4_0's 4.5), a coarser precision
+# that onnxruntime's kernels run faster
+ZSPA_PRECISIONS = {"fp32": None, "int8": ("int8", 32), "int4": ("int4", 32), "int8-b128": ("int8", 128),
+                   "int4-b128": ("int4", 128)}
 GGUF_TYPES = ("f32", "f16", "q8_0", "q4_0")
-PEERS = {"fp32": "f32", "int8": "q8_0", "int4": "q4_0"}  # the same weight precision on both sides
+PEERS = {"fp32": "f32", "int8": "q8_0", "int4": "q4_0", "int8-b128": "q8_0", "int4-b128": "q4_0"}
 # The MLP width: a multiple of 32, so that llama.cpp's q8_0 and q4_0 blocks fit every matrix (at the
 # default 8/3 of 1024, 2730, it falls back to f16 for ffn_down), as Llama-7B's 11008 does.
 INTERMEDIATE_SIZE = 2752
@@ -181,11 +187,13 @@ def zspa_bundles(model_dir: Path, fp32: Path, work: Path) -> dict[str, Path]:
     prompts = work / "prompts.txt"
     prompts.write_text("\n".join(questions) + "\n", encoding="utf-8")
     bundles = {"fp32": fp32}
-    for precision, decoder in ZSPA_PRECISIONS.items():
-        if decoder:
+    for precision, quantization in ZSPA_PRECISIONS.items():
+        if quantization:
+            decoder, block_size = quantization
             bundles[precision] = work / f"zspa-{precision}"
             calibrate_bundle(CalibrateOptions(fp32, images, prompts, bundles[precision], vision="fp32",
-                                              decoder=decoder, fidelity_tokens=4, progress=False))
+                                              decoder=decoder, block_size=block_size, fidelity_tokens=4,
+                                              progress=False))
     return bundles
 
 
