@@ -8,7 +8,7 @@ learning to find the patch a question names among 8–24 objects: if it stays at
 (`--steps-per-object`); first-token accuracy on held-out test questions, per kind, as it trains.
 No image is rendered and no tower runs, so a step costs the decoder's alone.
 
-    python benchmarks/needles_decoder_probe.py [--minutes 20] [--lr 1e-3] [--steps-per-object 20]
+    python benchmarks/needles_decoder_probe.py [--minutes 20] [--lr 1e-3] [--steps-per-object 20] [--max-objects 24]
 """
 
 from __future__ import annotations
@@ -77,13 +77,14 @@ def rows(processor, split: str, indices, count: tuple[int, int], first_only: boo
 
 
 @torch.no_grad()
-def accuracy(probe: IdealPatches, processor, count: int) -> dict[str, float]:
-    """Greedy first-token accuracy on the first `count` test questions, per kind."""
+def accuracy(probe: IdealPatches, processor, count: int, objects: tuple[int, int]) -> dict[str, float]:
+    """Greedy first-token accuracy on the first `count` test questions (scenes of `objects`
+    fewest and most objects), per kind."""
     probe.eval()
     hits: dict[str, list[bool]] = {}
     for start in range(0, count, 100):
         indices = list(range(start, min(count, start + 100)))
-        inputs = rows(processor, "test", indices, (needles.MIN_OBJECTS, needles.MAX_OBJECTS), first_only=True)
+        inputs = rows(processor, "test", indices, objects, first_only=True)
         logits = probe.logits(inputs["input_ids"], inputs["attention_mask"], inputs["classes"], inputs["regions"])
         for i, ok in zip(indices, first_token_right(logits, inputs)):
             for kind in (needles.QUESTION_KINDS[i % 5], "all"):
@@ -98,6 +99,9 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--steps-per-object", type=int, default=20, help="curriculum: steps before one more object")
+    parser.add_argument("--max-objects", type=int, default=needles.MAX_OBJECTS,
+                        help="where the curriculum stops; below the benchmark's, the test scenes are as small "
+                             "(a check that the lookup is learnable at all)")
     parser.add_argument("--test-questions", type=int, default=1000)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
@@ -109,7 +113,7 @@ def main() -> None:
     print(f"decoder probe: {vars(args)}; {describe_machine()}, torch {torch.__version__}", flush=True)
 
     def batches(step: int) -> dict:
-        most = min(needles.MAX_OBJECTS, 2 + step // args.steps_per_object)
+        most = min(args.max_objects, 2 + step // args.steps_per_object)
         return rows(processor, "train", range(step * args.batch_size, (step + 1) * args.batch_size),
                     (max(1, most // 3), most))
 
@@ -117,8 +121,11 @@ def main() -> None:
                   and not name.startswith("model.model.multi_modal_projector")]
     started = time.perf_counter()
     steps, _ = train_for(probe, parameters, batches, args.minutes, args.lr)
+    test_objects = ((needles.MIN_OBJECTS, needles.MAX_OBJECTS) if args.max_objects >= needles.MAX_OBJECTS
+                    else (max(1, args.max_objects // 3), args.max_objects))
     print(f"{steps} steps in {(time.perf_counter() - started) / 60:.1f} min; test accuracy "
-          f"({args.test_questions} questions): {accuracy(probe, processor, args.test_questions)}", flush=True)
+          f"({args.test_questions} questions, {test_objects[0]}–{test_objects[1]} objects): "
+          f"{accuracy(probe, processor, args.test_questions, test_objects)}", flush=True)
 
 
 if __name__ == "__main__":
