@@ -8,13 +8,15 @@ learning to find the patch a question names among 8–24 objects: if it stays at
 (`--steps-per-object`); first-token accuracy on held-out test questions, per kind, as it trains.
 No image is rendered and no tower runs, so a step costs the decoder's alone.
 
-    python benchmarks/needles_decoder_probe.py [--minutes 20] [--lr 1e-3] [--steps-per-object 20] [--max-objects 24]
+    python benchmarks/needles_decoder_probe.py [--minutes 20] [--lr 1e-3] [--steps-per-object 20] [--max-objects 24] \
+        [--out probe.pt]
 """
 
 from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -42,13 +44,17 @@ class IdealPatches(nn.Module):
         for table in (self.colour, self.shape, self.region):
             nn.init.normal_(table.weight, std=0.02)
 
-    def logits(self, input_ids, attention_mask, classes, regions):
+    def patches(self, classes: torch.Tensor, regions: torch.Tensor) -> torch.Tensor:
+        """[B, 256, hidden]: each patch's colour, shape and region vectors summed."""
         shapes = len(needles.SHAPES)
         present = classes > 0
-        patches = (self.colour(torch.where(present, (classes - 1) // shapes + 1, 0))
-                   + self.shape(torch.where(present, (classes - 1) % shapes + 1, 0)) + self.region(regions))
+        return (self.colour(torch.where(present, (classes - 1) // shapes + 1, 0))
+                + self.shape(torch.where(present, (classes - 1) % shapes + 1, 0)) + self.region(regions))
+
+    def logits(self, input_ids, attention_mask, classes, regions):
         embeds = self.model.get_input_embeddings()(input_ids)
-        embeds = embeds.masked_scatter((input_ids == self.image_token_id)[..., None], patches.to(embeds.dtype))
+        patches = self.patches(classes, regions).to(embeds.dtype)
+        embeds = embeds.masked_scatter((input_ids == self.image_token_id)[..., None], patches)
         hidden = self.model.model.language_model(inputs_embeds=embeds, attention_mask=attention_mask)
         return self.model.lm_head(hidden.last_hidden_state)
 
@@ -104,6 +110,9 @@ def main() -> None:
                              "(a check that the lookup is learnable at all)")
     parser.add_argument("--test-questions", type=int, default=1000)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=None,
+                        help="save the trained probe's state_dict (decoder and patch tables) here, the starting point "
+                             "for aligning the projector to its patch embeddings")
     args = parser.parse_args()
 
     torch.manual_seed(args.seed)
@@ -126,6 +135,8 @@ def main() -> None:
     print(f"{steps} steps in {(time.perf_counter() - started) / 60:.1f} min; test accuracy "
           f"({args.test_questions} questions, {test_objects[0]}–{test_objects[1]} objects): "
           f"{accuracy(probe, processor, args.test_questions, test_objects)}", flush=True)
+    if args.out is not None:
+        torch.save(probe.state_dict(), args.out)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,13 @@ CLIP does, and stage 2 runs at `--tune-lr-scale` of stage 1's learning rate. `--
 the five questions before each caption in stage 1, so questions start on the few-object scenes of
 the curriculum; `--question-curriculum` restarts the curriculum for stage 2's scenes.
 
-    python benchmarks/train_needles.py [--minutes 60] [--alignment-share 0.3] [--tower tower.pt]
+With `--decoder PATH` as well (a trained `needles_decoder_probe.py --out`: a decoder that answers
+from ideal patch embeddings), stage 1 is LLaVA's alignment proper: tower and decoder frozen, only
+the projector learns, to give from the tower's features the patch embeddings that decoder learnt its
+lookups on (relative squared error against the probe's embeddings of the same scene's labels).
+
+    python benchmarks/train_needles.py [--minutes 60] [--alignment-share 0.3] [--tower tower.pt] \
+        [--decoder probe.pt]
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ import json
 import platform
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
@@ -32,6 +39,8 @@ from zspa.datasets import needles
 from zspa.export.needles import NEEDLES_MODEL_DIR, build_untrained
 
 from machine import describe_machine
+from needles_decoder_probe import IdealPatches
+from needles_tower import scenes
 from vlm_training import accuracy, batch, train_for
 
 RESULTS = Path(__file__).resolve().parent / "results" / "needles-training"
@@ -77,6 +86,23 @@ def image_reliance(model, inputs: dict[str, torch.Tensor]) -> tuple[float, float
     return own, swapped
 
 
+class ProjectorAlignment(torch.nn.Module):
+    """Stage 1 on a probe-trained decoder: the projector's output against the probe's ideal patch
+    embeddings of the same scene, squared error relative to the target's energy (1.0: no better
+    than zeros)."""
+
+    def __init__(self, model, ideal: IdealPatches):
+        super().__init__()
+        self.model, self.ideal = model, ideal
+
+    def forward(self, pixel_values, classes, regions):
+        llava = self.model.model
+        features = llava.vision_tower(pixel_values, output_hidden_states=True).hidden_states
+        projected = llava.multi_modal_projector(features[self.model.config.vision_feature_layer][:, 1:])
+        target = self.ideal.patches(classes, regions).detach()
+        return SimpleNamespace(loss=(projected - target).pow(2).mean() / target.pow(2).mean())
+
+
 def trainable(model, frozen: tuple[str, ...]) -> list[torch.nn.Parameter]:
     """The parameters outside `frozen` (name prefixes); the frozen ones stop requiring gradients,
     so backward skips them (a frozen tower's whole backward pass)."""
@@ -117,6 +143,9 @@ def main() -> None:
     parser.add_argument("--tower", type=Path, default=None,
                         help="stage 0's tower weights: loaded, and frozen through stage 1")
     parser.add_argument("--freeze-tower", action="store_true", help="with --tower: frozen through stage 2 too")
+    parser.add_argument("--decoder", type=Path, default=None,
+                        help="with --tower: a trained decoder probe (needles_decoder_probe.py --out); stage 1 then "
+                             "aligns the projector to its patch embeddings, tower and decoder frozen")
     parser.add_argument("--stage1", choices=("captions", "both"), default="captions",
                         help="stage 1's targets: captions alone, or the five questions then the caption")
     parser.add_argument("--question-curriculum", action="store_true",
@@ -129,6 +158,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=NEEDLES_MODEL_DIR)
     parser.add_argument("--results", type=Path, default=RESULTS)
     args = parser.parse_args()
+    if args.decoder is not None and args.tower is None:
+        parser.error("--decoder needs --tower: the projector is aligned on a trained tower's features")
 
     args.results.mkdir(parents=True, exist_ok=True)
     log_file = open(args.results / "training.log", "w", encoding="utf-8")
@@ -143,6 +174,11 @@ def main() -> None:
     torch.manual_seed(args.seed)
     model, processor = build_untrained(args.seed)
     model.set_attn_implementation("sdpa")  # training speed; the export chooses its own
+    ideal = None
+    if args.decoder is not None:  # before the tower: the probe's state holds an untrained one
+        ideal = IdealPatches(model)
+        ideal.load_state_dict(torch.load(args.decoder, weights_only=True))
+        log(f"decoder and patch embeddings from the decoder probe: {args.decoder}")
     if args.tower is not None:
         model.model.vision_tower.load_state_dict(torch.load(args.tower, weights_only=True))
         log(f"tower from stage 0: {args.tower}")
@@ -154,11 +190,19 @@ def main() -> None:
     stage1_frozen = tower_frozen + (("model.language_model", "lm_head") if args.freeze_lm else ())
     stage2_frozen = tower_frozen if args.freeze_tower else ()
     with_questions = args.stage1 == "both"
-    log(f"stage 1 (alignment on captions{' after questions' * with_questions}): {align_minutes:.1f} min")
-    align_steps, align_curve = train_for(
-        model, trainable(model, stage1_frozen),
-        scene_batches(processor, args.batch_size, 0, questions=with_questions, captions=True, grow=True),
-        align_minutes, args.lr, log=log)
+    if ideal is not None:
+        log(f"stage 1 (the projector alone, to the probe's patch embeddings): {align_minutes:.1f} min")
+        align_steps, align_curve = train_for(
+            ProjectorAlignment(model, ideal),
+            trainable(model, ("model.vision_tower", "model.language_model", "lm_head")),
+            lambda step: scenes(processor, "train", range(step * args.batch_size, (step + 1) * args.batch_size)),
+            align_minutes, args.lr, log=log)
+    else:
+        log(f"stage 1 (alignment on captions{' after questions' * with_questions}): {align_minutes:.1f} min")
+        align_steps, align_curve = train_for(
+            model, trainable(model, stage1_frozen),
+            scene_batches(processor, args.batch_size, 0, questions=with_questions, captions=True, grow=True),
+            align_minutes, args.lr, log=log)
     after_alignment = accuracy(model, processor, needles, "test", 200)
     probe = scene_batches(processor, args.batch_size, 50_000_000, False, True, False)(0)  # full scenes, unseen
     log(f"after stage 1 ({align_steps} steps): test accuracy on 200 questions {after_alignment}; caption loss "
