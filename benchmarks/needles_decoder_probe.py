@@ -9,7 +9,7 @@ learning to find the patch a question names among 8–24 objects: if it stays at
 No image is rendered and no tower runs, so a step costs the decoder's alone.
 
     python benchmarks/needles_decoder_probe.py [--minutes 20] [--lr 1e-3] [--steps-per-object 20] [--max-objects 24] \
-        [--out probe.pt]
+        [--crowded] [--init probe.pt] [--out probe.pt]
 """
 
 from __future__ import annotations
@@ -64,13 +64,14 @@ class IdealPatches(nn.Module):
         return SimpleNamespace(loss=loss)  # what train_for reads
 
 
-def rows(processor, split: str, indices, count: tuple[int, int], first_only: bool = False) -> dict:
+def rows(processor, split: str, indices, count: tuple[int, int], first_only: bool = False,
+         crowded: bool = False) -> dict:
     """Token rows with the image token repeated once per patch, labels on answers and EOS, and each
     scene's patch labels; five questions per scene (the first in inference format) or the first."""
     tokenizer, image_token_id = processor.tokenizer, processor.tokenizer.convert_tokens_to_ids("<image>")
     prompts, dialogues, labels = [], [], []
     for i in indices:
-        objects, rng = needles.scene(split, i, count)
+        objects, rng = needles.scene(split, i, count, crowded=crowded)
         kinds = needles.QUESTION_KINDS[i % 5:] + needles.QUESTION_KINDS[:i % 5]
         dialogues.append([needles.ask(objects, kind, rng) for kind in kinds[:1 if first_only else None]])
         ids = tokenizer.encode(prompt_text(processor, dialogues[-1][0][0]))
@@ -109,6 +110,10 @@ def main() -> None:
                         help="where the curriculum stops; below the benchmark's, the test scenes are as small "
                              "(a check that the lookup is learnable at all)")
     parser.add_argument("--test-questions", type=int, default=1000)
+    parser.add_argument("--crowded", action="store_true",
+                        help="train on scenes drawn from few colours and shapes (needles.scene(crowded=True)), so "
+                             "questions need the region from the smallest scenes on")
+    parser.add_argument("--init", type=Path, default=None, help="start from a probe saved with --out")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=None,
                         help="save the trained probe's state_dict (decoder and patch tables) here, the starting point "
@@ -119,12 +124,14 @@ def main() -> None:
     model, processor = build_untrained(args.seed)
     model.set_attn_implementation("sdpa")
     probe = IdealPatches(model)
+    if args.init is not None:
+        probe.load_state_dict(torch.load(args.init))
     print(f"decoder probe: {vars(args)}; {describe_machine()}, torch {torch.__version__}", flush=True)
 
     def batches(step: int) -> dict:
         most = min(args.max_objects, 2 + step // args.steps_per_object)
         return rows(processor, "train", range(step * args.batch_size, (step + 1) * args.batch_size),
-                    (max(1, most // 3), most))
+                    (max(1, most // 3), most), crowded=args.crowded)
 
     parameters = [p for name, p in probe.named_parameters() if not name.startswith("model.model.vision_tower")
                   and not name.startswith("model.model.multi_modal_projector")]

@@ -58,18 +58,23 @@ def test_trt_backend_without_tensorrt_says_what_to_install(tiny_bundle, photo_pa
     assert "needs TensorRT" in capsys.readouterr().err
 
 
+def one_node_graph(path: Path, op: str, inputs: list[str], shape: list[int], constants=()) -> Path:
+    """Saves a float graph of one `op` node with input x and output y of `shape` at `path`."""
+    value = helper.make_tensor_value_info
+    graph = helper.make_graph([helper.make_node(op, inputs, ["y"])], op, [value("x", TensorProto.FLOAT, shape)],
+                              [value("y", TensorProto.FLOAT, shape)], list(constants))
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    return path
+
+
 def test_cpu_sessions_flush_denormals_in_their_worker_threads(tmp_path):
     """Halving the smallest normal float gives a denormal under IEEE rules, zero when flushed. The
     calling thread keeps IEEE rules, and how much of the work the workers take is onnxruntime's
     choice (over half on a Xeon, 5/8 on an EPYC, 3/16 once on a loaded CI runner), so the test
     asserts only that the workers' part, over a few runs, comes back flushed."""
     size = 1 << 22
-    value = helper.make_tensor_value_info
-    graph = helper.make_graph([helper.make_node("Mul", ["x", "half"], ["y"])], "halve",
-                              [value("x", TensorProto.FLOAT, [size])], [value("y", TensorProto.FLOAT, [size])],
-                              [helper.make_tensor("half", TensorProto.FLOAT, [], [0.5])])
-    path = tmp_path / "halve.onnx"
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    path = one_node_graph(tmp_path / "halve.onnx", "Mul", ["x", "half"], [size],
+                          [helper.make_tensor("half", TensorProto.FLOAT, [], [0.5])])
     x = np.full(size, np.finfo(np.float32).tiny, np.float32)
 
     plain = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
@@ -84,11 +89,7 @@ def test_cpu_sessions_spin_only_while_they_run(tmp_path):
     nodes) and stop when the run returns: left spinning, a session burns a core for tens of
     milliseconds after each run, taken from whichever graph runs next. The control session, which
     spins without stopping, shows that the measurement sees spinning."""
-    value = helper.make_tensor_value_info
-    graph = helper.make_graph([helper.make_node("MatMul", ["x", "x"], ["y"])], "square",
-                              [value("x", TensorProto.FLOAT, [512, 512])], [value("y", TensorProto.FLOAT, [512, 512])])
-    path = tmp_path / "square.onnx"
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    path = one_node_graph(tmp_path / "square.onnx", "MatMul", ["x", "x"], [512, 512])
     x = np.ones((512, 512), np.float32)
 
     def idle_cpu_ms(run) -> float:

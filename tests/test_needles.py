@@ -17,9 +17,11 @@ from zspa.datasets.needles import (
     QUESTION_KINDS,
     REGIONS,
     SHAPES,
+    ask,
     caption,
     example,
     image_for,
+    scene,
     training_turns,
 )
 from zspa.export.needles import NEEDLES_MODEL_DIR
@@ -103,6 +105,23 @@ def test_objects_are_small_and_drawn_where_the_scene_says():
             assert not occupied & set(obj.patches())
             occupied |= set(obj.patches())
             assert {region_of(r, c) for r, c in obj.patches()} == {obj.region}
+
+
+def test_crowded_training_scenes_make_questions_read_the_region():
+    """Crowded scenes repeat colours and shapes even when small, so far more colour questions name
+    a shape that occurs twice (only the region tells them apart); questions stay answerable."""
+    def shape_repeats(crowded: bool) -> float:
+        repeats = []
+        for index in range(400):
+            objects, rng = scene("train", index, (1, 4), crowded=crowded)
+            assert len({(o.colour, o.shape) for o in objects}) == len(objects) <= 4
+            question, answer = ask(objects, "colour", rng)
+            assert answer_from_scene(question, objects) == answer
+            repeats.append(sum(o.shape == question.split()[4] for o in objects) > 1)
+        return float(np.mean(repeats))
+
+    assert shape_repeats(crowded=True) > shape_repeats(crowded=False) + 0.15
+    assert scene("test", 5, crowded=False)[0] == example("test", 5).objects  # the benchmark is untouched
 
 
 def test_caption_lists_every_object_by_colour_then_shape():

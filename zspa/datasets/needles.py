@@ -77,22 +77,24 @@ def caption(objects: tuple[Needle, ...]) -> str:
     return " , ".join(f"{o.colour} {o.shape} {o.region}" for o in ordered) + " ."
 
 
-def scene(split: str, index: int, count: tuple[int, int] = (MIN_OBJECTS, MAX_OBJECTS)
+def scene(split: str, index: int, count: tuple[int, int] = (MIN_OBJECTS, MAX_OBJECTS), crowded: bool = False
           ) -> tuple[tuple[Needle, ...], np.random.Generator]:
     """8–24 objects (`count`: fewer for a training curriculum) with distinct (colour, shape) pairs
     on non-overlapping patches, drawn again
     (from the same generator, so still a function of the index) in the rare case where no object
-    can be named by shape and region, or by colour and region."""
+    can be named by shape and region, or by colour and region. `crowded` (training only): the pairs
+    come from as few colours and shapes as hold them, so even a small scene repeats its colours and
+    shapes and a question naming a region cannot be answered without reading it."""
     rng = np.random.default_rng([SPLIT_SEEDS[split], index])
     while True:
-        objects = _place(rng, *count)
+        objects = _place(rng, *count, crowded=crowded)
         if _unique(objects, _same_shape_and_region) and _unique(objects, _same_colour_and_region):
             return objects, rng
 
 
-def _place(rng: np.random.Generator, fewest: int, most: int) -> tuple[Needle, ...]:
+def _place(rng: np.random.Generator, fewest: int, most: int, crowded: bool = False) -> tuple[Needle, ...]:
     count = int(rng.integers(fewest, most + 1))
-    pairs = [(c, s) for c in COLOURS for s in SHAPES]
+    pairs = _crowded_pairs(rng, count) if crowded else [(c, s) for c in COLOURS for s in SHAPES]
     chosen = rng.choice(len(pairs), size=count, replace=False)
     taken = np.zeros((GRID, GRID), dtype=bool)
     objects = []
@@ -103,6 +105,20 @@ def _place(rng: np.random.Generator, fewest: int, most: int) -> tuple[Needle, ..
         colour, shape = pairs[pair]
         objects.append(Needle(colour, shape, _region(row, col), (row, col), span, _box(row, col, span, rng)))
     return tuple(objects)
+
+
+def _crowded_pairs(rng: np.random.Generator, count: int) -> list[tuple[str, str]]:
+    """Every (colour, shape) pair of a random palette just large enough for `count` objects: either
+    side drawn first at 1 up to its maximum, the other as small as the count allows."""
+    if rng.integers(2):
+        colours = int(rng.integers(max(1, -(-count // len(SHAPES))), len(COLOURS) + 1))
+        shapes = -(-count // colours)
+    else:
+        shapes = int(rng.integers(max(1, -(-count // len(COLOURS))), len(SHAPES) + 1))
+        colours = -(-count // shapes)
+    palette = rng.choice(list(COLOURS), size=colours, replace=False)
+    forms = rng.choice(SHAPES, size=shapes, replace=False)
+    return [(str(c), str(s)) for c in palette for s in forms]
 
 
 def _free_cell(taken: np.ndarray, span: int, rng: np.random.Generator) -> tuple[int, int]:
