@@ -9,7 +9,7 @@ learning to find the patch a question names among 8–24 objects: if it stays at
 No image is rendered and no tower runs, so a step costs the decoder's alone.
 
     python benchmarks/needles_decoder_probe.py [--minutes 20] [--lr 1e-3] [--steps-per-object 20] [--max-objects 24] \
-        [--crowded] [--init probe.pt] [--out probe.pt]
+        [--crowded] [--region-counts] [--init probe.pt] [--out probe.pt]
 """
 
 from __future__ import annotations
@@ -64,16 +64,26 @@ class IdealPatches(nn.Module):
         return SimpleNamespace(loss=loss)  # what train_for reads
 
 
+def region_count(objects: tuple[needles.Needle, ...], rng: np.random.Generator) -> tuple[str, str]:
+    """A training-only question keyed on the region alone: how many objects lie in one (a region
+    holding at most four, the largest count word; 24 objects cannot fill all nine past that)."""
+    counts = {region: sum(o.region == region for o in objects) for region in needles.REGIONS}
+    region = str(rng.choice([r for r, n in counts.items() if n < len(needles.COUNT_WORDS)]))
+    return f"how many objects are in the {region} ?", needles.COUNT_WORDS[counts[region]]
+
+
 def rows(processor, split: str, indices, count: tuple[int, int], first_only: bool = False,
-         crowded: bool = False) -> dict:
+         crowded: bool = False, region_counts: bool = False) -> dict:
     """Token rows with the image token repeated once per patch, labels on answers and EOS, and each
-    scene's patch labels; five questions per scene (the first in inference format) or the first."""
+    scene's patch labels; five questions per scene (the first in inference format) or the first,
+    and with `region_counts` a sixth, `region_count`'s."""
     tokenizer, image_token_id = processor.tokenizer, processor.tokenizer.convert_tokens_to_ids("<image>")
     prompts, dialogues, labels = [], [], []
     for i in indices:
         objects, rng = needles.scene(split, i, count, crowded=crowded)
         kinds = needles.QUESTION_KINDS[i % 5:] + needles.QUESTION_KINDS[:i % 5]
-        dialogues.append([needles.ask(objects, kind, rng) for kind in kinds[:1 if first_only else None]])
+        dialogues.append([needles.ask(objects, kind, rng) for kind in kinds[:1 if first_only else None]]
+                         + ([region_count(objects, rng)] if region_counts else []))
         ids = tokenizer.encode(prompt_text(processor, dialogues[-1][0][0]))
         at = ids.index(image_token_id)
         prompts.append(ids[:at] + [image_token_id] * needles.GRID ** 2 + ids[at + 1:])
@@ -113,6 +123,10 @@ def main() -> None:
     parser.add_argument("--crowded", action="store_true",
                         help="train on scenes drawn from few colours and shapes (needles.scene(crowded=True)), so "
                              "questions need the region from the smallest scenes on")
+    parser.add_argument("--region-counts", action="store_true",
+                        help="a sixth training question per scene, how many objects lie in a named region: a lookup "
+                             "keyed on the region alone, which the benchmark's colour and shape questions combine with "
+                             "an attribute")
     parser.add_argument("--init", type=Path, default=None, help="start from a probe saved with --out")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=None,
@@ -131,7 +145,8 @@ def main() -> None:
     def batches(step: int) -> dict:
         most = min(args.max_objects, 2 + step // args.steps_per_object)
         return rows(processor, "train", range(step * args.batch_size, (step + 1) * args.batch_size),
-                    (max(1, most // 3), most), crowded=args.crowded)
+                    (max(1, most // 3), most), crowded=args.crowded,
+                    region_counts=args.region_counts)
 
     parameters = [p for name, p in probe.named_parameters() if not name.startswith("model.model.vision_tower")
                   and not name.startswith("model.model.multi_modal_projector")]

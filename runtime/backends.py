@@ -277,9 +277,10 @@ class OrtBackend:
         self.options = ort.SessionOptions()
         self.options.log_severity_level = 3
         # Worker threads spin between a run's parallel sections: a decode step is some 400 small
-        # nodes, and waking sleeping workers for each cost a third of it (INT4 decode 1.37x faster
-        # spinning on a 2-core EPYC). They stop when the run returns, so an idle session never
-        # steals cores from the busy one (left spinning, prefill ran 2.5x slower).
+        # nodes, and waking sleeping workers for each cost a share of it (INT4 decode 1.36x faster
+        # at keep 0.1 on a 2-core EPYC: benchmarks/decode_step_levers.py). They stop when the run
+        # returns, so an idle session never steals cores from the busy one (left spinning, prefill
+        # ran 2.5x slower).
         self.options.add_session_config_entry("session.intra_op.allow_spinning", "1")
         self.options.add_session_config_entry("session.force_spinning_stop", "1")
         # Peaked attention leaves denormal probabilities (7 % of them in a measured prefill); on
