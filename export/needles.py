@@ -2,8 +2,10 @@
 
 LLaVA-1.5's structure at toy widths: a CLIP tower at 224 px with 14 px patches (16×16 = 256
 visual tokens, feature layer −2 without CLS), GELU projector, Llama decoder, a word-level
-tokenizer over the benchmark's vocabulary. `benchmarks/train_needles.py` trains it in LLaVA's two
-stages; the trained weights ship in `export/models/needles-llava/` (fp16).
+tokenizer over the benchmark's vocabulary. Trained in four steps (docs/evaluation.md: the tower on
+per-patch labels, the decoder on ideal patch embeddings, the projector aligned between them, then
+questions; `benchmarks/needles_*.py`, `train_needles.py`); the weights ship in
+`export/models/needles-llava/` (fp16).
 """
 
 from __future__ import annotations
