@@ -27,10 +27,10 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from llamacpp import INTERMEDIATE_SIZE, THREADS  # noqa: E402
+from llamacpp import INTERMEDIATE_SIZE, THREADS, worker_zspa, zspa_bundles  # noqa: E402
 
 from isolation import alternate, median_ms, ratios, run_worker, spread  # noqa: E402
-from llava_shaped import IMAGE, QUESTION, build_llava_shaped  # noqa: E402
+from llava_shaped import build_llava_shaped  # noqa: E402
 from machine import describe_machine  # noqa: E402
 
 HIDDEN, LAYERS = 1024, 8
@@ -94,10 +94,10 @@ def worker_kernels(args) -> dict:
 
 
 def worker_pipeline(args) -> dict:
+    """`llamacpp.py`'s zspa measurement; with `--sleeping`, the shipped backend's workers told to sleep."""
     from zspa.runtime import backends
-    from zspa.runtime.pipeline import Pipeline
 
-    if args.sleeping:  # the counterfactual: the shipped backend, its workers told to sleep
+    if args.sleeping:
         shipped = backends.OrtBackend.__init__
 
         def sleeping(self, *a, **k):
@@ -105,29 +105,7 @@ def worker_pipeline(args) -> dict:
             self.options.add_session_config_entry("session.intra_op.allow_spinning", "0")
 
         backends.OrtBackend.__init__ = sleeping
-    pipeline = Pipeline.load(args.bundle, threads=THREADS)
-    pipeline.generate(IMAGE, QUESTION, keep=args.keep, max_new_tokens=2, ignore_eos=True)
-    stats = pipeline.generate(IMAGE, QUESTION, keep=args.keep, max_new_tokens=args.tokens, ignore_eos=True).stats
-    return {"tokens_per_s": stats.decode_tokens_per_s, "ttft_ms": stats.time_to_first_token_ms}
-
-
-def int4_bundle(work: Path) -> Path:
-    """The LLaVA-shaped model exported with the shared-KV decoder, and zspa-calibrate's INT4 of it."""
-    from zspa.calibration.calibrate import CalibrateOptions, calibrate_bundle
-    from zspa.datasets.shapes import example, image_for
-
-    _, _, fp32 = build_llava_shaped(work, "n576", kv_cache="shared", intermediate_size=INTERMEDIATE_SIZE,
-                                    text_hidden=HIDDEN, text_layers=LAYERS, keeps=[0.1])
-    images = work / "calibration"
-    images.mkdir()
-    for i in range(8):
-        image_for("test", 2000 + i).save(images / f"{i:03d}.png")
-    prompts = work / "prompts.txt"
-    prompts.write_text("\n".join(example("test", 2000 + i).question for i in range(8)) + "\n", encoding="utf-8")
-    bundle = work / "int4"
-    calibrate_bundle(CalibrateOptions(fp32, images, prompts, bundle, vision="fp32", decoder="int4", block_size=32,
-                                      fidelity_tokens=4, progress=False))
-    return bundle
+    return worker_zspa(args)
 
 
 def kernels(rounds: int, runs: int) -> None:
@@ -147,7 +125,10 @@ def kernels(rounds: int, runs: int) -> None:
 
 def spinning(rounds: int, tokens: int) -> None:
     with tempfile.TemporaryDirectory() as tmp:
-        bundle = int4_bundle(Path(tmp))
+        work = Path(tmp)
+        _, _, fp32 = build_llava_shaped(work, "n576", kv_cache="shared", intermediate_size=INTERMEDIATE_SIZE,
+                                        text_hidden=HIDDEN, text_layers=LAYERS, keeps=[0.1])
+        bundle = zspa_bundles(work / "n576-model", fp32, work, {"int4": ("int4", 32)})["int4"]
         sides = {f"{mode} keep {keep:g}": {"bundle": bundle, "keep": keep, "tokens": tokens,
                                            "sleeping": mode == "sleeping"}
                  for keep in (0.1, 1.0) for mode in ("spinning", "sleeping")}

@@ -173,8 +173,9 @@ def quantize_gguf(source: Path, target: Path) -> None:
         raise RuntimeError(f"llama.cpp could not quantize {source} to q4_0")
 
 
-def zspa_bundles(model_dir: Path, fp32: Path, work: Path) -> dict[str, Path]:
-    """The fp32 bundle and zspa-calibrate's INT8 and INT4 decoders of it (vision kept fp32)."""
+def zspa_bundles(model_dir: Path, fp32: Path, work: Path, precisions: dict = ZSPA_PRECISIONS) -> dict[str, Path]:
+    """The fp32 bundle and zspa-calibrate's decoders of it at `precisions` (name: (decoder, block
+    size); default INT8 and INT4), vision kept fp32."""
     from zspa.calibration.calibrate import CalibrateOptions, calibrate_bundle
     from zspa.datasets.shapes import example, image_for
 
@@ -187,7 +188,7 @@ def zspa_bundles(model_dir: Path, fp32: Path, work: Path) -> dict[str, Path]:
     prompts = work / "prompts.txt"
     prompts.write_text("\n".join(questions) + "\n", encoding="utf-8")
     bundles = {"fp32": fp32}
-    for precision, quantization in ZSPA_PRECISIONS.items():
+    for precision, quantization in precisions.items():
         if quantization:
             decoder, block_size = quantization
             bundles[precision] = work / f"zspa-{precision}"
