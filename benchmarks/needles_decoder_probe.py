@@ -9,7 +9,7 @@ learning to find the patch a question names among 8–24 objects: if it stays at
 No image is rendered and no tower runs, so a step costs the decoder's alone.
 
     python benchmarks/needles_decoder_probe.py [--minutes 20] [--lr 1e-3] [--steps-per-object 20] [--max-objects 24] \
-        [--crowded] [--region-counts] [--init probe.pt] [--out probe.pt]
+        [--crowded] [--region-counts] [--tie-words 0.1] [--first-scene N] [--init probe.pt] [--out probe.pt]
 """
 
 from __future__ import annotations
@@ -32,17 +32,31 @@ from vlm_training import dialogue_rows, first_token_right, prompt_text, train_fo
 
 
 class IdealPatches(nn.Module):
-    """The decoder, fed ideal patch embeddings at the image positions."""
+    """The decoder, fed ideal patch embeddings at the image positions.
 
-    def __init__(self, model):
+    `tie_words` > 0 adds that weight times the mean (1 − cosine) between each colour, shape and
+    region vector and the decoder's embedding of its word: visual tokens that look like the words
+    naming them, as a CLIP-aligned LLaVA's do, so that ZSPAPrune's question relevance has something
+    to find (`needles_diagnostics.py relevance`)."""
+
+    def __init__(self, model, tokenizer=None, tie_words: float = 0.0):
         super().__init__()
         self.model, hidden = model, model.config.text_config.hidden_size
-        self.image_token_id = model.config.image_token_id
+        self.image_token_id, self.tie_words = model.config.image_token_id, tie_words
         self.colour = nn.Embedding(1 + len(needles.COLOURS), hidden)  # 0: no object
         self.shape = nn.Embedding(1 + len(needles.SHAPES), hidden)
         self.region = nn.Embedding(len(needles.REGIONS), hidden)
         for table in (self.colour, self.shape, self.region):
             nn.init.normal_(table.weight, std=0.02)
+        if tie_words:
+            ids = tokenizer.convert_tokens_to_ids([*needles.COLOURS, *needles.SHAPES, *needles.REGIONS])
+            self.register_buffer("word_ids", torch.tensor(ids), persistent=False)
+
+    def word_tie(self) -> torch.Tensor:
+        """Mean (1 − cosine) between the named colour, shape and region vectors and their words'."""
+        named = torch.cat([self.colour.weight[1:], self.shape.weight[1:], self.region.weight])
+        words = self.model.get_input_embeddings()(self.word_ids)
+        return 1 - nn.functional.cosine_similarity(named, words.to(named.dtype), dim=-1).mean()
 
     def patches(self, classes: torch.Tensor, regions: torch.Tensor) -> torch.Tensor:
         """[B, 256, hidden]: each patch's colour, shape and region vectors summed."""
@@ -61,6 +75,8 @@ class IdealPatches(nn.Module):
     def forward(self, input_ids, attention_mask, labels, classes, regions):
         logits = self.logits(input_ids, attention_mask, classes, regions)
         loss = nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten())
+        if self.tie_words:
+            loss = loss + self.tie_words * self.word_tie()
         return SimpleNamespace(loss=loss)  # what train_for reads
 
 
@@ -127,6 +143,12 @@ def main() -> None:
                         help="a sixth training question per scene, how many objects lie in a named region: a lookup "
                              "keyed on the region alone, which the benchmark's colour and shape questions combine with "
                              "an attribute")
+    parser.add_argument("--tie-words", type=float, default=0.0,
+                        help="weight of a loss pulling each colour, shape and region vector towards the embedding "
+                             "of its word (IdealPatches), so the aligned model's visual tokens are word-like")
+    parser.add_argument("--first-scene", type=int, default=0,
+                        help="index of the first training scene: a continuation (--init) can start past the scenes "
+                             "its earlier runs saw")
     parser.add_argument("--init", type=Path, default=None, help="start from a probe saved with --out")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=None,
@@ -137,14 +159,15 @@ def main() -> None:
     torch.manual_seed(args.seed)
     model, processor = build_untrained(args.seed)
     model.set_attn_implementation("sdpa")
-    probe = IdealPatches(model)
+    probe = IdealPatches(model, processor.tokenizer, args.tie_words)
     if args.init is not None:
         probe.load_state_dict(torch.load(args.init))
     print(f"decoder probe: {vars(args)}; {describe_machine()}, torch {torch.__version__}", flush=True)
 
     def batches(step: int) -> dict:
         most = min(args.max_objects, 2 + step // args.steps_per_object)
-        return rows(processor, "train", range(step * args.batch_size, (step + 1) * args.batch_size),
+        first = args.first_scene + step * args.batch_size
+        return rows(processor, "train", range(first, first + args.batch_size),
                     (max(1, most // 3), most), crowded=args.crowded,
                     region_counts=args.region_counts)
 
@@ -156,7 +179,8 @@ def main() -> None:
                     else (max(1, args.max_objects // 3), args.max_objects))
     print(f"{steps} steps in {(time.perf_counter() - started) / 60:.1f} min; test accuracy "
           f"({args.test_questions} questions, {test_objects[0]}–{test_objects[1]} objects): "
-          f"{accuracy(probe, processor, args.test_questions, test_objects)}", flush=True)
+          f"{accuracy(probe, processor, args.test_questions, test_objects)}"
+          + (f"; word tie {probe.word_tie().item():.3f}" if args.tie_words else ""), flush=True)
     if args.out is not None:
         torch.save(probe.state_dict(), args.out)
 
