@@ -20,6 +20,7 @@ first.
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -32,9 +33,10 @@ from needles_decoder_probe import IdealPatches, rows
 from needles_tower import patch_labels
 
 KEEP_CORE = 26  # keep 0.1 of 256 tokens, rounded up as the budget does
+TokensOf = Callable[[int], torch.Tensor]  # test image index → its [256, hidden] visual tokens
 
 
-def load_probe(path: Path):
+def load_probe(path: Path) -> tuple[IdealPatches, object]:
     """A probe saved by `needles_decoder_probe.py --out`, in eval mode, and its processor."""
     model, processor = build_untrained(0)
     model.set_attn_implementation("sdpa")
@@ -69,7 +71,7 @@ def lookups(probe_path: Path, questions: int) -> None:
               f"attribute {by_attribute:.3f}; of an object in the named region {by_region:.3f}")
 
 
-def _model_tokens(model_dir: Path):
+def _model_tokens(model_dir: Path) -> tuple[TokensOf, torch.Tensor, object]:
     """The shipped pipeline's visual tokens per test image, and its word embedding table and tokenizer."""
     from transformers import AutoTokenizer, LlavaForConditionalGeneration
 
@@ -83,7 +85,7 @@ def _model_tokens(model_dir: Path):
     return tokens, model.get_input_embeddings().weight, AutoTokenizer.from_pretrained(model_dir)
 
 
-def _probe_tokens(probe_path: Path):
+def _probe_tokens(probe_path: Path) -> tuple[TokensOf, torch.Tensor, object]:
     """A decoder probe's ideal patch embeddings per test image (what alignment will copy), its word
     embedding table and tokenizer."""
     probe, processor = load_probe(probe_path)
