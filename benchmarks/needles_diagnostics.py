@@ -72,17 +72,17 @@ def lookups(probe_path: Path, questions: int) -> None:
 
 
 def _model_tokens(model_dir: Path) -> tuple[TokensOf, torch.Tensor, object]:
-    """The shipped pipeline's visual tokens per test image, and its word embedding table and tokenizer."""
-    from transformers import AutoTokenizer, LlavaForConditionalGeneration
+    """A model directory's visual tokens per test image, its word embedding table and tokenizer."""
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
 
     model = LlavaForConditionalGeneration.from_pretrained(model_dir).float().eval()
-    _, processor = build_untrained(0)  # the same image processor the shipped model's directory describes
+    processor = AutoProcessor.from_pretrained(model_dir)
 
     def tokens(i: int) -> torch.Tensor:
         pixels = processor.image_processor([needles.image_for("test", i)], return_tensors="pt")["pixel_values"]
         features = model.model.vision_tower(pixels, output_hidden_states=True).hidden_states
         return model.model.multi_modal_projector(features[model.config.vision_feature_layer][:, 1:])[0]
-    return tokens, model.get_input_embeddings().weight, AutoTokenizer.from_pretrained(model_dir)
+    return tokens, model.get_input_embeddings().weight, processor.tokenizer
 
 
 def _probe_tokens(probe_path: Path) -> tuple[TokensOf, torch.Tensor, object]:
